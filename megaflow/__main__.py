@@ -1,0 +1,3 @@
+from megaflow.cli.main import main
+
+main()

@@ -1,0 +1,20 @@
+"""Agent scaffolds."""
+
+from __future__ import annotations
+
+from megaflow.agent.base import Action, Agent, Command, FormatError, Submit
+
+
+def make_agent(config) -> Agent:
+    """Build the scaffold named by an AgentConfig."""
+    kwargs = dict(system_prompt=config.system_prompt, max_observation_chars=config.max_observation_chars)
+    if config.type == "oracle":
+        from megaflow.agent.oracle import OracleAgent
+
+        return OracleAgent(**kwargs)
+    from megaflow.agent.bash import BashAgent
+
+    return BashAgent(**kwargs)
+
+
+__all__ = ["Action", "Agent", "Command", "FormatError", "Submit", "make_agent"]

@@ -1,0 +1,58 @@
+"""The Agent interface: task + history -> prompt; completion -> action or finish."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Union
+
+from megaflow.model.base import Message
+from megaflow.sandbox.base import ExecResult
+
+
+@dataclass(frozen=True)
+class Command:
+    """Run this shell command in the sandbox."""
+
+    cmd: str
+
+
+@dataclass(frozen=True)
+class Submit:
+    """The agent is done; evaluate the sandbox."""
+
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FormatError:
+    """The completion could not be turned into an action; `feedback` goes back to the model."""
+
+    feedback: str
+
+
+Action = Union[Command, Submit, FormatError]
+
+
+class Agent(Protocol):
+    """A scaffold. Pure functions of their inputs: any agent worker can run any step."""
+
+    def start(self, task) -> list[Message]:
+        """Messages that open the conversation (system prompt, task statement)."""
+
+    def parse(self, completion: str) -> Action:
+        """Turn the model's reply into an action."""
+
+    def observe(self, result: ExecResult) -> list[Message]:
+        """Messages reporting a command's result to the model."""
+
+    def scripted_action(self, task, step: int) -> Action | None:
+        """An action chosen without the model (oracle scaffolds), or None to ask the model."""
+
+
+def truncate_middle(text: str, limit: int) -> str:
+    """Keep the head and the tail of `text`, with a visible marker between them."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    omitted = len(text) - 2 * half
+    return f"{text[:half]}\n[... {omitted} characters omitted ...]\n{text[-half:]}"

@@ -1,0 +1,64 @@
+"""The Celery app factory. No app exists until you ask for one."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from megaflow.config import Settings
+from queues import topology
+
+#: How many messages each pool's worker processes hold unacknowledged.
+#: Long tasks (model calls, commands) take one at a time so none are hoarded.
+PREFETCH = {"model": 1, "agent": 8, "env": 1}
+
+
+def make_app(settings: Settings | None = None, pool: str | None = None) -> Celery:
+    """Build the MegaFlow Celery app.
+
+    Args:
+        settings: where the broker, database and result backend are; from the
+            environment when omitted.
+        pool: ``model``, ``agent`` or ``env`` for a worker's app (sets its queues
+            and prefetch); None for a client.
+    """
+    settings = settings or Settings()
+    app = Celery("megaflow", broker=settings.resolved_broker_url(), backend=settings.resolved_result_backend())
+    conf = dict(
+        # JSON only: a pickled message is refused, never executed.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        # Late acks + reject on worker loss: a hop being worked on when its worker
+        # dies is redelivered, and the idempotency ledger makes the retry harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        task_routes=(topology.route_task,),
+        task_default_queue=topology.AGENT,
+        task_default_exchange=topology.EXCHANGE.name,
+        task_default_routing_key=topology.AGENT,
+        task_create_missing_queues=True,
+        task_queues=[topology.make_queue(p) for p in topology.POOLS],
+        task_publish_retry=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_prefetch_multiplier=PREFETCH.get(pool or "", 4),
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        result_expires=86400,
+        result_chord_join_timeout=30.0,
+        enable_utc=True,
+        timezone="UTC",
+    )
+    if settings.embedded:
+        # kombu's SQLAlchemy transport polls; keep the hop-to-hop delay small.
+        conf["broker_transport_options"] = {"polling_interval": 0.05}
+    app.conf.update(conf)
+    app.megaflow_settings = settings
+    from megaflow.hops import register
+
+    register(app)
+    return app

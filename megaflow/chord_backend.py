@@ -1,0 +1,186 @@
+"""A Celery result backend on SQL (PostgreSQL or SQLite) with an event-driven chord join.
+
+Celery's stock database backend joins chords by polling (``chord_unlock``
+re-queued every second). This backend joins at Celery's
+``on_chord_part_return`` extension point instead:
+
+* each finishing member inserts ``(group_id, task_id)`` into a parts table —
+  a redelivered member inserts nothing, so a duplicate can never close a chord
+  early (Redis' INCR counts duplicates twice);
+* in the same transaction an atomic ``UPDATE … SET done = done + 1 RETURNING``
+  counts it; the member that reaches ``size`` sends the body at once.
+
+Select it with ``result_backend = "megaflow.chord_backend:SQLChordBackend+<sqlalchemy url>"``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from celery import states
+from celery.backends.base import KeyValueStoreBackend
+from celery.exceptions import ChordError
+from celery.utils.functional import maybe_signature
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    select,
+    update,
+)
+
+from megaflow.db.engine import get_engine
+from megaflow.db.sql import insert_ignore, upsert
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+results_table = Table(
+    "megaflow_results",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True, index=True),
+)
+chords_table = Table(
+    "megaflow_chords",
+    metadata,
+    Column("group_id", String(64), primary_key=True),
+    Column("size", Integer, nullable=True),
+    Column("done", Integer, nullable=False, default=0),
+    Column("closed_at", DateTime(timezone=True), nullable=True),
+    Column("fired_at", DateTime(timezone=True), nullable=True),
+)
+parts_table = Table(
+    "megaflow_chord_parts",
+    metadata,
+    Column("group_id", String(64), primary_key=True),
+    Column("task_id", String(64), primary_key=True),
+    Column("idx", Integer, nullable=True),
+    Column("state", String(20), nullable=False),
+    Column("result", Text, nullable=False),
+)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class SQLChordBackend(KeyValueStoreBackend):
+    """Task results in a key/value table; chords joined by an idempotent counter."""
+
+    supports_native_join = False
+    implements_incr = False
+
+    def __init__(self, url: str | None = None, **kwargs):
+        super().__init__(url=url, **kwargs)
+        if not url:
+            raise ValueError("SQLChordBackend needs a SQLAlchemy URL")
+        self.dburl = url
+        self._tables_ready = False
+
+    def __reduce__(self, args=(), kwargs=None):
+        return super().__reduce__(args, dict(kwargs or {}, url=self.dburl))
+
+    @property
+    def engine(self):
+        engine = get_engine(self.dburl)
+        if not self._tables_ready:
+            metadata.create_all(engine, checkfirst=True)
+            self._tables_ready = True
+        return engine
+
+    # -- key/value storage used by Celery for task and group results --------------
+
+    def get(self, key):
+        key = self._text(key)
+        with self.engine.connect() as conn:
+            return conn.execute(select(results_table.c.value).where(results_table.c.key == key)).scalar()
+
+    def mget(self, keys):
+        keys = [self._text(k) for k in keys]
+        with self.engine.connect() as conn:
+            rows = dict(conn.execute(select(results_table.c.key, results_table.c.value)
+                                     .where(results_table.c.key.in_(keys))).all())
+        return [rows.get(k) for k in keys]
+
+    def set(self, key, value):
+        expires = _now() + dt.timedelta(seconds=self.expires) if self.expires else None
+        row = {"key": self._text(key), "value": self._text(value), "expires_at": expires}
+        with self.engine.begin() as conn:
+            conn.execute(upsert(conn, results_table, row, ["key"]))
+
+    def delete(self, key):
+        with self.engine.begin() as conn:
+            conn.execute(delete(results_table).where(results_table.c.key == self._text(key)))
+
+    def cleanup(self):
+        with self.engine.begin() as conn:
+            conn.execute(delete(results_table).where(results_table.c.expires_at < _now()))
+
+    @staticmethod
+    def _text(value) -> str:
+        return value.decode() if isinstance(value, bytes) else value
+
+    # -- chords -------------------------------------------------------------------
+
+    def apply_chord(self, header_result_args, body, **kwargs):
+        """Nothing to schedule: the join happens when members return (no chord_unlock)."""
+        self.ensure_chords_allowed()
+
+    def set_chord_size(self, group_id, chord_size):
+        with self.engine.begin() as conn:
+            conn.execute(upsert(conn, chords_table, {"group_id": group_id, "size": chord_size, "done": 0},
+                                ["group_id"], update=["size"]))
+
+    def on_chord_part_return(self, request, state, result, **kwargs):
+        gid, tid = request.group, request.id
+        if not gid or not tid or not request.chord:
+            return
+        encoded = self._text(self.encode({"result": self.encode_result(result, state)}))
+        with self.engine.begin() as conn:
+            fresh = conn.execute(insert_ignore(conn, parts_table, {
+                "group_id": gid, "task_id": tid, "idx": request.group_index, "state": state, "result": encoded,
+            })).rowcount
+            if not fresh:
+                log.info("chord %s: member %s already counted (redelivery)", gid, tid)
+                return
+            row = conn.execute(
+                update(chords_table).where(chords_table.c.group_id == gid)
+                .values(done=chords_table.c.done + 1)
+                .returning(chords_table.c.done, chords_table.c.size)
+            ).first()
+            if row is None:
+                size = request.chord.get("chord_size")
+                conn.execute(insert_ignore(conn, chords_table, {"group_id": gid, "size": size, "done": 1}))
+                row = (1, size)
+            done, size = row
+            closing = size is not None and done == size
+            if closing:
+                conn.execute(update(chords_table).where(chords_table.c.group_id == gid).values(closed_at=_now()))
+        if closing:
+            self._fire(gid, request.chord)
+
+    def _fire(self, gid: str, chord_body) -> None:
+        callback = maybe_signature(chord_body, app=self.app)
+        with self.engine.connect() as conn:
+            parts = conn.execute(
+                select(parts_table.c.task_id, parts_table.c.state, parts_table.c.result)
+                .where(parts_table.c.group_id == gid).order_by(parts_table.c.idx)
+            ).all()
+        failed = [(tid, st) for tid, st, _ in parts if st != states.SUCCESS]
+        if failed:
+            tid, st = failed[0]
+            self.chord_error_from_stack(callback, ChordError(f"Dependency {tid} ended in state {st}"))
+        else:
+            values = [self.decode(raw)["result"] for _, _, raw in parts]
+            self.app.amqp._retry_publish(callback.delay, values)  # noqa: SLF001 - Celery's own retry helper
+        with self.engine.begin() as conn:
+            conn.execute(update(chords_table).where(chords_table.c.group_id == gid).values(fired_at=_now()))

@@ -1,0 +1,26 @@
+"""The `megaflow` command: one typer app, one module per subcommand group."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from megaflow.cli import bench, db, runs, workers
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="MegaFlow: many LLM-agent episodes on Celery, RabbitMQ and PostgreSQL.")
+app.add_typer(db.app, name="db")
+app.add_typer(bench.app, name="bench")
+runs.register(app)
+workers.register(app)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,154 @@
+"""`megaflow run | submit | status | cancel | results`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from megaflow.db import states
+from megaflow.errors import SpecError
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (run, submit, status, cancel, results):
+        app.command()(fn)
+
+
+def _client():
+    from megaflow.client import Client
+
+    return Client()
+
+
+def _load(spec_path: Path):
+    from megaflow.spec import RunSpec
+
+    try:
+        return RunSpec.load(spec_path)
+    except SpecError as exc:
+        console.print(f"[red]spec refused, nothing queued:[/red] {exc}")
+        raise typer.Exit(2)
+
+
+def run(
+    spec_path: Path = typer.Argument(..., help="Run spec (YAML or JSON)."),
+    timeout: float = typer.Option(None, help="Give up waiting after this many seconds."),
+) -> None:
+    """Submit a run and follow it to the end. With no broker configured, starts the embedded stack."""
+    from megaflow.config import Settings
+
+    spec = _load(spec_path)
+    settings = Settings()
+    if settings.embedded:
+        from megaflow.local_stack import LocalStack
+
+        console.print(f"[dim]embedded stack: state in {settings.data_dir}[/dim]")
+        with LocalStack(settings) as stack:
+            _run_and_follow(spec, timeout, stack.check)
+    else:
+        from megaflow.db.schema import upgrade
+
+        upgrade(settings.resolved_database_url())
+        _run_and_follow(spec, timeout, None)
+
+
+def _run_and_follow(spec, timeout, check) -> None:
+    client = _client()
+    run_id = client.submit(spec)
+    console.print(f"run [bold]{run_id}[/bold]: {spec.n_episodes} episodes")
+    final = follow(client, run_id, timeout=timeout, check=check)
+    print_results(client, run_id)
+    if final["status"] != "finished":
+        raise typer.Exit(1)
+
+
+def submit(spec_path: Path = typer.Argument(..., help="Run spec (YAML or JSON).")) -> None:
+    """Submit a run to the configured cluster and print its id."""
+    spec = _load(spec_path)
+    print(_client().submit(spec))
+
+
+def status(
+    run_id: str,
+    watch: bool = typer.Option(False, "--watch", "-w", help="Live progress until the run ends."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Episodes by state, steps, mean reward; --watch shows live progress bars."""
+    client = _client()
+    if watch:
+        follow(client, run_id)
+        return
+    st = client.status(run_id)
+    if as_json:
+        print(json.dumps(st, default=str))
+    else:
+        console.print(st)
+
+
+def cancel(run_id: str) -> None:
+    """Cancel a run: pending episodes at once, running ones at their next step."""
+    n = _client().cancel(run_id)
+    console.print(f"cancel requested; {n} pending episodes cancelled")
+
+
+def results(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One line per episode."""
+    client = _client()
+    if as_json:
+        for row in client.results(run_id):
+            print(json.dumps(row))
+    else:
+        print_results(client, run_id)
+
+
+def follow(client, run_id: str, timeout: float | None = None, check=None, poll: float = 0.5) -> dict:
+    """Progress bars until the run ends: episodes finished, and by state."""
+    start = time.monotonic()
+    st = client.status(run_id)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, transient=not sys.stdout.isatty()) as bar:
+        total = bar.add_task("episodes", total=st["episodes"], info="")
+        while True:
+            st = client.status(run_id)
+            by = st["by_state"]
+            ended = sum(by.get(s, 0) for s in states.TERMINAL)
+            rate = st["steps"] / max(1e-9, time.monotonic() - start)
+            mean = st["mean_reward"]
+            info = " ".join(f"{k}={v}" for k, v in sorted(by.items())) + f" | {rate:.1f} steps/s"
+            if mean is not None:
+                info += f" | mean reward {mean:.3f}"
+            bar.update(total, completed=ended, info=info)
+            if st["status"] in ("finished", "cancelled"):
+                return st
+            if check:
+                check()
+            if timeout and time.monotonic() - start > timeout:
+                console.print(f"[red]timed out after {timeout}s[/red]")
+                raise typer.Exit(1)
+            time.sleep(poll)
+
+
+def print_results(client, run_id: str) -> None:
+    rows = client.results(run_id)
+    table = Table(title=f"run {run_id}")
+    for col in ("instance", "sample", "state", "exit", "reward", "steps"):
+        table.add_column(col)
+    for r in rows[:200]:
+        reward = "" if r["reward"] is None else f"{r['reward']:g}"
+        table.add_row(r["instance_id"], str(r["sample"]), r["state"], r["exit_status"] or "", reward,
+                      str(r["steps"]))
+    console.print(table)
+    if len(rows) > 200:
+        console.print(f"... and {len(rows) - 200} more episodes")
+    summary = client.status(run_id)["summary"] or {}
+    console.print(f"summary: {json.dumps(summary)}")

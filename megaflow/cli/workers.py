@@ -1,0 +1,50 @@
+"""`megaflow worker POOL` and `megaflow up`."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+from queues.topology import POOLS
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(worker)
+    app.command()(up)
+
+
+def worker(
+    pool: str = typer.Argument(..., help="model | agent | env"),
+    concurrency: int = typer.Option(None, "-c", "--concurrency", help="Worker threads/processes."),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+    events: bool = typer.Option(True, "--events/--no-events", help="Send task events (for Flower)."),
+) -> None:
+    """Run one pool's Celery worker in the foreground, consuming only that pool's queues."""
+    if pool not in POOLS:
+        raise typer.BadParameter(f"pool must be one of {', '.join(POOLS)}")
+    from workers.common import make_worker_app
+
+    app = make_worker_app(pool)
+    argv = ["worker", "-n", f"{pool}@%h", "--loglevel", loglevel]
+    if concurrency:
+        argv += ["-c", str(concurrency)]
+    if events:
+        argv.append("-E")
+    app.worker_main(argv)
+
+
+def up() -> None:
+    """Start the embedded stack (SQLite, server-free transport, three pools) until Ctrl-C."""
+    from megaflow.config import Settings
+    from megaflow.local_stack import LocalStack
+
+    settings = Settings()
+    with LocalStack(settings) as stack:
+        typer.echo(f"MegaFlow embedded stack up (state in {settings.data_dir}); Ctrl-C to stop.")
+        try:
+            while True:
+                stack.check()
+                time.sleep(1)
+        except KeyboardInterrupt:
+            typer.echo("stopping")

@@ -1,0 +1,150 @@
+"""The Python API: ``Client(...).submit(spec)``, ``wait``, ``status``, ``cancel``, ``results``."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+from celery import chord
+from sqlalchemy import func, select, update
+
+from megaflow.app import make_app
+from megaflow.config import Settings
+from megaflow.db import states
+from megaflow.db.engine import session_scope
+from megaflow.db.models import Episode, Event, RolloutGroup, Run, Step, TaskInstance, new_id
+from megaflow.errors import SpecError
+from megaflow.events import emit
+from megaflow.spec import RunSpec
+
+
+class Client:
+    """Submit and follow runs. Holds a Celery app for publishing and a DB URL."""
+
+    def __init__(self, settings: Settings | None = None, app=None):
+        self.settings = settings or Settings()
+        self.app = app or make_app(self.settings)
+        self.db_url = self.settings.resolved_database_url()
+
+    def session(self):
+        return session_scope(self.db_url)
+
+    # -- submitting ---------------------------------------------------------------
+
+    def submit(self, spec: RunSpec | dict | str | Path) -> str:
+        """Validate, record and enqueue a run. Returns its id.
+
+        Raises:
+            SpecError: the spec is invalid; nothing was recorded or queued.
+        """
+        spec = as_spec(spec)
+        run_id, group_ids = self._record(spec)
+        self.publish(run_id, group_ids)
+        return run_id
+
+    def _record(self, spec: RunSpec) -> tuple[str, list[str]]:
+        with self.session() as s:
+            run = Run(id=new_id(), name=spec.name, user=spec.user, project=spec.project,
+                      spec=spec.model_dump(mode="json"), n_episodes=spec.n_episodes)
+            s.add(run)
+            s.flush()
+            # Submission order across runs: FIFO admission follows `seq`.
+            seq = int(s.execute(select(func.max(Episode.seq))).scalar() or 0) + 1
+            seq = max(seq, time.time_ns() // 1000)
+            instances, groups, episodes = [], [], []
+            for t_index, task in enumerate(spec.tasks):
+                ti = TaskInstance(id=new_id(), run_id=run.id, instance_id=task.instance_id, kind=task.kind,
+                                  data=task.model_dump(mode="json"))
+                group = RolloutGroup(id=new_id(), run_id=run.id, task_instance_id=ti.id, index=t_index,
+                                     size=spec.rollouts)
+                instances.append(ti)
+                groups.append(group)
+                for k in range(spec.rollouts):
+                    episodes.append(Episode(id=new_id(), seq=seq, run_id=run.id, group_id=group.id,
+                                            task_instance_id=ti.id, sample_index=k))
+                    seq += 1
+            # No ORM relationships: insert parents before children.
+            for rows in (instances, groups, episodes):
+                s.add_all(rows)
+                s.flush()
+            group_ids = [g.id for g in groups]
+            emit(s, "run.submitted", run.id, run.id, {"episodes": spec.n_episodes, "groups": len(group_ids)})
+            return run.id, group_ids
+
+    def publish(self, run_id: str, group_ids: list[str]) -> None:
+        """Send the run's chord: one member per group, `run.done` as its body."""
+        header = [self.app.signature("megaflow.group.start", args=(g,)) for g in group_ids]
+        chord(header, self.app.signature("megaflow.run.done", args=(run_id,))).apply_async()
+        with self.session() as s:
+            s.execute(update(Run).where(Run.id == run_id, Run.status == "submitted").values(status="running"))
+
+    # -- following ----------------------------------------------------------------
+
+    def status(self, run_id: str) -> dict:
+        """Counts of episodes by state, steps so far, mean reward of finished episodes."""
+        with self.session() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise LookupError(f"no run {run_id}")
+            by_state = dict(s.execute(select(Episode.state, func.count()).where(Episode.run_id == run_id)
+                                      .group_by(Episode.state)).all())
+            steps = s.execute(select(func.count()).select_from(Step).join(Episode, Episode.id == Step.episode_id)
+                              .where(Episode.run_id == run_id)).scalar()
+            mean = s.execute(select(func.avg(Episode.reward)).where(
+                Episode.run_id == run_id, Episode.state.in_(states.DONE))).scalar()
+            return {"run_id": run_id, "name": run.name, "status": run.status, "episodes": run.n_episodes,
+                    "by_state": by_state, "steps": steps, "mean_reward": mean, "summary": run.summary}
+
+    def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.25) -> dict:
+        """Block until the run is finished or cancelled; returns `status`.
+
+        Raises:
+            TimeoutError: still running after `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status(run_id)
+            if st["status"] in ("finished", "cancelled"):
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} still {st['status']} after {timeout}s: {st['by_state']}")
+            time.sleep(poll)
+
+    def cancel(self, run_id: str) -> int:
+        """Cancel a run: pending episodes end now, running ones at their next decision.
+
+        Returns:
+            How many pending episodes were cancelled at once.
+        """
+        with self.session() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(cancel_requested=True))
+            n = s.execute(update(Episode).where(Episode.run_id == run_id, Episode.state == states.PENDING)
+                          .values(state=states.CANCELLED, exit_status="cancelled")).rowcount
+            emit(s, "run.cancel", run_id, run_id, {"pending_cancelled": n})
+            return n
+
+    def results(self, run_id: str) -> list[dict]:
+        """One dict per episode: ids, state, exit status, reward, advantage, steps."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Episode, TaskInstance.instance_id).join(TaskInstance, TaskInstance.id == Episode.task_instance_id)
+                .where(Episode.run_id == run_id).order_by(Episode.seq)
+            ).all()
+            return [{"episode_id": e.id, "instance_id": iid, "sample": e.sample_index, "state": e.state,
+                     "exit_status": e.exit_status, "reward": e.reward, "advantage": e.advantage,
+                     "steps": e.n_steps, "error": e.error} for e, iid in rows]
+
+    def events(self, run_id: str) -> Counter:
+        with self.session() as s:
+            return Counter(s.execute(select(Event.kind).where(Event.run_id == run_id)).scalars())
+
+
+def as_spec(spec: RunSpec | dict | str | Path) -> RunSpec:
+    if isinstance(spec, RunSpec):
+        return spec
+    if isinstance(spec, dict):
+        return RunSpec.parse(spec)
+    if isinstance(spec, (str, Path)):
+        return RunSpec.load(spec)
+    raise SpecError(f"cannot make a RunSpec from {type(spec).__name__}")

@@ -1,0 +1,47 @@
+"""Settings from the environment (prefix ``MEGAFLOW_``), with embedded defaults.
+
+With nothing set, everything lives under ``MEGAFLOW_DATA_DIR`` (default
+``~/.megaflow``): SQLite state, a SQLite-backed Celery transport and the local
+sandbox, so a fresh machine needs no server at all.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where MegaFlow finds its broker, database and result backend."""
+
+    model_config = SettingsConfigDict(env_prefix="MEGAFLOW_", extra="ignore")
+
+    data_dir: Path = Field(default=Path.home() / ".megaflow", description="Embedded state and sandboxes.")
+    broker_url: str | None = Field(default=None, description="Celery broker, e.g. amqp://guest:guest@host:5672//.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the state database, e.g. postgresql+psycopg2://u@h/db."
+    )
+    result_backend: str | None = Field(
+        default=None,
+        description="Celery result backend. Default: MegaFlow's SQL chord backend on the state database.",
+    )
+    host: str = Field(default_factory=socket.gethostname, description="This env host's name (queue env.<host>).")
+    sandbox_capacity: int = Field(default=64, ge=1, description="Sandboxes this env host may hold at once.")
+    hop_max_deliveries: int = Field(default=5, ge=1, description="A hop delivered more often is dead-lettered.")
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: the server-free local stack."""
+        return self.broker_url is None
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'megaflow.sqlite'}"
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+
+    def resolved_result_backend(self) -> str:
+        return self.result_backend or "megaflow.chord_backend:SQLChordBackend+" + self.resolved_database_url()

@@ -1,0 +1,184 @@
+"""SQLAlchemy 2 models: all durable MegaFlow state.
+
+The same models serve PostgreSQL (production) and SQLite (the embedded default).
+Large content (messages, observations, patches) lives here, never in RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, func
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; Postgres wants BIGINT for big tables.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+Timestamp = DateTime(timezone=True)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    user: Mapped[str] = mapped_column(String(100), default="default")
+    project: Mapped[str] = mapped_column(String(100), default="default")
+    spec: Mapped[dict] = mapped_column(JSON)
+    # submitted -> running -> finished | cancelled
+    status: Mapped[str] = mapped_column(String(20), default="submitted")
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    n_episodes: Mapped[int] = mapped_column(Integer, default=0)
+    summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class TaskInstance(Base):
+    """One dataset row: what the agent must do and how it is evaluated."""
+
+    __tablename__ = "task_instances"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    instance_id: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))
+    data: Mapped[dict] = mapped_column(JSON)
+
+
+class RolloutGroup(Base):
+    """k rollouts of one task instance: one Celery chord."""
+
+    __tablename__ = "groups"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    task_instance_id: Mapped[str] = mapped_column(ForeignKey("task_instances.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    stats: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class Episode(Base):
+    __tablename__ = "episodes"
+    __table_args__ = (Index("ix_episodes_state_seq", "state", "seq"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    # Global submission order: FIFO admission across runs follows it.
+    seq: Mapped[int] = mapped_column(BigId, index=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"), index=True)
+    task_instance_id: Mapped[str] = mapped_column(ForeignKey("task_instances.id", ondelete="CASCADE"))
+    sample_index: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(20), default="pending")
+    # Why it ended: submitted, step_limit, token_limit, time_limit, format_errors,
+    # context_length, model_error, sandbox_error, cancelled, ...
+    exit_status: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    advantage: Mapped[float | None] = mapped_column(Float, nullable=True)
+    n_steps: Mapped[int] = mapped_column(Integer, default=0)
+    format_errors: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    sandbox_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    patch: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    deadline_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class Step(Base):
+    """One turn: the messages added, the model's completion, the action and its result."""
+
+    __tablename__ = "steps"
+
+    episode_id: Mapped[str] = mapped_column(ForeignKey("episodes.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Messages appended to the conversation before this turn's model call.
+    messages_in: Mapped[list] = mapped_column(JSON)
+    completion: Mapped[str | None] = mapped_column(Text, nullable=True)
+    token_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    logprobs: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    action: Mapped[str | None] = mapped_column(Text, nullable=True)
+    observation: Mapped[str | None] = mapped_column(Text, nullable=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    model_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    exec_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    agent_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Hop(Base):
+    """The idempotency ledger: one row per hop of a subject (episode, group or run).
+
+    A redelivered hop finds its row and re-sends what it recorded instead of
+    doing the work again: at-least-once delivery, exactly-once effect.
+    """
+
+    __tablename__ = "hops"
+
+    subject_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    step_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hop: Mapped[str] = mapped_column(String(40), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(10), default="started")  # started | done
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    started_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    queued_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class SandboxRow(Base):
+    __tablename__ = "sandboxes"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    backend: Mapped[str] = mapped_column(String(20))
+    host: Mapped[str] = mapped_column(String(200), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    episode_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    image: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    mode: Mapped[str] = mapped_column(String(20), default="ephemeral")
+    # creating -> in_use -> (idle, for persistent pools) -> destroyed
+    state: Mapped[str] = mapped_column(String(20), default="creating")
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    destroyed_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class Event(Base):
+    """Append-only lifecycle and completion events."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    ts: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow, server_default=func.now())
+    run_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    subject_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    data: Mapped[dict | None] = mapped_column(JSON, nullable=True)

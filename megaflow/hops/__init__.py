@@ -1,0 +1,33 @@
+"""Celery tasks: the hops of an episode and the group/run callbacks."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+
+def noop_task(*args, **kwargs):
+    """Does nothing: the floor that `megaflow bench pipeline` compares against."""
+    return None
+
+
+def register(app: Celery) -> None:
+    """Register every MegaFlow task on `app` under its stable name."""
+    from megaflow.hops.env_hop import evaluate_task, exec_task, provision_task, release_task
+    from megaflow.hops.episode import episode_task
+    from megaflow.hops.groups import group_done_task, group_start_task, run_done_task
+    from megaflow.hops.model_hop import generate_task
+
+    bound = {
+        "megaflow.episode": episode_task,
+        "megaflow.group.start": group_start_task,
+        "megaflow.group.done": group_done_task,
+        "megaflow.run.done": run_done_task,
+        "megaflow.hop.generate": generate_task,
+        "megaflow.hop.provision": provision_task,
+        "megaflow.hop.exec": exec_task,
+        "megaflow.hop.evaluate": evaluate_task,
+        "megaflow.hop.release": release_task,
+    }
+    for name, fn in bound.items():
+        app.task(name=name, bind=True)(fn)
+    app.task(name="megaflow.noop")(noop_task)

@@ -1,0 +1,56 @@
+"""One idempotent way to run any hop: claim, work, record — or replay what was recorded."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from celery.exceptions import Ignore
+from sqlalchemy.orm import Session
+
+from megaflow.events import emit
+from megaflow.hops import ledger
+from megaflow.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: work() does the hop's outside effects (model call, command) and returns its
+#: result and a function that writes the hop's rows inside the recording transaction.
+Work = Callable[[], tuple[dict, Callable[[Session], None] | None]]
+
+
+def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work) -> dict:
+    """Run a hop exactly once in effect.
+
+    Returns:
+        The hop's result: freshly computed, or as recorded by an earlier delivery.
+
+    Raises:
+        Ignore: another message holds this hop (a duplicate lineage); drop this one.
+    """
+    with rt.session() as s:
+        c = ledger.claim(s, *key, request.id)
+    if c.status == ledger.DONE:
+        log.info("hop %s already recorded; replaying its result", key)
+        return c.result
+    if c.status == ledger.BUSY:
+        log.info("hop %s held by another delivery; dropping this one", key)
+        raise Ignore()
+    t0 = time.monotonic()
+    # Celery retries re-deliver on purpose; only count the other deliveries.
+    if c.attempts - (request.retries or 0) > rt.settings.hop_max_deliveries:
+        # A poison hop: it keeps killing its worker or failing. Stop the loop and
+        # end the episode as an infra failure instead of retrying forever.
+        result, write = {"error": f"hop delivered {c.attempts} times", "kind": "infra"}, None
+        with rt.session() as s:
+            emit(s, "hop.poison", subject_id=key[0], data={"hop": key[2], "step": key[1], "attempts": c.attempts})
+    else:
+        result, write = work()
+    with rt.session() as s:
+        if write is not None:
+            write(s)
+        if not ledger.finish(s, *key, result, time.monotonic() - t0):
+            s.rollback()
+            return ledger.recorded(s, *key) or result
+    return result

@@ -1,0 +1,179 @@
+"""Environment hops (env queues): provision, exec, evaluate, release.
+
+Provision runs on any env worker (queue ``env``); the sandbox then lives on that
+worker's host, and every later hop of the episode goes to ``env.<host>``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import shlex
+
+from sqlalchemy import select, update
+
+from megaflow.db.models import Episode, SandboxRow, Step, utcnow
+from megaflow.errors import SandboxError
+from megaflow.hops.base import run_hop
+from megaflow.runtime import Runtime, get_runtime
+from megaflow.sandbox.base import Sandbox
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3
+CHECK_FILE = ".megaflow_check.sh"
+
+
+def _episode(rt: Runtime, episode_id: str) -> Episode:
+    with rt.session() as s:
+        ep = s.get(Episode, episode_id)
+        s.expunge(ep)
+        return ep
+
+
+def _infra(hop: str, step: int, exc: Exception, exit_status: str) -> tuple[dict, None]:
+    return {"hop": hop, "step": step, "error": f"{type(exc).__name__}: {exc}", "kind": "infra",
+            "exit_status": exit_status}, None
+
+
+def _retry_or_fail(task, hop: str, step: int, exc: Exception, exit_status: str):
+    if task.request.retries < MAX_RETRIES:
+        raise task.retry(exc=exc, countdown=min(30.0, 2 ** task.request.retries) * (0.5 + random.random()))
+    return _infra(hop, step, exc, exit_status)
+
+
+def lease_until(rt: Runtime, run_id: str) -> dt.datetime:
+    limits = rt.spec(run_id).limits
+    return utcnow() + dt.timedelta(seconds=limits.episode_timeout_s + limits.eval_timeout_s + 300)
+
+
+def provision_task(self, episode_id: str, step: int = 0):
+    rt = get_runtime(self.app)
+    host = rt.settings.host
+
+    def work():
+        ep = _episode(rt, episode_id)
+        spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)
+        labels = {"megaflow.run": ep.run_id, "megaflow.episode": ep.id, "megaflow.host": host}
+        try:
+            sb = rt.backend(spec.sandbox.type).create(spec.sandbox, labels)
+        except SandboxError as exc:
+            return _retry_or_fail(self, "provision", step, exc, "provision_failed")
+        # Recorded before setup runs, so a crash from here on leaves a row the reaper finds.
+        with rt.session() as s:
+            s.add(SandboxRow(id=sb.id, backend=spec.sandbox.type, host=host, run_id=ep.run_id,
+                             episode_id=ep.id, image=spec.sandbox.image, mode=spec.sandbox.mode, state="in_use",
+                             lease_expires_at=lease_until(rt, ep.run_id), heartbeat_at=utcnow()))
+        rt.adopt_sandbox(sb)
+        try:
+            setup(sb, task, spec.limits.provision_timeout_s)
+        except (SandboxError, SetupError) as exc:
+            destroy(rt, sb.id, spec.sandbox.type)
+            return _infra("provision", step, exc, "setup_failed")
+
+        def write(s):
+            s.execute(update(Episode).where(Episode.id == episode_id).values(sandbox_id=sb.id, host=host))
+
+        return {"hop": "provision", "step": step}, write
+
+    return run_hop(rt, self.request, (episode_id, step, "provision"), work)
+
+
+class SetupError(RuntimeError):
+    """A task's setup command failed: the task or its image is broken."""
+
+
+def setup(sb: Sandbox, task, timeout: float) -> None:
+    for path, content in task.files.items():
+        sb.write_file(path, content.encode())
+    for cmd in task.setup:
+        r = sb.exec(cmd, timeout=timeout)
+        if r.exit_code != 0:
+            raise SetupError(f"setup command {cmd!r} exited {r.exit_code}: {(r.stderr or r.stdout)[-500:]}")
+
+
+def exec_task(self, episode_id: str, step: int):
+    rt = get_runtime(self.app)
+
+    def work():
+        ep = _episode(rt, episode_id)
+        spec = rt.spec(ep.run_id)
+        with rt.session() as s:
+            action = s.execute(select(Step.action).where(Step.episode_id == episode_id, Step.index == step)).scalar()
+        try:
+            result = rt.open_sandbox(ep.sandbox_id, spec.sandbox).exec(action, timeout=spec.limits.exec_timeout_s)
+        except SandboxError as exc:
+            return _infra("exec", step, exc, "sandbox_lost")
+        observation = result.stdout + (("\n" if result.stdout else "") + result.stderr if result.stderr else "")
+
+        def write(s):
+            s.execute(update(Step).where(Step.episode_id == episode_id, Step.index == step).values(
+                observation=observation, exit_code=result.exit_code, exec_s=result.duration_s))
+            s.execute(update(SandboxRow).where(SandboxRow.id == ep.sandbox_id).values(
+                heartbeat_at=utcnow(), lease_expires_at=lease_until(rt, ep.run_id)))
+
+        return {"hop": "exec", "step": step, "exit_code": result.exit_code}, write
+
+    return run_hop(rt, self.request, (episode_id, step, "exec"), work)
+
+
+def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str | None]:
+    """Reward 1.0 iff the task's checks pass; also the agent's patch for SWE tasks."""
+    if task.kind == "terminal":
+        sb.write_file(CHECK_FILE, task.check.encode())
+        return (1.0 if sb.exec(f"bash {CHECK_FILE}", timeout=timeout).exit_code == 0 else 0.0), None
+    patch = sb.exec("git add -A >/dev/null 2>&1; git diff --cached", timeout=timeout).stdout
+    if task.test_patch:
+        sb.write_file(".megaflow_test.patch", task.test_patch.encode())
+        sb.exec("git apply .megaflow_test.patch || patch -p1 < .megaflow_test.patch", timeout=timeout)
+    tests = " ".join(shlex.quote(t) for t in [*task.FAIL_TO_PASS, *task.PASS_TO_PASS])
+    ok = sb.exec(f"{task.test_command} {tests}", timeout=timeout).exit_code == 0
+    return (1.0 if ok else 0.0), patch
+
+
+def evaluate_task(self, episode_id: str, step: int):
+    rt = get_runtime(self.app)
+
+    def work():
+        ep = _episode(rt, episode_id)
+        spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)
+        try:
+            reward, patch = evaluate(rt.open_sandbox(ep.sandbox_id, spec.sandbox), task, spec.limits.eval_timeout_s)
+        except SandboxError as exc:
+            destroy(rt, ep.sandbox_id, spec.sandbox.type)
+            return _infra("evaluate", step, exc, "evaluation_failed")
+        destroy(rt, ep.sandbox_id, spec.sandbox.type)
+
+        def write(s):
+            s.execute(update(Episode).where(Episode.id == episode_id).values(reward=reward, patch=patch))
+
+        return {"hop": "evaluate", "step": step, "reward": reward}, write
+
+    return run_hop(rt, self.request, (episode_id, step, "evaluate"), work)
+
+
+def release_task(self, episode_id: str, step: int):
+    rt = get_runtime(self.app)
+
+    def work():
+        ep = _episode(rt, episode_id)
+        destroy(rt, ep.sandbox_id, rt.spec(ep.run_id).sandbox.type)
+        return {"hop": "release", "step": step}, None
+
+    return run_hop(rt, self.request, (episode_id, step, "release"), work)
+
+
+def destroy(rt: Runtime, sandbox_id: str | None, kind: str) -> None:
+    """Destroy a sandbox and mark its row; idempotent."""
+    if not sandbox_id:
+        return
+    rt.forget_sandbox(sandbox_id)
+    try:
+        rt.backend(kind).destroy(sandbox_id)
+    except SandboxError:
+        log.warning("destroy of sandbox %s failed; the reaper will retry", sandbox_id, exc_info=True)
+        return
+    with rt.session() as s:
+        s.execute(update(SandboxRow).where(SandboxRow.id == sandbox_id, SandboxRow.destroyed_at.is_(None))
+                  .values(state="destroyed", destroyed_at=utcnow()))

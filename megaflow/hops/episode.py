@@ -1,0 +1,214 @@
+"""The episode driver: the agent-side decision between hops.
+
+An episode is one Celery chord member. Its task (``megaflow.episode``, agent
+queue) decides the next hop and replaces itself with ``hop | episode`` — the
+replacement keeps the task id and the chord membership — until the episode
+ends and the task returns the episode's summary to its group's chord.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from megaflow.agent import Command, FormatError, Submit
+from megaflow.db import states
+from megaflow.db.models import Episode, Run, Step, utcnow
+from megaflow.events import emit
+from megaflow.hops import ledger
+from megaflow.hops.base import run_hop
+from megaflow.model.base import Message
+from megaflow.runtime import Runtime, get_runtime
+from megaflow.sandbox.base import ExecResult
+from queues import topology
+
+log = logging.getLogger(__name__)
+
+HOP_TASKS = {
+    "provision": "megaflow.hop.provision",
+    "generate": "megaflow.hop.generate",
+    "exec": "megaflow.hop.exec",
+    "evaluate": "megaflow.hop.evaluate",
+    "release": "megaflow.hop.release",
+}
+#: Hops that must run on the env host that holds the episode's sandbox.
+HOST_BOUND = frozenset({"exec", "evaluate", "release"})
+
+
+def episode_task(self, prev, episode_id):
+    """Celery task body for ``megaflow.episode``."""
+    rt = get_runtime(self.app)
+    prev = prev or {"hop": "start", "step": 0}
+    key = (episode_id, int(prev["step"]), f"agent.{prev['hop']}")
+    fresh = {}
+
+    def work():
+        def write(s: Session):
+            fresh.update(Driver(rt, s, episode_id).decide(prev))
+        return fresh, write
+
+    decision = run_hop(rt, self.request, key, work)
+    if decision is not fresh and decision.get("next"):
+        # Replayed decision: if its next hop is already claimed, another lineage of
+        # this episode carries on; dropping this duplicate keeps the chord exact.
+        nxt = decision["next"]
+        with rt.session() as s:
+            if ledger.exists(s, episode_id, nxt["step"], nxt["hop"]):
+                from celery.exceptions import Ignore
+
+                raise Ignore()
+    if decision.get("final"):
+        return decision["summary"]
+    return self.replace(next_signature(self.app, episode_id, decision["next"]))
+
+
+def next_signature(app, episode_id: str, nxt: dict):
+    hop, step = nxt["hop"], nxt["step"]
+    options = {}
+    if hop in HOST_BOUND:
+        queue = topology.env_host_queue(nxt["host"])
+        if queue.name not in app.amqp.queues:
+            app.amqp.queues.add(queue)
+        options = {"queue": queue.name, "exchange": topology.EXCHANGE.name, "routing_key": queue.name}
+    return app.signature(HOP_TASKS[hop], args=(episode_id, step), **options) | app.signature(
+        "megaflow.episode", args=(episode_id,)
+    )
+
+
+class Driver:
+    """Decides one step of one episode inside one transaction."""
+
+    def __init__(self, rt: Runtime, session: Session, episode_id: str):
+        self.rt, self.s = rt, session
+        self.ep = session.get(Episode, episode_id)
+        if self.ep is None:
+            raise LookupError(f"episode {episode_id} not found")
+        self.spec = rt.spec(self.ep.run_id)
+        self.task = rt.task(self.ep.task_instance_id)
+        self.agent = rt.agent(self.ep.run_id)
+        self.t0 = time.monotonic()
+
+    # -- outcomes -------------------------------------------------------------
+
+    def go(self, hop: str, step: int) -> dict:
+        return {"next": {"hop": hop, "step": step, "host": self.ep.host}}
+
+    def final(self) -> dict:
+        ep = self.ep
+        return {"final": True, "summary": {
+            "episode_id": ep.id, "state": ep.state, "reward": ep.reward, "exit_status": ep.exit_status}}
+
+    def end(self, state: str, exit_status: str, step: int, error: str | None = None,
+            reward: float | None = None) -> dict:
+        values = {"exit_status": exit_status, "error": error}
+        if reward is not None:
+            values["reward"] = reward
+        if states.move(self.s, self.ep.id, state, **values):
+            emit(self.s, "episode.ended", self.ep.run_id, self.ep.id,
+                 {"state": state, "exit_status": exit_status, "error": error})
+        self.s.flush()
+        self.s.refresh(self.ep)
+        if self.ep.sandbox_id:
+            return self.go("release", step)
+        return self.final()
+
+    # -- the decision ---------------------------------------------------------
+
+    def decide(self, prev: dict) -> dict:
+        ep, hop, step = self.ep, prev["hop"], int(prev["step"])
+        if ep.state in states.TERMINAL:
+            if hop in ("release", "evaluate") or not ep.sandbox_id:
+                return self.final()
+            return self.go("release", step)
+        if self.s.execute(select(Run.cancel_requested).where(Run.id == ep.run_id)).scalar():
+            return self.end(states.CANCELLED, "cancelled", step)
+        if ep.deadline_at and utcnow() > _aware(ep.deadline_at):
+            return self.end(states.FAILED, "time_limit", step, reward=self.spec.limits.no_submit_penalty)
+        if prev.get("error"):
+            return self.failed_hop(prev, step)
+        return getattr(self, f"after_{hop}")(step)
+
+    def failed_hop(self, prev: dict, step: int) -> dict:
+        kind = prev.get("kind", "infra")
+        state = states.INFRA_FAILED if kind == "infra" else states.FAILED
+        return self.end(state, prev.get("exit_status") or f"{prev['hop']}_error", step, error=prev["error"])
+
+    def after_start(self, step: int) -> dict:
+        limits = self.spec.limits
+        states.move(self.s, self.ep.id, states.PROVISIONING,
+                    deadline_at=utcnow() + dt.timedelta(seconds=limits.episode_timeout_s))
+        return self.go("provision", 0)
+
+    def after_provision(self, step: int) -> dict:
+        states.move(self.s, self.ep.id, states.RUNNING)
+        self.new_step(0, self.agent.start(self.task))
+        return self.turn(0)
+
+    def after_generate(self, step: int) -> dict:
+        row = self.s.get(Step, (self.ep.id, step))
+        return self.act(self.agent.parse(row.completion or ""), row)
+
+    def after_exec(self, step: int) -> dict:
+        row = self.s.get(Step, (self.ep.id, step))
+        result = ExecResult(exit_code=row.exit_code if row.exit_code is not None else -1,
+                            stdout=row.observation or "", timed_out=row.exit_code == 124)
+        return self.next_turn(step + 1, self.agent.observe(result))
+
+    def after_evaluate(self, step: int) -> dict:
+        if states.move(self.s, self.ep.id, states.SUCCEEDED):
+            emit(self.s, "episode.ended", self.ep.run_id, self.ep.id,
+                 {"state": states.SUCCEEDED, "exit_status": self.ep.exit_status, "reward": self.ep.reward})
+        self.s.flush()
+        self.s.refresh(self.ep)
+        return self.final()
+
+    def after_release(self, step: int) -> dict:
+        return self.final()
+
+    # -- helpers --------------------------------------------------------------
+
+    def turn(self, step: int) -> dict:
+        """Ask the model for step `step`, unless the scaffold acts on its own."""
+        action = self.agent.scripted_action(self.task, step)
+        if action is None:
+            return self.go("generate", step)
+        return self.act(action, self.s.get(Step, (self.ep.id, step)))
+
+    def next_turn(self, step: int, messages: list[Message]) -> dict:
+        limits = self.spec.limits
+        if step >= limits.max_steps:
+            return self.end(states.FAILED, "step_limit", step - 1, reward=limits.no_submit_penalty)
+        if self.ep.tokens > limits.max_tokens:
+            return self.end(states.FAILED, "token_limit", step - 1, reward=limits.no_submit_penalty)
+        self.new_step(step, messages)
+        return self.turn(step)
+
+    def act(self, action, row: Step) -> dict:
+        row.agent_s = (row.agent_s or 0.0) + (time.monotonic() - self.t0)
+        if isinstance(action, Command):
+            row.action = action.cmd
+            return self.go("exec", row.index)
+        if isinstance(action, Submit):
+            row.action = "submit"
+            states.move(self.s, self.ep.id, states.EVALUATING, exit_status="submitted")
+            return self.go("evaluate", row.index)
+        assert isinstance(action, FormatError)
+        row.observation = action.feedback
+        self.ep.format_errors += 1
+        if self.ep.format_errors > self.spec.limits.max_format_errors:
+            return self.end(states.FAILED, "format_errors", row.index, reward=self.spec.limits.no_submit_penalty)
+        return self.next_turn(row.index + 1, [Message(role="user", content=action.feedback)])
+
+    def new_step(self, index: int, messages: list[Message]) -> None:
+        self.s.add(Step(episode_id=self.ep.id, index=index,
+                        messages_in=[m.model_dump() for m in messages]))
+        self.ep.n_steps = index + 1
+
+
+def _aware(ts: dt.datetime) -> dt.datetime:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)

@@ -1,0 +1,90 @@
+"""Group and run coordination by chords.
+
+A run is ``chord([group.start(g) …], run.done)``; each ``group.start`` replaces
+itself with ``chord([episode(e) …], group.done)``, so the group's callback takes
+its place as a member of the run's chord.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from celery import chord
+from sqlalchemy import select, update
+
+from megaflow.db import states
+from megaflow.db.models import Episode, RolloutGroup, Run, utcnow
+from megaflow.events import emit
+from megaflow.hops.base import run_hop
+from megaflow.runtime import get_runtime
+
+
+def group_start_task(self, group_id: str):
+    rt = get_runtime(self.app)
+    with rt.session() as s:
+        ids = s.execute(select(Episode.id).where(Episode.group_id == group_id)
+                        .order_by(Episode.sample_index)).scalars().all()
+    header = [self.app.signature("megaflow.episode", args=(None, eid)) for eid in ids]
+    return self.replace(chord(header, self.app.signature("megaflow.group.done", args=(group_id,))))
+
+
+def group_stats(rewards: list[float]) -> dict:
+    """Mean, std and GRPO-style advantages (r - mean) / (std + eps)."""
+    if not rewards:
+        return {"n": 0, "mean": None, "std": None, "advantages": []}
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+    return {"n": len(rewards), "mean": mean, "std": std,
+            "advantages": [(r - mean) / (std + 1e-6) for r in rewards]}
+
+
+def group_done_task(self, results, group_id: str):
+    rt = get_runtime(self.app)
+
+    def work():
+        def write(s):
+            rows = s.execute(select(Episode.id, Episode.state, Episode.reward)
+                             .where(Episode.group_id == group_id).order_by(Episode.sample_index)).all()
+            # Infra failures are not the policy's doing: they get no reward and no advantage.
+            scored = [(eid, r if r is not None else 0.0) for eid, st, r in rows if st in states.DONE]
+            stats = group_stats([r for _, r in scored])
+            for (eid, _), adv in zip(scored, stats["advantages"]):
+                s.execute(update(Episode).where(Episode.id == eid).values(advantage=adv))
+            stats.pop("advantages")
+            stats["states"] = dict(Counter(st for _, st, _ in rows))
+            s.execute(update(RolloutGroup).where(RolloutGroup.id == group_id)
+                      .values(status="finished", stats=stats, finished_at=utcnow()))
+            run_id = s.execute(select(RolloutGroup.run_id).where(RolloutGroup.id == group_id)).scalar()
+            emit(s, "group.done", run_id, group_id, stats)
+            out.update({"group_id": group_id, **stats})
+        out: dict = {}
+        return out, write
+
+    return run_hop(rt, self.request, (group_id, 0, "group.done"), work)
+
+
+def run_summary(s, run_id: str) -> dict:
+    rows = s.execute(select(Episode.state, Episode.reward).where(Episode.run_id == run_id)).all()
+    by_state = Counter(st for st, _ in rows)
+    done = [r if r is not None else 0.0 for st, r in rows if st in states.DONE]
+    return {"episodes": len(rows), "by_state": dict(by_state),
+            "mean_reward": (sum(done) / len(done)) if done else None,
+            "solved": sum(1 for st, r in rows if st == states.SUCCEEDED and (r or 0) >= 1.0)}
+
+
+def run_done_task(self, results, run_id: str):
+    rt = get_runtime(self.app)
+
+    def work():
+        def write(s):
+            summary = run_summary(s, run_id)
+            cancelled = s.execute(select(Run.cancel_requested).where(Run.id == run_id)).scalar()
+            s.execute(update(Run).where(Run.id == run_id).values(
+                status="cancelled" if cancelled else "finished", summary=summary, finished_at=utcnow()))
+            emit(s, "run.done", run_id, run_id, summary)
+            out.update(summary)
+        out: dict = {}
+        return out, write
+
+    return run_hop(rt, self.request, (run_id, 0, "run.done"), work)

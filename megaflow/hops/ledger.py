@@ -1,0 +1,78 @@
+"""The idempotency ledger: claim a hop before doing it, finish it with a compare-and-set.
+
+Keys are ``(subject_id, step_index, hop)``. Outcomes of `claim`:
+
+* ``NEW``  — nobody did this hop: do it (also when our own earlier delivery of
+  the same task id died half-way, or Celery is retrying it);
+* ``DONE`` — it is recorded: skip the work and re-send what was recorded;
+* ``BUSY`` — another message (a duplicate lineage) holds it: drop this one. The
+  holder is alive, or its unacked message will be redelivered by the broker.
+
+`finish` marks the row done only if it is still ``started``; the hop's own
+writes happen in the same transaction, so two deliveries racing through the
+same hop commit exactly one result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from megaflow.db.models import Hop, utcnow
+from megaflow.db.sql import insert_ignore
+
+NEW, DONE, BUSY = "new", "done", "busy"
+
+
+@dataclass(frozen=True)
+class Claim:
+    status: str
+    result: dict | None = None
+    attempts: int = 1
+
+
+def claim(session: Session, subject: str, step: int, hop: str, task_id: str) -> Claim:
+    row = {"subject_id": subject, "step_index": step, "hop": hop, "task_id": task_id,
+           "status": "started", "attempts": 1, "started_at": utcnow()}
+    if session.execute(insert_ignore(session.connection(), Hop.__table__, row)).rowcount == 1:
+        return Claim(NEW)
+    found = session.execute(
+        select(Hop.status, Hop.task_id, Hop.result, Hop.attempts).where(
+            Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop)
+    ).one()
+    if found.status == "done":
+        return Claim(DONE, found.result, found.attempts)
+    if found.task_id != task_id:
+        return Claim(BUSY, None, found.attempts)
+    attempts = found.attempts + 1
+    session.execute(
+        update(Hop).where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop)
+        .values(attempts=attempts, started_at=utcnow())
+    )
+    return Claim(NEW, None, attempts)
+
+
+def finish(session: Session, subject: str, step: int, hop: str, result: dict, duration_s: float | None = None) -> bool:
+    """Record the hop's result. False if another delivery recorded it first (roll back then)."""
+    stmt = (
+        update(Hop)
+        .where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop, Hop.status == "started")
+        .values(status="done", result=result, finished_at=utcnow(), duration_s=duration_s)
+    )
+    return session.execute(stmt).rowcount == 1
+
+
+def recorded(session: Session, subject: str, step: int, hop: str) -> dict | None:
+    """The recorded result of a finished hop, or None."""
+    return session.execute(
+        select(Hop.result).where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop,
+                                 Hop.status == "done")
+    ).scalar()
+
+
+def exists(session: Session, subject: str, step: int, hop: str) -> bool:
+    return session.execute(
+        select(Hop.status).where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop)
+    ).first() is not None

@@ -1,0 +1,70 @@
+"""``megaflow.hop.generate``: one model call (model queue)."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from sqlalchemy import select, update
+
+from megaflow.db.models import Episode, Step
+from megaflow.errors import AgentError, InfraError
+from megaflow.hops.base import run_hop
+from megaflow.model.base import Message, ModelRequest
+from megaflow.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+#: Infra failures are retried this many times (with backoff) before the episode is infra_failed.
+MAX_RETRIES = 5
+
+
+def conversation(session, episode_id: str, upto: int) -> list[Message]:
+    """Every message of an episode before step `upto`'s model call."""
+    rows = session.execute(
+        select(Step.index, Step.messages_in, Step.completion)
+        .where(Step.episode_id == episode_id, Step.index <= upto).order_by(Step.index)
+    ).all()
+    messages: list[Message] = []
+    for index, messages_in, completion in rows:
+        messages.extend(Message(**m) for m in messages_in)
+        if index < upto and completion is not None:
+            messages.append(Message(role="assistant", content=completion))
+    return messages
+
+
+def generate_task(self, episode_id: str, step: int):
+    rt = get_runtime(self.app)
+
+    def work():
+        with rt.session() as s:
+            run_id = s.execute(select(Episode.run_id).where(Episode.id == episode_id)).scalar_one()
+            messages = conversation(s, episode_id, step)
+        spec = rt.spec(run_id)
+        request = ModelRequest(messages=messages, sampling=spec.model.sampling, request_id=f"{episode_id}:{step}")
+        try:
+            completion = rt.model(run_id).generate(request)
+        except AgentError as exc:
+            return {"hop": "generate", "step": step, "error": str(exc), "kind": "agent",
+                    "exit_status": "context_length" if isinstance(exc, ValueError) else "model_error"}, None
+        except InfraError as exc:
+            if self.request.retries < MAX_RETRIES:
+                countdown = getattr(exc, "retry_after", None) or min(60.0, 2 ** self.request.retries)
+                raise self.retry(exc=exc, countdown=countdown * (0.5 + random.random()))
+            return {"hop": "generate", "step": step, "error": str(exc), "kind": "infra",
+                    "exit_status": "model_unavailable"}, None
+
+        def write(s):
+            s.execute(update(Step).where(Step.episode_id == episode_id, Step.index == step).values(
+                completion=completion.text, token_ids=completion.token_ids, logprobs=completion.logprobs,
+                finish_reason=completion.finish_reason, model=completion.model,
+                model_version=completion.model_version, prompt_tokens=completion.usage.prompt_tokens,
+                completion_tokens=completion.usage.completion_tokens, model_s=completion.latency_s,
+            ))
+            used = completion.usage.prompt_tokens + completion.usage.completion_tokens
+            s.execute(update(Episode).where(Episode.id == episode_id).values(tokens=Episode.tokens + used))
+
+        return {"hop": "generate", "step": step}, write
+
+    return run_hop(rt, self.request, (episode_id, step, "generate"), work)
+

@@ -1,0 +1,49 @@
+"""The scripted fake model shipped for tests and benchmarks.
+
+Deterministic and stateless: the reply for a call is chosen by how many assistant
+messages the prompt already holds, so a redelivered call gets the same answer.
+"""
+
+from __future__ import annotations
+
+import time
+
+from megaflow.errors import ContextLengthError
+from megaflow.model.base import Completion, ModelRequest, Usage
+from megaflow.model.config import ScriptedModelConfig
+
+#: A prompt longer than this many characters is refused, to exercise the error path.
+MAX_PROMPT_CHARS = 1_000_000
+
+
+class ScriptedModel:
+    """Replies from `config.replies`, one per turn; the last reply repeats."""
+
+    name = "scripted"
+
+    def __init__(self, config: ScriptedModelConfig | None = None):
+        self.config = config or ScriptedModelConfig()
+
+    def generate(self, request: ModelRequest) -> Completion:
+        prompt_chars = sum(len(m.content) for m in request.messages)
+        if prompt_chars > MAX_PROMPT_CHARS:
+            raise ContextLengthError(f"prompt of {prompt_chars} chars exceeds {MAX_PROMPT_CHARS}")
+        step = sum(1 for m in request.messages if m.role == "assistant")
+        replies = self.config.replies
+        text = replies[min(step, len(replies) - 1)].replace("{step}", str(step))
+        if self.config.latency_s:
+            time.sleep(self.config.latency_s)
+        words = text.split()
+        return Completion(
+            text=text,
+            finish_reason="stop",
+            token_ids=[len(w) for w in words],
+            logprobs=[0.0] * len(words),
+            usage=Usage(prompt_tokens=prompt_chars // 4, completion_tokens=len(words)),
+            latency_s=self.config.latency_s,
+            model=self.config.name,
+            model_version=self.config.version,
+        )
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,115 @@
+"""What a worker process keeps between hops: DB access and cached specs, agents,
+model clients and open sandboxes. One per Celery app, created on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Iterator
+
+from sqlalchemy.orm import Session
+
+from megaflow.agent import Agent, make_agent
+from megaflow.config import Settings
+from megaflow.db.engine import session_scope
+from megaflow.db.models import Run, TaskInstance
+from megaflow.model.base import ModelClient
+from megaflow.model.config import make_client
+from megaflow.sandbox.base import Sandbox, SandboxBackend, SandboxConfig
+from megaflow.spec import RunSpec, TaskSpec
+from pydantic import TypeAdapter
+
+_task_adapter = TypeAdapter(TaskSpec)
+
+
+class Runtime:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.db_url = settings.resolved_database_url()
+        self._lock = threading.Lock()
+        self._models: dict[str, ModelClient] = {}
+        self._backends: dict[str, SandboxBackend] = {}
+        self._sandboxes: dict[str, Sandbox] = {}
+        # Specs never change after submit, so caching them per process is safe.
+        self.spec = lru_cache(maxsize=256)(self._load_spec)
+        self.task = lru_cache(maxsize=4096)(self._load_task)
+        self.agent = lru_cache(maxsize=256)(self._make_agent)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with session_scope(self.db_url) as s:
+            yield s
+
+    def _load_spec(self, run_id: str) -> RunSpec:
+        with self.session() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise LookupError(f"run {run_id} not found")
+            return RunSpec.model_validate(run.spec)
+
+    def _load_task(self, task_instance_id: str):
+        with self.session() as s:
+            ti = s.get(TaskInstance, task_instance_id)
+            return _task_adapter.validate_python(ti.data)
+
+    def _make_agent(self, run_id: str) -> Agent:
+        return make_agent(self.spec(run_id).agent)
+
+    def model(self, run_id: str) -> ModelClient:
+        """The client for a run's model; runs with the same config share it."""
+        config = self.spec(run_id).model
+        key = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+        with self._lock:
+            client = self._models.get(key)
+            if client is None:
+                client = self._models[key] = make_client(config)
+            return client
+
+    def backend(self, kind: str) -> SandboxBackend:
+        with self._lock:
+            backend = self._backends.get(kind)
+            if backend is None:
+                from megaflow.sandbox.registry import make_backend
+
+                backend = self._backends[kind] = make_backend(kind, **self._backend_kwargs(kind))
+            return backend
+
+    def _backend_kwargs(self, kind: str) -> dict:
+        if kind == "local":
+            return {"root": self.settings.data_dir / "sandboxes"}
+        return {}
+
+    def open_sandbox(self, sandbox_id: str, config: SandboxConfig) -> Sandbox:
+        """A handle on a sandbox living on this host (attached once, then cached)."""
+        with self._lock:
+            sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            sb = self.backend(config.type).attach(sandbox_id, config)
+            with self._lock:
+                self._sandboxes[sandbox_id] = sb
+        return sb
+
+    def adopt_sandbox(self, sb: Sandbox) -> None:
+        with self._lock:
+            self._sandboxes[sb.id] = sb
+
+    def forget_sandbox(self, sandbox_id: str) -> None:
+        with self._lock:
+            self._sandboxes.pop(sandbox_id, None)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._models.values():
+                client.close()
+            self._models.clear()
+            self._sandboxes.clear()
+
+
+def get_runtime(app) -> Runtime:
+    rt = getattr(app, "_megaflow_runtime", None)
+    if rt is None:
+        rt = app._megaflow_runtime = Runtime(app.megaflow_settings)
+    return rt

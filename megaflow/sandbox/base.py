@@ -1,0 +1,106 @@
+"""The Sandbox interface: where an agent's commands run.
+
+A sandbox is created by a backend (`SandboxBackend.create`) from a `SandboxConfig`
+and used through the small `Sandbox` protocol. Every backend must pass the one
+conformance suite in `megaflow.sandbox.conformance`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Marker inserted where oversized output was cut; visible to the agent on purpose.
+TRUNCATION_MARKER = "\n[... output truncated by megaflow: {omitted} bytes omitted ...]\n"
+
+
+class ExecResult(BaseModel):
+    """What one command produced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exit_code: int = Field(description="Process exit code; 124 when the timeout killed it.")
+    stdout: str = Field(default="", description="Standard output (UTF-8, errors replaced), truncated with a marker.")
+    stderr: str = Field(default="", description="Standard error, truncated like stdout.")
+    timed_out: bool = Field(default=False, description="True when the deadline killed the process tree.")
+    truncated: bool = Field(default=False, description="True when stdout or stderr was cut.")
+    duration_s: float = Field(default=0.0, description="Wall time of the command.")
+
+
+class SandboxConfig(BaseModel):
+    """How to make one sandbox. One config object for every backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["local", "docker", "memory"] = Field(
+        default="local", description="Backend: bubblewrap on this host, a Docker container, or the in-memory fake."
+    )
+    image: str = Field(default="megaflow/base", description="Docker image (docker backend only).")
+    workdir: str = Field(default="/work", description="Writable working directory inside the sandbox.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every command.")
+    memory_mb: int = Field(default=1024, ge=16, le=1_048_576, description="Memory limit.")
+    pids: int = Field(default=256, ge=8, le=65_536, description="Process count limit (fork bombs stop here).")
+    cpus: float = Field(default=1.0, gt=0, le=256, description="CPU limit in cores.")
+    network: bool = Field(default=False, description="Allow network access. Off by default.")
+    max_output_bytes: int = Field(default=65_536, ge=256, description="Cap per stream; beyond it output is cut.")
+    mode: Literal["ephemeral", "persistent"] = Field(
+        default="ephemeral", description="Ephemeral: destroyed when the episode ends; persistent: reset and reused."
+    )
+
+
+@runtime_checkable
+class Sandbox(Protocol):
+    """One isolated place to run commands.
+
+    Raises (all methods):
+        SandboxClosedError: the sandbox was closed.
+        SandboxError: the backend failed (an infra failure, retryable elsewhere).
+    """
+
+    id: str
+
+    def exec(self, cmd: str, timeout: float = 60.0) -> ExecResult:
+        """Run `cmd` with `bash -lc` in the work directory.
+
+        A timeout kills the whole process tree and returns exit code 124 with
+        `timed_out=True`; it does not raise.
+        """
+
+    def write_file(self, path: str, data: bytes) -> None:
+        """Write bytes to `path` (relative paths are under the work directory)."""
+
+    def read_file(self, path: str) -> bytes:
+        """Read bytes from `path`.
+
+        Raises:
+            FileNotFoundError: no such file.
+        """
+
+    def reset(self) -> None:
+        """Restore the sandbox to the state it had right after creation."""
+
+    def close(self) -> None:
+        """Release every resource. Idempotent."""
+
+
+class SandboxBackend(Protocol):
+    """Creates sandboxes of one kind and finds the ones it left behind."""
+
+    name: str
+
+    def create(self, config: SandboxConfig, labels: dict[str, str]) -> Sandbox:
+        """Create and start a sandbox labelled with `labels` (run and episode ids)."""
+
+    def attach(self, sandbox_id: str, config: SandboxConfig) -> Sandbox:
+        """Reopen a sandbox created earlier (possibly by another process on this host).
+
+        Raises:
+            SandboxNotFoundError: it no longer exists.
+        """
+
+    def list_ids(self, labels: dict[str, str]) -> list[str]:
+        """Ids of live sandboxes carrying all `labels` (for the reaper)."""
+
+    def destroy(self, sandbox_id: str) -> None:
+        """Remove a sandbox by id. Idempotent."""

@@ -1,0 +1,172 @@
+"""Run specs: what a user submits. Validated in full before anything is queued."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+
+from megaflow.errors import SpecError
+from megaflow.model.config import ModelConfig, ScriptedModelConfig
+from megaflow.sandbox.base import SandboxConfig
+
+#: Upper bound on episodes in one run; beyond it a spec is refused as absurd.
+MAX_EPISODES_PER_RUN = 1_000_000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class TerminalTask(_Strict):
+    """A Terminal-bench style task: an instruction, and a check script that decides the reward."""
+
+    kind: Literal["terminal"] = "terminal"
+    instance_id: str = Field(min_length=1, max_length=200)
+    instruction: str = Field(min_length=1, description="What the agent is asked to do.")
+    setup: list[str] = Field(default_factory=list, description="Commands run in the sandbox before the agent starts.")
+    files: dict[str, str] = Field(default_factory=dict, description="Files placed in the work dir before setup.")
+    check: str = Field(min_length=1, description="Shell script; reward 1 iff it exits 0.")
+    solution: list[str] = Field(default_factory=list, description="Gold commands (used by the oracle agent).")
+
+
+class SWETask(_Strict):
+    """A repository task in the SWE-bench instance shape."""
+
+    kind: Literal["swe"] = "swe"
+    instance_id: str = Field(min_length=1, max_length=200)
+    problem_statement: str = Field(min_length=1)
+    repo: str = Field(default="", description="Repo source: local dir, git URL or pypi:NAME==VER (built into the image).")
+    image: str | None = Field(default=None, description="Docker image holding the repo at /work.")
+    files: dict[str, str] = Field(default_factory=dict, description="Repo files written into the work dir (small repos).")
+    setup: list[str] = Field(default_factory=list)
+    test_command: str = Field(default="python -m pytest -q", description="Command that runs tests; test ids appended.")
+    FAIL_TO_PASS: list[str] = Field(default_factory=list)
+    PASS_TO_PASS: list[str] = Field(default_factory=list)
+    patch: str = Field(default="", description="Gold patch.")
+    test_patch: str = Field(default="", description="Patch adding the tests, applied before evaluation.")
+
+
+def _task_kind(value) -> str:
+    # `kind` may be left out of a task: terminal is the default family.
+    if isinstance(value, dict):
+        return value.get("kind", "terminal")
+    return getattr(value, "kind", "terminal")
+
+
+TaskSpec = Annotated[
+    Union[Annotated[TerminalTask, Tag("terminal")], Annotated[SWETask, Tag("swe")]],
+    Discriminator(_task_kind),
+]
+
+
+class AgentConfig(_Strict):
+    """Which scaffold drives the episode."""
+
+    type: Literal["bash", "oracle", "miniswe"] = Field(default="bash", description="Scaffold.")
+    system_prompt: str | None = Field(default=None, description="Override of the scaffold's system prompt.")
+    max_observation_chars: int = Field(default=10_000, ge=200, le=1_000_000, description="Head+tail kept.")
+
+
+class Limits(_Strict):
+    """Deadlines and caps for every phase of an episode."""
+
+    max_steps: int = Field(default=30, ge=1, le=10_000)
+    max_tokens: int = Field(default=200_000, ge=1, description="Total tokens per episode.")
+    max_format_errors: int = Field(default=3, ge=0, le=100)
+    episode_timeout_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    provision_timeout_s: float = Field(default=600.0, gt=0, le=86400)
+    model_timeout_s: float = Field(default=600.0, gt=0, le=86400)
+    exec_timeout_s: float = Field(default=120.0, gt=0, le=86400)
+    eval_timeout_s: float = Field(default=900.0, gt=0, le=86400)
+    no_submit_penalty: float = Field(default=-0.5, description="Reward when the agent never submits (paper: -0.5).")
+
+
+class RunSpec(_Strict):
+    """A run: every task instance × `rollouts` samples."""
+
+    name: str = Field(default="run", min_length=1, max_length=200)
+    user: str = Field(default="default", min_length=1, max_length=100)
+    project: str = Field(default="default", min_length=1, max_length=100)
+    tasks: list[TaskSpec] = Field(min_length=1, description="Task instances (inline, or loaded from tasks_file).")
+    rollouts: int = Field(default=1, ge=1, le=4096, description="Samples per task: one chord group each.")
+    model: ModelConfig = Field(default_factory=ScriptedModelConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "RunSpec":
+        n = len(self.tasks) * self.rollouts
+        if n > MAX_EPISODES_PER_RUN:
+            raise ValueError(f"{n} episodes in one run is over the limit of {MAX_EPISODES_PER_RUN}")
+        ids = [t.instance_id for t in self.tasks]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate instance_id: {', '.join(dupes[:5])}")
+        return self
+
+    @property
+    def n_episodes(self) -> int:
+        return len(self.tasks) * self.rollouts
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunSpec":
+        """Read a spec from YAML or JSON; `tasks_file` (relative to the spec) is inlined.
+
+        Raises:
+            SpecError: unreadable file or invalid spec, with every problem listed.
+        """
+        path = Path(path)
+        try:
+            data = _read_structured(path)
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot read spec {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SpecError(f"spec {path} must be a mapping, got {type(data).__name__}")
+        tasks_file = data.pop("tasks_file", None)
+        if tasks_file is not None:
+            data["tasks"] = load_tasks(path.parent / tasks_file)
+        return cls.parse(data, source=str(path))
+
+    @classmethod
+    def parse(cls, data: dict, source: str = "spec") -> "RunSpec":
+        """Validate a dict; raise SpecError with a readable list of problems."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(f"invalid {source}:\n{format_errors(exc)}") from exc
+
+
+def format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors()[:20]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(top)"
+        lines.append(f"  - {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_tasks(path: Path) -> list[dict]:
+    """Tasks from a JSONL, JSON or YAML file."""
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        data = _read_structured(path)
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"cannot read tasks {path}: {exc}") from exc
+    if isinstance(data, dict) and "tasks" in data:
+        data = data["tasks"]
+    if not isinstance(data, list):
+        raise SpecError(f"tasks file {path} must hold a list of tasks")
+    return data
+
+
+def _read_structured(path: Path):
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)

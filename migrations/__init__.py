@@ -1,0 +1,1 @@
+"""Alembic migrations for MegaFlow's state database (applied by `megaflow db upgrade`)."""

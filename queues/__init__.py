@@ -1,0 +1,1 @@
+"""RabbitMQ queue topology for MegaFlow (see topology.py)."""

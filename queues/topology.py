@@ -1,0 +1,111 @@
+"""Queue topology: exchanges, queues, routing and dead-lettering.
+
+Durable FIFO queues ``model``, ``agent``, ``env`` and one ``env.<host>`` per
+environment host. A message rejected without requeue (unknown task, malformed
+body, a hop over its delivery limit) goes to the dead-letter exchange
+``megaflow.dlx`` and rests in ``megaflow.dead`` for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kombu import Exchange, Queue
+
+EXCHANGE = Exchange("megaflow", type="direct", durable=True)
+DLX = Exchange("megaflow.dlx", type="fanout", durable=True)
+DEAD_QUEUE = "megaflow.dead"
+
+MODEL, AGENT, ENV = "model", "agent", "env"
+POOLS = (MODEL, AGENT, ENV)
+
+#: Which queue each task goes to by default. env.<host> is chosen per message.
+TASK_QUEUES = {
+    "megaflow.episode": AGENT,
+    "megaflow.group.start": AGENT,
+    "megaflow.group.done": AGENT,
+    "megaflow.run.done": AGENT,
+    "megaflow.hop.generate": MODEL,
+    "megaflow.hop.provision": ENV,
+    "megaflow.hop.exec": ENV,
+    "megaflow.hop.evaluate": ENV,
+    "megaflow.hop.release": ENV,
+    "megaflow.noop": AGENT,
+}
+
+
+def make_queue(name: str) -> Queue:
+    """A durable queue on the main exchange, dead-lettering into megaflow.dlx."""
+    return Queue(
+        name,
+        EXCHANGE,
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-dead-letter-exchange": DLX.name},
+    )
+
+
+def env_host_queue(host: str) -> Queue:
+    """The queue of one env host: exec/evaluate hops for sandboxes living there."""
+    return make_queue(f"{ENV}.{host}")
+
+
+def dead_letter_queue() -> Queue:
+    return Queue(DEAD_QUEUE, DLX, durable=True)
+
+
+def pool_queues(pool: str, host: str | None = None) -> list[Queue]:
+    """The queues a worker of `pool` consumes."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; expected one of {', '.join(POOLS)}")
+    queues = [make_queue(pool)]
+    if pool == ENV and host:
+        queues.append(env_host_queue(host))
+    return queues
+
+
+def route_task(name, args, kwargs, options, task=None, **kw):
+    """Celery router: every MegaFlow task to its pool's queue."""
+    queue = TASK_QUEUES.get(name)
+    if queue is None:
+        return None
+    return {"queue": queue, "exchange": EXCHANGE.name, "routing_key": queue}
+
+
+def definitions(hosts: list[str] = (), vhost: str = "/") -> dict:
+    """RabbitMQ definitions (importable with `rabbitmqctl import_definitions`)."""
+    names = [*POOLS, *(f"{ENV}.{h}" for h in hosts)]
+    queues = [
+        {
+            "name": n,
+            "vhost": vhost,
+            "durable": True,
+            "auto_delete": False,
+            "arguments": {"x-dead-letter-exchange": DLX.name},
+        }
+        for n in names
+    ]
+    queues.append({"name": DEAD_QUEUE, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": {}})
+    exchanges = [
+        {"name": EXCHANGE.name, "vhost": vhost, "type": "direct", "durable": True, "auto_delete": False,
+         "internal": False, "arguments": {}},
+        {"name": DLX.name, "vhost": vhost, "type": "fanout", "durable": True, "auto_delete": False,
+         "internal": False, "arguments": {}},
+    ]
+    bindings = [
+        {"source": EXCHANGE.name, "vhost": vhost, "destination": n, "destination_type": "queue",
+         "routing_key": n, "arguments": {}}
+        for n in names
+    ]
+    bindings.append({"source": DLX.name, "vhost": vhost, "destination": DEAD_QUEUE, "destination_type": "queue",
+                     "routing_key": "", "arguments": {}})
+    return {"queues": queues, "exchanges": exchanges, "bindings": bindings}
+
+
+def main() -> None:
+    """Print the definitions file (`python -m queues.topology > queues/definitions.json`)."""
+    print(json.dumps(definitions(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Shared fixtures: real services that skip on a laptop without them and fail under CI=true."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_ADMIN_URL = os.environ.get("MEGAFLOW_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+AMQP_URL = os.environ.get("MEGAFLOW_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("MEGAFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def need(what: str, ok: bool, why: str = "") -> None:
+    """Skip when a service is missing — but fail when CI=true, where it must be there."""
+    if ok:
+        return
+    msg = f"{what} not available{': ' + why if why else ''}"
+    if CI:
+        pytest.fail(f"{msg} (CI=true: services are required)")
+    pytest.skip(msg)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    need("PostgreSQL", port_open("127.0.0.1", 5432))
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"mf_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = pg_server.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    from megaflow.db.engine import dispose_all
+
+    dispose_all()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def amqp_server():
+    need("RabbitMQ", port_open("127.0.0.1", 5672))
+    return AMQP_URL
+
+
+@pytest.fixture
+def amqp_vhost(amqp_server):
+    """A fresh RabbitMQ vhost for one test (isolated queues), deleted afterwards."""
+    import shutil
+    import subprocess
+
+    ctl = shutil.which("rabbitmqctl")
+    need("rabbitmqctl", ctl is not None)
+    vhost = f"mf_{uuid.uuid4().hex[:8]}"
+    subprocess.run([ctl, "add_vhost", vhost], check=True, capture_output=True)
+    subprocess.run([ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True, capture_output=True)
+    yield amqp_server.rstrip("/") + "/" + vhost
+    subprocess.run([ctl, "delete_vhost", vhost], capture_output=True)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    from megaflow.db.schema import upgrade
+
+    upgrade(url)
+    return url

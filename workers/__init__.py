@@ -1,0 +1,1 @@
+"""Worker entry points, one module per pool: ``celery -A workers.<pool> worker``."""

@@ -1,0 +1,47 @@
+"""What every pool's worker shares: the app, its queues, its pool type and concurrency."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import signals
+
+from megaflow.app import make_app
+from megaflow.config import Settings
+from queues import topology
+
+log = logging.getLogger(__name__)
+
+#: Pool type and default concurrency per service. Model calls and commands wait
+#: on I/O (a server, a sandbox), so threads; agent decisions are short CPU work.
+POOL_DEFAULTS = {
+    "model": ("threads", 16),
+    "agent": ("prefork", os.cpu_count() or 2),
+    "env": ("threads", 16),
+}
+
+
+def make_worker_app(pool: str, settings: Settings | None = None):
+    """The Celery app of one pool, consuming only that pool's queues."""
+    settings = settings or Settings()
+    app = make_app(settings, pool=pool)
+    pool_type, concurrency = POOL_DEFAULTS[pool]
+    if settings.embedded and pool_type == "prefork":
+        # SQLite allows one writer at a time; more processes only queue on its lock.
+        concurrency = 1
+    app.conf.worker_pool = os.environ.get("MEGAFLOW_WORKER_POOL", pool_type)
+    app.conf.worker_concurrency = int(os.environ.get("MEGAFLOW_WORKER_CONCURRENCY", concurrency))
+    own = topology.pool_queues(pool, settings.host)
+
+    @signals.celeryd_after_setup.connect(weak=False)
+    def _consume_own_queues(sender, instance, **kwargs):
+        if instance.app is not app:
+            return
+        for queue in own:
+            if queue.name not in app.amqp.queues:
+                app.amqp.queues.add(queue)
+        app.amqp.queues.select([q.name for q in own])
+        log.info("%s worker on host %s consuming %s", pool, settings.host, [q.name for q in own])
+
+    return app
