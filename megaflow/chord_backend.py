@@ -21,7 +21,7 @@ import logging
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import ChordError
-from celery.utils.functional import maybe_signature
+from celery.canvas import maybe_signature
 from sqlalchemy import (
     Column,
     DateTime,

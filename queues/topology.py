@@ -31,6 +31,8 @@ TASK_QUEUES = {
     "megaflow.hop.evaluate": ENV,
     "megaflow.hop.release": ENV,
     "megaflow.noop": AGENT,
+    "megaflow.bench.member": AGENT,
+    "megaflow.bench.body": AGENT,
 }
 
 

@@ -5,11 +5,6 @@ from __future__ import annotations
 from celery import Celery
 
 
-def noop_task(*args, **kwargs):
-    """Does nothing: the floor that `megaflow bench pipeline` compares against."""
-    return None
-
-
 def register(app: Celery) -> None:
     """Register every MegaFlow task on `app` under its stable name."""
     from megaflow.hops.env_hop import evaluate_task, exec_task, provision_task, release_task
@@ -30,4 +25,9 @@ def register(app: Celery) -> None:
     }
     for name, fn in bound.items():
         app.task(name=name, bind=True)(fn)
+    from megaflow.bench.tasks import chord_body_task, chord_member_task, noop_task
+
     app.task(name="megaflow.noop")(noop_task)
+    # Stock result backends join only stored results, so the bench chord stores them.
+    app.task(name="megaflow.bench.member", ignore_result=False)(chord_member_task)
+    app.task(name="megaflow.bench.body", bind=True)(chord_body_task)

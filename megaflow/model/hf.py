@@ -104,7 +104,7 @@ class TransformersModel:
             ContextLengthError: the prompt has `context_tokens` tokens or more.
             ModelUnavailableError: the client is closed, or generation failed.
         """
-        self._ensure_loaded()
+        self.load()
         started = time.monotonic()
         ids = self._encode(request.messages)
         room = self.context_tokens - len(ids)
@@ -139,7 +139,13 @@ class TransformersModel:
 
     # -- loading ---------------------------------------------------------------
 
-    def _ensure_loaded(self) -> None:
+    def load(self) -> None:
+        """Load the weights now rather than on the first call (a server does, before listening).
+
+        Raises:
+            ModelUnavailableError: the client is closed.
+            FileNotFoundError: the weights are not installed.
+        """
         if self._model is not None:
             return
         with self._load_lock:
@@ -192,6 +198,12 @@ class TransformersModel:
                 # A base model has no template: a plain transcript is the usual fallback.
                 text = "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """The vocabulary's strings for token ids (for OpenAI-style logprobs)."""
+        self.load()
+        with self._tok_lock:
+            return list(self._tokenizer.convert_ids_to_tokens(token_ids))
 
     # -- the batcher thread ----------------------------------------------------
 

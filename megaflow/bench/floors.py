@@ -1,0 +1,82 @@
+"""Floors measured in the same run as a benchmark: raw AMQP and raw Celery no-op tasks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from megaflow.local_stack import WorkerProcess
+
+
+def raw_amqp_msgs_per_s(broker_url: str, n: int = 20_000) -> float:
+    """Persistent messages through one RabbitMQ queue via pika: publish all, then consume all."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(pika_url(broker_url)))
+    ch = conn.channel()
+    queue = f"megaflow.bench.raw.{uuid.uuid4().hex[:8]}"
+    ch.queue_declare(queue, durable=True, auto_delete=False)
+    body = b'{"episode_id": "0123456789abcdef0123456789abcdef", "step": 1}'
+    props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        ch.basic_publish("", queue, body, props)
+    ch.basic_qos(prefetch_count=1000)
+    got = 0
+    for method, _, _ in ch.consume(queue, inactivity_timeout=10):
+        if method is None:
+            break
+        got += 1
+        if got % 500 == 0 or got == n:
+            ch.basic_ack(method.delivery_tag, multiple=True)
+        if got == n:
+            break
+    elapsed = time.perf_counter() - t0
+    ch.cancel()
+    ch.queue_delete(queue)
+    conn.close()
+    return got / elapsed
+
+
+def pika_url(kombu_url: str) -> str:
+    """kombu writes the default vhost as a trailing '//'; pika wants it %2F-quoted."""
+    from urllib.parse import quote
+
+    scheme, rest = kombu_url.split("://", 1)
+    hostpart, _, vhost = rest.partition("/")
+    return f"{scheme}://{hostpart}/{quote(vhost or '/', safe='')}"
+
+
+def celery_noop_tasks_per_s(app, settings, n: int = 5_000) -> float:
+    """No-op tasks through the agent pool's worker configuration on the same broker."""
+    worker = WorkerProcess("agent", settings, name=f"noop-{uuid.uuid4().hex[:6]}").start()
+    try:
+        wait_for_worker(app, worker.name)
+        sig = app.signature("megaflow.noop")
+        before = tasks_done(app, worker.name)
+        t0 = time.perf_counter()
+        with app.producer_or_acquire() as producer:
+            for _ in range(n):
+                sig.apply_async(producer=producer)
+        while tasks_done(app, worker.name) - before < n:
+            time.sleep(0.05)
+        return n / (time.perf_counter() - t0)
+    finally:
+        worker.stop()
+
+
+def wait_for_worker(app, name: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        replies = app.control.ping(timeout=0.5) or []
+        if any(name in list(r)[0] for r in replies):
+            return
+    raise TimeoutError(f"worker {name} did not answer a ping in {timeout}s")
+
+
+def tasks_done(app, name: str) -> int:
+    stats = app.control.inspect(timeout=0.5).stats() or {}
+    for node, st in stats.items():
+        if node.startswith(name + "@"):
+            return sum(st.get("total", {}).values())
+    return 0

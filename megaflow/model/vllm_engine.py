@@ -1,0 +1,156 @@
+"""vLLM's offline engine (`vllm.LLM`) in the worker's process, for GPU hosts.
+
+`vllm.LLM.generate` is not meant to be called from many threads at once, but it
+schedules a list of prompts far better than one at a time. So calls from the
+worker's threads are gathered by a `MicroBatcher` and each batch is one `generate()`
+call; every prompt keeps its own `SamplingParams`, so all calls are compatible.
+
+vLLM is imported on first use; without it, `generate()` raises `ImportError`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from typing import Any
+
+from megaflow.errors import ContextLengthError, ModelUnavailableError
+from megaflow.model.base import Completion, ModelRequest, Usage
+from megaflow.model.batching import Job, MicroBatcher
+from megaflow.model.config import VLLMModelConfig
+
+logger = logging.getLogger(__name__)
+
+#: vLLM schedules within a batch itself; these only bound how calls are gathered.
+_MAX_BATCH = 256
+_MAX_WAIT_S = 0.005
+
+
+class VLLMModel:
+    """A `ModelClient` running `vllm.LLM` in this process. Thread-safe.
+
+    Args:
+        config: Model path or name, context length, GPU memory share.
+    """
+
+    def __init__(self, config: VLLMModelConfig):
+        self.config = config
+        self.name = config.model
+        self.version = config.version or config.model
+        self._load_lock = threading.Lock()
+        self._tok_lock = threading.Lock()
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._max_len = 0
+        self._closed = False
+        self._batcher = MicroBatcher(
+            self._run_batch, max_batch_size=_MAX_BATCH, max_wait_s=_MAX_WAIT_S, name="megaflow-vllm"
+        )
+
+    def load(self) -> None:
+        """Start the engine now rather than on the first call.
+
+        Raises:
+            ImportError: vLLM is not installed.
+            ModelUnavailableError: the client is closed.
+        """
+        if self._llm is not None:
+            return
+        with self._load_lock:
+            if self._closed:
+                raise ModelUnavailableError(f"model {self.name!r} is closed")
+            if self._llm is not None:
+                return
+            try:
+                import vllm
+            except ImportError as exc:
+                raise ImportError(
+                    "the 'vllm' model backend needs vLLM, which runs on GPU hosts: `pip install vllm` there, "
+                    "or use the 'openai' backend against a vLLM server"
+                ) from exc
+            kwargs: dict[str, Any] = {
+                "model": self.config.model,
+                "gpu_memory_utilization": self.config.gpu_memory_utilization,
+            }
+            if self.config.max_model_len:
+                kwargs["max_model_len"] = self.config.max_model_len
+            llm = vllm.LLM(**kwargs)
+            self._tokenizer = llm.get_tokenizer()
+            self._max_len = int(llm.llm_engine.model_config.max_model_len)
+            self._llm = llm
+
+    def generate(self, request: ModelRequest) -> Completion:
+        """Run one generation, batched with concurrent calls.
+
+        Raises:
+            ImportError: vLLM is not installed.
+            ContextLengthError: the prompt has `max_model_len` tokens or more.
+            ModelUnavailableError: the client is closed, or the engine failed.
+        """
+        self.load()  # first: it turns a missing vLLM into a clear ImportError
+        from vllm import SamplingParams
+
+        started = time.monotonic()
+        chat = [{"role": m.role, "content": m.content} for m in request.messages]
+        with self._tok_lock:
+            text = self._tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            ids = list(self._tokenizer.encode(text, add_special_tokens=False))
+        room = self._max_len - len(ids)
+        if room <= 0:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self._max_len} tokens; the prompt has {len(ids)} tokens."
+            )
+        s = request.sampling
+        params = SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=min(s.max_tokens, room),
+            stop=s.stop or None,
+            seed=s.seed,
+            logprobs=1 if s.logprobs else None,
+        )
+        output = self._batcher.submit("all", ({"prompt_token_ids": ids}, params)).result().outputs[0]
+        token_ids = list(output.token_ids)
+        logprobs = None
+        if s.logprobs and output.logprobs:
+            # Each step maps token id -> Logprob; the sampled token is always among them.
+            logprobs = [step[tid].logprob for step, tid in zip(output.logprobs, token_ids)]
+        return Completion(
+            text=output.text,
+            finish_reason=output.finish_reason or "stop",
+            token_ids=token_ids,
+            logprobs=logprobs,
+            usage=Usage(prompt_tokens=len(ids), completion_tokens=len(token_ids)),
+            latency_s=time.monotonic() - started,
+            model=self.name,
+            model_version=self.version,
+        )
+
+    def close(self) -> None:
+        """Stop the batcher and drop the engine, freeing GPU memory. Idempotent."""
+        with self._load_lock:
+            self._closed = True
+            self._batcher.close()
+            self._llm = None
+            self._tokenizer = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        llm = self._llm
+        if llm is None:
+            raise ModelUnavailableError(f"model {self.name!r} is closed")
+        prompts = [job.payload[0] for job in jobs]
+        params = [job.payload[1] for job in jobs]
+        # LLM.generate returns outputs in the order of its inputs.
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        for job, output in zip(jobs, outputs):
+            job.future.set_result(output)

@@ -1,0 +1,98 @@
+"""The core pipeline against the real RabbitMQ and PostgreSQL, with real Celery workers."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from megaflow import Client, Settings
+from megaflow.db.models import Episode, Event, Hop, Step
+from megaflow.db.schema import upgrade
+from megaflow.local_stack import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = ["```bash\necho {step} >> trace.txt\n```", "```bash\necho {step} >> trace.txt\n```", "```bash\nsubmit\n```"]
+
+
+def spec(n_tasks: int, rollouts: int, latency: float = 0.0, sandbox: str = "local") -> dict:
+    return {
+        "name": "it",
+        "rollouts": rollouts,
+        "model": {"type": "scripted", "replies": SCRIPT, "latency_s": latency},
+        "sandbox": {"type": sandbox},
+        "tasks": [{"instance_id": f"t{i}", "instruction": "append two lines", "check": "test $(cat trace.txt | wc -l) -eq 2"}
+                  for i in range(n_tasks)],
+    }
+
+
+@pytest.fixture
+def cluster(tmp_path, pg_url, amqp_vhost):
+    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host="it-host")
+    upgrade(pg_url)
+    workers = {p: WorkerProcess(p, settings, name=p).start() for p in ("model", "agent", "env")}
+    yield settings, workers
+    for w in workers.values():
+        w.stop()
+
+
+def assert_run_exact(client: Client, run_id: str, n_episodes: int, n_groups: int, steps_per_episode: int) -> None:
+    st = client.status(run_id)
+    assert st["status"] == "finished"
+    assert st["by_state"] == {"succeeded": n_episodes}, st
+    with client.session() as s:
+        eps = s.execute(select(Episode).where(Episode.run_id == run_id)).scalars().all()
+        assert len(eps) == n_episodes
+        for ep in eps:
+            assert ep.reward == 1.0 and ep.exit_status == "submitted" and ep.n_steps == steps_per_episode
+            assert ep.finished_at is not None and ep.started_at is not None
+        steps = s.execute(select(Step).join(Episode, Episode.id == Step.episode_id)
+                          .where(Episode.run_id == run_id)).scalars().all()
+        assert len(steps) == n_episodes * steps_per_episode
+        assert all(st.completion and st.action for st in steps)
+        assert sum(1 for st in steps if st.action == "submit") == n_episodes
+        assert all(st.exit_code == 0 for st in steps if st.action != "submit")
+        # Every hop of every episode recorded exactly once, and finished.
+        ids = [e.id for e in eps]
+        hops = s.execute(select(Hop.hop, func.count()).where(Hop.subject_id.in_(ids)).group_by(Hop.hop)).all()
+        hops = dict(hops)
+        assert hops["provision"] == n_episodes and hops["evaluate"] == n_episodes
+        assert hops["generate"] == n_episodes * steps_per_episode
+        assert hops["exec"] == n_episodes * (steps_per_episode - 1)
+        assert s.execute(select(func.count()).select_from(Hop).where(Hop.status != "done")).scalar() == 0
+    events = client.events(run_id)
+    assert events["group.done"] == n_groups, "group callback must fire exactly once per group"
+    assert events["run.done"] == 1, "run callback must fire exactly once"
+    assert events["episode.ended"] == n_episodes
+
+
+def test_run_of_20_episodes_completes_exactly(cluster):
+    settings, workers = cluster
+    client = Client(settings)
+    run_id = client.submit(spec(5, 4))
+    client.wait(run_id, timeout=120)
+    assert_run_exact(client, run_id, n_episodes=20, n_groups=5, steps_per_episode=3)
+    with client.session() as s:
+        stats = [g for g in s.execute(select(Event.data).where(Event.kind == "group.done")).scalars()]
+    assert all(g["mean"] == 1.0 and g["n"] == 4 for g in stats)
+
+
+@pytest.mark.parametrize("victim", ["agent", "model"])
+def test_sigkill_mid_run_loses_and_duplicates_nothing(cluster, victim):
+    settings, workers = cluster
+    client = Client(settings)
+    run_id = client.submit(spec(10, 4, latency=0.05))
+    deadline = time.monotonic() + 60
+    while client.status(run_id)["steps"] < 30:
+        assert time.monotonic() < deadline, "run made no progress"
+        time.sleep(0.1)
+    workers[victim].kill(signal.SIGKILL)
+    time.sleep(1.0)
+    mid = client.status(run_id)
+    assert mid["status"] == "running"
+    workers[victim] = WorkerProcess(victim, settings, name=victim + "2").start()
+    client.wait(run_id, timeout=180)
+    assert_run_exact(client, run_id, n_episodes=40, n_groups=10, steps_per_episode=3)
