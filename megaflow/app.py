@@ -54,8 +54,9 @@ def make_app(settings: Settings | None = None, pool: str | None = None) -> Celer
         timezone="UTC",
     )
     if settings.embedded:
-        # kombu's SQLAlchemy transport polls; keep the hop-to-hop delay small.
-        conf["broker_transport_options"] = {"polling_interval": 0.05}
+        from megaflow.kombu_sqlite import TRANSPORT
+
+        conf["broker_transport"] = TRANSPORT
     app.conf.update(conf)
     app.megaflow_settings = settings
     from megaflow.hops import register

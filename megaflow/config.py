@@ -41,7 +41,8 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'megaflow.sqlite'}"
 
     def resolved_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+        # Embedded: a SQLite file through megaflow.kombu_sqlite (see make_app).
+        return self.broker_url or f"sqlite:///{self.data_dir / 'broker.sqlite'}"
 
     def resolved_result_backend(self) -> str:
         return self.result_backend or "megaflow.chord_backend:SQLChordBackend+" + self.resolved_database_url()

@@ -10,12 +10,13 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterator
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from megaflow.agent import Agent, make_agent
 from megaflow.config import Settings
 from megaflow.db.engine import session_scope
-from megaflow.db.models import Run, TaskInstance
+from megaflow.db.models import Episode, Run, TaskInstance
 from megaflow.model.base import ModelClient
 from megaflow.model.config import make_client
 from megaflow.sandbox.base import Sandbox, SandboxBackend, SandboxConfig
@@ -37,6 +38,7 @@ class Runtime:
         self.spec = lru_cache(maxsize=256)(self._load_spec)
         self.task = lru_cache(maxsize=4096)(self._load_task)
         self.agent = lru_cache(maxsize=256)(self._make_agent)
+        self.refs = lru_cache(maxsize=65536)(self._load_refs)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -49,6 +51,24 @@ class Runtime:
             if run is None:
                 raise LookupError(f"run {run_id} not found")
             return RunSpec.model_validate(run.spec)
+
+    def _load_refs(self, episode_id: str) -> tuple[str, str]:
+        """(run_id, task_instance_id) of an episode: fixed at submit, so cached."""
+        with self.session() as s:
+            row = s.execute(select(Episode.run_id, Episode.task_instance_id).where(Episode.id == episode_id)).first()
+        if row is None:
+            raise LookupError(f"episode {episode_id} not found")
+        return tuple(row)
+
+    def warm(self, episode_id: str) -> tuple[str, str]:
+        """Load an episode's spec, task and agent before a write transaction opens.
+
+        SQLite allows one writer: a cache miss inside a write transaction would open
+        a second transaction in the same thread and wait on itself.
+        """
+        run_id, ti_id = self.refs(episode_id)
+        self.spec(run_id), self.task(ti_id), self.agent(run_id)
+        return run_id, ti_id
 
     def _load_task(self, task_instance_id: str):
         with self.session() as s:

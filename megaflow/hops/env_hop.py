@@ -61,10 +61,11 @@ def provision_task(self, episode_id: str, step: int = 0):
         except SandboxError as exc:
             return _retry_or_fail(self, "provision", step, exc, "provision_failed")
         # Recorded before setup runs, so a crash from here on leaves a row the reaper finds.
+        row = SandboxRow(id=sb.id, backend=spec.sandbox.type, host=host, run_id=ep.run_id, episode_id=ep.id,
+                         image=spec.sandbox.image, mode=spec.sandbox.mode, state="in_use",
+                         lease_expires_at=lease_until(rt, ep.run_id), heartbeat_at=utcnow())
         with rt.session() as s:
-            s.add(SandboxRow(id=sb.id, backend=spec.sandbox.type, host=host, run_id=ep.run_id,
-                             episode_id=ep.id, image=spec.sandbox.image, mode=spec.sandbox.mode, state="in_use",
-                             lease_expires_at=lease_until(rt, ep.run_id), heartbeat_at=utcnow()))
+            s.add(row)
         rt.adopt_sandbox(sb)
         try:
             setup(sb, task, spec.limits.provision_timeout_s)
@@ -106,12 +107,13 @@ def exec_task(self, episode_id: str, step: int):
         except SandboxError as exc:
             return _infra("exec", step, exc, "sandbox_lost")
         observation = result.stdout + (("\n" if result.stdout else "") + result.stderr if result.stderr else "")
+        lease = lease_until(rt, ep.run_id)
 
         def write(s):
             s.execute(update(Step).where(Step.episode_id == episode_id, Step.index == step).values(
                 observation=observation, exit_code=result.exit_code, exec_s=result.duration_s))
             s.execute(update(SandboxRow).where(SandboxRow.id == ep.sandbox_id).values(
-                heartbeat_at=utcnow(), lease_expires_at=lease_until(rt, ep.run_id)))
+                heartbeat_at=utcnow(), lease_expires_at=lease))
 
         return {"hop": "exec", "step": step, "exit_code": result.exit_code}, write
 

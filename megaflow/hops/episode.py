@@ -47,6 +47,8 @@ def episode_task(self, prev, episode_id):
     fresh = {}
 
     def work():
+        rt.warm(episode_id)
+
         def write(s: Session):
             fresh.update(Driver(rt, s, episode_id).decide(prev))
         return fresh, write

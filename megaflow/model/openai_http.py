@@ -265,7 +265,8 @@ class OpenAIModel:
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
             latency_s=latency_s,
             model=str(model),
-            model_version=self.config.version,
+            # The config's tag wins; else the server's fingerprint (our `serve` puts the weights there).
+            model_version=self.config.version or str(data.get("system_fingerprint") or ""),
         )
 
 

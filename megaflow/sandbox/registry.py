@@ -1,21 +1,39 @@
-"""Sandbox backends by name; heavy imports only for the backend used."""
+"""Build a sandbox backend from its type name.
+
+Backends are imported only when asked for, so that importing MegaFlow needs neither
+the docker SDK nor bubblewrap.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from megaflow.sandbox.base import SandboxBackend
 
+#: Every backend type `make_backend` knows.
+BACKEND_TYPES = ("local", "docker", "memory")
 
-def make_backend(type: str, **kwargs) -> SandboxBackend:  # noqa: A002 - matches SandboxConfig.type
-    if type == "memory":
-        from megaflow.sandbox.memory import MemoryBackend
 
-        return MemoryBackend(**kwargs)
+def make_backend(type: str, **kwargs: Any) -> SandboxBackend:  # noqa: A002 - matches SandboxConfig.type
+    """Create the backend named `type`.
+
+    Args:
+        type: "local" (bubblewrap), "docker" or "memory" (the in-memory fake).
+        **kwargs: Passed to the backend's constructor (e.g. ``root`` for local).
+
+    Raises:
+        ValueError: unknown type.
+    """
     if type == "local":
         from megaflow.sandbox.local import LocalBackend
 
         return LocalBackend(**kwargs)
+    if type == "memory":
+        from megaflow.sandbox.memory import MemoryBackend
+
+        return MemoryBackend(**kwargs)
     if type == "docker":
         from megaflow.sandbox.docker import DockerBackend
 
         return DockerBackend(**kwargs)
-    raise ValueError(f"unknown sandbox backend {type!r}; expected local, docker or memory")
+    raise ValueError(f"unknown sandbox backend {type!r}; known: {', '.join(BACKEND_TYPES)}")
