@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.app.amqp import AMQP, Queues
 
 from megaflow.config import Settings
 from queues import topology
@@ -10,6 +11,21 @@ from queues import topology
 #: How many messages each pool's worker processes hold unacknowledged.
 #: Long tasks (model calls, commands) take one at a time so none are hoarded.
 PREFETCH = {"model": 1, "agent": 8, "env": 1}
+
+
+class TopologyQueues(Queues):
+    """Queues that Celery creates on the fly (``env.<host>``) get MegaFlow's arguments.
+
+    Stock Celery would declare them without the dead-letter exchange, and RabbitMQ
+    refuses a second declaration with other arguments (PRECONDITION_FAILED).
+    """
+
+    def new_missing(self, name):
+        return topology.make_queue(name)
+
+
+class TopologyAMQP(AMQP):
+    queues_cls = TopologyQueues
 
 
 def make_app(settings: Settings | None = None, pool: str | None = None) -> Celery:
@@ -22,7 +38,8 @@ def make_app(settings: Settings | None = None, pool: str | None = None) -> Celer
             and prefetch); None for a client.
     """
     settings = settings or Settings()
-    app = Celery("megaflow", broker=settings.resolved_broker_url(), backend=settings.resolved_result_backend())
+    app = Celery("megaflow", broker=settings.resolved_broker_url(), backend=settings.resolved_result_backend(),
+                 amqp=TopologyAMQP)
     conf = dict(
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",

@@ -96,3 +96,46 @@ def test_sigkill_mid_run_loses_and_duplicates_nothing(cluster, victim):
     workers[victim] = WorkerProcess(victim, settings, name=victim + "2").start()
     client.wait(run_id, timeout=180)
     assert_run_exact(client, run_id, n_episodes=40, n_groups=10, steps_per_episode=3)
+
+
+def _snapshot(client: Client, run_id: str) -> dict:
+    from megaflow.chord_backend import parts_table
+
+    with client.session() as s:
+        ids = select(Episode.id).where(Episode.run_id == run_id)
+        return {
+            "steps": s.execute(select(Step.episode_id, Step.index, Step.completion, Step.observation)
+                               .where(Step.episode_id.in_(ids)).order_by(Step.episode_id, Step.index)).all(),
+            "hops": s.execute(select(Hop.subject_id, Hop.step_index, Hop.hop, Hop.result, Hop.attempts)
+                              .order_by(Hop.subject_id, Hop.step_index, Hop.hop)).all(),
+            "events": s.execute(select(func.count()).select_from(Event)).scalar(),
+            "parts": s.execute(select(func.count()).select_from(parts_table)).scalar(),
+        }
+
+
+def test_same_message_delivered_twice_writes_nothing_new(cluster):
+    from megaflow.bench.floors import tasks_done, wait_for_worker
+
+    settings, workers = cluster
+    client = Client(settings)
+    run_id = client.submit(spec(1, 2))
+    client.wait(run_id, timeout=60)
+    before = _snapshot(client, run_id)
+    with client.session() as s:
+        eid, exec_task_id = s.execute(select(Hop.subject_id, Hop.task_id).where(
+            Hop.hop == "exec", Hop.step_index == 0)).first()
+        ep_task_id = s.execute(select(Hop.task_id).where(Hop.subject_id == eid, Hop.hop == "agent.start")).scalar()
+    app = client.app
+    for w in ("env", "agent"):
+        wait_for_worker(app, w)
+    env_before, agent_before = tasks_done(app, "env"), tasks_done(app, "agent")
+    # The very same messages again: same task ids, same arguments.
+    app.signature("megaflow.hop.exec", args=(eid, 0), queue="env.it-host", exchange="megaflow",
+                  routing_key="env.it-host").apply_async(task_id=exec_task_id)
+    app.signature("megaflow.episode", args=(None, eid)).apply_async(task_id=ep_task_id)
+    deadline = time.monotonic() + 30
+    while tasks_done(app, "env") <= env_before or tasks_done(app, "agent") <= agent_before:
+        assert time.monotonic() < deadline, "duplicates were not consumed"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert _snapshot(client, run_id) == before

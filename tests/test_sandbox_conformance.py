@@ -60,7 +60,7 @@ def test_local_attach_and_destroy_from_another_process(tmp_path):
         "out = sb.exec('cat hello.txt && echo child > child.txt').stdout\n"
         "print(json.dumps({'ids': ids, 'out': out}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         [sys.executable, "-c", child, str(tmp_path), sandbox.id], capture_output=True, text=True, env=env, timeout=60
     )

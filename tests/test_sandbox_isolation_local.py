@@ -121,7 +121,7 @@ def test_network_flag_shares_the_host_network(backend, listener):
 
 def test_cannot_write_outside_the_work_directory(sandbox):
     marker = f"megaflow-escape-{uuid.uuid4().hex}"
-    for path in (f"/usr/{marker}", f"/etc/{marker}", f"/{marker}", f"/proc/{marker}", f"/work/../{marker}"):
+    for path in (f"/usr/{marker}", f"/etc/{marker}", f"/{marker}", f"/dev/{marker}", f"/proc/{marker}", f"/work/../{marker}"):
         result = sandbox.exec(f"echo x > {path}", timeout=10)
         assert result.exit_code != 0, path
     # /tmp is writable but private: nothing reaches the host's /tmp.

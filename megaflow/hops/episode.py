@@ -72,10 +72,8 @@ def next_signature(app, episode_id: str, nxt: dict):
     hop, step = nxt["hop"], nxt["step"]
     options = {}
     if hop in HOST_BOUND:
-        queue = topology.env_host_queue(nxt["host"])
-        if queue.name not in app.amqp.queues:
-            app.amqp.queues.add(queue)
-        options = {"queue": queue.name, "exchange": topology.EXCHANGE.name, "routing_key": queue.name}
+        queue = topology.env_host_queue(nxt["host"]).name
+        options = {"queue": queue, "exchange": topology.EXCHANGE.name, "routing_key": queue}
     return app.signature(HOP_TASKS[hop], args=(episode_id, step), **options) | app.signature(
         "megaflow.episode", args=(episode_id,)
     )

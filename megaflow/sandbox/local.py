@@ -299,6 +299,9 @@ class LocalBackend:
         for parent in reversed(PurePosixPath(config.workdir).parents[:-1]):
             args += ["--perms", "0755", "--dir", str(parent)]
         args += ["--bind", str(sandbox_dir / "work"), config.workdir]
+        # Run unprivileged, the sandbox user owns the tmpfs root and /dev: make them
+        # read-only so that only the work dir, /tmp and /dev/shm take writes.
+        args += ["--remount-ro", "/dev", "--remount-ro", "/"]
         return args
 
 

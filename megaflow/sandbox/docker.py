@@ -1,0 +1,404 @@
+"""Docker sandboxes: the production backend (architecture §6, inner isolation layer).
+
+Every container is locked down by default: no network, uid 1000, all capabilities
+dropped, ``no-new-privileges``, read-only root, memory (swap included), pids and CPU
+limits. The work directory and ``/tmp`` are tmpfs-backed volumes: writable, charged
+to the container's memory limit, gone with the container, and (unlike plain
+``--tmpfs`` mounts) reachable by the archive API that `write_file` and `read_file`
+use. The keep-alive process runs under Docker's init, which reaps orphans.
+
+Docker's exec has no timeout, so `DockerSandbox.exec` keeps its own deadline: each
+command carries a unique ``MEGAFLOW_EXEC_ID`` in its environment; on the deadline a
+second exec (bash builtins only, so it still starts under a fork bomb) SIGKILLs every
+process holding that id and every process in those processes' sessions, in rounds
+until none is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import posixpath
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import docker.errors
+import requests
+from docker.types import DriverConfig, Mount
+
+from megaflow.errors import SandboxClosedError, SandboxError, SandboxNotFoundError
+from megaflow.sandbox._docker_io import Capture, FrameReader, SeedCache, file_tar, read_single_file
+from megaflow.sandbox.base import ExecResult, SandboxConfig
+from megaflow.sandbox.images import AGENT_UID
+
+logger = logging.getLogger(__name__)
+
+#: Label on every container (and volume) this backend makes; the reaper filters on it.
+LABEL = "megaflow"
+_USER = f"{AGENT_UID}:{AGENT_UID}"
+_EXEC_ENV = "MEGAFLOW_EXEC_ID"
+_KEEPALIVE = ["sleep", "2147483647"]
+#: After the kill, how long the output of a timed-out command may still drain.
+_DRAIN_S = 3.0
+#: How long to keep trying to start the killer while a fork bomb holds every pid.
+_KILLER_RETRY_S = 10.0
+
+# Bash builtins only, so that it needs a single pid. `tok ID` kills the processes
+# carrying MEGAFLOW_EXEC_ID=ID and their sessions (which catches children that
+# cleared their environment); `all` kills everything but init, the keep-alive (the
+# oldest child of init) and itself. Further arguments are directories to empty.
+_KILL_SCRIPT = r"""
+exec 2>/dev/null
+mode=$1 want="MEGAFLOW_EXEC_ID=$2"; shift 2; dirs=("$@")
+self=$$ keep=-1 oldest=
+if [[ $mode == all ]]; then
+  for d in /proc/[0-9]*; do
+    read -r st < "$d/stat" || continue; f=(${st##*) })
+    if [[ ${f[1]} == 1 ]] && { [[ -z $oldest ]] || (( f[19] < oldest )); }; then oldest=${f[19]} keep=${d#/proc/}; fi
+  done
+fi
+for ((round = 1; round <= 200; round++)); do
+  hit=0 sids=" "
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [[ $p == "$self" || $p == 1 || $p == "$keep" ]] && continue
+    read -r st < "$d/stat" || continue; f=(${st##*) })
+    [[ ${f[0]} == Z ]] && continue
+    if [[ $mode == all ]]; then kill -9 "$p" && hit=1; continue; fi
+    while IFS= read -r -d '' kv; do
+      if [[ $kv == "$want" ]]; then
+        kill -9 "$p" && hit=1; (( f[3] > 1 )) && sids+="${f[3]} "; break
+      fi
+    done < "$d/environ"
+  done
+  if [[ $sids != " " ]]; then
+    for d in /proc/[0-9]*; do
+      p=${d#/proc/}; [[ $p == "$self" || $p == 1 ]] && continue
+      read -r st < "$d/stat" || continue; f=(${st##*) })
+      [[ ${f[0]} != Z && $sids == *" ${f[3]} "* ]] && kill -9 "$p" && hit=1
+    done
+  fi
+  (( hit )) || break
+done
+shopt -s dotglob nullglob
+for dir in "${dirs[@]}"; do chmod -R u+rwX "$dir"/*; rm -rf -- "$dir"/*; done
+echo "megaflow-ok rounds=$round"
+"""
+
+
+class DockerBackend:
+    """Creates locked-down Docker containers as sandboxes and finds them again.
+
+    Args:
+        client: Docker client to use; default ``docker.from_env()`` (``$DOCKER_HOST``),
+            made on first use.
+        seed_dir: Cache of work-directory snapshots, one tar per (image, workdir);
+            default a directory under the system temp dir.
+    """
+
+    name = "docker"
+
+    def __init__(self, client: docker.DockerClient | None = None, *, seed_dir: str | Path | None = None):
+        self._client = client
+        self._seeds = SeedCache(seed_dir, AGENT_UID)
+        self._ncpu: int | None = None
+
+    @property
+    def api(self) -> docker.APIClient:
+        """The low-level API client (creating the client on first use)."""
+        if self._client is None:
+            with _translated("docker engine"):
+                self._client = docker.from_env()
+        return self._client.api
+
+    def create(self, config: SandboxConfig, labels: dict[str, str]) -> DockerSandbox:
+        """Create and start a container; its work directory holds the image's content.
+
+        Raises:
+            SandboxError: the image is missing (build it with `images.build_base`) or
+                the engine failed.
+        """
+        api = self.api
+        with _translated(config.image):
+            try:
+                image_id = api.inspect_image(config.image)["Id"]
+            except docker.errors.ImageNotFound as exc:
+                # Never pull: sandboxes run only images built on this host.
+                raise SandboxError(f"image {config.image!r} not found; build it first") from exc
+            if self._ncpu is None:
+                self._ncpu = int(api.info()["NCPU"])
+            container_id = api.create_container(
+                image_id,
+                entrypoint=_KEEPALIVE[:1],
+                command=_KEEPALIVE[1:],
+                user=_USER,
+                environment={"HOME": "/tmp", **config.env},
+                working_dir=config.workdir,
+                labels={**labels, LABEL: "1"},
+                host_config=api.create_host_config(**_host_config(config, self._ncpu)),
+            )["Id"]
+        try:
+            with _translated(container_id):
+                api.start(container_id)
+            sandbox = DockerSandbox(self, container_id, config, self._seeds.get(api, image_id, config.workdir))
+            sandbox.restore_snapshot()
+        except BaseException:
+            self.destroy(container_id)
+            raise
+        logger.debug("created sandbox %s from %s", container_id[:12], config.image)
+        return sandbox
+
+    def attach(self, sandbox_id: str, config: SandboxConfig) -> DockerSandbox:
+        """Reopen a running sandbox by id (from any process talking to the same engine).
+
+        Raises:
+            SandboxNotFoundError: no such container, not ours, or no longer running.
+        """
+        with _translated(sandbox_id):
+            info = self.api.inspect_container(sandbox_id)
+        if (info["Config"].get("Labels") or {}).get(LABEL) != "1":
+            raise SandboxNotFoundError(f"container {sandbox_id[:12]} is not a megaflow sandbox")
+        if not info["State"]["Running"]:
+            raise SandboxNotFoundError(f"sandbox {sandbox_id[:12]} is not running any more")
+        return DockerSandbox(self, info["Id"], config, self._seeds.get(self.api, info["Image"], config.workdir))
+
+    def list_ids(self, labels: dict[str, str]) -> list[str]:
+        """Ids of this backend's containers carrying all `labels`, stopped ones included."""
+        filters = {"label": [f"{LABEL}=1", *(f"{k}={v}" for k, v in labels.items())]}
+        with _translated("docker engine"):
+            return [c["Id"] for c in self.api.containers(all=True, filters=filters)]
+
+    def destroy(self, sandbox_id: str) -> None:
+        """Remove a container and its volumes. Idempotent."""
+        try:
+            self.api.remove_container(sandbox_id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: a removal is already in progress
+                raise SandboxError(f"removing sandbox {sandbox_id[:12]} failed: {exc}") from exc
+        except requests.RequestException as exc:
+            raise SandboxError(f"removing sandbox {sandbox_id[:12]} failed: {exc}") from exc
+
+
+class DockerSandbox:
+    """One running container; see `megaflow.sandbox.base.Sandbox` for the contract."""
+
+    def __init__(self, backend: DockerBackend, container_id: str, config: SandboxConfig, seed: Path | None):
+        self.id = container_id
+        self._backend = backend
+        self._api = backend.api
+        self._config = config
+        self._seed = seed
+        self._closed = False
+
+    def exec(self, cmd: str, timeout: float = 60.0) -> ExecResult:
+        """Run `cmd` with ``bash -lc`` in the work directory; see the module docstring."""
+        self._check_open()
+        token = uuid.uuid4().hex
+        started = time.monotonic()
+        with _translated(self.id):
+            exec_id = self._api.exec_create(
+                self.id,
+                ["bash", "-lc", cmd],
+                environment={_EXEC_ENV: token},
+                workdir=self._config.workdir,
+                user=_USER,
+            )["Id"]
+            out, err = Capture(self._config.max_output_bytes), Capture(self._config.max_output_bytes)
+            timed_out, note = False, ""
+            with FrameReader(self._api.exec_start(exec_id, socket=True), {1: out, 2: err}) as reader:
+                if not reader.read_until(started + timeout):
+                    # The command may have exited while a background child still holds
+                    # its stdout; that is not a timeout.
+                    timed_out = bool(self._api.exec_inspect(exec_id)["Running"])
+                    if timed_out:
+                        note = self._kill_tree(token)
+                    reader.read_until(time.monotonic() + _DRAIN_S)
+            exit_code = 124 if timed_out else self._exit_code(exec_id)
+        stdout, cut_out = out.text()
+        stderr, cut_err = err.text()
+        return ExecResult(
+            exit_code=exit_code,
+            stdout=stdout,
+            stderr=stderr + note,
+            timed_out=timed_out,
+            truncated=cut_out or cut_err,
+            duration_s=time.monotonic() - started,
+        )
+
+    def write_file(self, path: str, data: bytes) -> None:
+        """Write `data` to `path`, creating parent directories, owned by the agent user.
+
+        Raises:
+            PermissionError: `path` is outside the writable directories.
+        """
+        self._check_open()
+        full = self._resolve(path)
+        parent, name = posixpath.split(full)
+        archive = file_tar(name, data, AGENT_UID)
+        with _translated(self.id):
+            try:
+                self._api.put_archive(self.id, parent, archive)
+            except docker.errors.NotFound as exc:
+                if _container_missing(exc):
+                    raise
+                self._run_script(["mkdir", "-p", "--", parent], path_error=full)
+                self._api.put_archive(self.id, parent, archive)
+            except docker.errors.APIError as exc:
+                if "read-only" in str(exc):
+                    raise PermissionError(errno.EROFS, "read-only file system in the sandbox", full) from exc
+                raise
+
+    def read_file(self, path: str) -> bytes:
+        """Read `path` (symlinks followed).
+
+        Raises:
+            FileNotFoundError: no such file.
+            IsADirectoryError: `path` is a directory.
+        """
+        self._check_open()
+        full = self._resolve(path)
+        with _translated(self.id):
+            for _ in range(16):
+                try:
+                    chunks, stat = self._api.get_archive(self.id, full)
+                except docker.errors.NotFound as exc:
+                    if _container_missing(exc):
+                        raise
+                    raise FileNotFoundError(errno.ENOENT, "no such file in the sandbox", full) from exc
+                if stat["mode"] & (1 << 31):  # Go's os.ModeDir
+                    raise IsADirectoryError(errno.EISDIR, "is a directory", full)
+                if not stat.get("linkTarget"):
+                    return read_single_file(chunks)
+                for _chunk in chunks:  # drain, so the connection can be reused
+                    pass
+                full = posixpath.normpath(posixpath.join(posixpath.dirname(full), stat["linkTarget"]))
+        raise OSError(errno.ELOOP, "too many levels of symbolic links", path)
+
+    def reset(self) -> None:
+        """Kill every process but init, empty the writable directories, restore the snapshot.
+
+        Takes one exec (plus one archive upload when the image put files in the work
+        directory). A container that stopped, or whose processes cannot be killed, is
+        restarted instead.
+        """
+        self._check_open()
+        dirs = sorted({self._config.workdir, "/tmp", "/dev/shm"})
+        try:
+            self._run_script(["bash", "-c", _KILL_SCRIPT, "megaflow-kill", "all", "-", *dirs])
+        except SandboxNotFoundError:
+            raise
+        except SandboxError as exc:
+            logger.warning("sandbox %s: reset by restart (%s)", self.id[:12], exc)
+            self._restart()
+        self.restore_snapshot()
+
+    def close(self) -> None:
+        """Remove the container and its volumes. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._backend.destroy(self.id)
+
+    def restore_snapshot(self) -> None:
+        """Put the work directory's initial content (taken from the image) back."""
+        if self._seed is not None:
+            with _translated(self.id), open(self._seed, "rb") as fh:
+                self._api.put_archive(self.id, self._config.workdir, fh)
+
+    def _kill_tree(self, token: str) -> str:
+        """Kill the processes of one exec; returns a note for stderr when that took a restart."""
+        try:
+            self._run_script(["bash", "-c", _KILL_SCRIPT, "megaflow-kill", "tok", token], retry_s=_KILLER_RETRY_S)
+            return ""
+        except SandboxNotFoundError:
+            raise
+        except SandboxError as exc:
+            logger.warning("sandbox %s: killer failed (%s); restarting it", self.id[:12], exc)
+            self._restart()
+            self.restore_snapshot()
+            return "\n[megaflow: the process tree could not be killed; the sandbox was restarted and reset]\n"
+
+    def _run_script(self, cmd: list[str], retry_s: float = 2.0, path_error: str | None = None) -> None:
+        """Run a helper command as the agent user, retrying while it cannot start."""
+        deadline = time.monotonic() + retry_s
+        while True:
+            with _translated(self.id):
+                exec_id = self._api.exec_create(self.id, cmd, user=_USER)["Id"]
+                output = self._api.exec_start(exec_id).decode(errors="replace")
+                code = self._exit_code(exec_id)
+            if code == 0:
+                return
+            if path_error is not None:
+                raise PermissionError(errno.EACCES, output.strip() or "cannot create directory", path_error)
+            if time.monotonic() > deadline:
+                raise SandboxError(f"helper {cmd[0]} failed in sandbox {self.id[:12]} ({code}): {output[-500:]}")
+            time.sleep(0.1)
+
+    def _exit_code(self, exec_id: str) -> int:
+        # The stream can end a moment before the engine records the exit.
+        for _ in range(400):
+            state = self._api.exec_inspect(exec_id)
+            if not state["Running"] and state["ExitCode"] is not None:
+                return int(state["ExitCode"])
+            time.sleep(0.005)
+        raise SandboxError(f"exec {exec_id[:12]} in sandbox {self.id[:12]} did not report an exit code")
+
+    def _restart(self) -> None:
+        with _translated(self.id):
+            self._api.restart(self.id, timeout=0)
+
+    def _resolve(self, path: str) -> str:
+        return posixpath.normpath(posixpath.join(self._config.workdir, path))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id[:12]} is closed")
+
+
+def _host_config(config: SandboxConfig, ncpu: int) -> dict[str, object]:
+    """The isolation settings: everything off unless the config turns it on."""
+    mounts = [_tmpfs_volume(config.workdir, f"uid={AGENT_UID},gid={AGENT_UID},mode=0755")]
+    if config.workdir != "/tmp":
+        mounts.append(_tmpfs_volume("/tmp", "mode=1777"))
+    return {
+        "init": True,
+        "network_mode": None if config.network else "none",
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "read_only": True,
+        "mounts": mounts,
+        "mem_limit": f"{config.memory_mb}m",
+        "memswap_limit": f"{config.memory_mb}m",  # equal: no swap beyond the limit
+        "pids_limit": config.pids,
+        # The engine refuses more CPUs than the host has.
+        "nano_cpus": int(min(config.cpus, ncpu) * 1e9),
+    }
+
+
+def _tmpfs_volume(target: str, options: str) -> Mount:
+    # An anonymous volume of the local driver backed by tmpfs: removed with the
+    # container (remove v=True), and visible to put_archive/get_archive.
+    driver = DriverConfig("local", {"type": "tmpfs", "device": "tmpfs", "o": f"{options},nosuid,nodev"})
+    return Mount(target=target, source=None, type="volume", driver_config=driver, labels={LABEL: "1"})
+
+
+def _container_missing(exc: docker.errors.NotFound) -> bool:
+    return "no such container" in str(exc).lower()
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn engine failures into the sandbox error contract."""
+    try:
+        yield
+    except docker.errors.NotFound as exc:
+        raise SandboxNotFoundError(f"{what[:12]}: {exc.explanation or exc}") from exc
+    except docker.errors.APIError as exc:
+        raise SandboxError(f"{what[:12]}: {exc.explanation or exc}") from exc
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        raise SandboxError(f"docker engine failed ({what[:12]}): {exc}") from exc

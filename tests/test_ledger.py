@@ -1,0 +1,75 @@
+"""The idempotency ledger and run_hop: a redelivered hop writes nothing new."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from celery.exceptions import Ignore
+
+from megaflow.config import Settings
+from megaflow.db.engine import session_scope
+from megaflow.db.models import Event
+from megaflow.hops import ledger
+from megaflow.hops.base import run_hop
+from megaflow.runtime import Runtime
+
+
+def test_claim_outcomes(sqlite_url):
+    with session_scope(sqlite_url) as s:
+        assert ledger.claim(s, "e", 0, "exec", "task-a").status == ledger.NEW
+    with session_scope(sqlite_url) as s:
+        # Same message again (redelivery after a crash): take over, attempt 2.
+        c = ledger.claim(s, "e", 0, "exec", "task-a")
+        assert (c.status, c.attempts) == (ledger.NEW, 2)
+        # Another lineage's message for the same hop: busy, drop it.
+        assert ledger.claim(s, "e", 0, "exec", "task-b").status == ledger.BUSY
+        assert ledger.finish(s, "e", 0, "exec", {"ok": 1})
+        assert not ledger.finish(s, "e", 0, "exec", {"ok": 2}), "finish is compare-and-set"
+    with session_scope(sqlite_url) as s:
+        c = ledger.claim(s, "e", 0, "exec", "task-b")
+        assert (c.status, c.result) == (ledger.DONE, {"ok": 1})
+
+
+def _rt(tmp_path, url):
+    return Runtime(Settings(data_dir=tmp_path, database_url=url))
+
+
+def test_run_hop_twice_does_the_work_once(tmp_path, sqlite_url):
+    rt = _rt(tmp_path, sqlite_url)
+    calls = []
+
+    def work():
+        calls.append(1)
+
+        def write(s):
+            s.add(Event(kind="side.effect"))
+        return {"n": len(calls)}, write
+
+    req = SimpleNamespace(id="t1", retries=0)
+    assert run_hop(rt, req, ("e", 1, "exec"), work) == {"n": 1}
+    assert run_hop(rt, req, ("e", 1, "exec"), work) == {"n": 1}
+    assert run_hop(rt, SimpleNamespace(id="t2", retries=0), ("e", 1, "exec"), work) == {"n": 1}
+    assert len(calls) == 1
+    with session_scope(sqlite_url) as s:
+        assert s.query(Event).filter_by(kind="side.effect").count() == 1
+
+
+def test_run_hop_drops_a_duplicate_while_the_first_is_working(tmp_path, sqlite_url):
+    rt = _rt(tmp_path, sqlite_url)
+    with session_scope(sqlite_url) as s:
+        ledger.claim(s, "e", 2, "generate", "first")
+    with pytest.raises(Ignore):
+        run_hop(rt, SimpleNamespace(id="second", retries=0), ("e", 2, "generate"), lambda: ({}, None))
+
+
+def test_poison_hop_is_capped(tmp_path, sqlite_url):
+    rt = _rt(tmp_path, sqlite_url)
+    req = SimpleNamespace(id="t", retries=0)
+    for _ in range(rt.settings.hop_max_deliveries):
+        with session_scope(sqlite_url) as s:
+            ledger.claim(s, "p", 0, "exec", "t")
+    result = run_hop(rt, req, ("p", 0, "exec"), lambda: pytest.fail("poison hop must not run again"))
+    assert result["kind"] == "infra" and "delivered" in result["error"]
+    with session_scope(sqlite_url) as s:
+        assert s.query(Event).filter_by(kind="hop.poison").count() == 1
