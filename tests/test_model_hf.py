@@ -13,8 +13,8 @@ from conftest import need
 
 from megaflow.errors import ModelUnavailableError
 from megaflow.model.base import Message, ModelRequest, SamplingParams
-from megaflow.model.conformance import CHECKS
 from megaflow.model.config import TransformersModelConfig
+from megaflow.model.conformance import CHECKS
 from megaflow.model.smollm import INSTALL_HINT, smollm2_available
 
 pytestmark = pytest.mark.slow

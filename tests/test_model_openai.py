@@ -18,8 +18,8 @@ from conftest import need
 
 from megaflow.errors import ContextLengthError, MalformedResponseError, ModelError, ModelUnavailableError
 from megaflow.model.base import Message, ModelRequest, SamplingParams
-from megaflow.model.conformance import CHECKS
 from megaflow.model.config import OpenAIModelConfig
+from megaflow.model.conformance import CHECKS
 from megaflow.model.openai_http import OpenAIModel, should_retry
 from megaflow.model.server import free_port, openai_server
 from megaflow.model.smollm import INSTALL_HINT, smollm2_available
@@ -57,7 +57,7 @@ class FakeServer:
             def log_message(self, *args) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake._lock:
                     fake.requests.append(body)
@@ -140,9 +140,8 @@ def test_5xx_is_retried_until_success():
 
 
 def test_5xx_forever_ends_unavailable():
-    with fake_servers([(502, {"error": "bad gateway"})]) as [server]:
-        with pytest.raises(ModelUnavailableError):
-            _client(server.url, max_retries=2).generate(_ask())
+    with fake_servers([(502, {"error": "bad gateway"})]) as [server], pytest.raises(ModelUnavailableError):
+        _client(server.url, max_retries=2).generate(_ask())
     assert len(server.requests) == 3
 
 
@@ -160,24 +159,22 @@ def test_timeout_ends_unavailable():
         time.sleep(1.0)
         return 200, OK_BODY
 
-    with fake_servers(slow) as [server]:
-        with pytest.raises(ModelUnavailableError, match="timed out"):
-            _client(server.url, timeout_s=0.2, max_retries=1).generate(_ask())
+    with fake_servers(slow) as [server], pytest.raises(ModelUnavailableError, match="timed out"):
+        _client(server.url, timeout_s=0.2, max_retries=1).generate(_ask())
     assert len(server.requests) == 2
 
 
 def test_context_length_400_is_not_retried():
     message = "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens."
-    with fake_servers([(400, {"error": {"message": message}})]) as [server]:
-        with pytest.raises(ContextLengthError) as info:
-            _client(server.url).generate(_ask())
+    reply = (400, {"error": {"message": message}})
+    with fake_servers([reply]) as [server], pytest.raises(ContextLengthError) as info:
+        _client(server.url).generate(_ask())
     assert len(server.requests) == 1 and not should_retry(info.value)
 
 
 def test_other_4xx_is_not_retried():
-    with fake_servers([(404, {"error": "model not found"})]) as [server]:
-        with pytest.raises(ModelError) as info:
-            _client(server.url).generate(_ask())
+    with fake_servers([(404, {"error": "model not found"})]) as [server], pytest.raises(ModelError) as info:
+        _client(server.url).generate(_ask())
     assert len(server.requests) == 1 and not should_retry(info.value)
 
 
@@ -187,9 +184,8 @@ def test_other_4xx_is_not_retried():
     ids=["not-json", "no-choices", "empty-choices", "no-message"],
 )
 def test_malformed_answers(payload):
-    with fake_servers([(200, payload)]) as [server]:
-        with pytest.raises(MalformedResponseError) as info:
-            _client(server.url).generate(_ask())
+    with fake_servers([(200, payload)]) as [server], pytest.raises(MalformedResponseError) as info:
+        _client(server.url).generate(_ask())
     assert should_retry(info.value)  # by the caller, with its own backoff
 
 

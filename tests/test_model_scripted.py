@@ -12,7 +12,6 @@ import pytest
 from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Message, ModelClient, ModelRequest, SamplingParams
 from megaflow.model.batching import MicroBatcher
-from megaflow.model.conformance import CHECKS, check_max_tokens
 from megaflow.model.config import (
     OpenAIModelConfig,
     ScriptedModelConfig,
@@ -20,6 +19,7 @@ from megaflow.model.config import (
     VLLMModelConfig,
     make_client,
 )
+from megaflow.model.conformance import CHECKS, check_max_tokens
 from megaflow.model.scripted import ScriptedModel
 
 

@@ -21,7 +21,7 @@ CONFIG = SandboxConfig(pids=64, memory_mb=512, max_output_bytes=4096)
 
 
 def processes_of(uid: int) -> set[int]:
-    """Pids on the host whose real uid is `uid`."""
+    """Live (not zombie) pids on the host whose real uid is `uid`."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -29,7 +29,9 @@ def processes_of(uid: int) -> set[int]:
                 status = (entry / "status").read_text()
             except OSError:
                 continue
-            if int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)) == uid:
+            # A zombie runs nothing; orphaned bwrap monitors wait there for the host's init.
+            zombie = re.search(r"^State:\s+Z", status, re.M)
+            if not zombie and int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)) == uid:
                 pids.add(int(entry.name))
     return pids
 

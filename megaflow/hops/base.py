@@ -20,8 +20,14 @@ log = logging.getLogger(__name__)
 Work = Callable[[], tuple[dict, Callable[[Session], None] | None]]
 
 
-def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work) -> dict:
+def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_effects: bool = True) -> dict:
     """Run a hop exactly once in effect.
+
+    Hops with side effects outside the database (a command in a sandbox) claim the
+    ledger row first, so a duplicate never runs the command twice while the first
+    is alive. Hops without (a decision, a model call) skip the claim: they run,
+    then record in one transaction; a racing duplicate's transaction is rolled
+    back and it replays the recorded result. That saves a write per hop.
 
     Returns:
         The hop's result: freshly computed, or as recorded by an earlier delivery.
@@ -29,6 +35,8 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work) -> dict
     Raises:
         Ignore: another message holds this hop (a duplicate lineage); drop this one.
     """
+    if not side_effects:
+        return _run_optimistic(rt, request, key, work)
     with rt.session() as s:
         c = ledger.claim(s, *key, request.id)
     if c.status == ledger.DONE:
@@ -51,6 +59,22 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work) -> dict
         if write is not None:
             write(s)
         if not ledger.finish(s, *key, result, time.monotonic() - t0):
+            s.rollback()
+            return ledger.recorded(s, *key) or result
+    return result
+
+
+def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work) -> dict:
+    with rt.session() as s:
+        done = ledger.recorded(s, *key)
+    if done is not None:
+        return done
+    t0 = time.monotonic()
+    result, write = work()
+    with rt.session() as s:
+        if write is not None:
+            write(s)
+        if not ledger.record(s, *key, request.id, result, time.monotonic() - t0):
             s.rollback()
             return ledger.recorded(s, *key) or result
     return result

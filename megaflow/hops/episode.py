@@ -53,7 +53,7 @@ def episode_task(self, prev, episode_id):
             fresh.update(Driver(rt, s, episode_id).decide(prev))
         return fresh, write
 
-    decision = run_hop(rt, self.request, key, work)
+    decision = run_hop(rt, self.request, key, work, side_effects=False)
     if decision is not fresh and decision.get("next"):
         # Replayed decision: if its next hop is already claimed, another lineage of
         # this episode carries on; dropping this duplicate keeps the chord exact.

@@ -64,6 +64,15 @@ def finish(session: Session, subject: str, step: int, hop: str, result: dict, du
     return session.execute(stmt).rowcount == 1
 
 
+def record(session: Session, subject: str, step: int, hop: str, task_id: str, result: dict,
+           duration_s: float | None = None) -> bool:
+    """Insert a finished hop in one go. False if it was already recorded (roll back then)."""
+    now = utcnow()
+    row = {"subject_id": subject, "step_index": step, "hop": hop, "task_id": task_id, "status": "done",
+           "attempts": 1, "result": result, "started_at": now, "finished_at": now, "duration_s": duration_s}
+    return session.execute(insert_ignore(session.connection(), Hop.__table__, row)).rowcount == 1
+
+
 def recorded(session: Session, subject: str, step: int, hop: str) -> dict | None:
     """The recorded result of a finished hop, or None."""
     return session.execute(

@@ -66,5 +66,5 @@ def generate_task(self, episode_id: str, step: int):
 
         return {"hop": "generate", "step": step}, write
 
-    return run_hop(rt, self.request, (episode_id, step, "generate"), work)
+    return run_hop(rt, self.request, (episode_id, step, "generate"), work, side_effects=False)
 

@@ -123,7 +123,7 @@ class MicroBatcher:
             self.stats.sizes.append(len(batch))
             try:
                 self._run_batch(batch)
-            except Exception as exc:  # noqa: BLE001 - the callers get it, the thread must live on
+            except Exception as exc:  # the callers get it; the thread must live on
                 logger.exception("batch of %d failed", len(batch))
                 error = exc
             else:

@@ -233,9 +233,7 @@ class TransformersModel:
             raise ModelUnavailableError("model closed during generation")
         logprobs = recorder.finish(sequences[:, -1]).cpu()
         generated = sequences[:, width:]
-        logger.debug(
-            "batch of %d: %d steps in %.2fs", len(jobs), generated.shape[1], time.monotonic() - started
-        )
+        logger.debug("batch of %d: %d steps in %.2fs", len(jobs), generated.shape[1], time.monotonic() - started)
         for i, (job, p) in enumerate(zip(jobs, prompts)):
             job.future.set_result(self._cut_row(generated[i].tolist(), logprobs[i].tolist(), p))
 

@@ -104,10 +104,10 @@ def make_server(model: TransformersModel, host: str, port: int) -> ThreadingHTTP
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: the client pools connections
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+        def log_message(self, format: str, *args: Any) -> None:
             logger.debug("%s " + format, self.address_string(), *args)
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib's name
+        def do_GET(self) -> None:
             if self.path == "/health":
                 self._send(HTTPStatus.OK, {"status": "ok"})
             elif self.path == "/v1/models":
@@ -115,7 +115,7 @@ def make_server(model: TransformersModel, host: str, port: int) -> ThreadingHTTP
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
 
-        def do_POST(self) -> None:  # noqa: N802 - stdlib's name
+        def do_POST(self) -> None:
             if self.path != "/v1/chat/completions":
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
                 return
@@ -135,7 +135,7 @@ def make_server(model: TransformersModel, host: str, port: int) -> ThreadingHTTP
                 self._error(HTTPStatus.BAD_REQUEST, str(exc))
             except ModelUnavailableError as exc:
                 self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
-            except Exception as exc:  # noqa: BLE001 - a server answers 500, it does not die
+            except Exception as exc:  # a server answers 500, it does not die
                 logger.exception("generation failed")
                 self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
             else:

@@ -2,10 +2,11 @@
 
 Every container is locked down by default: no network, uid 1000, all capabilities
 dropped, ``no-new-privileges``, read-only root, memory (swap included), pids and CPU
-limits. The work directory and ``/tmp`` are tmpfs-backed volumes: writable, charged
-to the container's memory limit, gone with the container, and (unlike plain
-``--tmpfs`` mounts) reachable by the archive API that `write_file` and `read_file`
-use. The keep-alive process runs under Docker's init, which reaps orphans.
+limits. The work directory is a tmpfs-backed volume: writable, charged to the
+container's memory limit, gone with the container, and (unlike a plain ``--tmpfs``
+mount) reachable by the archive API that `write_file` and `read_file` use; ``/tmp``
+is a plain tmpfs. The keep-alive process runs under Docker's init, which reaps
+orphans.
 
 Docker's exec has no timeout, so `DockerSandbox.exec` keeps its own deadline: each
 command carries a unique ``MEGAFLOW_EXEC_ID`` in its environment; on the deadline a
@@ -24,9 +25,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
+import docker.utils
 import requests
 from docker.types import DriverConfig, Mount
 
@@ -42,6 +45,7 @@ LABEL = "megaflow"
 _USER = f"{AGENT_UID}:{AGENT_UID}"
 _EXEC_ENV = "MEGAFLOW_EXEC_ID"
 _KEEPALIVE = ["sleep", "2147483647"]
+_MODE_DIR = 1 << 31  # Go's os.ModeDir, as the engine reports modes
 #: After the kill, how long the output of a timed-out command may still drain.
 _DRAIN_S = 3.0
 #: How long to keep trying to start the killer while a fork bomb holds every pid.
@@ -136,7 +140,7 @@ class DockerBackend:
                 entrypoint=_KEEPALIVE[:1],
                 command=_KEEPALIVE[1:],
                 user=_USER,
-                environment={"HOME": "/tmp", **config.env},
+                environment={"HOME": config.workdir, **config.env},
                 working_dir=config.workdir,
                 labels={**labels, LABEL: "1"},
                 host_config=api.create_host_config(**_host_config(config, self._ncpu)),
@@ -235,49 +239,57 @@ class DockerSandbox:
         """Write `data` to `path`, creating parent directories, owned by the agent user.
 
         Raises:
-            PermissionError: `path` is outside the writable directories.
-        """
-        self._check_open()
-        full = self._resolve(path)
-        parent, name = posixpath.split(full)
-        archive = file_tar(name, data, AGENT_UID)
-        with _translated(self.id):
-            try:
-                self._api.put_archive(self.id, parent, archive)
-            except docker.errors.NotFound as exc:
-                if _container_missing(exc):
-                    raise
-                self._run_script(["mkdir", "-p", "--", parent], path_error=full)
-                self._api.put_archive(self.id, parent, archive)
-            except docker.errors.APIError as exc:
-                if "read-only" in str(exc):
-                    raise PermissionError(errno.EROFS, "read-only file system in the sandbox", full) from exc
-                raise
-
-    def read_file(self, path: str) -> bytes:
-        """Read `path` (symlinks followed).
-
-        Raises:
-            FileNotFoundError: no such file.
+            PermissionError: `path` leaves the work directory (``..``, an absolute
+                path elsewhere, a symlink pointing out, a read-only location).
             IsADirectoryError: `path` is a directory.
         """
         self._check_open()
         full = self._resolve(path)
         with _translated(self.id):
-            for _ in range(16):
+            stat = self._stat(full)
+            if stat and stat.get("linkTarget"):
+                full = self._inside(stat["linkTarget"], path)
+                stat = self._stat(full)
+            if stat and stat["mode"] & _MODE_DIR:
+                raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+            parent, name = posixpath.split(full)
+            archive = file_tar(name, data, AGENT_UID)
+            try:
+                self._api.put_archive(self.id, parent, archive)
+            except docker.errors.NotFound as exc:
+                if _container_missing(exc):
+                    raise
+                self._run_script(["mkdir", "-p", "--", parent], path_error=path)
+                self._put_archive(parent, archive, path)
+            except docker.errors.APIError as exc:
+                _raise_if_read_only(exc, path)
+                raise
+
+    def read_file(self, path: str) -> bytes:
+        """Read `path` (symlinks inside the work directory are followed).
+
+        Raises:
+            FileNotFoundError: no such file.
+            IsADirectoryError: `path` is a directory.
+            PermissionError: `path` leaves the work directory.
+        """
+        self._check_open()
+        full = self._resolve(path)
+        with _translated(self.id):
+            for _ in range(2):  # the engine reports a link's target fully resolved: one hop
                 try:
                     chunks, stat = self._api.get_archive(self.id, full)
                 except docker.errors.NotFound as exc:
                     if _container_missing(exc):
                         raise
-                    raise FileNotFoundError(errno.ENOENT, "no such file in the sandbox", full) from exc
-                if stat["mode"] & (1 << 31):  # Go's os.ModeDir
-                    raise IsADirectoryError(errno.EISDIR, "is a directory", full)
+                    raise FileNotFoundError(errno.ENOENT, "no such file in the sandbox", path) from exc
+                if stat["mode"] & _MODE_DIR:
+                    raise IsADirectoryError(errno.EISDIR, "is a directory", path)
                 if not stat.get("linkTarget"):
                     return read_single_file(chunks)
                 for _chunk in chunks:  # drain, so the connection can be reused
                     pass
-                full = posixpath.normpath(posixpath.join(posixpath.dirname(full), stat["linkTarget"]))
+                full = self._inside(stat["linkTarget"], path)
         raise OSError(errno.ELOOP, "too many levels of symbolic links", path)
 
     def reset(self) -> None:
@@ -353,7 +365,31 @@ class DockerSandbox:
             self._api.restart(self.id, timeout=0)
 
     def _resolve(self, path: str) -> str:
-        return posixpath.normpath(posixpath.join(self._config.workdir, path))
+        return self._inside(posixpath.join(self._config.workdir, path), path)
+
+    def _inside(self, target: str, path: str) -> str:
+        """Normalise `target`; refuse it unless it lies in the work directory."""
+        full = posixpath.normpath(target)
+        root = self._config.workdir.rstrip("/")
+        if full != root and not full.startswith(root + "/"):
+            raise PermissionError(errno.EACCES, "path leaves the work directory", path)
+        return full
+
+    def _stat(self, full: str) -> dict[str, Any] | None:
+        """The engine's stat of `full` (symlinks not followed), None when missing."""
+        # The SDK has no call for HEAD /archive, the request that stats a path.
+        res = self._api.head(self._api._url("/containers/{0}/archive", self.id), params={"path": full})
+        if res.status_code == 404:
+            return None  # a missing container shows up on the next, non-HEAD request
+        self._api._raise_for_status(res)
+        return docker.utils.decode_json_header(res.headers["X-Docker-Container-Path-Stat"])
+
+    def _put_archive(self, parent: str, archive: bytes, path: str) -> None:
+        try:
+            self._api.put_archive(self.id, parent, archive)
+        except docker.errors.APIError as exc:
+            _raise_if_read_only(exc, path)
+            raise
 
     def _check_open(self) -> None:
         if self._closed:
@@ -362,16 +398,15 @@ class DockerSandbox:
 
 def _host_config(config: SandboxConfig, ncpu: int) -> dict[str, object]:
     """The isolation settings: everything off unless the config turns it on."""
-    mounts = [_tmpfs_volume(config.workdir, f"uid={AGENT_UID},gid={AGENT_UID},mode=0755")]
-    if config.workdir != "/tmp":
-        mounts.append(_tmpfs_volume("/tmp", "mode=1777"))
+    tmpfs = {} if config.workdir == "/tmp" else {"/tmp": "rw,exec,nosuid,nodev,mode=1777"}
     return {
         "init": True,
         "network_mode": None if config.network else "none",
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
         "read_only": True,
-        "mounts": mounts,
+        "mounts": [_tmpfs_volume(config.workdir, f"uid={AGENT_UID},gid={AGENT_UID},mode=0755")],
+        "tmpfs": tmpfs,
         "mem_limit": f"{config.memory_mb}m",
         "memswap_limit": f"{config.memory_mb}m",  # equal: no swap beyond the limit
         "pids_limit": config.pids,
@@ -385,6 +420,13 @@ def _tmpfs_volume(target: str, options: str) -> Mount:
     # container (remove v=True), and visible to put_archive/get_archive.
     driver = DriverConfig("local", {"type": "tmpfs", "device": "tmpfs", "o": f"{options},nosuid,nodev"})
     return Mount(target=target, source=None, type="volume", driver_config=driver, labels={LABEL: "1"})
+
+
+def _raise_if_read_only(exc: docker.errors.APIError, path: str) -> None:
+    # Outside the work-directory volume the engine refuses archive writes because
+    # the root file system is read-only: that is the confinement, seen from here.
+    if "read-only" in str(exc):
+        raise PermissionError(errno.EROFS, "only the work directory is writable", path) from exc
 
 
 def _container_missing(exc: docker.errors.NotFound) -> bool:
