@@ -99,7 +99,7 @@ class Runtime:
 
     def _backend_kwargs(self, kind: str) -> dict:
         if kind == "local":
-            return {"root": self.settings.data_dir / "sandboxes"}
+            return {"root": self.settings.data_dir}
         return {}
 
     def open_sandbox(self, sandbox_id: str, config: SandboxConfig) -> Sandbox:

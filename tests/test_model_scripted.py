@@ -4,8 +4,10 @@ the batcher, and the backends' behaviour when their dependencies are missing."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 import threading
 import time
+from typing import ClassVar
 
 import pytest
 
@@ -195,3 +197,84 @@ def test_sampling_groups():
     assert _group_key(greedy[0]) == _group_key(greedy[1])  # greedy ignores max_tokens and top_p
     assert _group_key(SamplingParams(temperature=0.7)) != _group_key(SamplingParams(temperature=0.8))
     assert _group_key(SamplingParams(stop=["x"])) != _group_key(SamplingParams())
+
+
+# -- the vLLM adapter, over a stand-in for the `vllm` package -----------------
+
+
+def _fake_vllm_module():
+    """Just enough of vLLM's offline API (LLM, SamplingParams, outputs) to drive the adapter."""
+    import types
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class Tokenizer:
+        def apply_chat_template(self, chat, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return " ".join(m["content"] for m in chat)
+
+        def encode(self, text, add_special_tokens):
+            return [len(word) for word in text.split()]
+
+    class LLM:
+        calls: ClassVar[list[int]] = []
+
+        def __init__(self, model, gpu_memory_utilization, max_model_len=None):
+            self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=64))
+
+        def get_tokenizer(self):
+            return Tokenizer()
+
+        def generate(self, prompts, params, use_tqdm):
+            LLM.calls.append(len(prompts))
+            outputs = []
+            for prompt, p in zip(prompts, params):
+                n = min(p.max_tokens, 5)
+                ids = [sum(prompt["prompt_token_ids"]) % 7 + i for i in range(n)]
+                steps = [{t: types.SimpleNamespace(logprob=-0.1 * i)} for i, t in enumerate(ids)]
+                finish = "length" if n == p.max_tokens else "stop"
+                text = " ".join(f"w{t}" for t in ids)
+                outputs.append(
+                    types.SimpleNamespace(
+                        outputs=[types.SimpleNamespace(text=text, token_ids=ids, logprobs=steps, finish_reason=finish)]
+                    )
+                )
+            return outputs
+
+    return types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_vllm_adapter_conformance(monkeypatch, check):
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm_module())
+    client = make_client(VLLMModelConfig(model="fake"))
+    try:
+        check(client)
+    finally:
+        client.close()
+
+
+def test_vllm_adapter_batches_threads_and_reads_logprobs(monkeypatch):
+    fake = _fake_vllm_module()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    client = make_client(VLLMModelConfig(model="fake", version="v7"))
+    client._batcher._max_wait_s = 0.3  # let the 6 threads below meet in one batch
+    results: list = [None] * 6
+    barrier = threading.Barrier(6)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        results[i] = client.generate(_request("a " * i + "question"))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    client.close()
+    assert fake.LLM.calls == [6]
+    c = results[0]
+    assert c.logprobs == pytest.approx([0.0, -0.1, -0.2, -0.3, -0.4]) and c.model_version == "v7"
+    assert c.usage.completion_tokens == len(c.token_ids) == 5

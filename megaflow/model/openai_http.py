@@ -147,20 +147,21 @@ class OpenAIModel:
             try:
                 data = self._post(index, body, request.request_id)
             except ModelUnavailableError as exc:
-                avoid = index
-                if attempt >= self.config.max_retries:
-                    raise ModelUnavailableError(
-                        f"model {self.name!r} unavailable after {attempt + 1} tries: {exc}"
-                    ) from exc
-                delay = self._delay(attempt, getattr(exc, "retry_after", None))
-                logger.warning(
-                    "model call to %s failed (%s); retry %d in %.2fs", self.endpoints[index], exc, attempt + 1, delay
-                )
-                time.sleep(delay)
-                continue
+                error = exc
+            else:
+                return self._completion(data, request, time.monotonic() - started)
             finally:
-                self.balancer.release(index)
-            return self._completion(data, request, time.monotonic() - started)
+                self.balancer.release(index)  # before any backoff: a sleeping retry is not in flight
+            avoid = index
+            if attempt >= self.config.max_retries:
+                raise ModelUnavailableError(
+                    f"model {self.name!r} unavailable after {attempt + 1} tries: {error}"
+                ) from error
+            delay = self._delay(attempt, getattr(error, "retry_after", None))
+            logger.warning(
+                "model call to %s failed (%s); retry %d in %.2fs", self.endpoints[index], error, attempt + 1, delay
+            )
+            time.sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def close(self) -> None:

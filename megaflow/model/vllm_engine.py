@@ -78,7 +78,9 @@ class VLLMModel:
                 kwargs["max_model_len"] = self.config.max_model_len
             llm = vllm.LLM(**kwargs)
             self._tokenizer = llm.get_tokenizer()
-            self._max_len = int(llm.llm_engine.model_config.max_model_len)
+            # Newer vLLM exposes model_config on LLM itself; every version has it on the engine.
+            model_config = getattr(llm, "model_config", None) or llm.llm_engine.model_config
+            self._max_len = int(model_config.max_model_len)
             self._llm = llm
 
     def generate(self, request: ModelRequest) -> Completion:

@@ -119,10 +119,16 @@ class FrameReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for closer in (lambda: self._raw.shutdown(socket.SHUT_RDWR), self._raw.close, self._sock.close):
+        # Shut the socket down first (a child still writing cannot block us), then
+        # close the HTTP response before the socket under it, or its finaliser fails.
+        response = getattr(self._sock, "_response", None)
+        closers = [lambda: self._raw.shutdown(socket.SHUT_RDWR), self._sock.close, self._raw.close]
+        if response is not None:
+            closers.insert(1, response.close)
+        for closer in closers:
             try:
                 closer()
-            except OSError:
+            except (OSError, ValueError):
                 pass
 
 

@@ -216,7 +216,10 @@ def check_attach(backend: SandboxBackend, config: SandboxConfig) -> None:
 
 def check_list_ids(backend: SandboxBackend, config: SandboxConfig) -> None:
     run = uuid.uuid4().hex
-    with _sandbox(backend, config, run=run, episode="1") as first, _sandbox(backend, config, run=run, episode="2") as second:
+    with (
+        _sandbox(backend, config, run=run, episode="1") as first,
+        _sandbox(backend, config, run=run, episode="2") as second,
+    ):
         assert sorted(backend.list_ids({"run": run})) == sorted([first.id, second.id])
         assert backend.list_ids({"run": run, "episode": "2"}) == [second.id]
         assert backend.list_ids({"run": run, "episode": "3"}) == []

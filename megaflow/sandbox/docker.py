@@ -47,24 +47,29 @@ _EXEC_ENV = "MEGAFLOW_EXEC_ID"
 _KEEPALIVE = ["sleep", "2147483647"]
 _MODE_DIR = 1 << 31  # Go's os.ModeDir, as the engine reports modes
 #: After the kill, how long the output of a timed-out command may still drain.
-_DRAIN_S = 3.0
+_DRAIN_S = 1.0
+#: When to first ask the engine whether a command whose output is still open has
+#: exited, and how often after that (only long commands pay for these calls).
+_POLL_FIRST_S = 0.2
+_POLL_S = 0.5
 #: How long to keep trying to start the killer while a fork bomb holds every pid.
 _KILLER_RETRY_S = 10.0
 
-# Bash builtins only, so that it needs a single pid. `tok ID` kills the processes
-# carrying MEGAFLOW_EXEC_ID=ID and their sessions (which catches children that
-# cleared their environment); `all` kills everything but init, the keep-alive (the
-# oldest child of init) and itself. Further arguments are directories to empty.
+# Bash builtins only, so that it needs a single pid. `tok ID CS` kills the processes
+# carrying MEGAFLOW_EXEC_ID=ID, their sessions, and processes without any such id
+# (an environment cleared with `env -i`) started in the last CS centiseconds.
+# `all - -` kills everything. Both spare init, the keep-alive (the oldest child of
+# init) and the script itself. Further arguments are directories to empty. Start times are in clock ticks,
+# which Linux reports at 100 per second whatever the kernel's HZ.
 _KILL_SCRIPT = r"""
 exec 2>/dev/null
-mode=$1 want="MEGAFLOW_EXEC_ID=$2"; shift 2; dirs=("$@")
-self=$$ keep=-1 oldest=
-if [[ $mode == all ]]; then
-  for d in /proc/[0-9]*; do
-    read -r st < "$d/stat" || continue; f=(${st##*) })
-    if [[ ${f[1]} == 1 ]] && { [[ -z $oldest ]] || (( f[19] < oldest )); }; then oldest=${f[19]} keep=${d#/proc/}; fi
-  done
-fi
+mode=$1 want="MEGAFLOW_EXEC_ID=$2" since=-1; shift 2
+if [[ $mode == tok ]]; then read -r up _ < /proc/uptime; up=${up/./}; since=$(( 10#$up - $1 )); fi
+shift; dirs=("$@"); self=$$ keep=-1 oldest=
+for d in /proc/[0-9]*; do
+  read -r st < "$d/stat" || continue; f=(${st##*) })
+  if [[ ${f[1]} == 1 ]] && { [[ -z $oldest ]] || (( f[19] < oldest )); }; then oldest=${f[19]} keep=${d#/proc/}; fi
+done
 for ((round = 1; round <= 200; round++)); do
   hit=0 sids=" "
   for d in /proc/[0-9]*; do
@@ -73,15 +78,17 @@ for ((round = 1; round <= 200; round++)); do
     read -r st < "$d/stat" || continue; f=(${st##*) })
     [[ ${f[0]} == Z ]] && continue
     if [[ $mode == all ]]; then kill -9 "$p" && hit=1; continue; fi
+    mine=0 other=0
     while IFS= read -r -d '' kv; do
-      if [[ $kv == "$want" ]]; then
-        kill -9 "$p" && hit=1; (( f[3] > 1 )) && sids+="${f[3]} "; break
-      fi
+      case $kv in "$want") mine=1; break ;; MEGAFLOW_EXEC_ID=*) other=1; break ;; esac
     done < "$d/environ"
+    if (( mine || (!other && f[19] >= since) )); then
+      kill -9 "$p" && hit=1; (( f[3] > 1 )) && sids+="${f[3]} "
+    fi
   done
   if [[ $sids != " " ]]; then
     for d in /proc/[0-9]*; do
-      p=${d#/proc/}; [[ $p == "$self" || $p == 1 ]] && continue
+      p=${d#/proc/}; [[ $p == "$self" || $p == 1 || $p == "$keep" ]] && continue
       read -r st < "$d/stat" || continue; f=(${st##*) })
       [[ ${f[0]} != Z && $sids == *" ${f[3]} "* ]] && kill -9 "$p" && hit=1
     done
@@ -214,16 +221,8 @@ class DockerSandbox:
                 user=_USER,
             )["Id"]
             out, err = Capture(self._config.max_output_bytes), Capture(self._config.max_output_bytes)
-            timed_out, note = False, ""
             with FrameReader(self._api.exec_start(exec_id, socket=True), {1: out, 2: err}) as reader:
-                if not reader.read_until(started + timeout):
-                    # The command may have exited while a background child still holds
-                    # its stdout; that is not a timeout.
-                    timed_out = bool(self._api.exec_inspect(exec_id)["Running"])
-                    if timed_out:
-                        note = self._kill_tree(token)
-                    reader.read_until(time.monotonic() + _DRAIN_S)
-            exit_code = 124 if timed_out else self._exit_code(exec_id)
+                exit_code, timed_out, note = self._wait(exec_id, token, reader, started, timeout)
         stdout, cut_out = out.text()
         stderr, cut_err = err.text()
         return ExecResult(
@@ -234,6 +233,24 @@ class DockerSandbox:
             truncated=cut_out or cut_err,
             duration_s=time.monotonic() - started,
         )
+
+    def _wait(self, exec_id: str, token: str, reader: FrameReader, started: float, timeout: float) -> tuple[int, bool, str]:
+        """Read output until the command ends; returns (exit code, timed out, note)."""
+        deadline = started + timeout
+        poll_at = time.monotonic() + _POLL_FIRST_S
+        while not reader.read_until(min(deadline, poll_at)):
+            state = self._api.exec_inspect(exec_id)
+            if state["Running"] and time.monotonic() < deadline:
+                poll_at = time.monotonic() + _POLL_S
+                continue
+            # The deadline passed, or the command exited while children still hold
+            # its output (a fork bomb, `server &`): they go, as a timed-out tree does.
+            note = self._kill_tree(token, started)
+            reader.read_until(time.monotonic() + _DRAIN_S)
+            if state["Running"]:
+                return 124, True, note
+            return self._exit_code(exec_id), False, note
+        return self._exit_code(exec_id), False, ""
 
     def write_file(self, path: str, data: bytes) -> None:
         """Write `data` to `path`, creating parent directories, owned by the agent user.
@@ -302,7 +319,7 @@ class DockerSandbox:
         self._check_open()
         dirs = sorted({self._config.workdir, "/tmp", "/dev/shm"})
         try:
-            self._run_script(["bash", "-c", _KILL_SCRIPT, "megaflow-kill", "all", "-", *dirs])
+            self._run_script(["bash", "-c", _KILL_SCRIPT, "megaflow-kill", "all", "-", "-", *dirs])
         except SandboxNotFoundError:
             raise
         except SandboxError as exc:
@@ -322,10 +339,13 @@ class DockerSandbox:
             with _translated(self.id), open(self._seed, "rb") as fh:
                 self._api.put_archive(self.id, self._config.workdir, fh)
 
-    def _kill_tree(self, token: str) -> str:
+    def _kill_tree(self, token: str, started: float) -> str:
         """Kill the processes of one exec; returns a note for stderr when that took a restart."""
+        # Slack (0.1 s) errs towards counting a process started just before as ours.
+        window_cs = str(int((time.monotonic() - started) * 100) + 10)
+        cmd = ["bash", "-c", _KILL_SCRIPT, "megaflow-kill", "tok", token, window_cs]
         try:
-            self._run_script(["bash", "-c", _KILL_SCRIPT, "megaflow-kill", "tok", token], retry_s=_KILLER_RETRY_S)
+            self._run_script(cmd, retry_s=_KILLER_RETRY_S)
             return ""
         except SandboxNotFoundError:
             raise
@@ -340,7 +360,7 @@ class DockerSandbox:
         deadline = time.monotonic() + retry_s
         while True:
             with _translated(self.id):
-                exec_id = self._api.exec_create(self.id, cmd, user=_USER)["Id"]
+                exec_id = self._api.exec_create(self.id, cmd, user=_USER, environment={_EXEC_ENV: "helper"})["Id"]
                 output = self._api.exec_start(exec_id).decode(errors="replace")
                 code = self._exit_code(exec_id)
             if code == 0:
@@ -398,17 +418,21 @@ class DockerSandbox:
 
 def _host_config(config: SandboxConfig, ncpu: int) -> dict[str, object]:
     """The isolation settings: everything off unless the config turns it on."""
-    tmpfs = {} if config.workdir == "/tmp" else {"/tmp": "rw,exec,nosuid,nodev,mode=1777"}
+    # Tmpfs pages are charged to the memory limit and cannot be swapped out; caps
+    # keep a full disk from leaving no memory to run even `rm`.
+    mb = config.memory_mb
+    tmpfs = {} if config.workdir == "/tmp" else {"/tmp": f"rw,exec,nosuid,nodev,mode=1777,size={mb // 4}m"}
     return {
         "init": True,
         "network_mode": None if config.network else "none",
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
         "read_only": True,
-        "mounts": [_tmpfs_volume(config.workdir, f"uid={AGENT_UID},gid={AGENT_UID},mode=0755")],
+        "mounts": [_tmpfs_volume(config.workdir, f"uid={AGENT_UID},gid={AGENT_UID},mode=0755,size={mb // 2}m")],
         "tmpfs": tmpfs,
-        "mem_limit": f"{config.memory_mb}m",
-        "memswap_limit": f"{config.memory_mb}m",  # equal: no swap beyond the limit
+        "shm_size": f"{max(1, min(64, mb // 8))}m",
+        "mem_limit": f"{mb}m",
+        "memswap_limit": f"{mb}m",  # equal: no swap beyond the limit
         "pids_limit": config.pids,
         # The engine refuses more CPUs than the host has.
         "nano_cpus": int(min(config.cpus, ncpu) * 1e9),

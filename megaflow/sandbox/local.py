@@ -29,24 +29,20 @@ import json
 import logging
 import math
 import os
-import posixpath
 import re
 import secrets
-import selectors
 import shutil
-import signal
 import stat
 import subprocess
 import time
 from pathlib import Path, PurePosixPath
 
 from megaflow.errors import SandboxClosedError, SandboxError, SandboxNotFoundError
-from megaflow.sandbox.base import TRUNCATION_MARKER, ExecResult, SandboxConfig
+from megaflow.sandbox.base import ExecResult, SandboxConfig
+from megaflow.sandbox.common import OutputCap, kill_group, pump, workdir_relpath
 
 logger = logging.getLogger(__name__)
 
-#: Host uid that runs sandboxes when MegaFlow itself runs as root.
-DEFAULT_HOST_UID = 65534
 #: The agent's uid and gid inside the sandbox.
 SANDBOX_UID = 1000
 
@@ -55,90 +51,16 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # Only what programs need to start and find libraries, certificates and time zones:
 # the rest of the host's /etc (shadow, credentials, service configs) stays out.
-_ETC_PATTERNS = (
-    "alternatives", "ca-certificates", "ca-certificates.conf", "debian_version", "hosts",
-    "java-*", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "magic", "magic.mime",
-    "mime.types", "nsswitch.conf", "os-release", "perl", "protocols", "python3*", "services",
-    "ssl", "timezone",
+_ETC_PATTERNS = tuple(
+    "alternatives ca-certificates ca-certificates.conf debian_version hosts java-* ld.so.cache ld.so.conf "
+    "ld.so.conf.d localtime magic magic.mime mime.types nsswitch.conf os-release perl protocols python3* "
+    "services ssl timezone".split()
 )
 _NETWORK_ETC = ("resolv.conf", "gai.conf", "host.conf")
 # bwrap, setpriv and prlimit fail before the command starts with exit 1 and this prefix.
 _SETUP_PREFIXES = (b"bwrap: ", b"setpriv: ", b"prlimit: ")
-_KILL_GRACE_S = 5.0
 _READ_CAP = 256 << 20
 _SHM_MB = 64
-
-
-def workdir_relpath(workdir: str, path: str) -> str | None:
-    """Map a sandbox path to a path relative to the work directory.
-
-    Args:
-        workdir: The sandbox's work directory (absolute).
-        path: Relative (to the work directory) or absolute.
-
-    Returns:
-        The normalised relative path ("." for the work directory itself), or None for
-        an absolute path outside the work directory.
-
-    Raises:
-        PermissionError: a relative path climbs out with "..".
-        ValueError: the path is empty.
-    """
-    if not path:
-        raise ValueError("empty path")
-    if posixpath.isabs(path):
-        norm = "/" + posixpath.normpath(path).lstrip("/")
-        root = "/" + posixpath.normpath(workdir).strip("/")
-        if norm == root:
-            return "."
-        return norm[len(root) :].lstrip("/") if norm.startswith(root.rstrip("/") + "/") else None
-    rel = posixpath.normpath(path)
-    if rel == ".." or rel.startswith("../"):
-        raise PermissionError(errno.EACCES, "path escapes the work directory", path)
-    return rel
-
-
-class OutputCap:
-    """Keeps the head and the tail of a stream, at most `limit` bytes in all."""
-
-    def __init__(self, limit: int):
-        self._head_cap = limit // 2
-        self._tail_cap = limit - self._head_cap
-        self.head = bytearray()
-        self._tail = bytearray()
-        self.total = 0
-
-    def feed(self, chunk: bytes) -> None:
-        """Take the next chunk of the stream."""
-        self.total += len(chunk)
-        room = self._head_cap - len(self.head)
-        if room > 0:
-            self.head += chunk[:room]
-            chunk = chunk[room:]
-        if chunk:
-            self._tail += chunk
-            if len(self._tail) > self._tail_cap:
-                del self._tail[: len(self._tail) - self._tail_cap]
-
-    @property
-    def truncated(self) -> bool:
-        """True when some of the stream was dropped."""
-        return self.total > len(self.head) + len(self._tail)
-
-    def data(self) -> bytes:
-        """The kept bytes (the whole stream unless `truncated`)."""
-        return bytes(self.head + self._tail)
-
-    def text(self) -> str:
-        """The kept output as text, with the marker where bytes were dropped."""
-        if not self.truncated:
-            return self.data().decode("utf-8", "replace")
-        omitted = self.total - len(self.head) - len(self._tail)
-        return (
-            self.head.decode("utf-8", "replace")
-            + TRUNCATION_MARKER.format(omitted=omitted)
-            + self._tail.decode("utf-8", "replace")
-        )
 
 
 class LocalBackend:
@@ -147,7 +69,8 @@ class LocalBackend:
     Args:
         root: Data directory; default ``$MEGAFLOW_DATA_DIR`` or ``~/.megaflow``.
         host_uid: Host uid the sandboxed processes run as when MegaFlow runs as root;
-            default ``$MEGAFLOW_SANDBOX_UID`` or 65534. Ignored when not root.
+            default ``$MEGAFLOW_SANDBOX_UID`` or 65534 (nobody); a dedicated uid is
+            better, since files in work dirs belong to it. Ignored when not root.
         max_file_mb: Largest file a sandboxed process may write (``RLIMIT_FSIZE``).
     """
 
@@ -157,10 +80,9 @@ class LocalBackend:
         data_dir = root if root is not None else Path(os.environ.get("MEGAFLOW_DATA_DIR") or Path.home() / ".megaflow")
         self.root = Path(data_dir) / "sandboxes"
         self.privileged = os.geteuid() == 0
-        if not self.privileged:
-            self.host_uid = os.geteuid()
-        else:
-            self.host_uid = host_uid if host_uid is not None else int(os.environ.get("MEGAFLOW_SANDBOX_UID", DEFAULT_HOST_UID))
+        self.host_uid = os.geteuid()
+        if self.privileged:
+            self.host_uid = host_uid if host_uid is not None else int(os.environ.get("MEGAFLOW_SANDBOX_UID", "65534"))
             if self.host_uid == 0:
                 raise ValueError("host_uid must not be 0: pids limits do not apply to root")
         self.max_file_mb = max_file_mb
@@ -172,30 +94,15 @@ class LocalBackend:
         Raises:
             SandboxError: bubblewrap is missing or cannot start on this host.
         """
-        missing = [name for name, path in self._tools.items() if path is None and (name != "setpriv" or self.privileged)]
+        missing = [n for n, path in self._tools.items() if path is None and (self.privileged or n != "setpriv")]
         if missing:
             raise SandboxError(f"local sandbox needs {', '.join(missing)} (apt-get install bubblewrap util-linux)")
         sandbox_id = f"mf-{secrets.token_hex(6)}"
-        path = self.root / sandbox_id
         try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path.mkdir(mode=0o700)
-            for sub in ("work", "pristine", "etc"):
-                (path / sub).mkdir()
-            home = config.workdir
-            (path / "etc" / "passwd").write_text(
-                f"root:x:0:0:root:/root:/bin/bash\nagent:x:{SANDBOX_UID}:{SANDBOX_UID}:agent:{home}:/bin/bash\n"
-                "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-            )
-            (path / "etc" / "group").write_text(f"root:x:0:\nagent:x:{SANDBOX_UID}:\nnogroup:x:65534:\n")
-            self.give(path / "work")
-            meta = {"id": sandbox_id, "labels": dict(labels), "created_at": time.time(), "workdir": config.workdir}
-            tmp = path / "labels.json.tmp"
-            tmp.write_text(json.dumps(meta))
-            tmp.replace(path / "labels.json")  # atomic: other processes never read half a file
+            self._make_dir(self.root / sandbox_id, config, {"id": sandbox_id, "labels": dict(labels)})
         except OSError as exc:
-            _rmtree(path)
-            raise SandboxError(f"cannot create sandbox directory {path}: {exc}") from exc
+            _rmtree(self.root / sandbox_id)
+            raise SandboxError(f"cannot create sandbox directory under {self.root}: {exc}") from exc
         sandbox = LocalSandbox(self, sandbox_id, config)
         try:
             probe = sandbox.exec("true", timeout=30)
@@ -206,6 +113,21 @@ class LocalBackend:
             raise
         logger.debug("created local sandbox %s labels=%s", sandbox_id, labels)
         return sandbox
+
+    def _make_dir(self, path: Path, config: SandboxConfig, meta: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.mkdir(mode=0o700)
+        for sub in ("work", "pristine", "etc"):
+            (path / sub).mkdir()
+        (path / "etc" / "passwd").write_text(
+            f"root:x:0:0:root:/root:/bin/bash\nagent:x:{SANDBOX_UID}:{SANDBOX_UID}:agent:{config.workdir}:/bin/bash\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        )
+        (path / "etc" / "group").write_text(f"root:x:0:\nagent:x:{SANDBOX_UID}:\nnogroup:x:65534:\n")
+        self.give(path / "work")
+        tmp = path / "labels.json.tmp"
+        tmp.write_text(json.dumps({**meta, "created_at": time.time(), "workdir": config.workdir}))
+        tmp.replace(path / "labels.json")  # atomic: other processes never read half a file
 
     def attach(self, sandbox_id: str, config: SandboxConfig) -> LocalSandbox:
         """Reopen a sandbox by id.
@@ -408,17 +330,12 @@ class LocalSandbox:
         if code == 0 and not out.truncated:
             return out.data()
         message = err.text().strip()
-        if timed_out:
-            raise SandboxError(f"reading {path} timed out")
-        if out.truncated:
-            raise OSError(errno.EFBIG, f"larger than {_READ_CAP} bytes", path)
-        for needle, exc_type, code_ in (
-            ("No such file", FileNotFoundError, errno.ENOENT),
-            ("Permission denied", PermissionError, errno.EACCES),
-            ("Is a directory", IsADirectoryError, errno.EISDIR),
-        ):
+        if timed_out or out.truncated:
+            raise OSError(errno.EFBIG, f"cannot read more than {_READ_CAP} bytes in 60 s", path)
+        errors = (("No such", errno.ENOENT), ("Permission denied", errno.EACCES), ("Is a dir", errno.EISDIR))
+        for needle, number in errors:
             if needle in message:
-                raise exc_type(code_, message, path)
+                raise OSError(number, message, path)  # becomes FileNotFoundError etc. by errno
         raise OSError(errno.EIO, message or f"cat exited {code}", path)
 
     def _run(self, argv: list[str], timeout: float, cap: int) -> tuple[int, OutputCap, OutputCap, bool]:
@@ -434,12 +351,14 @@ class LocalSandbox:
             )  # fmt: skip
         except OSError as exc:
             raise SandboxError(f"cannot start bubblewrap: {exc}") from exc
+        # Killing the outer bwrap's group is enough: --die-with-parent takes its pid
+        # namespace down, and every process the command started, whatever its session.
         try:
-            timed_out = _pump(proc, out, err, time.monotonic() + timeout)
+            timed_out = pump(proc, out, err, time.monotonic() + timeout)
             code = proc.wait()
         finally:
             if proc.poll() is None:
-                _kill(proc)
+                kill_group(proc)
                 proc.wait()
             proc.stdout.close()
             proc.stderr.close()
@@ -448,50 +367,6 @@ class LocalSandbox:
         if code == 1 and bytes(err.head).startswith(_SETUP_PREFIXES):
             raise SandboxError(f"sandbox {self.id} failed to start: {err.text().strip()}")
         return (128 - code if code < 0 else code), out, err, False
-
-
-def _pump(proc: subprocess.Popen, out: OutputCap, err: OutputCap, deadline: float) -> bool:
-    """Read both pipes until they close; kill the tree at the deadline.
-
-    Returns:
-        True when the deadline passed.
-    """
-    timed_out = False
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ, out)
-        selector.register(proc.stderr, selectors.EVENT_READ, err)
-        while selector.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if timed_out:
-                    logger.warning("sandbox pipes still open %.0fs after the kill", _KILL_GRACE_S)
-                    break
-                timed_out = True
-                _kill(proc)
-                deadline = time.monotonic() + _KILL_GRACE_S
-                continue
-            for key, _ in selector.select(remaining):
-                chunk = os.read(key.fd, 1 << 16)
-                if chunk:
-                    key.data.feed(chunk)
-                else:
-                    selector.unregister(key.fileobj)
-    if not timed_out:
-        try:
-            proc.wait(max(deadline - time.monotonic(), 0.0))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill(proc)
-    return timed_out
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    # Killing the outer bwrap takes its pid namespace down (--die-with-parent), and
-    # with it every process the command started, whatever session it moved to.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _open_regular(path: Path, flags: int) -> int:

@@ -14,7 +14,7 @@ from megaflow.sandbox.base import SandboxBackend
 BACKEND_TYPES = ("local", "docker", "memory")
 
 
-def make_backend(type: str, **kwargs: Any) -> SandboxBackend:  # noqa: A002 - matches SandboxConfig.type
+def make_backend(type: str, **kwargs: Any) -> SandboxBackend:  # `type` as in SandboxConfig.type
     """Create the backend named `type`.
 
     Args:
