@@ -36,7 +36,7 @@ from sqlalchemy import (
 )
 
 from megaflow.db.engine import get_engine
-from megaflow.db.sql import insert_ignore, upsert
+from megaflow.db.sql import dialect_insert, insert_ignore, upsert
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +152,13 @@ class SQLChordBackend(KeyValueStoreBackend):
             if not fresh:
                 log.info("chord %s: member %s already counted (redelivery)", gid, tid)
                 return
-            row = conn.execute(
-                update(chords_table).where(chords_table.c.group_id == gid)
-                .values(done=chords_table.c.done + 1)
-                .returning(chords_table.c.done, chords_table.c.size)
-            ).first()
-            if row is None:
-                size = request.chord.get("chord_size")
-                conn.execute(insert_ignore(conn, chords_table, {"group_id": gid, "size": size, "done": 1}))
-                row = (1, size)
+            # One atomic statement: creating the counter row and counting must not
+            # race (two first members could otherwise both miss the row).
+            count = dialect_insert(conn, chords_table).values(
+                group_id=gid, size=request.chord.get("chord_size"), done=1)
+            row = conn.execute(count.on_conflict_do_update(
+                index_elements=["group_id"], set_={"done": chords_table.c.done + 1},
+            ).returning(chords_table.c.done, chords_table.c.size)).first()
             done, size = row
             closing = size is not None and done == size
             if closing:

@@ -6,7 +6,8 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 
 
-def _insert(conn, table: Table):
+def dialect_insert(conn, table: Table):
+    """The INSERT construct of the connection's dialect (it has ON CONFLICT)."""
     dialect = conn.dialect.name
     if dialect == "postgresql":
         return postgresql.insert(table)
@@ -17,11 +18,11 @@ def _insert(conn, table: Table):
 
 def insert_ignore(conn, table: Table, values: dict):
     """INSERT that does nothing when the primary key already exists (rowcount 0)."""
-    return _insert(conn, table).values(**values).on_conflict_do_nothing()
+    return dialect_insert(conn, table).values(**values).on_conflict_do_nothing()
 
 
 def upsert(conn, table: Table, values: dict, keys: list[str], update: list[str] | None = None):
     """INSERT, or UPDATE the `update` columns (default: all non-key columns) on conflict."""
-    stmt = _insert(conn, table).values(**values)
+    stmt = dialect_insert(conn, table).values(**values)
     cols = update if update is not None else [c for c in values if c not in keys]
     return stmt.on_conflict_do_update(index_elements=keys, set_={c: stmt.excluded[c] for c in cols})

@@ -6,6 +6,7 @@ isolation; nothing here talks to Docker beyond reading a socket or a chunk itera
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -126,10 +127,8 @@ class FrameReader:
         if response is not None:
             closers.insert(1, response.close)
         for closer in closers:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 closer()
-            except (OSError, ValueError):
-                pass
 
 
 def file_tar(name: str, data: bytes, uid: int, mode: int = 0o644) -> bytes:

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
 import docker.errors
 import docker.utils
 import requests
@@ -234,7 +233,9 @@ class DockerSandbox:
             duration_s=time.monotonic() - started,
         )
 
-    def _wait(self, exec_id: str, token: str, reader: FrameReader, started: float, timeout: float) -> tuple[int, bool, str]:
+    def _wait(
+        self, exec_id: str, token: str, reader: FrameReader, started: float, timeout: float
+    ) -> tuple[int, bool, str]:
         """Read output until the command ends; returns (exit code, timed out, note)."""
         deadline = started + timeout
         poll_at = time.monotonic() + _POLL_FIRST_S

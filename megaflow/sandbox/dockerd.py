@@ -20,7 +20,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import docker
 import docker.errors
 import requests
 
@@ -104,7 +103,9 @@ def _start(root: Path) -> int:
     if binary is None:
         raise SandboxError("no docker engine answers and no `dockerd` binary is installed (apt-get install docker.io)")
     if os.geteuid() != 0:
-        raise SandboxError("no docker engine answers and starting dockerd needs root; set DOCKER_HOST to a running engine")
+        raise SandboxError(
+            "no docker engine answers and starting dockerd needs root; set DOCKER_HOST to a running engine"
+        )
     exec_root = root / "exec"
     longest = exec_root / "containerd" / "containerd.sock"
     if len(str(longest)) > _MAX_SOCKET_PATH:

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import docker
 import docker.errors
 
 from megaflow.errors import SandboxError
