@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
-from celery.exceptions import ChordError
 from celery.canvas import maybe_signature
+from celery.exceptions import ChordError
 from sqlalchemy import (
     Column,
     DateTime,
@@ -34,6 +35,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from megaflow.db.engine import get_engine
 from megaflow.db.sql import dialect_insert, insert_ignore, upsert
@@ -69,8 +71,24 @@ parts_table = Table(
 )
 
 
+_create_lock = threading.Lock()
+
+
+def create_tables(engine) -> None:
+    """Create the backend's tables if missing (``megaflow db upgrade`` does it too).
+
+    Several processes may race to create them on a fresh database; the loser's
+    error just means the tables now exist.
+    """
+    with _create_lock:
+        try:
+            metadata.create_all(engine, checkfirst=True)
+        except (IntegrityError, ProgrammingError, OperationalError):
+            metadata.create_all(engine, checkfirst=True)
+
+
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class SQLChordBackend(KeyValueStoreBackend):
@@ -93,7 +111,7 @@ class SQLChordBackend(KeyValueStoreBackend):
     def engine(self):
         engine = get_engine(self.dburl)
         if not self._tables_ready:
-            metadata.create_all(engine, checkfirst=True)
+            create_tables(engine)
             self._tables_ready = True
         return engine
 
@@ -179,6 +197,6 @@ class SQLChordBackend(KeyValueStoreBackend):
             self.chord_error_from_stack(callback, ChordError(f"Dependency {tid} ended in state {st}"))
         else:
             values = [self.decode(raw)["result"] for _, _, raw in parts]
-            self.app.amqp._retry_publish(callback.delay, values)  # noqa: SLF001 - Celery's own retry helper
+            self.app.amqp._retry_publish(callback.delay, values)
         with self.engine.begin() as conn:
             conn.execute(update(chords_table).where(chords_table.c.group_id == gid).values(fired_at=_now()))

@@ -45,7 +45,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path = settings.data_dir / "logs" / f"{self.name}.log"
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -91,7 +91,7 @@ class LocalStack:
         self.settings = settings or Settings()
         self.workers = [WorkerProcess(p, self.settings, name=p) for p in pools]
 
-    def start(self) -> "LocalStack":
+    def start(self) -> LocalStack:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(self.settings.resolved_database_url())
         for w in self.workers:
@@ -112,7 +112,7 @@ class LocalStack:
         for w in self.workers:
             w.stop()
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterator
 
+from pydantic import TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -21,7 +22,6 @@ from megaflow.model.base import ModelClient
 from megaflow.model.config import make_client
 from megaflow.sandbox.base import Sandbox, SandboxBackend, SandboxConfig
 from megaflow.spec import RunSpec, TaskSpec
-from pydantic import TypeAdapter
 
 _task_adapter = TypeAdapter(TaskSpec)
 

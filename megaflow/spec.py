@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
@@ -57,7 +57,7 @@ def _task_kind(value) -> str:
 
 
 TaskSpec = Annotated[
-    Union[Annotated[TerminalTask, Tag("terminal")], Annotated[SWETask, Tag("swe")]],
+    Annotated[TerminalTask, Tag("terminal")] | Annotated[SWETask, Tag("swe")],
     Discriminator(_task_kind),
 ]
 
@@ -98,7 +98,7 @@ class RunSpec(_Strict):
     limits: Limits = Field(default_factory=Limits)
 
     @model_validator(mode="after")
-    def _sizes(self) -> "RunSpec":
+    def _sizes(self) -> RunSpec:
         n = len(self.tasks) * self.rollouts
         if n > MAX_EPISODES_PER_RUN:
             raise ValueError(f"{n} episodes in one run is over the limit of {MAX_EPISODES_PER_RUN}")
@@ -113,7 +113,7 @@ class RunSpec(_Strict):
         return len(self.tasks) * self.rollouts
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunSpec":
+    def load(cls, path: str | Path) -> RunSpec:
         """Read a spec from YAML or JSON; `tasks_file` (relative to the spec) is inlined.
 
         Raises:
@@ -132,7 +132,7 @@ class RunSpec(_Strict):
         return cls.parse(data, source=str(path))
 
     @classmethod
-    def parse(cls, data: dict, source: str = "spec") -> "RunSpec":
+    def parse(cls, data: dict, source: str = "spec") -> RunSpec:
         """Validate a dict; raise SpecError with a readable list of problems."""
         try:
             return cls.model_validate(data)

@@ -25,14 +25,16 @@ def _backend(url: str) -> RecordingBackend:
     return RecordingBackend(app=app, url=url)
 
 
-def _members(backend, gid: str, n: int, duplicates: int, threads: int = 8, size_known: bool = True):
-    if size_known:
-        backend.set_chord_size(gid, n)
+def _members(backend, gid: str, n: int, duplicates: int, threads: int = 8):
+    """Like Celery: members may finish before the size is set, which happens just
+    before the last member is sent."""
     reqs = [SimpleNamespace(group=gid, id=f"{gid}-{i}", group_index=i, chord={"task": "body"}) for i in range(n)]
-    work = reqs + reqs[:duplicates]  # redeliveries of already-finished members
-    chunks = [work[i::threads] for i in range(threads)]
+    early = reqs[:-1] + reqs[:duplicates]  # with redeliveries of already-finished members
+    chunks = [early[i::threads] for i in range(threads)]
+    barrier = threading.Barrier(threads)
 
     def run(chunk):
+        barrier.wait()
         for r in chunk:
             backend.on_chord_part_return(r, "SUCCESS", r.group_index)
 
@@ -41,6 +43,8 @@ def _members(backend, gid: str, n: int, duplicates: int, threads: int = 8, size_
         t.start()
     for t in ts:
         t.join()
+    backend.set_chord_size(gid, n)
+    backend.on_chord_part_return(reqs[-1], "SUCCESS", n - 1)
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgres"])

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from megaflow.db import states
-from megaflow.db.models import Episode, Run, RolloutGroup, TaskInstance
 from megaflow.db.engine import session_scope
+from megaflow.db.models import Episode, RolloutGroup, Run, TaskInstance
 
 
 def test_edges_follow_the_documented_machine():

@@ -10,7 +10,7 @@ from megaflow.runtime import get_runtime
 
 def noop_task(*args, **kwargs):
     """Does nothing: the raw-Celery floor the pipeline is compared with."""
-    return None
+    return
 
 
 def chord_member_task():

@@ -20,4 +20,9 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database at `url` to `revision`."""
     from alembic import command
 
+    from megaflow.chord_backend import create_tables
+    from megaflow.db.engine import get_engine
+
     command.upgrade(alembic_config(url), revision)
+    # The default result backend keeps its tables in the same database.
+    create_tables(get_engine(url))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from celery.exceptions import Ignore
 from sqlalchemy.orm import Session

@@ -211,4 +211,4 @@ class Driver:
 
 def _aware(ts: dt.datetime) -> dt.datetime:
     # SQLite hands back naive datetimes; they were written in UTC.
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)

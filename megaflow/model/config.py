@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,7 +63,7 @@ class VLLMModelConfig(_Base):
 
 
 ModelConfig = Annotated[
-    Union[ScriptedModelConfig, TransformersModelConfig, OpenAIModelConfig, VLLMModelConfig],
+    ScriptedModelConfig | TransformersModelConfig | OpenAIModelConfig | VLLMModelConfig,
     Field(discriminator="type"),
 ]
 

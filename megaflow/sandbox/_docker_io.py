@@ -1,4 +1,4 @@
-"""Byte plumbing for the Docker backend: output capture, stream demux, tar files.
+"""Plumbing for the Docker backend: the kill script, output capture, stream demux, tars.
 
 Kept apart from `megaflow.sandbox.docker` so that module stays about lifecycle and
 isolation; nothing here talks to Docker beyond reading a socket or a chunk iterator.
@@ -21,6 +21,53 @@ from typing import Any
 import docker.errors
 
 from megaflow.sandbox.base import TRUNCATION_MARKER
+
+#: Run in the container by the Docker backend to end processes. Bash builtins only,
+#: so that it needs a single pid even under a fork bomb. ``tok ID CS`` kills the
+#: processes carrying ``MEGAFLOW_EXEC_ID=ID``, everything in their sessions, and
+#: processes with no such variable at all (an environment cleared with ``env -i``)
+#: started in the last CS centiseconds; ``all - -`` kills everything. Both spare
+#: init, the keep-alive (the oldest child of init) and the script itself, and repeat
+#: until a round finds nothing. Further arguments are directories to empty. Start
+#: times are clock ticks, which Linux reports at 100 per second whatever its HZ.
+KILL_SCRIPT = r"""
+exec 2>/dev/null
+mode=$1 want="MEGAFLOW_EXEC_ID=$2" since=-1; shift 2
+if [[ $mode == tok ]]; then read -r up _ < /proc/uptime; up=${up/./}; since=$(( 10#$up - $1 )); fi
+shift; dirs=("$@"); self=$$ keep=-1 oldest=
+for d in /proc/[0-9]*; do
+  read -r st < "$d/stat" || continue; f=(${st##*) })
+  if [[ ${f[1]} == 1 ]] && { [[ -z $oldest ]] || (( f[19] < oldest )); }; then oldest=${f[19]} keep=${d#/proc/}; fi
+done
+for ((round = 1; round <= 200; round++)); do
+  hit=0 sids=" "
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [[ $p == "$self" || $p == 1 || $p == "$keep" ]] && continue
+    read -r st < "$d/stat" || continue; f=(${st##*) })
+    [[ ${f[0]} == Z ]] && continue
+    if [[ $mode == all ]]; then kill -9 "$p" && hit=1; continue; fi
+    mine=0 other=0
+    while IFS= read -r -d '' kv; do
+      case $kv in "$want") mine=1; break ;; MEGAFLOW_EXEC_ID=*) other=1; break ;; esac
+    done < "$d/environ"
+    if (( mine || (!other && f[19] >= since) )); then
+      kill -9 "$p" && hit=1; (( f[3] > 1 )) && sids+="${f[3]} "
+    fi
+  done
+  if [[ $sids != " " ]]; then
+    for d in /proc/[0-9]*; do
+      p=${d#/proc/}; [[ $p == "$self" || $p == 1 || $p == "$keep" ]] && continue
+      read -r st < "$d/stat" || continue; f=(${st##*) })
+      [[ ${f[0]} != Z && $sids == *" ${f[3]} "* ]] && kill -9 "$p" && hit=1
+    done
+  fi
+  (( hit )) || break
+done
+shopt -s dotglob nullglob
+for dir in "${dirs[@]}"; do chmod -R u+rwX "$dir"/*; rm -rf -- "$dir"/*; done
+echo "megaflow-ok rounds=$round"
+"""
 
 
 class Capture:

@@ -8,11 +8,13 @@ mount) reachable by the archive API that `write_file` and `read_file` use; ``/tm
 is a plain tmpfs. The keep-alive process runs under Docker's init, which reaps
 orphans.
 
-Docker's exec has no timeout, so `DockerSandbox.exec` keeps its own deadline: each
-command carries a unique ``MEGAFLOW_EXEC_ID`` in its environment; on the deadline a
-second exec (bash builtins only, so it still starts under a fork bomb) SIGKILLs every
-process holding that id and every process in those processes' sessions, in rounds
-until none is left.
+Docker's exec has no timeout, so `DockerSandbox.exec` keeps its own deadline. Each
+command carries a unique ``MEGAFLOW_EXEC_ID`` in its environment; at the deadline a
+second exec (`KILL_SCRIPT`) SIGKILLs every process holding that id, every process in
+their sessions and every process that cleared its environment since the command
+began. The same happens when the command exits while children still hold its output
+open (``server &``, a fork bomb); children that detached their output (``nohup cmd
+>log 2>&1 &``) outlive the command, until `reset` or `close`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import requests
 from docker.types import DriverConfig, Mount
 
 from megaflow.errors import SandboxClosedError, SandboxError, SandboxNotFoundError
-from megaflow.sandbox._docker_io import Capture, FrameReader, SeedCache, file_tar, read_single_file
+from megaflow.sandbox._docker_io import KILL_SCRIPT, Capture, FrameReader, SeedCache, file_tar, read_single_file
 from megaflow.sandbox.base import ExecResult, SandboxConfig
 from megaflow.sandbox.images import AGENT_UID
 
@@ -53,51 +55,6 @@ _POLL_FIRST_S = 0.2
 _POLL_S = 0.5
 #: How long to keep trying to start the killer while a fork bomb holds every pid.
 _KILLER_RETRY_S = 10.0
-
-# Bash builtins only, so that it needs a single pid. `tok ID CS` kills the processes
-# carrying MEGAFLOW_EXEC_ID=ID, their sessions, and processes without any such id
-# (an environment cleared with `env -i`) started in the last CS centiseconds.
-# `all - -` kills everything. Both spare init, the keep-alive (the oldest child of
-# init) and the script itself. Further arguments are directories to empty. Start times are in clock ticks,
-# which Linux reports at 100 per second whatever the kernel's HZ.
-_KILL_SCRIPT = r"""
-exec 2>/dev/null
-mode=$1 want="MEGAFLOW_EXEC_ID=$2" since=-1; shift 2
-if [[ $mode == tok ]]; then read -r up _ < /proc/uptime; up=${up/./}; since=$(( 10#$up - $1 )); fi
-shift; dirs=("$@"); self=$$ keep=-1 oldest=
-for d in /proc/[0-9]*; do
-  read -r st < "$d/stat" || continue; f=(${st##*) })
-  if [[ ${f[1]} == 1 ]] && { [[ -z $oldest ]] || (( f[19] < oldest )); }; then oldest=${f[19]} keep=${d#/proc/}; fi
-done
-for ((round = 1; round <= 200; round++)); do
-  hit=0 sids=" "
-  for d in /proc/[0-9]*; do
-    p=${d#/proc/}
-    [[ $p == "$self" || $p == 1 || $p == "$keep" ]] && continue
-    read -r st < "$d/stat" || continue; f=(${st##*) })
-    [[ ${f[0]} == Z ]] && continue
-    if [[ $mode == all ]]; then kill -9 "$p" && hit=1; continue; fi
-    mine=0 other=0
-    while IFS= read -r -d '' kv; do
-      case $kv in "$want") mine=1; break ;; MEGAFLOW_EXEC_ID=*) other=1; break ;; esac
-    done < "$d/environ"
-    if (( mine || (!other && f[19] >= since) )); then
-      kill -9 "$p" && hit=1; (( f[3] > 1 )) && sids+="${f[3]} "
-    fi
-  done
-  if [[ $sids != " " ]]; then
-    for d in /proc/[0-9]*; do
-      p=${d#/proc/}; [[ $p == "$self" || $p == 1 || $p == "$keep" ]] && continue
-      read -r st < "$d/stat" || continue; f=(${st##*) })
-      [[ ${f[0]} != Z && $sids == *" ${f[3]} "* ]] && kill -9 "$p" && hit=1
-    done
-  fi
-  (( hit )) || break
-done
-shopt -s dotglob nullglob
-for dir in "${dirs[@]}"; do chmod -R u+rwX "$dir"/*; rm -rf -- "$dir"/*; done
-echo "megaflow-ok rounds=$round"
-"""
 
 
 class DockerBackend:
@@ -273,15 +230,12 @@ class DockerSandbox:
             parent, name = posixpath.split(full)
             archive = file_tar(name, data, AGENT_UID)
             try:
-                self._api.put_archive(self.id, parent, archive)
+                self._put_archive(parent, archive, path)
             except docker.errors.NotFound as exc:
                 if _container_missing(exc):
                     raise
                 self._run_script(["mkdir", "-p", "--", parent], path_error=path)
                 self._put_archive(parent, archive, path)
-            except docker.errors.APIError as exc:
-                _raise_if_read_only(exc, path)
-                raise
 
     def read_file(self, path: str) -> bytes:
         """Read `path` (symlinks inside the work directory are followed).
@@ -320,7 +274,7 @@ class DockerSandbox:
         self._check_open()
         dirs = sorted({self._config.workdir, "/tmp", "/dev/shm"})
         try:
-            self._run_script(["bash", "-c", _KILL_SCRIPT, "megaflow-kill", "all", "-", "-", *dirs])
+            self._run_script(["bash", "-c", KILL_SCRIPT, "megaflow-kill", "all", "-", "-", *dirs])
         except SandboxNotFoundError:
             raise
         except SandboxError as exc:
@@ -344,7 +298,7 @@ class DockerSandbox:
         """Kill the processes of one exec; returns a note for stderr when that took a restart."""
         # Slack (0.1 s) errs towards counting a process started just before as ours.
         window_cs = str(int((time.monotonic() - started) * 100) + 10)
-        cmd = ["bash", "-c", _KILL_SCRIPT, "megaflow-kill", "tok", token, window_cs]
+        cmd = ["bash", "-c", KILL_SCRIPT, "megaflow-kill", "tok", token, window_cs]
         try:
             self._run_script(cmd, retry_s=_KILLER_RETRY_S)
             return ""
@@ -409,7 +363,10 @@ class DockerSandbox:
         try:
             self._api.put_archive(self.id, parent, archive)
         except docker.errors.APIError as exc:
-            _raise_if_read_only(exc, path)
+            # Outside the work-directory volume the engine refuses archive writes as
+            # the root file system is read-only: the confinement, seen from here.
+            if "read-only" in str(exc):
+                raise PermissionError(errno.EROFS, "only the work directory is writable", path) from exc
             raise
 
     def _check_open(self) -> None:
@@ -445,13 +402,6 @@ def _tmpfs_volume(target: str, options: str) -> Mount:
     # container (remove v=True), and visible to put_archive/get_archive.
     driver = DriverConfig("local", {"type": "tmpfs", "device": "tmpfs", "o": f"{options},nosuid,nodev"})
     return Mount(target=target, source=None, type="volume", driver_config=driver, labels={LABEL: "1"})
-
-
-def _raise_if_read_only(exc: docker.errors.APIError, path: str) -> None:
-    # Outside the work-directory volume the engine refuses archive writes because
-    # the root file system is read-only: that is the confinement, seen from here.
-    if "read-only" in str(exc):
-        raise PermissionError(errno.EROFS, "only the work directory is writable", path) from exc
 
 
 def _container_missing(exc: docker.errors.NotFound) -> bool:

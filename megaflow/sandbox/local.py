@@ -52,9 +52,7 @@ _SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # Only what programs need to start and find libraries, certificates and time zones:
 # the rest of the host's /etc (shadow, credentials, service configs) stays out.
 _ETC_PATTERNS = tuple(
-    "alternatives ca-certificates ca-certificates.conf debian_version hosts java-* ld.so.cache ld.so.conf "
-    "ld.so.conf.d localtime magic magic.mime mime.types nsswitch.conf os-release perl protocols python3* "
-    "services ssl timezone".split()
+    ["alternatives", "ca-certificates", "ca-certificates.conf", "debian_version", "hosts", "java-*", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "magic", "magic.mime", "mime.types", "nsswitch.conf", "os-release", "perl", "protocols", "python3*", "services", "ssl", "timezone"]
 )
 _NETWORK_ETC = ("resolv.conf", "gai.conf", "host.conf")
 # bwrap, setpriv and prlimit fail before the command starts with exit 1 and this prefix.
