@@ -272,8 +272,9 @@ def test_reset_restores_the_image_workdir(backend: DockerBackend, docker_client,
         sb.close()
 
 
-def test_reset_revives_a_stopped_sandbox(sandbox: DockerSandbox) -> None:
+def test_reset_revives_a_stopped_sandbox(backend: DockerBackend, sandbox: DockerSandbox) -> None:
     sandbox.exec("kill -9 $(pgrep -x -o sleep)", timeout=10)  # the keep-alive: init exits
+    backend.api.wait(sandbox.id, timeout=10)
     with pytest.raises(SandboxError):
         sandbox.exec("true", timeout=10)
     sandbox.reset()

@@ -66,7 +66,7 @@ def run_pipeline_bench(episodes: int = 200, steps: int = 3, chord_size: int = 10
 def pipeline_figures(client: Client, episodes: int, steps: int) -> dict:
     t0 = time.perf_counter()
     run_id = client.submit(bench_spec(episodes, steps))
-    st = client.wait(run_id, timeout=3600, poll=0.05)
+    st = client.wait(run_id, timeout=3600, poll=0.5)
     elapsed = time.perf_counter() - t0
     with client.session() as s:
         ids = select(Episode.id).where(Episode.run_id == run_id)

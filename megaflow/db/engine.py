@@ -42,7 +42,9 @@ def make_engine(url: str) -> Engine:
         # BEGIN so two writers queue on busy_timeout instead of deadlocking.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
+    # No pre-ping (it doubles round trips per hop); a dropped connection raises
+    # OperationalError, the pool is invalidated, and the hop task retries.
+    return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
 
 
 def get_engine(url: str) -> Engine:

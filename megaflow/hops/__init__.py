@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 
 def register(app: Celery) -> None:
@@ -24,7 +25,10 @@ def register(app: Celery) -> None:
         "megaflow.hop.release": release_task,
     }
     for name, fn in bound.items():
-        app.task(name=name, bind=True)(fn)
+        # A lost database connection (a restart, a failover) is an infra hiccup:
+        # retry the hop; the ledger makes the retry harmless.
+        app.task(name=name, bind=True, autoretry_for=(OperationalError, InterfaceError), retry_backoff=True,
+                 retry_backoff_max=30, retry_jitter=True, max_retries=20)(fn)
     from megaflow.bench.tasks import chord_body_task, chord_member_task, noop_task
 
     app.task(name="megaflow.noop")(noop_task)

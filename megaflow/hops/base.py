@@ -20,14 +20,17 @@ log = logging.getLogger(__name__)
 Work = Callable[[], tuple[dict, Callable[[Session], None] | None]]
 
 
-def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_effects: bool = True) -> dict:
+def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_effects: bool = True,
+            precheck: bool = True) -> dict:
     """Run a hop exactly once in effect.
 
     Hops with side effects outside the database (a command in a sandbox) claim the
     ledger row first, so a duplicate never runs the command twice while the first
     is alive. Hops without (a decision, a model call) skip the claim: they run,
     then record in one transaction; a racing duplicate's transaction is rolled
-    back and it replays the recorded result. That saves a write per hop.
+    back and it replays the recorded result. That saves a write per hop. With
+    `precheck`, a duplicate is spotted before the work (worth a read when the
+    work is costly, like a model call).
 
     Returns:
         The hop's result: freshly computed, or as recorded by an earlier delivery.
@@ -36,7 +39,7 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
         Ignore: another message holds this hop (a duplicate lineage); drop this one.
     """
     if not side_effects:
-        return _run_optimistic(rt, request, key, work)
+        return _run_optimistic(rt, request, key, work, precheck)
     with rt.session() as s:
         c = ledger.claim(s, *key, request.id)
     if c.status == ledger.DONE:
@@ -64,11 +67,12 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
     return result
 
 
-def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work) -> dict:
-    with rt.session() as s:
-        done = ledger.recorded(s, *key)
-    if done is not None:
-        return done
+def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work, precheck: bool) -> dict:
+    if precheck:
+        with rt.session() as s:
+            done = ledger.recorded(s, *key)
+        if done is not None:
+            return done
     t0 = time.monotonic()
     result, write = work()
     with rt.session() as s:

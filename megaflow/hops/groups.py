@@ -61,7 +61,7 @@ def group_done_task(self, results, group_id: str):
         out: dict = {}
         return out, write
 
-    return run_hop(rt, self.request, (group_id, 0, "group.done"), work, side_effects=False)
+    return run_hop(rt, self.request, (group_id, 0, "group.done"), work, side_effects=False, precheck=False)
 
 
 def run_summary(s, run_id: str) -> dict:
@@ -87,4 +87,4 @@ def run_done_task(self, results, run_id: str):
         out: dict = {}
         return out, write
 
-    return run_hop(rt, self.request, (run_id, 0, "run.done"), work, side_effects=False)
+    return run_hop(rt, self.request, (run_id, 0, "run.done"), work, side_effects=False, precheck=False)

@@ -228,7 +228,8 @@ class DockerSandbox:
             if stat and stat["mode"] & _MODE_DIR:
                 raise IsADirectoryError(errno.EISDIR, "is a directory", path)
             parent, name = posixpath.split(full)
-            archive = file_tar(name, data, AGENT_UID)
+            # An overwrite keeps the file's permissions, as writing in place would.
+            archive = file_tar(name, data, AGENT_UID, stat["mode"] & 0o777 if stat else 0o644)
             try:
                 self._put_archive(parent, archive, path)
             except docker.errors.NotFound as exc:
