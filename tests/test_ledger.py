@@ -39,7 +39,7 @@ def test_run_hop_twice_does_the_work_once(tmp_path, sqlite_url):
     rt = _rt(tmp_path, sqlite_url)
     calls = []
 
-    def work():
+    def work(_ctx):
         calls.append(1)
 
         def write(s):
@@ -60,7 +60,7 @@ def test_run_hop_drops_a_duplicate_while_the_first_is_working(tmp_path, sqlite_u
     with session_scope(sqlite_url) as s:
         ledger.claim(s, "e", 2, "generate", "first")
     with pytest.raises(Ignore):
-        run_hop(rt, SimpleNamespace(id="second", retries=0), ("e", 2, "generate"), lambda: ({}, None))
+        run_hop(rt, SimpleNamespace(id="second", retries=0), ("e", 2, "generate"), lambda _ctx: ({}, None))
 
 
 def test_poison_hop_is_capped(tmp_path, sqlite_url):
@@ -69,7 +69,7 @@ def test_poison_hop_is_capped(tmp_path, sqlite_url):
     for _ in range(rt.settings.hop_max_deliveries):
         with session_scope(sqlite_url) as s:
             ledger.claim(s, "p", 0, "exec", "t")
-    result = run_hop(rt, req, ("p", 0, "exec"), lambda: pytest.fail("poison hop must not run again"))
+    result = run_hop(rt, req, ("p", 0, "exec"), lambda _ctx: pytest.fail("poison hop must not run again"))
     assert result["kind"] == "infra" and "delivered" in result["error"]
     with session_scope(sqlite_url) as s:
         assert s.query(Event).filter_by(kind="hop.poison").count() == 1

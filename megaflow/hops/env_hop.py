@@ -25,11 +25,11 @@ MAX_RETRIES = 3
 CHECK_FILE = ".megaflow_check.sh"
 
 
-def _episode(rt: Runtime, episode_id: str) -> Episode:
-    with rt.session() as s:
-        ep = s.get(Episode, episode_id)
-        s.expunge(ep)
-        return ep
+def _episode(s, episode_id: str) -> Episode:
+    """The episode row, detached so it can be read after the transaction."""
+    ep = s.get(Episode, episode_id)
+    s.expunge(ep)
+    return ep
 
 
 def _infra(hop: str, step: int, exc: Exception, exit_status: str) -> tuple[dict, None]:
@@ -52,8 +52,7 @@ def provision_task(self, episode_id: str, step: int = 0):
     rt = get_runtime(self.app)
     host = rt.settings.host
 
-    def work():
-        ep = _episode(rt, episode_id)
+    def work(ep):
         spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)
         labels = {"megaflow.run": ep.run_id, "megaflow.episode": ep.id, "megaflow.host": host}
         try:
@@ -78,7 +77,8 @@ def provision_task(self, episode_id: str, step: int = 0):
 
         return {"hop": "provision", "step": step}, write
 
-    return run_hop(rt, self.request, (episode_id, step, "provision"), work)
+    return run_hop(rt, self.request, (episode_id, step, "provision"), work,
+                   load=lambda s: _episode(s, episode_id))
 
 
 class SetupError(RuntimeError):
@@ -97,11 +97,13 @@ def setup(sb: Sandbox, task, timeout: float) -> None:
 def exec_task(self, episode_id: str, step: int):
     rt = get_runtime(self.app)
 
-    def work():
-        ep = _episode(rt, episode_id)
+    def load(s):
+        action = s.execute(select(Step.action).where(Step.episode_id == episode_id, Step.index == step)).scalar()
+        return _episode(s, episode_id), action
+
+    def work(ctx):
+        ep, action = ctx
         spec = rt.spec(ep.run_id)
-        with rt.session() as s:
-            action = s.execute(select(Step.action).where(Step.episode_id == episode_id, Step.index == step)).scalar()
         try:
             result = rt.open_sandbox(ep.sandbox_id, spec.sandbox).exec(action, timeout=spec.limits.exec_timeout_s)
         except SandboxError as exc:
@@ -117,7 +119,7 @@ def exec_task(self, episode_id: str, step: int):
 
         return {"hop": "exec", "step": step, "exit_code": result.exit_code}, write
 
-    return run_hop(rt, self.request, (episode_id, step, "exec"), work)
+    return run_hop(rt, self.request, (episode_id, step, "exec"), work, load=load)
 
 
 def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str | None]:
@@ -137,8 +139,7 @@ def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str | None]:
 def evaluate_task(self, episode_id: str, step: int):
     rt = get_runtime(self.app)
 
-    def work():
-        ep = _episode(rt, episode_id)
+    def work(ep):
         spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)
         try:
             reward, patch = evaluate(rt.open_sandbox(ep.sandbox_id, spec.sandbox), task, spec.limits.eval_timeout_s)
@@ -152,18 +153,19 @@ def evaluate_task(self, episode_id: str, step: int):
 
         return {"hop": "evaluate", "step": step, "reward": reward}, write
 
-    return run_hop(rt, self.request, (episode_id, step, "evaluate"), work)
+    return run_hop(rt, self.request, (episode_id, step, "evaluate"), work,
+                   load=lambda s: _episode(s, episode_id))
 
 
 def release_task(self, episode_id: str, step: int):
     rt = get_runtime(self.app)
 
-    def work():
-        ep = _episode(rt, episode_id)
+    def work(ep):
         destroy(rt, ep.sandbox_id, rt.spec(ep.run_id).sandbox.type)
         return {"hop": "release", "step": step}, None
 
-    return run_hop(rt, self.request, (episode_id, step, "release"), work)
+    return run_hop(rt, self.request, (episode_id, step, "release"), work,
+                   load=lambda s: _episode(s, episode_id))
 
 
 def destroy(rt: Runtime, sandbox_id: str | None, kind: str) -> None:

@@ -46,7 +46,7 @@ def episode_task(self, prev, episode_id):
     key = (episode_id, int(prev["step"]), f"agent.{prev['hop']}")
     fresh = {}
 
-    def work():
+    def work(_ctx):
         rt.warm(episode_id)
 
         def write(s: Session):
@@ -82,7 +82,6 @@ def continue_with(task, sig) -> None:
     sig.set(chord=req.chord, group_id=req.group, group_index=req.group_index, root_id=req.root_id)
     sig.apply_async()
     req.chord = None
-    return None
 
 
 def next_signature(app, episode_id: str, nxt: dict):

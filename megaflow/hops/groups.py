@@ -42,7 +42,7 @@ def group_stats(rewards: list[float]) -> dict:
 def group_done_task(self, results, group_id: str):
     rt = get_runtime(self.app)
 
-    def work():
+    def work(_ctx):
         def write(s):
             rows = s.execute(select(Episode.id, Episode.state, Episode.reward)
                              .where(Episode.group_id == group_id).order_by(Episode.sample_index)).all()
@@ -76,7 +76,7 @@ def run_summary(s, run_id: str) -> dict:
 def run_done_task(self, results, run_id: str):
     rt = get_runtime(self.app)
 
-    def work():
+    def work(_ctx):
         def write(s):
             summary = run_summary(s, run_id)
             cancelled = s.execute(select(Run.cancel_requested).where(Run.id == run_id)).scalar()

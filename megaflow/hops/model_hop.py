@@ -36,10 +36,12 @@ def conversation(session, episode_id: str, upto: int) -> list[Message]:
 def generate_task(self, episode_id: str, step: int):
     rt = get_runtime(self.app)
 
-    def work():
-        with rt.session() as s:
-            run_id = s.execute(select(Episode.run_id).where(Episode.id == episode_id)).scalar_one()
-            messages = conversation(s, episode_id, step)
+    def load(s):
+        run_id = s.execute(select(Episode.run_id).where(Episode.id == episode_id)).scalar_one()
+        return run_id, conversation(s, episode_id, step)
+
+    def work(ctx):
+        run_id, messages = ctx
         spec = rt.spec(run_id)
         request = ModelRequest(messages=messages, sampling=spec.model.sampling, request_id=f"{episode_id}:{step}")
         try:
@@ -66,5 +68,5 @@ def generate_task(self, episode_id: str, step: int):
 
         return {"hop": "generate", "step": step}, write
 
-    return run_hop(rt, self.request, (episode_id, step, "generate"), work, side_effects=False)
+    return run_hop(rt, self.request, (episode_id, step, "generate"), work, side_effects=False, load=load)
 
