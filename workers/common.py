@@ -33,6 +33,9 @@ def make_worker_app(pool: str, settings: Settings | None = None):
     app.conf.worker_pool = os.environ.get("MEGAFLOW_WORKER_POOL", pool_type)
     app.conf.worker_concurrency = int(os.environ.get("MEGAFLOW_WORKER_CONCURRENCY", concurrency))
     own = topology.pool_queues(pool, settings.host)
+    if os.environ.get("MEGAFLOW_WORKER_QUEUES"):
+        # An explicit list (benchmarks use a private queue) replaces the pool's own.
+        own = [topology.make_queue(q) for q in os.environ["MEGAFLOW_WORKER_QUEUES"].split(",")]
 
     @signals.celeryd_after_setup.connect(weak=False)
     def _consume_own_queues(sender, instance, **kwargs):

@@ -49,10 +49,13 @@ def pika_url(kombu_url: str) -> str:
 
 def celery_noop_tasks_per_s(app, settings, n: int = 5_000) -> float:
     """No-op tasks through the agent pool's worker configuration on the same broker."""
-    worker = WorkerProcess("agent", settings, name=f"noop-{uuid.uuid4().hex[:6]}").start()
+    # A private queue: leftovers on the shared queues must not count, nor be eaten.
+    queue = f"megaflow.bench.noop.{uuid.uuid4().hex[:8]}"
+    worker = WorkerProcess("agent", settings, name=f"noop-{uuid.uuid4().hex[:6]}",
+                           extra_env={"MEGAFLOW_WORKER_QUEUES": queue}).start()
     try:
         wait_for_worker(app, worker.name)
-        sig = app.signature("megaflow.noop")
+        sig = app.signature("megaflow.noop", queue=queue, exchange="megaflow", routing_key=queue)
         before = tasks_done(app, worker.name)
         t0 = time.perf_counter()
         with app.producer_or_acquire() as producer:
@@ -63,6 +66,8 @@ def celery_noop_tasks_per_s(app, settings, n: int = 5_000) -> float:
         return n / (time.perf_counter() - t0)
     finally:
         worker.stop()
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
 
 
 def wait_for_worker(app, name: str, timeout: float = 60.0) -> None:
