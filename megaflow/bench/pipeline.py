@@ -37,7 +37,7 @@ def bench_spec(episodes: int, steps: int) -> dict:
 
 
 def run_pipeline_bench(episodes: int = 200, steps: int = 3, chord_size: int = 1024,
-                       settings: Settings | None = None) -> dict:
+                       settings: Settings | None = None, compare: dict[str, str] | None = None) -> dict:
     settings = settings or Settings()
     if settings.embedded:
         raise SystemExit("bench pipeline needs a real broker: set MEGAFLOW_BROKER_URL and MEGAFLOW_DATABASE_URL")
@@ -60,6 +60,8 @@ def run_pipeline_bench(episodes: int = 200, steps: int = 3, chord_size: int = 10
         for w in workers:
             w.stop()
     figures["chord_size"] = chord_size
+    if compare:
+        figures.update(chord_close_by_backend(settings, chord_size, compare))
     return figures
 
 
@@ -85,11 +87,12 @@ def pipeline_figures(client: Client, episodes: int, steps: int) -> dict:
     }
 
 
-def chord_close_s(app, settings: Settings, size: int) -> float:
+def chord_close_s(app, settings: Settings, size: int, queue: str | None = None) -> float:
     """Seconds from the last of `size` members finishing to the chord body starting."""
     key = uuid.uuid4().hex
-    header = [app.signature("megaflow.bench.member") for _ in range(size)]
-    chord(header, app.signature("megaflow.bench.body", args=(key,))).apply_async()
+    route = {"queue": queue, "exchange": "megaflow", "routing_key": queue} if queue else {}
+    header = [app.signature("megaflow.bench.member", **route) for _ in range(size)]
+    chord(header, app.signature("megaflow.bench.body", args=(key,), **route)).apply_async()
     client = Client(settings, app=app)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -99,3 +102,24 @@ def chord_close_s(app, settings: Settings, size: int) -> float:
             return data["close_s"]
         time.sleep(0.05)
     raise TimeoutError("bench chord never closed")
+
+
+def chord_close_by_backend(settings: Settings, size: int, backends: dict[str, str]) -> dict:
+    """The same chord on other result backends, each with its own agent worker."""
+    out = {}
+    for name, url in backends.items():
+        alt = settings.model_copy(update={"result_backend": url})
+        app = make_app(alt)
+        queue = f"megaflow.bench.chord.{uuid.uuid4().hex[:8]}"
+        worker = WorkerProcess("agent", alt, name=f"chord-{name}-{uuid.uuid4().hex[:4]}",
+                               extra_env={"MEGAFLOW_WORKER_QUEUES": queue}).start()
+        try:
+            wait_for_worker(app, worker.name)
+            out[f"chord_close_s_{name}"] = round(chord_close_s(app, alt, size, queue=queue), 4)
+        except Exception as exc:  # noqa: BLE001 - one backend failing must not hide the others
+            out[f"chord_close_s_{name}"] = f"error: {type(exc).__name__}: {exc}"
+        finally:
+            worker.stop()
+            with app.connection_for_write() as conn:
+                conn.default_channel.queue_delete(queue)
+    return out
