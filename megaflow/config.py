@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     host: str = Field(default_factory=socket.gethostname, description="This env host's name (queue env.<host>).")
     sandbox_capacity: int = Field(default=64, ge=1, description="Sandboxes this env host may hold at once.")
     hop_max_deliveries: int = Field(default=5, ge=1, description="A hop delivered more often is dead-lettered.")
+    reap_interval_s: float = Field(
+        default=60.0, gt=0, description="How often an env worker reaps leaked sandboxes of its host (seconds)."
+    )
 
     @property
     def embedded(self) -> bool:

@@ -139,3 +139,25 @@ def test_same_message_delivered_twice_writes_nothing_new(cluster):
         time.sleep(0.2)
     time.sleep(0.5)
     assert _snapshot(client, run_id) == before
+
+
+def test_unknown_task_is_dead_lettered_not_crash_looping(cluster):
+    settings, workers = cluster
+    client = Client(settings)
+    app = client.app
+    from megaflow.bench.floors import wait_for_worker
+
+    wait_for_worker(app, "agent")
+    app.send_task("megaflow.no_such_task", args=(1,), queue="agent", exchange="megaflow", routing_key="agent")
+    deadline = time.monotonic() + 30
+    with app.connection_for_write() as conn:
+        while True:
+            _, count, _ = conn.default_channel.queue_declare("megaflow.dead", passive=True)
+            if count >= 1:
+                break
+            assert time.monotonic() < deadline, "unknown task was not dead-lettered"
+            time.sleep(0.2)
+    assert workers["agent"].alive()
+    # The worker keeps working after the poison message.
+    run_id = client.submit(spec(1, 1))
+    assert client.wait(run_id, timeout=60)["by_state"] == {"succeeded": 1}

@@ -45,6 +45,13 @@ def make_worker_app(pool: str, settings: Settings | None = None):
             if queue.name not in app.amqp.queues:
                 app.amqp.queues.add(queue)
         app.amqp.queues.select([q.name for q in own])
+        _declare_dead_letters(app)
         log.info("%s worker on host %s consuming %s", pool, settings.host, [q.name for q in own])
 
     return app
+
+
+def _declare_dead_letters(app) -> None:
+    """Declare megaflow.dlx and megaflow.dead, so rejected messages are kept, not dropped."""
+    with app.connection_for_write() as conn:
+        topology.dead_letter_queue()(conn.default_channel).declare()

@@ -47,6 +47,13 @@ class SandboxConfig(BaseModel):
     mode: Literal["ephemeral", "persistent"] = Field(
         default="ephemeral", description="Ephemeral: destroyed when the episode ends; persistent: reset and reused."
     )
+    pool_size: int = Field(
+        default=8,
+        ge=0,
+        le=4096,
+        description="Persistent mode: idle sandboxes an env host keeps for this config; beyond it a released "
+        "sandbox is destroyed. Not part of the pool key: runs that differ only here share one pool.",
+    )
 
 
 @runtime_checkable
