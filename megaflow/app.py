@@ -70,6 +70,11 @@ def make_app(settings: Settings | None = None, pool: str | None = None) -> Celer
         enable_utc=True,
         timezone="UTC",
     )
+    if settings.resolved_broker_url().startswith(("amqp", "pyamqp")):
+        # Publisher confirms: a hop's continuation is in RabbitMQ before the hop is
+        # acknowledged. Without them a worker killed right after its parent acked
+        # can lose the continuation still sitting in its socket buffer.
+        conf["broker_transport_options"] = {"confirm_publish": True}
     if settings.embedded:
         from megaflow.kombu_sqlite import TRANSPORT
 

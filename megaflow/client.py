@@ -1,4 +1,4 @@
-"""The Python API: ``Client(...).submit(spec)``, ``wait``, ``status``, ``cancel``, ``results``."""
+"""The Python API: ``Client(...).submit(spec)``, ``wait``, ``status``, ``cancel``, ``results``, ``export``."""
 
 from __future__ import annotations
 
@@ -134,6 +134,24 @@ class Client:
             return [{"episode_id": e.id, "instance_id": iid, "sample": e.sample_index, "state": e.state,
                      "exit_status": e.exit_status, "reward": e.reward, "advantage": e.advantage,
                      "steps": e.n_steps, "error": e.error} for e, iid in rows]
+
+    def export(self, run_id: str, fmt: str, path: str | Path, **options) -> int:
+        """Write a run's episodes to `path`: ``jsonl``, ``parquet``, ``swebench`` or ``minisweagent``.
+
+        Options (``tokenizer``, ``model_name``) are those of `megaflow.export.export_run`.
+
+        Returns:
+            How many records were written.
+
+        Raises:
+            LookupError: no such run.
+            ValueError: unknown format.
+            ImportError: ``parquet`` without pyarrow (``pip install 'megaflow[export]'``).
+        """
+        from megaflow.export import export_run
+
+        with self.session() as s:
+            return export_run(s, run_id, fmt, path, **options)
 
     def events(self, run_id: str) -> Counter:
         with self.session() as s:

@@ -11,16 +11,17 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from pydantic import TypeAdapter
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from megaflow.agent import Agent, make_agent
 from megaflow.config import Settings
 from megaflow.db.engine import session_scope
-from megaflow.db.models import Episode, Run, TaskInstance
+from megaflow.db.models import Episode, Run, SandboxRow, TaskInstance, utcnow
 from megaflow.model.base import ModelClient
 from megaflow.model.config import make_client
 from megaflow.sandbox.base import Sandbox, SandboxBackend, SandboxConfig
+from megaflow.sandbox.pool import SandboxPool
 from megaflow.spec import RunSpec, TaskSpec
 
 _task_adapter = TypeAdapter(TaskSpec)
@@ -34,6 +35,7 @@ class Runtime:
         self._models: dict[str, ModelClient] = {}
         self._backends: dict[str, SandboxBackend] = {}
         self._sandboxes: dict[str, Sandbox] = {}
+        self._pool: SandboxPool | None = None
         # Specs never change after submit, so caching them per process is safe.
         self.spec = lru_cache(maxsize=256)(self._load_spec)
         self.task = lru_cache(maxsize=4096)(self._load_task)
@@ -120,7 +122,26 @@ class Runtime:
         with self._lock:
             self._sandboxes.pop(sandbox_id, None)
 
+    def pool(self, create: bool = True) -> SandboxPool | None:
+        """This process's warm pool of persistent sandboxes (made on first use unless not `create`)."""
+        with self._lock:
+            if self._pool is None and create:
+                self._pool = SandboxPool(self.backend, max_idle=self.settings.sandbox_capacity,
+                                         on_destroy=self._mark_destroyed)
+            return self._pool
+
+    def _mark_destroyed(self, sandbox_id: str) -> None:
+        self.forget_sandbox(sandbox_id)
+        with self.session() as s:
+            s.execute(update(SandboxRow).where(SandboxRow.id == sandbox_id, SandboxRow.destroyed_at.is_(None))
+                      .values(state="destroyed", destroyed_at=utcnow()))
+
     def close(self) -> None:
+        """Close model clients and destroy the pool's idle sandboxes."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
         with self._lock:
             for client in self._models.values():
                 client.close()

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from megaflow.errors import SpecError
 from megaflow.model.config import ModelConfig, ScriptedModelConfig
@@ -48,6 +48,15 @@ class SWETask(_Strict):
     patch: str = Field(default="", description="Gold patch.")
     test_patch: str = Field(default="", description="Patch adding the tests, applied before evaluation.")
 
+    @field_validator("repo")
+    @classmethod
+    def _repo_source(cls, value: str) -> str:
+        if value:
+            from megaflow.envs.repos import RepoSource
+
+            RepoSource.parse(value)  # ValueError: not a source
+        return value
+
 
 def _task_kind(value) -> str:
     # `kind` may be left out of a task: terminal is the default family.
@@ -81,7 +90,51 @@ class Limits(_Strict):
     model_timeout_s: float = Field(default=600.0, gt=0, le=86400)
     exec_timeout_s: float = Field(default=120.0, gt=0, le=86400)
     eval_timeout_s: float = Field(default=900.0, gt=0, le=86400)
+    model_retries: int = Field(
+        default=5, ge=0, le=20,  # Celery's own cap on a hop's retries is 20
+        description="A model call failing for infra reasons (server down, 5xx) is retried this often, "
+        "with backoff, before the episode ends infra_failed. Rate-limit waits do not count.",
+    )
+    model_retry_backoff_s: float = Field(
+        default=1.0, gt=0, le=3600, description="First model-call retry delay; doubles per retry (capped at 60s)."
+    )
     no_submit_penalty: float = Field(default=-0.5, description="Reward when the agent never submits (paper: -0.5).")
+
+
+class ModelLimits(_Strict):
+    """Tier-1 concurrency control: limits on a run's (or user's) Model Service calls.
+
+    Enforced across every model worker at once through shared state (the state
+    database, or Redis when the result backend is Redis; see `megaflow.ratelimit`).
+    A call over a limit never holds a worker thread: its hop is re-queued to run
+    when the limit allows, and those waits do not count as retries.
+    """
+
+    scope: Literal["run", "user"] = Field(
+        default="run", description="Whose calls share the limits: this run's, or every run of `RunSpec.user`."
+    )
+    requests_per_s: float | None = Field(default=None, gt=0, le=1e6, description="Calls started per second.")
+    tokens_per_s: float | None = Field(
+        default=None, gt=0, le=1e9,
+        description="Prompt + completion tokens per second. A call reserves an estimate (prompt chars / 4 + "
+        "max_tokens) and is charged its real usage when it ends.",
+    )
+    max_in_flight: int | None = Field(default=None, ge=1, le=1_000_000, description="Calls running at once.")
+    burst_s: float = Field(
+        default=1.0, gt=0, le=3600,
+        description="Bucket size in seconds of each rate: how far calls may run ahead after an idle spell.",
+    )
+    lease_s: float = Field(
+        default=300.0, gt=0, le=86400,
+        description="An in-flight slot held longer is presumed lost (its worker died) and freed; "
+        "keep it above the longest model call.",
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> ModelLimits:
+        if self.requests_per_s is None and self.tokens_per_s is None and self.max_in_flight is None:
+            raise ValueError("set at least one of requests_per_s, tokens_per_s, max_in_flight")
+        return self
 
 
 class RunSpec(_Strict):
@@ -96,6 +149,7 @@ class RunSpec(_Strict):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     limits: Limits = Field(default_factory=Limits)
+    model_limits: ModelLimits | None = Field(default=None, description="Tier-1 limits on model calls; None: none.")
 
     @model_validator(mode="after")
     def _sizes(self) -> RunSpec:
@@ -129,6 +183,8 @@ class RunSpec(_Strict):
         tasks_file = data.pop("tasks_file", None)
         if tasks_file is not None:
             data["tasks"] = load_tasks(path.parent / tasks_file)
+        elif isinstance(data.get("tasks"), list):
+            resolve_repo_paths(data["tasks"], path.parent)
         return cls.parse(data, source=str(path))
 
     @classmethod
@@ -149,10 +205,19 @@ def format_errors(exc: ValidationError) -> str:
 
 
 def load_tasks(path: Path) -> list[dict]:
-    """Tasks from a JSONL, JSON or YAML file."""
+    """Tasks from a JSONL, JSON or YAML file, or from every such file of a directory.
+
+    Relative local-directory ``repo`` sources of SWE tasks are made absolute against
+    the file's directory, so that the stored task means the same to every worker.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".yaml", ".yml"))
+        return [task for f in files for task in load_tasks(f)]
     try:
         if path.suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return resolve_repo_paths([json.loads(line) for line in path.read_text().splitlines() if line.strip()],
+                                      path.parent)
         data = _read_structured(path)
     except (OSError, ValueError) as exc:
         raise SpecError(f"cannot read tasks {path}: {exc}") from exc
@@ -160,7 +225,24 @@ def load_tasks(path: Path) -> list[dict]:
         data = data["tasks"]
     if not isinstance(data, list):
         raise SpecError(f"tasks file {path} must hold a list of tasks")
-    return data
+    return resolve_repo_paths(data, path.parent)
+
+
+def resolve_repo_paths(tasks: list, base: Path) -> list:
+    """Make relative local-directory ``repo`` sources of SWE tasks absolute against `base`."""
+    from megaflow.envs.repos import RepoSource
+
+    for task in tasks:
+        repo = task.get("repo") if isinstance(task, dict) and task.get("kind") == "swe" else None
+        if not isinstance(repo, str) or not repo.strip():
+            continue
+        try:
+            kind = RepoSource.parse(repo).kind
+        except ValueError:
+            continue  # SWETask validation reports it
+        if kind == "dir" and not Path(repo).expanduser().is_absolute():
+            task["repo"] = str((base / repo).resolve())
+    return tasks
 
 
 def _read_structured(path: Path):

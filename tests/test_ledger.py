@@ -73,3 +73,19 @@ def test_poison_hop_is_capped(tmp_path, sqlite_url):
     assert result["kind"] == "infra" and "delivered" in result["error"]
     with session_scope(sqlite_url) as s:
         assert s.query(Event).filter_by(kind="hop.poison").count() == 1
+
+
+def test_replayed_hop_with_inserts_does_not_collide(tmp_path, sqlite_url):
+    """A redelivered decision whose rows exist replays instead of failing on a duplicate key."""
+    from megaflow.db.models import Event as Ev
+
+    rt = _rt(tmp_path, sqlite_url)
+
+    def work(_ctx):
+        def write(s):
+            s.add(Ev(id=4242, kind="unique.row"))  # a second insert would violate the primary key
+        return {"next": "x"}, write
+
+    req = SimpleNamespace(id="t", retries=0)
+    assert run_hop(rt, req, ("d", 0, "agent.start"), work, side_effects=False, precheck=False) == {"next": "x"}
+    assert run_hop(rt, req, ("d", 0, "agent.start"), work, side_effects=False, precheck=False) == {"next": "x"}

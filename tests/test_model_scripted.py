@@ -21,7 +21,7 @@ from megaflow.model.config import (
     VLLMModelConfig,
     make_client,
 )
-from megaflow.model.conformance import CHECKS, check_max_tokens
+from megaflow.model.conformance import CHECKS
 from megaflow.model.scripted import ScriptedModel
 
 
@@ -30,19 +30,7 @@ def _request(*contents: str) -> ModelRequest:
     return ModelRequest(messages=[Message(role=roles[i % 2], content=c) for i, c in enumerate(contents)])
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        pytest.param(
-            c,
-            marks=pytest.mark.xfail(reason="ScriptedModel ignores max_tokens", strict=False)
-            if c is check_max_tokens
-            else (),
-        )
-        for c in CHECKS
-    ],
-    ids=lambda c: c.__name__,
-)
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_scripted_conformance(check):
     check(ScriptedModel())
 
@@ -52,6 +40,17 @@ def test_scripted_replies_follow_the_turns():
     assert model.generate(_request("task")).text == "a 0"
     assert model.generate(_request("task", "a 0", "obs")).text == "b 1"
     assert model.generate(_request("task", "x", "y", "x", "y", "x", "y")).text == "last"
+
+
+def test_scripted_reply_is_cut_at_max_tokens():
+    model = ScriptedModel(ScriptedModelConfig(replies=["```bash\necho  one two\n```"]))
+    ask = _request("task")
+    ask.sampling = SamplingParams(max_tokens=3)
+    c = model.generate(ask)
+    assert (c.text, c.finish_reason, c.usage.completion_tokens) == ("```bash\necho  one", "length", 3)
+    ask.sampling = SamplingParams(max_tokens=5)
+    c = model.generate(ask)
+    assert (c.text, c.finish_reason, len(c.token_ids)) == ("```bash\necho  one two\n```", "stop", 5)
 
 
 def test_scripted_overflow_is_context_error():

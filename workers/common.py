@@ -48,7 +48,36 @@ def make_worker_app(pool: str, settings: Settings | None = None):
         _declare_dead_letters(app)
         log.info("%s worker on host %s consuming %s", pool, settings.host, [q.name for q in own])
 
+    if pool == "env":
+        _reap_periodically(app, settings)
     return app
+
+
+def _reap_periodically(app, settings: Settings) -> None:
+    """An env worker reaps its host every ``reap_interval_s`` and empties its warm pool on exit.
+
+    A timer thread rather than Celery beat: beat is one more process to run, and the
+    reaping belongs to the host, so the worker that owns the host does it.
+    """
+    from megaflow.reaper import ReaperThread
+    from megaflow.runtime import get_runtime
+
+    timers: list[ReaperThread] = []
+
+    @signals.worker_ready.connect(weak=False)
+    def _start_reaper(sender, **kwargs):
+        if sender.app is not app:
+            return
+        timers.append(ReaperThread(get_runtime(app), settings.reap_interval_s))
+        timers[-1].start()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stop_reaper(sender, **kwargs):
+        if sender.app is not app:
+            return
+        for timer in timers:
+            timer.stop(timeout=30)
+        get_runtime(app).close()  # destroys the idle pooled sandboxes
 
 
 def _declare_dead_letters(app) -> None:

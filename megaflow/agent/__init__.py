@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megaflow.agent.base import Action, Agent, Command, FormatError, Submit
+from megaflow.agent.base import Action, Agent, Command, FormatError, Submit, transcript
 
 
 def make_agent(config) -> Agent:
@@ -12,9 +12,13 @@ def make_agent(config) -> Agent:
         from megaflow.agent.oracle import OracleAgent
 
         return OracleAgent(**kwargs)
+    if config.type == "miniswe":
+        from megaflow.agent.miniswe import MiniSweAgent
+
+        return MiniSweAgent(**kwargs)
     from megaflow.agent.bash import BashAgent
 
     return BashAgent(**kwargs)
 
 
-__all__ = ["Action", "Agent", "Command", "FormatError", "Submit", "make_agent"]
+__all__ = ["Action", "Agent", "Command", "FormatError", "Submit", "make_agent", "transcript"]

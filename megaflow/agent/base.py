@@ -42,8 +42,11 @@ class Agent(Protocol):
     def parse(self, completion: str) -> Action:
         """Turn the model's reply into an action."""
 
-    def observe(self, result: ExecResult) -> list[Message]:
-        """Messages reporting a command's result to the model."""
+    def observe(self, result: ExecResult, command: str = "") -> list[Message]:
+        """Messages reporting the result of `command` to the model."""
+
+    def finished(self, result: ExecResult) -> Submit | None:
+        """Whether a command's result ends the episode (mini-swe-agent submits through output)."""
 
     def scripted_action(self, task, step: int) -> Action | None:
         """An action chosen without the model (oracle scaffolds), or None to ask the model."""
@@ -56,3 +59,22 @@ def truncate_middle(text: str, limit: int) -> str:
     half = limit // 2
     omitted = len(text) - 2 * half
     return f"{text[:half]}\n[... {omitted} characters omitted ...]\n{text[-half:]}"
+
+
+def transcript(steps) -> list[dict]:
+    """The conversation of an episode, rebuilt from its step rows in index order.
+
+    Each step contributes the messages added before its model call, then the
+    model's completion as an assistant message. This is what the model saw, plus
+    its last answer (``conversation()`` in the model hop stops before that).
+
+    Args:
+        steps: Objects with ``messages_in`` (list of role/content dicts) and
+            ``completion`` (str or None), e.g. `Step` rows.
+    """
+    messages: list[dict] = []
+    for step in steps:
+        messages.extend({"role": m["role"], "content": m["content"]} for m in step.messages_in or [])
+        if step.completion is not None:
+            messages.append({"role": "assistant", "content": step.completion})
+    return messages

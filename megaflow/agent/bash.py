@@ -55,13 +55,17 @@ class BashAgent:
             return Submit()
         return Command(cmd)
 
-    def observe(self, result: ExecResult) -> list[Message]:
+    def observe(self, result: ExecResult, command: str = "") -> list[Message]:
         out = result.stdout
         if result.stderr:
             out += ("\n" if out else "") + result.stderr
         status = "timed out" if result.timed_out else f"exit code {result.exit_code}"
         body = truncate_middle(out, self.max_observation_chars)
         return [Message(role="user", content=f"[{status}]\n{body}")]
+
+    def finished(self, result: ExecResult) -> Submit | None:
+        # This scaffold submits only by its `submit` command, never through output.
+        return None
 
     def scripted_action(self, task, step: int) -> Action | None:
         return None

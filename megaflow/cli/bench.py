@@ -29,3 +29,29 @@ def pipeline(
     else:
         for k, v in figures.items():
             typer.echo(f"{k:32s} {v}")
+
+
+@app.command()
+def model(
+    concurrency: int = typer.Option(8, help="Concurrent requests (and the batch size)."),
+    max_tokens: int = typer.Option(32, help="Completion tokens per request."),
+    rounds: int = typer.Option(2, help="Timed rounds per phase, after one warm-up round."),
+    http_requests: int = typer.Option(50, help="Requests per side of the HTTP overhead figure."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Model Service overhead on SmolLM2: in-process vs through the model queue, and our HTTP client vs raw httpx."""
+    from megaflow.bench.model import run_model_bench
+
+    figures = run_model_bench(concurrency=concurrency, max_tokens=max_tokens, rounds=rounds,
+                              http_requests=http_requests)
+    if as_json:
+        print(json.dumps(figures))
+        return
+    typer.echo(f"direct generate()      {figures['direct_tokens_per_s']:10.1f} tokens/s "
+               f"({figures['direct_tokens']} tokens in {figures['direct_seconds']}s)")
+    typer.echo(f"through the model queue {figures['queue_tokens_per_s']:9.1f} tokens/s "
+               f"({figures['queue_tokens']} tokens in {figures['queue_seconds']}s)")
+    typer.echo(f"queue / direct          {figures['ratio_queue_to_direct']:9.3f}")
+    typer.echo(f"HTTP backend overhead   {figures['http_overhead_ms']:9.2f} ms/request "
+               f"(ours {figures['http_ours_median_ms']} ms, raw httpx {figures['http_raw_median_ms']} ms, "
+               f"medians of {figures['http_requests']})")

@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from megaflow.cli import bench, db, runs, workers
+from megaflow.cli import bench, db, env, export, runs, workers
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="MegaFlow: many LLM-agent episodes on Celery, RabbitMQ and PostgreSQL.")
@@ -14,6 +14,8 @@ app.add_typer(db.app, name="db")
 app.add_typer(bench.app, name="bench")
 runs.register(app)
 workers.register(app)
+export.register(app)
+env.register(app)
 
 
 @app.callback()

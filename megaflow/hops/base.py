@@ -66,11 +66,12 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
     else:
         result, write = work(ctx)
     with rt.session() as s:
-        if write is not None:
-            write(s)
+        # Mark done first: if another delivery got there, nothing of ours is written.
         if not ledger.finish(s, *key, result, time.monotonic() - t0):
             s.rollback()
             return ledger.recorded(s, *key) or result
+        if write is not None:
+            write(s)
     return result
 
 
@@ -86,9 +87,12 @@ def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work,
     t0 = time.monotonic()
     result, write = work(ctx)
     with rt.session() as s:
-        if write is not None:
-            write(s)
-        if not ledger.record(s, *key, request.id, result, time.monotonic() - t0):
+        # The ledger row goes in first: a replayed hop whose row exists must not
+        # even try its writes (they would collide with the first delivery's rows).
+        if not ledger.record(s, *key, request.id, None):
             s.rollback()
             return ledger.recorded(s, *key) or result
+        if write is not None:
+            write(s)
+        ledger.set_result(s, *key, result, time.monotonic() - t0)
     return result

@@ -6,18 +6,19 @@ worker's host, and every later hop of the episode goes to ``env.<host>``.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import random
-import shlex
 
 from sqlalchemy import select, update
 
 from megaflow.db.models import Episode, SandboxRow, Step, utcnow
+from megaflow.envs import swe
+from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError
 from megaflow.hops.base import run_hop
-from megaflow.runtime import Runtime, get_runtime
-from megaflow.sandbox.base import Sandbox
+from megaflow.hops.env_sandbox import destroy, finish, lease_until, obtain
+from megaflow.runtime import get_runtime
+from megaflow.sandbox.base import Sandbox, SandboxConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,33 +44,21 @@ def _retry_or_fail(task, hop: str, step: int, exc: Exception, exit_status: str):
     return _infra(hop, step, exc, exit_status)
 
 
-def lease_until(rt: Runtime, run_id: str) -> dt.datetime:
-    limits = rt.spec(run_id).limits
-    return utcnow() + dt.timedelta(seconds=limits.episode_timeout_s + limits.eval_timeout_s + 300)
-
-
 def provision_task(self, episode_id: str, step: int = 0):
     rt = get_runtime(self.app)
     host = rt.settings.host
 
     def work(ep):
         spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)
-        labels = {"megaflow.run": ep.run_id, "megaflow.episode": ep.id, "megaflow.host": host}
         try:
-            sb = rt.backend(spec.sandbox.type).create(spec.sandbox, labels)
+            # Ephemeral: created; persistent: from the warm pool. Recorded either way.
+            sb, config = obtain(rt, ep, host)
         except SandboxError as exc:
             return _retry_or_fail(self, "provision", step, exc, "provision_failed")
-        # Recorded before setup runs, so a crash from here on leaves a row the reaper finds.
-        row = SandboxRow(id=sb.id, backend=spec.sandbox.type, host=host, run_id=ep.run_id, episode_id=ep.id,
-                         image=spec.sandbox.image, mode=spec.sandbox.mode, state="in_use",
-                         lease_expires_at=lease_until(rt, ep.run_id), heartbeat_at=utcnow())
-        with rt.session() as s:
-            s.add(row)
-        rt.adopt_sandbox(sb)
         try:
-            setup(sb, task, spec.limits.provision_timeout_s)
-        except (SandboxError, SetupError) as exc:
-            destroy(rt, sb.id, spec.sandbox.type)
+            setup(sb, task, spec.limits.provision_timeout_s, config=config, cache_root=rt.settings.data_dir)
+        except (SandboxError, SetupError, OSError) as exc:
+            destroy(rt, sb.id, config.type)
             return _infra("provision", step, exc, "setup_failed")
 
         def write(s):
@@ -81,11 +70,11 @@ def provision_task(self, episode_id: str, step: int = 0):
                    load=lambda s: _episode(s, episode_id))
 
 
-class SetupError(RuntimeError):
-    """A task's setup command failed: the task or its image is broken."""
-
-
-def setup(sb: Sandbox, task, timeout: float) -> None:
+def setup(sb: Sandbox, task, timeout: float, config: SandboxConfig | None = None, cache_root=None) -> None:
+    """Prepare the sandbox for a task: files and setup commands (SWE tasks: the repo too)."""
+    if task.kind == "swe":
+        swe.prepare(sb, task, config or SandboxConfig(), cache_root, timeout)
+        return
     for path, content in task.files.items():
         sb.write_file(path, content.encode())
     for cmd in task.setup:
@@ -127,13 +116,7 @@ def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str | None]:
     if task.kind == "terminal":
         sb.write_file(CHECK_FILE, task.check.encode())
         return (1.0 if sb.exec(f"bash {CHECK_FILE}", timeout=timeout).exit_code == 0 else 0.0), None
-    patch = sb.exec("git add -A >/dev/null 2>&1; git diff --cached", timeout=timeout).stdout
-    if task.test_patch:
-        sb.write_file(".megaflow_test.patch", task.test_patch.encode())
-        sb.exec("git apply .megaflow_test.patch || patch -p1 < .megaflow_test.patch", timeout=timeout)
-    tests = " ".join(shlex.quote(t) for t in [*task.FAIL_TO_PASS, *task.PASS_TO_PASS])
-    ok = sb.exec(f"{task.test_command} {tests}", timeout=timeout).exit_code == 0
-    return (1.0 if ok else 0.0), patch
+    return swe.evaluate(sb, task, timeout)
 
 
 def evaluate_task(self, episode_id: str, step: int):
@@ -146,7 +129,7 @@ def evaluate_task(self, episode_id: str, step: int):
         except SandboxError as exc:
             destroy(rt, ep.sandbox_id, spec.sandbox.type)
             return _infra("evaluate", step, exc, "evaluation_failed")
-        destroy(rt, ep.sandbox_id, spec.sandbox.type)
+        finish(rt, ep)
 
         def write(s):
             s.execute(update(Episode).where(Episode.id == episode_id).values(reward=reward, patch=patch))
@@ -161,23 +144,8 @@ def release_task(self, episode_id: str, step: int):
     rt = get_runtime(self.app)
 
     def work(ep):
-        destroy(rt, ep.sandbox_id, rt.spec(ep.run_id).sandbox.type)
+        finish(rt, ep)
         return {"hop": "release", "step": step}, None
 
     return run_hop(rt, self.request, (episode_id, step, "release"), work,
                    load=lambda s: _episode(s, episode_id))
-
-
-def destroy(rt: Runtime, sandbox_id: str | None, kind: str) -> None:
-    """Destroy a sandbox and mark its row; idempotent."""
-    if not sandbox_id:
-        return
-    rt.forget_sandbox(sandbox_id)
-    try:
-        rt.backend(kind).destroy(sandbox_id)
-    except SandboxError:
-        log.warning("destroy of sandbox %s failed; the reaper will retry", sandbox_id, exc_info=True)
-        return
-    with rt.session() as s:
-        s.execute(update(SandboxRow).where(SandboxRow.id == sandbox_id, SandboxRow.destroyed_at.is_(None))
-                  .values(state="destroyed", destroyed_at=utcnow()))

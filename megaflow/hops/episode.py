@@ -142,7 +142,8 @@ class Driver:
             return self.go("release", step)
         if self.s.execute(select(Run.cancel_requested).where(Run.id == ep.run_id)).scalar():
             return self.end(states.CANCELLED, "cancelled", step)
-        if ep.deadline_at and utcnow() > _aware(ep.deadline_at):
+        # The deadline bounds the agent, not the grading of what it submitted in time.
+        if ep.state != states.EVALUATING and ep.deadline_at and utcnow() > _aware(ep.deadline_at):
             return self.end(states.FAILED, "time_limit", step, reward=self.spec.limits.no_submit_penalty)
         if prev.get("error"):
             return self.failed_hop(prev, step)
@@ -151,7 +152,11 @@ class Driver:
     def failed_hop(self, prev: dict, step: int) -> dict:
         kind = prev.get("kind", "infra")
         state = states.INFRA_FAILED if kind == "infra" else states.FAILED
-        return self.end(state, prev.get("exit_status") or f"{prev['hop']}_error", step, error=prev["error"])
+        # An agent-side ending (context overflow) means it never submitted: the same
+        # penalty as any other limit. Infra failures carry no reward at all.
+        reward = self.spec.limits.no_submit_penalty if kind == "agent" else None
+        return self.end(state, prev.get("exit_status") or f"{prev['hop']}_error", step, error=prev["error"],
+                        reward=reward)
 
     def after_start(self, step: int) -> dict:
         limits = self.spec.limits
@@ -172,7 +177,10 @@ class Driver:
         row = self.s.get(Step, (self.ep.id, step))
         result = ExecResult(exit_code=row.exit_code if row.exit_code is not None else -1,
                             stdout=row.observation or "", timed_out=row.exit_code == 124)
-        return self.next_turn(step + 1, self.agent.observe(result))
+        if self.agent.finished(result) is not None:
+            # Submitted through the command's output (mini-swe-agent): the command stays the action.
+            return self.submit(row)
+        return self.next_turn(step + 1, self.agent.observe(result, row.action or ""))
 
     def after_evaluate(self, step: int) -> dict:
         if states.move(self.s, self.ep.id, states.SUCCEEDED):
@@ -210,14 +218,17 @@ class Driver:
             return self.go("exec", row.index)
         if isinstance(action, Submit):
             row.action = "submit"
-            states.move(self.s, self.ep.id, states.EVALUATING, exit_status="submitted")
-            return self.go("evaluate", row.index)
+            return self.submit(row)
         assert isinstance(action, FormatError)
         row.observation = action.feedback
         self.ep.format_errors += 1
         if self.ep.format_errors > self.spec.limits.max_format_errors:
             return self.end(states.FAILED, "format_errors", row.index, reward=self.spec.limits.no_submit_penalty)
         return self.next_turn(row.index + 1, [Message(role="user", content=action.feedback)])
+
+    def submit(self, row: Step) -> dict:
+        states.move(self.s, self.ep.id, states.EVALUATING, exit_status="submitted")
+        return self.go("evaluate", row.index)
 
     def new_step(self, index: int, messages: list[Message]) -> None:
         self.s.add(Step(episode_id=self.ep.id, index=index,

@@ -64,13 +64,26 @@ def finish(session: Session, subject: str, step: int, hop: str, result: dict, du
     return session.execute(stmt).rowcount == 1
 
 
-def record(session: Session, subject: str, step: int, hop: str, task_id: str, result: dict,
+def record(session: Session, subject: str, step: int, hop: str, task_id: str, result: dict | None,
            duration_s: float | None = None) -> bool:
-    """Insert a finished hop in one go. False if it was already recorded (roll back then)."""
+    """Insert a finished hop. False if it was already recorded (roll back then).
+
+    The result may be filled in later in the same transaction (`set_result`):
+    other transactions only ever see the row with its result.
+    """
     now = utcnow()
     row = {"subject_id": subject, "step_index": step, "hop": hop, "task_id": task_id, "status": "done",
            "attempts": 1, "result": result, "started_at": now, "finished_at": now, "duration_s": duration_s}
     return session.execute(insert_ignore(session.connection(), Hop.__table__, row)).rowcount == 1
+
+
+def set_result(session: Session, subject: str, step: int, hop: str, result: dict,
+               duration_s: float | None = None) -> None:
+    """Fill in the result of a row `record` inserted in this same transaction."""
+    session.execute(
+        update(Hop).where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop)
+        .values(result=result, duration_s=duration_s, finished_at=utcnow())
+    )
 
 
 def recorded(session: Session, subject: str, step: int, hop: str) -> dict | None:

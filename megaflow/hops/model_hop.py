@@ -8,15 +8,16 @@ import random
 from sqlalchemy import select, update
 
 from megaflow.db.models import Episode, Step
-from megaflow.errors import AgentError, InfraError
+from megaflow.errors import AgentError, InfraError, RateLimitedError
 from megaflow.hops.base import run_hop
+from megaflow.hops.throttle import model_slot, requeue
 from megaflow.model.base import Message, ModelRequest
 from megaflow.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 
-#: Infra failures are retried this many times (with backoff) before the episode is infra_failed.
-MAX_RETRIES = 5
+#: Longest backoff between two retries of a failed model call (seconds).
+MAX_BACKOFF_S = 60.0
 
 
 def conversation(session, episode_id: str, upto: int) -> list[Message]:
@@ -33,7 +34,8 @@ def conversation(session, episode_id: str, upto: int) -> list[Message]:
     return messages
 
 
-def generate_task(self, episode_id: str, step: int):
+def generate_task(self, episode_id: str, step: int, waits: int = 0):
+    """Celery task body for ``megaflow.hop.generate``; `waits` counts re-queues for rate limits."""
     rt = get_runtime(self.app)
 
     def load(s):
@@ -45,13 +47,18 @@ def generate_task(self, episode_id: str, step: int):
         spec = rt.spec(run_id)
         request = ModelRequest(messages=messages, sampling=spec.model.sampling, request_id=f"{episode_id}:{step}")
         try:
-            completion = rt.model(run_id).generate(request)
+            with model_slot(rt, spec, run_id, request) as usage:
+                completion = rt.model(run_id).generate(request)
+                usage.tokens = completion.usage.prompt_tokens + completion.usage.completion_tokens
+        except RateLimitedError as exc:
+            raise requeue(self, exc, waits) from exc
         except AgentError as exc:
             return {"hop": "generate", "step": step, "error": str(exc), "kind": "agent",
                     "exit_status": "context_length" if isinstance(exc, ValueError) else "model_error"}, None
         except InfraError as exc:
-            if self.request.retries < MAX_RETRIES:
-                countdown = getattr(exc, "retry_after", None) or min(60.0, 2 ** self.request.retries)
+            if self.request.retries < spec.limits.model_retries:
+                backoff = spec.limits.model_retry_backoff_s * 2 ** self.request.retries
+                countdown = getattr(exc, "retry_after", None) or min(MAX_BACKOFF_S, backoff)
                 raise self.retry(exc=exc, countdown=countdown * (0.5 + random.random()))
             return {"hop": "generate", "step": step, "error": str(exc), "kind": "infra",
                     "exit_status": "model_unavailable"}, None

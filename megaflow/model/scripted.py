@@ -6,6 +6,7 @@ messages the prompt already holds, so a redelivered call gets the same answer.
 
 from __future__ import annotations
 
+import re
 import time
 
 from megaflow.errors import ContextLengthError
@@ -14,6 +15,9 @@ from megaflow.model.config import ScriptedModelConfig
 
 #: A prompt longer than this many characters is refused, to exercise the error path.
 MAX_PROMPT_CHARS = 1_000_000
+
+#: The fake's "tokens" are whitespace-separated words.
+_WORD = re.compile(r"\S+")
 
 
 class ScriptedModel:
@@ -33,10 +37,11 @@ class ScriptedModel:
         text = replies[min(step, len(replies) - 1)].replace("{step}", str(step))
         if self.config.latency_s:
             time.sleep(self.config.latency_s)
+        text, finish = _cap(text, request.sampling.max_tokens)
         words = text.split()
         return Completion(
             text=text,
-            finish_reason="stop",
+            finish_reason=finish,
             token_ids=[len(w) for w in words],
             logprobs=[0.0] * len(words),
             usage=Usage(prompt_tokens=prompt_chars // 4, completion_tokens=len(words)),
@@ -47,3 +52,16 @@ class ScriptedModel:
 
     def close(self) -> None:
         pass
+
+
+def _cap(text: str, max_tokens: int) -> tuple[str, str]:
+    """Cut `text` after its `max_tokens`-th word, as a real model stops at its cap.
+
+    Returns:
+        The text, cut where the cap fell (its own spacing kept), and the finish reason:
+        'length' when words were dropped, else 'stop'.
+    """
+    ends = [m.end() for m in _WORD.finditer(text)]
+    if len(ends) <= max_tokens:
+        return text, "stop"
+    return text[: ends[max_tokens - 1]], "length"

@@ -1,0 +1,1 @@
+"""Imported by the tests: proves the test directory is importable, as under pytest."""

@@ -1,0 +1,3 @@
+from matrix.ops import identity, multiply, transpose
+
+__all__ = ["identity", "multiply", "transpose"]

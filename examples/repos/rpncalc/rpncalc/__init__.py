@@ -1,0 +1,3 @@
+from rpncalc.core import evaluate
+
+__all__ = ["evaluate"]

@@ -1,0 +1,205 @@
+"""`megaflow bench model`: what the Model Service costs on top of the model itself.
+
+Three figures, each beside its own floor measured in the same run:
+
+* ``direct_tokens_per_s``: the prompts as concurrent `generate()` calls on an
+  in-process `TransformersModel` (dynamic batching, nothing else);
+* ``queue_tokens_per_s``: the same prompts as ``megaflow.hop.generate`` messages
+  through the broker to a real model worker with the same model config, each hop
+  reading its prompt from the database and writing the completion back;
+* ``http_overhead_ms``: our OpenAI HTTP backend against a raw httpx POST of the same
+  body to the same real server, per request (medians, one request at a time).
+
+The phases run one after another, so none competes with another for the CPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from megaflow.app import make_app
+from megaflow.bench.floors import wait_for_worker
+from megaflow.client import Client, as_spec
+from megaflow.config import Settings
+from megaflow.db.models import Episode, Step
+from megaflow.db.schema import upgrade
+from megaflow.local_stack import WorkerProcess
+from megaflow.model.base import Message, ModelRequest, SamplingParams
+from megaflow.model.config import TransformersModelConfig
+
+
+def bench_prompts(n: int) -> list[str]:
+    """`n` distinct short prompts, the same for every phase."""
+    return [f"In two sentences, say something true about the number {i}." for i in range(n)]
+
+
+def run_model_bench(concurrency: int = 8, max_tokens: int = 32, rounds: int = 2, http_requests: int = 50,
+                    settings: Settings | None = None) -> dict:
+    """Run the three phases; returns the figures (see the module docstring).
+
+    Raises:
+        SystemExit: no real broker is configured.
+    """
+    settings = settings or Settings()
+    if settings.embedded:
+        raise SystemExit("bench model needs a real broker: set MEGAFLOW_BROKER_URL and MEGAFLOW_DATABASE_URL")
+    settings = settings.model_copy(update={"data_dir": Path(tempfile.mkdtemp(prefix="megaflow-bench-"))})
+    config = TransformersModelConfig(max_batch_size=concurrency, max_wait_ms=50.0,
+                                     sampling=SamplingParams(max_tokens=max_tokens))
+    prompts = bench_prompts(concurrency)
+    figures: dict = {"concurrency": concurrency, "max_tokens": max_tokens, "rounds": rounds}
+    figures.update(direct_figures(config, prompts, rounds))
+    figures.update(queue_figures(settings, config, prompts, rounds))
+    figures["ratio_queue_to_direct"] = round(figures["queue_tokens_per_s"] / figures["direct_tokens_per_s"], 3)
+    figures.update(http_figures(http_requests))
+    return figures
+
+
+def direct_figures(config: TransformersModelConfig, prompts: list[str], rounds: int) -> dict:
+    """Tokens per second of concurrent in-process `generate()` calls (after one warm-up round)."""
+    from megaflow.model.hf import TransformersModel
+
+    model = TransformersModel(config)
+    try:
+        model.load()
+        _concurrently(model, prompts, config.sampling)  # warm-up: first-batch costs are not the floor
+        tokens, seconds = 0, 0.0
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            completions = _concurrently(model, prompts, config.sampling)
+            seconds += time.perf_counter() - t0
+            tokens += sum(c.usage.completion_tokens for c in completions)
+        sizes = model.stats.sizes[-rounds * len(prompts):]
+    finally:
+        model.close()
+    return {"direct_tokens": tokens, "direct_seconds": round(seconds, 3),
+            "direct_tokens_per_s": round(tokens / seconds, 1), "direct_batches": sizes}
+
+
+def _concurrently(model, prompts: list[str], sampling: SamplingParams) -> list:
+    results: list = [None] * len(prompts)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(prompts))
+
+    def call(i: int) -> None:
+        barrier.wait()
+        try:
+            request = ModelRequest(messages=[Message(role="user", content=prompts[i])], sampling=sampling)
+            results[i] = model.generate(request)
+        except BaseException as exc:  # reraised on the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def queue_figures(settings: Settings, config: TransformersModelConfig, prompts: list[str], rounds: int) -> dict:
+    """Tokens per second of the same prompts as generate hops through a real model worker."""
+    upgrade(settings.resolved_database_url())
+    app = make_app(settings)
+    client = Client(settings, app=app)
+    # A private queue: other model workers on this broker must not take the bench's hops.
+    queue = f"megaflow.bench.model.{uuid.uuid4().hex[:8]}"
+    worker = WorkerProcess("model", settings, name=f"bench-model-{uuid.uuid4().hex[:6]}",
+                           extra_env={"MEGAFLOW_WORKER_QUEUES": queue}).start()
+    try:
+        wait_for_worker(app, worker.name, timeout=120)
+        batches = _episodes_with_prompts(client, config, prompts, rounds + 1)
+        _generate_all(app, client, queue, batches[0])  # warm-up: the worker loads the model now
+        tokens, seconds = 0, 0.0
+        for ids in batches[1:]:
+            elapsed, used = _generate_all(app, client, queue, ids)
+            seconds += elapsed
+            tokens += used
+    finally:
+        worker.stop()
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+    return {"queue_tokens": tokens, "queue_seconds": round(seconds, 3),
+            "queue_tokens_per_s": round(tokens / seconds, 1)}
+
+
+def _episodes_with_prompts(client: Client, config: TransformersModelConfig, prompts: list[str],
+                           batches: int) -> list[list[str]]:
+    """Record a run whose episodes each wait at step 0 with one prompt; returns episode ids per batch."""
+    n = len(prompts) * batches
+    spec = as_spec({"name": "bench-model", "model": config.model_dump(mode="json"), "sandbox": {"type": "memory"},
+                    "tasks": [{"instance_id": f"m{i}", "instruction": "bench", "check": "true"}
+                              for i in range(n)]})
+    run_id, _ = client._record(spec)  # recorded, never published: only the generate hops run
+    with client.session() as s:
+        ids = list(s.execute(select(Episode.id).where(Episode.run_id == run_id).order_by(Episode.seq)).scalars())
+        s.add_all(Step(episode_id=eid, index=0,
+                       messages_in=[{"role": "user", "content": prompts[i % len(prompts)]}])
+                  for i, eid in enumerate(ids))
+    return [ids[b * len(prompts):(b + 1) * len(prompts)] for b in range(batches)]
+
+
+def _generate_all(app, client: Client, queue: str, episode_ids: list[str], timeout: float = 600.0) -> tuple:
+    """Send one generate hop per episode at once; (seconds until all are recorded, completion tokens)."""
+    t0 = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for eid in episode_ids:
+            app.signature("megaflow.hop.generate", args=(eid, 0), queue=queue, exchange="megaflow",
+                          routing_key=queue).apply_async(producer=producer)
+    done = select(func.count(), func.sum(Step.completion_tokens)).where(
+        Step.episode_id.in_(episode_ids), Step.index == 0, Step.completion.is_not(None))
+    while True:
+        with client.session() as s:
+            count, tokens = s.execute(done).one()
+        if count == len(episode_ids):
+            return time.perf_counter() - t0, int(tokens or 0)
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"{count} of {len(episode_ids)} generate hops done after {timeout:.0f}s")
+        time.sleep(0.01)
+
+
+def http_figures(n: int) -> dict:
+    """Per-request latency of `OpenAIModel` and of a raw httpx POST to the same real server."""
+    import httpx
+
+    from megaflow.model.config import OpenAIModelConfig
+    from megaflow.model.openai_http import OpenAIModel
+    from megaflow.model.server import openai_server
+
+    sampling = SamplingParams(max_tokens=1)  # the server's own time small and steady, so the gap shows
+    request = ModelRequest(messages=[Message(role="user", content="Say hi.")], sampling=sampling)
+    # max_wait_ms=0: a lone request must not wait for a batch to fill.
+    with openai_server(max_batch_size=1, max_wait_ms=0.0) as url:
+        ours = OpenAIModel(OpenAIModelConfig(model="smollm2", endpoints=[url], max_retries=0))
+        body = ours._body(request)  # the very body ours sends
+        raw = httpx.Client(base_url=url, timeout=60.0)
+        ours_s, raw_s = [], []
+        try:
+            for i in range(n + 2):
+                # Alternate the two, so drift in the server's speed hits both alike.
+                t_ours = _timed(lambda: ours.generate(request))
+                t_raw = _timed(lambda: raw.post("/chat/completions", json=body).raise_for_status().json())
+                if i >= 2:  # the first two open connections and warm the server
+                    ours_s.append(t_ours)
+                    raw_s.append(t_raw)
+        finally:
+            ours.close()
+            raw.close()
+    ours_ms, raw_ms = statistics.median(ours_s) * 1000, statistics.median(raw_s) * 1000
+    return {"http_requests": n, "http_ours_median_ms": round(ours_ms, 2), "http_raw_median_ms": round(raw_ms, 2),
+            "http_overhead_ms": round(ours_ms - raw_ms, 2)}
+
+
+def _timed(call) -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0

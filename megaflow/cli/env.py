@@ -1,0 +1,136 @@
+"""`megaflow env build-base | build | validate` and `megaflow cleanup`: the Environment Service's tools."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Sandbox images and task environments.")
+
+#: Dockerfile directories built on top of megaflow/base by `build-base`.
+IMAGES_DIR = Path(__file__).resolve().parents[2] / "docker" / "images"
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="env")
+    root.command()(cleanup)
+
+
+def _docker_client():
+    import docker
+
+    from megaflow.errors import SandboxError
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means the same to the user
+        raise SandboxError(f"no Docker engine answers ({exc}); export DOCKER_HOST=$(docker/start-dockerd.sh)") from exc
+    return client
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(str(exc), fg="red", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("build-base")
+def build_base(force: bool = typer.Option(False, "--force", help="Rebuild even when cached.")) -> None:
+    """Build megaflow/base (debootstrap) and the images of docker/images/ on it (megaflow/python); cached."""
+    from megaflow.errors import SandboxError
+    from megaflow.sandbox.images import build_base as do_build_base
+    from megaflow.sandbox.images import build_image
+
+    try:
+        client = _docker_client()
+        typer.echo(f"megaflow/base {do_build_base(client, force=force)[:19]}")
+        for context in sorted(p for p in IMAGES_DIR.iterdir() if (p / "Dockerfile").exists()):
+            tag = f"megaflow/{context.name}"
+            typer.echo(f"{tag} {build_image(client, context, tag, force=force)[:19]}")
+    except SandboxError as exc:
+        _fail(exc)
+
+
+@app.command()
+def build(
+    tasks: Path = typer.Argument(..., help="Tasks file, directory of tasks files, or run spec."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when cached."),
+) -> None:
+    """Prebuild every Docker image a task set needs: one per SWE repo source (cached)."""
+    from megaflow.config import Settings
+    from megaflow.envs.repos import REPO_BASE_IMAGE, build_repo_image
+    from megaflow.envs.validate import load_task_set
+    from megaflow.errors import SandboxError, SpecError
+    from megaflow.sandbox.images import build_image
+
+    try:
+        task_list = load_task_set(tasks)
+        sources = sorted({t.repo for t in task_list if t.kind == "swe" and t.repo and not t.image})
+        client = _docker_client()
+        build_image(client, IMAGES_DIR / REPO_BASE_IMAGE.split("/", 1)[1], REPO_BASE_IMAGE)
+        for source in sources:
+            typer.echo(f"{build_repo_image(client, source, Settings().data_dir, force=force)}  <- {source}")
+    except (SandboxError, SpecError) as exc:
+        _fail(exc)
+    typer.echo(f"{len(sources)} repo images ready")
+
+
+@app.command()
+def validate(
+    tasks: Path = typer.Argument(..., help="Tasks file, directory of tasks files, or run spec."),
+    sandbox: str = typer.Option("local", "--sandbox", help="Backend: local | docker."),
+    timeout: float = typer.Option(300.0, help="Per-command timeout (seconds)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per task."),
+) -> None:
+    """Prove each task: gold solution earns 1, no change earns 0. Exits 1 if any task fails."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from megaflow.config import Settings
+    from megaflow.envs.validate import validate as do_validate
+    from megaflow.envs.validate import load_task_set
+    from megaflow.errors import SandboxError, SpecError
+    from megaflow.sandbox.base import SandboxConfig
+    from megaflow.sandbox.registry import make_backend
+
+    settings = Settings()
+    try:
+        task_list = load_task_set(tasks)
+        backend = make_backend(sandbox, **({"root": settings.data_dir} if sandbox == "local" else {}))
+        reports = do_validate(task_list, backend, SandboxConfig(type=sandbox), settings.data_dir, timeout)
+    except (SandboxError, SpecError, ValueError) as exc:
+        _fail(exc)
+    if as_json:
+        for r in reports:
+            print(json.dumps({"instance_id": r.instance_id, "kind": r.kind, "ok": r.ok, "gold": r.gold,
+                              "empty": r.empty, "problems": r.problems, "seconds": round(r.seconds, 2)}))
+    else:
+        table = Table(title=f"{tasks} on {sandbox}")
+        for col in ("instance", "kind", "gold", "no change", "ok", "s", "problems"):
+            table.add_column(col)
+        for r in reports:
+            table.add_row(r.instance_id, r.kind, str(r.gold), str(r.empty), "yes" if r.ok else "NO",
+                          f"{r.seconds:.1f}", "; ".join(r.problems)[:300])
+        Console().print(table)
+    bad = [r for r in reports if not r.ok]
+    typer.echo(f"{len(reports) - len(bad)} passed, {len(bad)} failed")
+    if bad:
+        raise typer.Exit(1)
+
+
+def cleanup(
+    all_hosts: bool = typer.Option(False, "--all-hosts", help="Reap every host's rows, not only this host's."),
+    grace: float = typer.Option(120.0, help="Spare ended episodes and unrecorded sandboxes younger than this (s)."),
+    backend: list[str] = typer.Option(None, "--backend", help="Backend to list (repeatable); default: all in use."),
+) -> None:
+    """Remove leaked sandboxes: expired leases, ended episodes, and unrecorded ones labelled for this host."""
+    from megaflow.config import Settings
+    from megaflow.reaper import reap
+
+    report = reap(Settings(), all_hosts=all_hosts, grace_s=grace, backends=backend or None)
+    typer.echo(f"hosts {', '.join(report['hosts'])}: {report['rows']} by row, {report['orphans']} unrecorded, "
+               f"{len(report['errors'])} errors")
+    for error in report["errors"]:
+        typer.secho(f"  {error}", fg="yellow", err=True)

@@ -1,0 +1,45 @@
+"""`megaflow export RUN --format jsonl|parquet|swebench|minisweagent --out PATH`."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+class Format(str, Enum):
+    jsonl = "jsonl"
+    parquet = "parquet"
+    swebench = "swebench"
+    minisweagent = "minisweagent"
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="export")(export)
+
+
+def export(
+    run_id: str = typer.Argument(..., help="The run to export."),
+    fmt: Format = typer.Option(Format.jsonl, "--format", "-f", help="Output format."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file (a directory for minisweagent)."),
+    tokenizer: str = typer.Option(None, help="Parquet: Hugging Face tokenizer for prompt token ids and loss masks."),
+    model_name: str = typer.Option(None, help="swebench/minisweagent: model name (default: as the backend reported)."),
+) -> None:
+    """Export a run's episodes: JSONL or Parquet for trainers, SWE-bench predictions, mini-swe-agent trajectories."""
+    from megaflow.client import Client
+    from megaflow.export import HFChatTokenizer
+
+    try:
+        tok = HFChatTokenizer(tokenizer) if tokenizer else None
+        n = Client().export(run_id, fmt.value, out, tokenizer=tok, model_name=model_name)
+    except ImportError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    except LookupError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1)
+    console.print(f"{n} records written to {out}")

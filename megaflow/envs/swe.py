@@ -1,0 +1,126 @@
+"""SWE-style repository tasks: the sandbox they need, their setup, their evaluation.
+
+The shape is SWE-bench's: a repo snapshot, a problem statement, a gold ``patch``, a
+``test_patch`` adding the tests, and two lists of test ids. Reward is 1 iff every
+FAIL_TO_PASS and PASS_TO_PASS test passes once the test patch is applied on top of
+the agent's work.
+
+Test ids are pytest node ids. ``test_command`` receives them as arguments: the
+default ``python -m pytest -q`` for images that have pytest, or
+``python3 .megaflow_runtests.py`` (`RUNNER_COMMAND`) for the pytest-free runner that
+evaluation copies into the sandbox (see `megaflow.envs.runtests`). The example tasks
+use the latter, since sandbox images carry python3 but no pytest.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+from pathlib import Path
+
+from megaflow.envs.repos import GIT_BASELINE, fetch, image_tag, iter_files
+from megaflow.sandbox.base import Sandbox, SandboxConfig
+
+log = logging.getLogger(__name__)
+
+#: Where evaluation puts the pytest-free runner, relative to the work directory.
+RUNNER_FILE = ".megaflow_runtests.py"
+#: The `test_command` that runs test ids with that runner.
+RUNNER_COMMAND = f"python3 {RUNNER_FILE}"
+TEST_PATCH_FILE = ".megaflow_test.patch"
+#: Commits whatever setup wrote, so that only the agent's work shows in `git diff`;
+#: starts the repository when the sandbox has none (files written at provision).
+_COMMIT_SETUP = (
+    "if [ -d .git ]; then git add -A && { git diff --cached --quiet || git -c user.name=megaflow "
+    "-c user.email=megaflow@localhost -c commit.gpgsign=false commit -q -m 'task setup'; }; "
+    f"else {GIT_BASELINE}; fi"
+)
+
+
+class SetupError(RuntimeError):
+    """A task's setup failed in the sandbox: the task or its image is broken."""
+
+
+def sandbox_config(base: SandboxConfig, task) -> SandboxConfig:
+    """The sandbox a task needs: the run's config, with the repo's image on docker."""
+    if task.kind != "swe" or base.type != "docker":
+        return base
+    image = task.image or (image_tag(task.repo) if task.repo else None)
+    return base.model_copy(update={"image": image}) if image else base
+
+
+def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout: float) -> None:
+    """Put a SWE task's repo and files in the sandbox, run its setup, commit the result.
+
+    On docker the repo is already in the image (`sandbox_config`); elsewhere its files
+    are copied into the work directory here.
+
+    Raises:
+        SetupError: a setup command failed.
+        SandboxError: the sandbox failed, or the repo could not be fetched.
+    """
+    if task.repo and config.type != "docker":
+        for rel, path in iter_files(fetch(task.repo, cache_root)):
+            sb.write_file(rel, path.read_bytes())
+    for path, content in task.files.items():
+        sb.write_file(path, content.encode())
+    for cmd in [*task.setup, _COMMIT_SETUP]:
+        r = sb.exec(cmd, timeout=timeout)
+        if r.exit_code != 0:
+            raise SetupError(f"setup command {cmd!r} exited {r.exit_code}: {(r.stderr or r.stdout)[-500:]}")
+
+
+def patch_paths(patch: str) -> list[str]:
+    """Files a unified diff touches (old and new names)."""
+    paths = set()
+    for m in re.finditer(r"^(?:---|\+\+\+) (?:[ab]/)?(\S+)", patch, flags=re.MULTILINE):
+        if m.group(1) != "/dev/null":
+            paths.add(m.group(1))
+    return sorted(paths)
+
+
+def tests_command(task, ids: list[str]) -> str:
+    return " ".join([task.test_command, *(shlex.quote(t) for t in ids)])
+
+
+def apply_test_patch(sb: Sandbox, task, timeout: float) -> bool:
+    """Restore the files the test patch touches, then apply it; False when it does not apply.
+
+    Restoring first (as SWE-bench does) means an agent that edited the tests can
+    neither block the patch nor weaken the checks.
+    """
+    if not task.test_patch:
+        return True
+    restore = [f"{{ git checkout -q HEAD -- {shlex.quote(p)} 2>/dev/null || rm -f -- {shlex.quote(p)}; }}"
+               for p in patch_paths(task.test_patch)]
+    if restore:
+        sb.exec(" ; ".join(restore), timeout=timeout)
+    sb.write_file(TEST_PATCH_FILE, task.test_patch.encode())
+    r = sb.exec(f"git apply {TEST_PATCH_FILE} || patch -p1 --forward < {TEST_PATCH_FILE}", timeout=timeout)
+    if r.exit_code != 0:
+        log.info("test patch of %s does not apply: %s", task.instance_id, (r.stderr or r.stdout)[-300:])
+        return False
+    return True
+
+
+def install_runner(sb: Sandbox, task) -> None:
+    """Copy the pytest-free runner in when the task's test command uses it."""
+    if RUNNER_FILE in task.test_command:
+        sb.write_file(RUNNER_FILE, (Path(__file__).parent / "runtests.py").read_bytes())
+
+
+def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str]:
+    """Reward 1.0 iff every FAIL_TO_PASS and PASS_TO_PASS test passes; and the agent's patch.
+
+    Raises:
+        SandboxError: the sandbox failed (an infra failure, not a reward of 0).
+    """
+    patch = sb.exec("git add -A >/dev/null 2>&1; git diff --cached", timeout=timeout).stdout
+    if not apply_test_patch(sb, task, timeout):
+        return 0.0, patch
+    install_runner(sb, task)
+    result = sb.exec(tests_command(task, [*task.FAIL_TO_PASS, *task.PASS_TO_PASS]), timeout=timeout)
+    if result.exit_code != 0:
+        log.debug("%s: tests failed:\n%s", task.instance_id, result.stdout[-2000:])
+    return (1.0 if result.exit_code == 0 else 0.0), patch
