@@ -94,6 +94,8 @@ def reap(target: Runtime | Settings, host: str | None = None, *, all_hosts: bool
     if report["destroyed"]:
         log.info("reaper: destroyed %d sandboxes (%d by row, %d unrecorded) on %s", len(report["destroyed"]),
                  report["rows"], report["orphans"], ",".join(hosts))
+    for error in report["errors"]:
+        log.info("reaper: %s", error)
     return report
 
 

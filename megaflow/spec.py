@@ -42,7 +42,11 @@ class SWETask(_Strict):
     image: str | None = Field(default=None, description="Docker image holding the repo at /work.")
     files: dict[str, str] = Field(default_factory=dict, description="Repo files written into the work dir (small repos).")
     setup: list[str] = Field(default_factory=list)
-    test_command: str = Field(default="python -m pytest -q", description="Command that runs tests; test ids appended.")
+    test_command: str = Field(
+        default="python -m pytest -q",
+        description="Command that runs tests; test ids appended. `python3 .megaflow_runtests.py` runs pytest "
+        "node ids without pytest (megaflow.envs.runtests; images carry python3 only).",
+    )
     FAIL_TO_PASS: list[str] = Field(default_factory=list)
     PASS_TO_PASS: list[str] = Field(default_factory=list)
     patch: str = Field(default="", description="Gold patch.")

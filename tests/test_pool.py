@@ -56,7 +56,7 @@ def test_pool_size_zero_never_keeps():
 
 
 def test_keep_refusing_destroys_instead():
-    pool, backend, destroyed = make_pool()
+    pool, _, destroyed = make_pool()
     sb = pool.acquire(config(), {})
     assert not pool.release(sb, config(), keep=lambda _sb: False)
     assert destroyed == [sb.id] and pool.idle_ids() == []
@@ -80,7 +80,7 @@ def test_vanished_idle_sandbox_is_replaced_on_acquire():
 
 
 def test_max_idle_evicts_least_recently_released():
-    pool, backend, destroyed = make_pool(max_idle=2)
+    pool, _, destroyed = make_pool(max_idle=2)
     a, b, c = (pool.acquire(config(memory_mb=mb), {}) for mb in (100, 200, 300))
     for sb, mb in ((a, 100), (b, 200), (c, 300)):
         pool.release(sb, config(memory_mb=mb))

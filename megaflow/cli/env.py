@@ -20,13 +20,12 @@ def register(root: typer.Typer) -> None:
 
 def _docker_client():
     import docker
-
     from megaflow.errors import SandboxError
 
     try:
         client = docker.from_env()
         client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means the same to the user
+    except Exception as exc:  # whatever failed, the user must start or point to an engine
         raise SandboxError(f"no Docker engine answers ({exc}); export DOCKER_HOST=$(docker/start-dockerd.sh)") from exc
     return client
 
@@ -89,8 +88,8 @@ def validate(
     from rich.table import Table
 
     from megaflow.config import Settings
-    from megaflow.envs.validate import validate as do_validate
     from megaflow.envs.validate import load_task_set
+    from megaflow.envs.validate import validate as do_validate
     from megaflow.errors import SandboxError, SpecError
     from megaflow.sandbox.base import SandboxConfig
     from megaflow.sandbox.registry import make_backend

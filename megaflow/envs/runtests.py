@@ -10,8 +10,9 @@ Understood ids: ``path/test_x.py::test_func``, ``path/test_x.py::TestClass::test
 and ``path/test_x.py`` (every ``test*`` function and method of the file). Test
 functions are plain functions with ``assert`` (the only fixture offered is
 ``tmp_path``) or methods of `unittest.TestCase` subclasses or of plain ``Test*``
-classes (``setup_method``/``teardown_method`` are called). Parametrized ids
-(``test_x[1]``) are not supported.
+classes (``setup_method``/``teardown_method`` are called). A skipped test
+(`unittest.SkipTest`) counts as passed. Parametrized ids (``test_x[1]``), fixtures
+other than ``tmp_path`` and conftest files are not supported: use pytest for those.
 
 Prints one line per test (``PASSED id`` / ``FAILED id`` / ``ERROR id``, a traceback
 after failures) and ``N passed, N failed``; exits 0 iff at least one test ran and
