@@ -65,12 +65,19 @@ def dispose_all() -> None:
         for engine in _engines.values():
             engine.dispose(close=False)
         _engines.clear()
+        _factories.clear()
+
+
+_factories: dict[tuple[str, int], sessionmaker] = {}
 
 
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
-    factory = sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    key = (url, os.getpid())
+    factory = _factories.get(key)
+    if factory is None:
+        factory = _factories[key] = sessionmaker(bind=get_engine(url), expire_on_commit=False)
     session = factory()
     try:
         yield session

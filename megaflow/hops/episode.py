@@ -100,9 +100,12 @@ class Driver:
 
     def __init__(self, rt: Runtime, session: Session, episode_id: str):
         self.rt, self.s = rt, session
-        self.ep = session.get(Episode, episode_id)
-        if self.ep is None:
+        # The run's cancel flag comes in the same query: one round trip, not two.
+        row = session.execute(select(Episode, Run.cancel_requested).join(Run, Run.id == Episode.run_id)
+                              .where(Episode.id == episode_id)).first()
+        if row is None:
             raise LookupError(f"episode {episode_id} not found")
+        self.ep, self.cancel_requested = row
         self.spec = rt.spec(self.ep.run_id)
         self.task = rt.task(self.ep.task_instance_id)
         self.agent = rt.agent(self.ep.run_id)
@@ -140,7 +143,7 @@ class Driver:
             if hop in ("release", "evaluate") or not ep.sandbox_id:
                 return self.final()
             return self.go("release", step)
-        if self.s.execute(select(Run.cancel_requested).where(Run.id == ep.run_id)).scalar():
+        if self.cancel_requested:
             return self.end(states.CANCELLED, "cancelled", step)
         # The deadline bounds the agent, not the grading of what it submitted in time.
         if ep.state != states.EVALUATING and ep.deadline_at and utcnow() > _aware(ep.deadline_at):
