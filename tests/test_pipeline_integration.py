@@ -161,3 +161,26 @@ def test_unknown_task_is_dead_lettered_not_crash_looping(cluster):
     # The worker keeps working after the poison message.
     run_id = client.submit(spec(1, 1))
     assert client.wait(run_id, timeout=60)["by_state"] == {"succeeded": 1}
+
+
+def test_cancel_mid_run_ends_every_episode_and_closes_the_run(cluster):
+    settings, workers = cluster
+    client = Client(settings)
+    run_id = client.submit(spec(6, 4, latency=0.2))
+    deadline = time.monotonic() + 60
+    while client.status(run_id)["steps"] < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client.cancel(run_id)
+    st = client.wait(run_id, timeout=120)
+    assert st["status"] == "cancelled"
+    assert set(st["by_state"]) <= {"cancelled", "succeeded"} and st["by_state"].get("cancelled", 0) > 0
+    assert sum(st["by_state"].values()) == 24
+    events = client.events(run_id)
+    assert events["run.done"] == 1 and events["group.done"] == 6
+    from megaflow.db.models import SandboxRow
+
+    with client.session() as s:
+        live = s.execute(select(func.count()).select_from(SandboxRow).where(
+            SandboxRow.run_id == run_id, SandboxRow.destroyed_at.is_(None))).scalar()
+    assert live == 0, "cancelled episodes must release their sandboxes"
