@@ -8,9 +8,10 @@ Three figures, each beside its own floor measured in the same run:
   through the broker to a real model worker with the same model config, each hop
   reading its prompt from the database and writing the completion back;
 * ``http_overhead_ms``: our OpenAI HTTP backend against a raw httpx POST of the same
-  body to the same real server, per request (medians, one request at a time).
+  body to the same real server, per request: the median of paired differences, the
+  two sent one after the other, one request at a time.
 
-The phases run one after another, so none competes with another for the CPU.
+Direct and queue rounds alternate, so a change in the machine's load hits both.
 """
 
 from __future__ import annotations
@@ -53,34 +54,66 @@ def run_model_bench(concurrency: int = 8, max_tokens: int = 32, rounds: int = 2,
     settings = settings.model_copy(update={"data_dir": Path(tempfile.mkdtemp(prefix="megaflow-bench-"))})
     config = TransformersModelConfig(max_batch_size=concurrency, max_wait_ms=50.0,
                                      sampling=SamplingParams(max_tokens=max_tokens))
-    prompts = bench_prompts(concurrency)
     figures: dict = {"concurrency": concurrency, "max_tokens": max_tokens, "rounds": rounds}
-    figures.update(direct_figures(config, prompts, rounds))
-    figures.update(queue_figures(settings, config, prompts, rounds))
-    figures["ratio_queue_to_direct"] = round(figures["queue_tokens_per_s"] / figures["direct_tokens_per_s"], 3)
+    figures.update(generation_figures(settings, config, bench_prompts(concurrency), rounds))
     figures.update(http_figures(http_requests))
     return figures
 
 
-def direct_figures(config: TransformersModelConfig, prompts: list[str], rounds: int) -> dict:
-    """Tokens per second of concurrent in-process `generate()` calls (after one warm-up round)."""
+def generation_figures(settings: Settings, config: TransformersModelConfig, prompts: list[str],
+                       rounds: int) -> dict:
+    """Tokens per second of the prompts in-process and through the queue, rounds interleaved.
+
+    Both models stay loaded and the rounds alternate (direct first, then queue first),
+    so a change in the machine's load during the run hits both sides alike. An idle
+    model costs no CPU: its batcher thread sleeps.
+    """
     from megaflow.model.hf import TransformersModel
 
+    upgrade(settings.resolved_database_url())
+    app = make_app(settings)
+    client = Client(settings, app=app)
+    # A private queue: other model workers on this broker must not take the bench's hops.
+    queue = f"megaflow.bench.model.{uuid.uuid4().hex[:8]}"
+    worker = WorkerProcess("model", settings, name=f"bench-model-{uuid.uuid4().hex[:6]}",
+                           extra_env={"MEGAFLOW_WORKER_QUEUES": queue}).start()
     model = TransformersModel(config)
+    totals = {"direct": [0, 0.0], "queue": [0, 0.0]}
     try:
         model.load()
-        _concurrently(model, prompts, config.sampling)  # warm-up: first-batch costs are not the floor
-        tokens, seconds = 0, 0.0
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            completions = _concurrently(model, prompts, config.sampling)
-            seconds += time.perf_counter() - t0
-            tokens += sum(c.usage.completion_tokens for c in completions)
-        sizes = model.stats.sizes[-rounds * len(prompts):]
+        wait_for_worker(app, worker.name, timeout=120)
+        batches = _episodes_with_prompts(client, config, prompts, rounds + 1)
+        # Warm-up rounds (the worker loads its model now): first-call costs are not the figure.
+        _direct_round(model, prompts, config.sampling)
+        _generate_all(app, client, queue, batches[0])
+        before = model.stats.batches
+        for r in range(rounds):
+            sides = [("direct", lambda: _direct_round(model, prompts, config.sampling)),
+                     ("queue", lambda ids=batches[r + 1]: _generate_all(app, client, queue, ids))]
+            for side, run in sides if r % 2 == 0 else reversed(sides):
+                seconds, tokens = run()
+                totals[side][0] += tokens
+                totals[side][1] += seconds
+        direct_batches = model.stats.sizes[before:]
     finally:
         model.close()
-    return {"direct_tokens": tokens, "direct_seconds": round(seconds, 3),
-            "direct_tokens_per_s": round(tokens / seconds, 1), "direct_batches": sizes}
+        worker.stop()
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+    figures = {}
+    for side, (tokens, seconds) in totals.items():
+        figures.update({f"{side}_tokens": tokens, f"{side}_seconds": round(seconds, 3),
+                        f"{side}_tokens_per_s": round(tokens / seconds, 1)})
+    figures["direct_batches"] = direct_batches
+    figures["ratio_queue_to_direct"] = round(figures["queue_tokens_per_s"] / figures["direct_tokens_per_s"], 3)
+    return figures
+
+
+def _direct_round(model, prompts: list[str], sampling: SamplingParams) -> tuple[float, int]:
+    """(seconds, completion tokens) of the prompts as concurrent in-process calls."""
+    t0 = time.perf_counter()
+    completions = _concurrently(model, prompts, sampling)
+    return time.perf_counter() - t0, sum(c.usage.completion_tokens for c in completions)
 
 
 def _concurrently(model, prompts: list[str], sampling: SamplingParams) -> list:
@@ -104,32 +137,6 @@ def _concurrently(model, prompts: list[str], sampling: SamplingParams) -> list:
     if errors:
         raise errors[0]
     return results
-
-
-def queue_figures(settings: Settings, config: TransformersModelConfig, prompts: list[str], rounds: int) -> dict:
-    """Tokens per second of the same prompts as generate hops through a real model worker."""
-    upgrade(settings.resolved_database_url())
-    app = make_app(settings)
-    client = Client(settings, app=app)
-    # A private queue: other model workers on this broker must not take the bench's hops.
-    queue = f"megaflow.bench.model.{uuid.uuid4().hex[:8]}"
-    worker = WorkerProcess("model", settings, name=f"bench-model-{uuid.uuid4().hex[:6]}",
-                           extra_env={"MEGAFLOW_WORKER_QUEUES": queue}).start()
-    try:
-        wait_for_worker(app, worker.name, timeout=120)
-        batches = _episodes_with_prompts(client, config, prompts, rounds + 1)
-        _generate_all(app, client, queue, batches[0])  # warm-up: the worker loads the model now
-        tokens, seconds = 0, 0.0
-        for ids in batches[1:]:
-            elapsed, used = _generate_all(app, client, queue, ids)
-            seconds += elapsed
-            tokens += used
-    finally:
-        worker.stop()
-        with app.connection_for_write() as conn:
-            conn.default_channel.queue_delete(queue)
-    return {"queue_tokens": tokens, "queue_seconds": round(seconds, 3),
-            "queue_tokens_per_s": round(tokens / seconds, 1)}
 
 
 def _episodes_with_prompts(client: Client, config: TransformersModelConfig, prompts: list[str],
@@ -185,18 +192,22 @@ def http_figures(n: int) -> dict:
         ours_s, raw_s = [], []
         try:
             for i in range(n + 2):
-                # Alternate the two, so drift in the server's speed hits both alike.
-                t_ours = _timed(lambda: ours.generate(request))
-                t_raw = _timed(lambda: raw.post("/chat/completions", json=body).raise_for_status().json())
+                # In pairs, first one then the other first: drift in the server's speed hits both alike.
+                pair = [lambda: _timed(lambda: ours.generate(request)),
+                        lambda: _timed(lambda: raw.post("/chat/completions", json=body).raise_for_status().json())]
+                first, second = pair if i % 2 == 0 else pair[::-1]
+                a, b = first(), second()
+                t_ours, t_raw = (a, b) if i % 2 == 0 else (b, a)
                 if i >= 2:  # the first two open connections and warm the server
                     ours_s.append(t_ours)
                     raw_s.append(t_raw)
         finally:
             ours.close()
             raw.close()
-    ours_ms, raw_ms = statistics.median(ours_s) * 1000, statistics.median(raw_s) * 1000
-    return {"http_requests": n, "http_ours_median_ms": round(ours_ms, 2), "http_raw_median_ms": round(raw_ms, 2),
-            "http_overhead_ms": round(ours_ms - raw_ms, 2)}
+    diffs = [(o - r) * 1000 for o, r in zip(ours_s, raw_s)]
+    return {"http_requests": n, "http_ours_median_ms": round(statistics.median(ours_s) * 1000, 2),
+            "http_raw_median_ms": round(statistics.median(raw_s) * 1000, 2),
+            "http_overhead_ms": round(statistics.median(diffs), 2)}
 
 
 def _timed(call) -> float:
