@@ -55,3 +55,19 @@ def model(
     typer.echo(f"HTTP backend overhead   {figures['http_overhead_ms']:9.2f} ms/request "
                f"(ours {figures['http_ours_median_ms']} ms, raw httpx {figures['http_raw_median_ms']} ms, "
                f"medians of {figures['http_requests']})")
+
+
+@app.command()
+def env(
+    n: int = typer.Option(40, "--n", min=1, help="Samples per timed phase."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Sandbox costs on the Docker engine: create, warm-pool acquire, concurrent creates, exec vs raw SDK."""
+    from megaflow.bench.env import format_figures, run_env_bench
+
+    figures = run_env_bench(n=n)
+    if as_json:
+        print(json.dumps(figures))
+        return
+    for line in format_figures(figures):
+        typer.echo(line)

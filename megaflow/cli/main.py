@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from megaflow.cli import bench, db, env, export, runs, workers
+from megaflow.cli import bench, db, env, export, ops, runs, workers
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="MegaFlow: many LLM-agent episodes on Celery, RabbitMQ and PostgreSQL.")
@@ -16,6 +16,7 @@ runs.register(app)
 workers.register(app)
 export.register(app)
 env.register(app)
+ops.register(app)
 
 
 @app.callback()

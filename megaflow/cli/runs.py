@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from megaflow.db import states
 from megaflow.errors import SpecError
 
 console = Console()
@@ -85,7 +81,9 @@ def status(
     """Episodes by state, steps, mean reward; --watch shows live progress bars."""
     client = _client()
     if watch:
-        follow(client, run_id)
+        final = follow(client, run_id)
+        if final["status"] != "finished":
+            raise typer.Exit(1)
         return
     st = client.status(run_id)
     if as_json:
@@ -111,31 +109,14 @@ def results(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 def follow(client, run_id: str, timeout: float | None = None, check=None, poll: float = 0.5) -> dict:
-    """Progress bars until the run ends: episodes finished, and by state."""
-    start = time.monotonic()
-    st = client.status(run_id)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, transient=not sys.stdout.isatty()) as bar:
-        total = bar.add_task("episodes", total=st["episodes"], info="")
-        while True:
-            st = client.status(run_id)
-            by = st["by_state"]
-            ended = sum(by.get(s, 0) for s in states.TERMINAL)
-            rate = st["steps"] / max(1e-9, time.monotonic() - start)
-            mean = st["mean_reward"]
-            info = " ".join(f"{k}={v}" for k, v in sorted(by.items())) + f" | {rate:.1f} steps/s"
-            if mean is not None:
-                info += f" | mean reward {mean:.3f}"
-            bar.update(total, completed=ended, info=info)
-            if st["status"] in ("finished", "cancelled"):
-                return st
-            if check:
-                check()
-            if timeout and time.monotonic() - start > timeout:
-                console.print(f"[red]timed out after {timeout}s[/red]")
-                raise typer.Exit(1)
-            time.sleep(poll)
+    """Live progress until the run ends: episodes by state, steps/s, mean reward, failures by kind."""
+    from megaflow.cli.progress import follow as show
+
+    try:
+        return show(client, run_id, console, timeout=timeout, check=check, poll=poll)
+    except TimeoutError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1)
 
 
 def print_results(client, run_id: str) -> None:

@@ -1,0 +1,86 @@
+"""`megaflow flower | metrics | report`: watching a cluster and reporting on runs."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (flower, metrics, report):
+        app.command()(fn)
+
+
+def flower(
+    address: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback needs "
+                                "MEGAFLOW_FLOWER_BASIC_AUTH=user:password."),
+    port: int = typer.Option(5555, help="Port to serve on."),
+) -> None:
+    """Flower on the MegaFlow app: live workers, tasks (run/episode in their args) and their timings.
+
+    Other Flower options are read from FLOWER_* environment variables.
+    """
+    from megaflow.ops.flower import AUTH_ENV, FlowerAuthError, run_flower, users
+
+    auth = os.environ.get(AUTH_ENV) or None
+    # Only user names are ever printed: the password stays in the environment.
+    if auth:
+        console.print(f"[dim]Flower asks for credentials (users: {', '.join(users(auth))})[/dim]")
+    try:
+        code = run_flower(address, port, auth)
+    except FlowerAuthError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    raise typer.Exit(code or 0)
+
+
+def metrics(
+    port: int = typer.Option(9808, help="Port serving /metrics."),
+    address: str = typer.Option("127.0.0.1", help="Address to bind."),
+    hop_window: float = typer.Option(300.0, help="Hop latency histograms cover hops finished this many seconds ago."),
+    token_window: float = typer.Option(60.0, help="Tokens/s is averaged over this many seconds."),
+    queue: list[str] = typer.Option(None, "--queue", help="Another queue to measure (repeatable)."),
+) -> None:
+    """Prometheus metrics from the state database and the broker: queues, hops, episodes, sandboxes, tokens/s."""
+    from megaflow.config import Settings
+    from megaflow.ops.metrics import MegaFlowCollector, serve
+
+    collector = MegaFlowCollector(Settings(), hop_window_s=hop_window, token_window_s=token_window,
+                                  queues=queue or ())
+    server, thread = serve(collector, port, address)
+    console.print(f"serving http://{address}:{server.server_port}/metrics; Ctrl-C to stop")
+    try:
+        while thread.is_alive():
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def report(
+    run_id: str = typer.Argument(..., help="The run to report on."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),
+) -> None:
+    """A self-contained HTML report of a run: throughput, concurrency, hop latency, rewards, failures."""
+    from megaflow.config import Settings
+    from megaflow.db.engine import session_scope
+    from megaflow.ops.report import write_report
+
+    try:
+        with session_scope(Settings().resolved_database_url()) as s:
+            size = write_report(s, run_id, out)
+    except ImportError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    except LookupError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1)
+    console.print(f"report of run {run_id} written to {out} ({size // 1024} KiB)")
