@@ -44,7 +44,7 @@ def chromium(url: str, *, dump_dom: bool = False, screenshot: Path | None = None
             args.append(f"--screenshot={screenshot}")
         if dump_dom:
             args.append("--dump-dom")
-        proc = subprocess.run([*args, url], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([*args, url], capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 

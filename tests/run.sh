@@ -14,6 +14,9 @@ need_apt=()
 have bwrap || need_apt+=(bubblewrap)
 have debootstrap || need_apt+=(debootstrap)
 have dockerd || need_apt+=(docker.io)
+# Flower and the run report are checked in a real headless browser; `status --watch` in a terminal.
+have chromium || need_apt+=(chromium)
+have tmux || need_apt+=(tmux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

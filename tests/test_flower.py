@@ -24,7 +24,7 @@ def small_spec(name: str, n_tasks: int = 2, rollouts: int = 2) -> dict:
         "rollouts": rollouts,
         "model": {"type": "scripted", "replies": SCRIPT},
         "sandbox": {"type": "memory"},
-        "tasks": [{"instance_id": f"{name}-{i}", "instruction": "append a line", "check": "cat trace.txt"}
+        "tasks": [{"instance_id": f"{name}-{i}", "instruction": "append a line", "check": "true"}
                   for i in range(n_tasks)],
     }
 

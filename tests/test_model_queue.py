@@ -77,7 +77,7 @@ def assert_real_completions(steps: list[Step], max_tokens: int, version: str) ->
 
 def test_transformers_model_in_the_model_worker(cluster):
     need_smollm2()
-    client, workers = cluster
+    client, _ = cluster
     model = {"type": "transformers", "max_batch_size": 4, "max_wait_ms": 200, "sampling": {"max_tokens": 6}}
     run_id = client.submit(spec(model, [TASK], rollouts=2))
     st = client.wait(run_id, timeout=300)

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 import pytest
 from conftest import REDIS_URL, need, port_open
@@ -141,7 +142,7 @@ def test_store_caps_calls_in_flight(limiter):
 
 def test_store_caps_request_rate(limiter):
     limits = ModelLimits(requests_per_s=20.0, burst_s=0.25)
-    peak, starts = _race(limiter, limits, threads=6, calls=30, call_s=0.0)
+    _, starts = _race(limiter, limits, threads=6, calls=30, call_s=0.0)
     assert len(starts) == 30
     # At most the bucket (5) plus the rate over any second; and the limit did bite.
     assert max_in_window(starts, 1.0) <= 5 + 20 + 1
@@ -209,7 +210,7 @@ class CountingServer:
 
         return Handler
 
-    def __enter__(self) -> CountingServer:
+    def __enter__(self) -> Self:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

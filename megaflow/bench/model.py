@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -117,26 +117,9 @@ def _direct_round(model, prompts: list[str], sampling: SamplingParams) -> tuple[
 
 
 def _concurrently(model, prompts: list[str], sampling: SamplingParams) -> list:
-    results: list = [None] * len(prompts)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(prompts))
-
-    def call(i: int) -> None:
-        barrier.wait()
-        try:
-            request = ModelRequest(messages=[Message(role="user", content=prompts[i])], sampling=sampling)
-            results[i] = model.generate(request)
-        except BaseException as exc:  # reraised on the caller's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
+    requests = [ModelRequest(messages=[Message(role="user", content=p)], sampling=sampling) for p in prompts]
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        return list(pool.map(model.generate, requests))
 
 
 def _episodes_with_prompts(client: Client, config: TransformersModelConfig, prompts: list[str],

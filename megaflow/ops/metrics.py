@@ -54,16 +54,16 @@ class MegaFlowCollector(Collector):
         try:
             db_metrics = list(self._database(hosts))
             up.add_metric(["database"], 1)
-        except Exception:  # the scrape must still answer, with the failure as a value
-            log.exception("state database did not answer")
+        except Exception as exc:  # the scrape must still answer, with the failure as a value
+            log.warning("state database did not answer: %s", exc)
             db_metrics = []
             up.add_metric(["database"], 0)
         yield from db_metrics
         try:
             queue_metrics = list(self._queues(hosts))
             up.add_metric(["broker"], 1)
-        except Exception:  # as above: an unreachable broker is a value, not an error page
-            log.exception("broker did not answer")
+        except Exception as exc:  # as above: an unreachable broker is a value, not an error page
+            log.warning("broker did not answer: %s", exc)
             queue_metrics = []
             up.add_metric(["broker"], 0)
         yield from queue_metrics
@@ -82,8 +82,7 @@ class MegaFlowCollector(Collector):
             sandboxes = stats.sandboxes_by_state(s)
             hosts.extend(stats.env_hosts(s))
             since = utcnow() - dt.timedelta(seconds=self.hop_window_s)
-            durations = stats.hop_histograms(s, since, self.buckets, "duration_s")
-            queued = stats.hop_histograms(s, since, self.buckets, "queued_s")
+            durations = stats.hop_histograms(s, since, self.buckets)
             prompt, completion = stats.recent_tokens(s, self.token_window_s)
 
         g = GaugeMetricFamily("megaflow_episodes", "Episodes by state (all runs).", labels=["state"])
@@ -100,7 +99,6 @@ class MegaFlowCollector(Collector):
         yield g
         window = f"hops finished in the last {self.hop_window_s:g} s"
         yield self._histogram("megaflow_hop_duration_seconds", f"Work time per hop, {window}.", durations)
-        yield self._histogram("megaflow_hop_queued_seconds", f"Time a hop waited in its queue, {window}.", queued)
         g = GaugeMetricFamily("megaflow_model_tokens_per_second",
                               f"Model tokens per second over the last {self.token_window_s:g} s.", labels=["kind"])
         g.add_metric(["completion"], completion / self.token_window_s)

@@ -86,7 +86,7 @@ def plot_hop_latency(data: RunData) -> str | None:
     fig = _figure(8, 0.5 + 0.45 * len(hops))
     ax = fig.subplots()
     values = [[max(v, 1e-5) for v in data.hop_durations[h]] for h in hops]
-    ax.boxplot(values, vert=False, whis=(5, 95), showfliers=True, flierprops={"markersize": 2})
+    ax.boxplot(values, orientation="horizontal", whis=(5, 95), showfliers=True, flierprops={"markersize": 2})
     ax.set_yticks(range(1, len(hops) + 1), [f"{h} (n={len(data.hop_durations[h])})" for h in hops])
     ax.set_xscale("log")
     ax.set_xlabel("seconds (box: quartiles, whiskers: 5th-95th percentile)")
@@ -158,10 +158,8 @@ def _summary_rows(data: RunData) -> list[tuple[str, object]]:
 def _hop_rows(data: RunData) -> list[tuple[object, ...]]:
     rows = []
     for hop, values in sorted(data.hop_durations.items()):
-        queued = data.hop_queued.get(hop, [])
-        rows.append((hop, len(values), f"{_quantile(values, 0.5) * 1e3:.1f}", f"{_quantile(values, 0.9) * 1e3:.1f}",
-                     f"{_quantile(values, 0.99) * 1e3:.1f}", f"{max(values) * 1e3:.1f}",
-                     f"{_quantile(queued, 0.5) * 1e3:.1f}" if queued else ""))
+        rows.append((hop, len(values), *(f"{_quantile(values, q) * 1e3:.1f}" for q in (0.5, 0.9, 0.99)),
+                     f"{max(values) * 1e3:.1f}"))
     return rows
 
 
@@ -198,7 +196,7 @@ def render_html(data: RunData, generated_at: dt.datetime | None = None) -> str:
         else:
             parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>")
         if title == "Hop latency" and data.hop_durations:
-            parts.append(_table(("hop", "n", "p50 ms", "p90 ms", "p99 ms", "max ms", "queued p50 ms"),
+            parts.append(_table(("hop", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"),
                                 _hop_rows(data)))
         if title == "Failures by kind" and data.failures():
             parts.append(_table(("exit status", "episodes"), list(data.failures().items())))

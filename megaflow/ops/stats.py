@@ -63,8 +63,8 @@ def env_hosts(session: Session) -> list[str]:
     return sorted(h for h in session.execute(select(SandboxRow.host).distinct()).scalars() if h)
 
 
-def hop_histograms(session: Session, since: dt.datetime, buckets: Sequence[float],
-                   column: str = "duration_s") -> dict[str, tuple[list[int], int, float]]:
+def hop_histograms(session: Session, since: dt.datetime,
+                   buckets: Sequence[float]) -> dict[str, tuple[list[int], int, float]]:
     """Per hop name, cumulative bucket counts of hops finished since `since`.
 
     The bucketing happens in SQL so a scrape reads one row per hop name, not one
@@ -73,12 +73,11 @@ def hop_histograms(session: Session, since: dt.datetime, buckets: Sequence[float
     Args:
         since: only hops finished at or after this time.
         buckets: upper bounds in seconds, ascending (``+Inf`` is implied).
-        column: ``duration_s`` (work time) or ``queued_s`` (time waiting in a queue).
 
     Returns:
         ``{hop: (cumulative counts per bucket, count, sum)}``.
     """
-    value = getattr(Hop, column)
+    value = Hop.duration_s
     per_bucket = [func.sum(case((value <= b, 1), else_=0)) for b in buckets]
     rows = session.execute(
         select(Hop.hop, func.count(), func.coalesce(func.sum(value), 0.0), *per_bucket)
@@ -135,8 +134,6 @@ class RunData:
     episodes: list[EpisodeRow] = field(default_factory=list)
     #: hop name -> work durations (s) of the run's hops.
     hop_durations: dict[str, list[float]] = field(default_factory=dict)
-    #: hop name -> time each hop waited in its queue (s).
-    hop_queued: dict[str, list[float]] = field(default_factory=dict)
     steps: int = 0
 
     def by_state(self) -> dict[str, int]:
@@ -172,12 +169,9 @@ def load_run(session: Session, run_id: str) -> RunData:
     ).all()
     data.episodes = [EpisodeRow(*r) for r in rows]
     ids = select(Episode.id).where(Episode.run_id == run_id)
-    for hop, duration, queued in session.execute(
-            select(Hop.hop, Hop.duration_s, Hop.queued_s).where(Hop.subject_id.in_(ids))):
-        if duration is not None:
-            data.hop_durations.setdefault(hop, []).append(duration)
-        if queued is not None:
-            data.hop_queued.setdefault(hop, []).append(queued)
+    for hop, duration in session.execute(select(Hop.hop, Hop.duration_s)
+                                         .where(Hop.subject_id.in_(ids), Hop.duration_s.is_not(None))):
+        data.hop_durations.setdefault(hop, []).append(duration)
     data.steps = int(session.execute(select(func.count()).select_from(Step).where(Step.episode_id.in_(ids)))
                      .scalar() or 0)
     return data

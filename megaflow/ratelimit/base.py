@@ -53,6 +53,9 @@ class Limiter(Protocol):
     def release(self, lease: Lease, used_tokens: float) -> None:
         """End an admitted call: free its slot, charge its real token usage."""
 
+    def in_flight(self, key: str) -> int:
+        """Calls of `key` holding a live slot now."""
+
     def close(self) -> None:
         """Release connections. Idempotent."""
 

@@ -7,7 +7,6 @@ Create Date: 2026-11-25 21:42:15.511722
 import sqlalchemy as sa
 from alembic import op
 
-
 revision = '0002'
 down_revision = '0001'
 branch_labels = None
