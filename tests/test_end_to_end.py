@@ -61,6 +61,7 @@ def docker_url():
     return url
 
 
+@pytest.mark.timeout(900)
 def test_smollm2_bash_agent_in_docker_runs_every_example(tmp_path, pg_url, amqp_vhost, docker_url):
     import importlib.util
 

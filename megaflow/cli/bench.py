@@ -55,6 +55,7 @@ def model(
     typer.echo(f"HTTP backend overhead   {figures['http_overhead_ms']:9.2f} ms/request "
                f"(ours {figures['http_ours_median_ms']} ms, raw httpx {figures['http_raw_median_ms']} ms, "
                f"medians of {figures['http_requests']})")
+    typer.echo(f"  client CPU time only  {figures['http_overhead_cpu_ms']:9.3f} ms/request")
 
 
 @app.command()

@@ -21,7 +21,11 @@ _WORD = re.compile(r"\S+")
 
 
 class ScriptedModel:
-    """Replies from `config.replies`, one per turn; the last reply repeats."""
+    """Replies from `config.replies`, one per turn; the last reply repeats.
+
+    A reply longer than `sampling.max_tokens` words (the fake's tokens) is cut there
+    and reported as 'length', as a real backend does.
+    """
 
     name = "scripted"
 
