@@ -283,6 +283,13 @@ class DockerSandbox:
             self._restart()
         self.restore_snapshot()
 
+    def alive(self) -> bool:
+        """Whether the container is running: a cheap probe for warm pools (no exec)."""
+        try:
+            return bool(self._api.inspect_container(self.id)["State"]["Running"])
+        except docker.errors.NotFound:
+            return False
+
     def close(self) -> None:
         """Remove the container and its volumes. Idempotent."""
         if not self._closed:

@@ -68,7 +68,7 @@ class SandboxPool:
         while (sb := self._take(key)) is not None:
             try:
                 # The reaper (lease expired) or a crash may have removed it meanwhile.
-                if sb.exec("true", timeout=PROBE_TIMEOUT_S).exit_code == 0:
+                if _alive(sb):
                     log.debug("pool %s: reusing sandbox %s", key, sb.id)
                     return sb
             except SandboxError as exc:
@@ -155,3 +155,11 @@ class SandboxPool:
                 self._on_destroy(sandbox.id)
             except Exception:  # bookkeeping only: the reaper settles the row later
                 log.warning("recording the destruction of %s failed", sandbox.id, exc_info=True)
+
+
+def _alive(sb: Sandbox) -> bool:
+    """A backend's own cheap liveness probe (Docker: inspect, 2-3 ms) or a `true` exec."""
+    probe = getattr(sb, "alive", None)
+    if probe is not None:
+        return probe()
+    return sb.exec("true", timeout=PROBE_TIMEOUT_S).exit_code == 0
