@@ -268,14 +268,14 @@ def test_workers_racing_keep_the_limits(racing_cluster):
     """Three model workers, 24 threads: calls in flight, requests/s, then tokens/s hold."""
     client = racing_cluster
     limits = {"max_in_flight": 3, "requests_per_s": 6.0, "burst_s": 1.0}
-    with CountingServer(latency_s=0.3) as server:
+    with CountingServer(latency_s=0.5) as server:
         run_id = client.submit(_spec(server.url, 12, limits))
         _assert_all_done(client, run_id, 12)
     arrivals = sorted(t for t, _ in server.calls)
     assert len(arrivals) == 36
     assert server.peak == 3, f"peak of {server.peak} calls in flight for a limit of 3"
-    # Any one-second window: the bucket (6) plus 6/s, with slack for clocks and HTTP transit.
-    assert max_in_window(arrivals, 1.0) <= 6 + 6 + 1, arrivals
+    # Any one-second window: the bucket (6) plus 6/s, with slack for the way from admission to the server.
+    assert max_in_window(arrivals, 1.0) <= 6 + 6 + 2, arrivals
     rate = (36 - 6) / (arrivals[-1] - arrivals[0])
     assert rate <= 6.0 * 1.1, f"achieved {rate:.2f} requests/s for a limit of 6"
 
