@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 from megaflow.db.engine import make_engine
+import megaflow.ratelimit.sql  # noqa: F401 - registers the rate-limit tables on Base.metadata
 from megaflow.db.models import Base
 
 config = context.config

@@ -89,3 +89,18 @@ def test_replayed_hop_with_inserts_does_not_collide(tmp_path, sqlite_url):
     req = SimpleNamespace(id="t", retries=0)
     assert run_hop(rt, req, ("d", 0, "agent.start"), work, side_effects=False, precheck=False) == {"next": "x"}
     assert run_hop(rt, req, ("d", 0, "agent.start"), work, side_effects=False, precheck=False) == {"next": "x"}
+
+
+def test_a_crashing_hop_is_recorded_as_an_infra_failure(tmp_path, sqlite_url):
+    rt = _rt(tmp_path, sqlite_url)
+
+    def work(_ctx):
+        raise KeyError("backend bug")
+
+    for side_effects in (True, False):
+        key = ("c", int(side_effects), "generate")
+        result = run_hop(rt, SimpleNamespace(id="t", retries=0), key, work, side_effects=side_effects)
+        assert result["kind"] == "infra" and result["exit_status"] == "generate_crashed"
+        assert "KeyError" in result["error"]
+        with session_scope(sqlite_url) as s:
+            assert ledger.recorded(s, *key) == result

@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from megaflow.events import emit
@@ -64,7 +65,7 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
         with rt.session() as s:
             emit(s, "hop.poison", subject_id=key[0], data={"hop": key[2], "step": key[1], "attempts": c.attempts})
     else:
-        result, write = work(ctx)
+        result, write = guarded(work, ctx, key)
     with rt.session() as s:
         # Mark done first: if another delivery got there, nothing of ours is written.
         if not ledger.finish(s, *key, result, time.monotonic() - t0):
@@ -85,7 +86,7 @@ def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work,
                 return done
             ctx = load(s) if load is not None else None
     t0 = time.monotonic()
-    result, write = work(ctx)
+    result, write = guarded(work, ctx, key)
     with rt.session() as s:
         # The ledger row goes in first: a replayed hop whose row exists must not
         # even try its writes (they would collide with the first delivery's rows).
@@ -96,3 +97,20 @@ def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work,
             write(s)
         ledger.set_result(s, *key, result, time.monotonic() - t0)
     return result
+
+
+def guarded(work: Work, ctx, key: tuple[str, int, str]):
+    """Run `work`; an unexpected exception becomes a recorded infra failure of the hop.
+
+    Without this, a bug or an unforeseen error in a backend would fail the Celery
+    task, stop the episode's chain and leave the episode running forever.
+    Retries, drops and lost database connections still propagate.
+    """
+    try:
+        return work(ctx)
+    except (Retry, Ignore, OperationalError, InterfaceError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - contained and recorded, by design
+        log.exception("hop %s crashed", key)
+        return {"hop": key[2], "step": key[1], "error": f"{type(exc).__name__}: {exc}"[:2000], "kind": "infra",
+                "exit_status": f"{key[2]}_crashed"}, None

@@ -13,6 +13,7 @@ import logging
 import time
 
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from megaflow.agent import Command, FormatError, Submit
@@ -50,7 +51,17 @@ def episode_task(self, prev, episode_id):
         rt.warm(episode_id)
 
         def write(s: Session):
-            fresh.update(Driver(rt, s, episode_id).decide(prev))
+            try:
+                with s.begin_nested():
+                    fresh.update(Driver(rt, s, episode_id).decide(prev))
+            except (OperationalError, InterfaceError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a scaffold bug ends the episode, recorded
+                log.exception("decision for episode %s after %s crashed", episode_id, prev.get("hop"))
+                fresh.clear()
+                driver = Driver(rt, s, episode_id)
+                fresh.update(driver.end(states.INFRA_FAILED, "agent_crashed", int(prev["step"]),
+                                        error=f"{type(exc).__name__}: {exc}"[:2000]))
         return fresh, write
 
     decision = run_hop(rt, self.request, key, work, side_effects=False, precheck=False)
