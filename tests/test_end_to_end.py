@@ -94,3 +94,27 @@ def test_smollm2_bash_agent_in_docker_runs_every_example(tmp_path, pg_url, amqp_
     assert len(steps) >= spec.n_episodes, "every episode asked the real model at least once"
     assert all(st.token_ids and st.model for st in steps)
     assert all(e.exit_status for e in eps) and all(e.reward is not None for e in eps)
+
+
+@pytest.mark.timeout(900)
+def test_smollm2_bash_agent_on_the_embedded_stack_runs_every_example(tmp_path):
+    """The same real-model run with the local sandbox under the embedded defaults."""
+    import importlib.util
+
+    import yaml
+
+    need("bubblewrap", shutil.which("bwrap") is not None)
+    need("torch", importlib.util.find_spec("torch") is not None)
+    data = yaml.safe_load((ROOT / "examples" / "smollm2.yaml").read_text())
+    data["sandbox"] = {"type": "local", "memory_mb": 1024}
+    data["tasks_file"] = str(ROOT / "examples" / "tasks")
+    spec_path = tmp_path / "smollm2-local.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEGAFLOW_")}
+    env.update(MEGAFLOW_DATA_DIR=str(tmp_path / "data"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "megaflow", "run", str(spec_path), "--timeout", "800"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=850)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    n = RunSpec.load(spec_path).n_episodes
+    assert f'"episodes": {n}' in proc.stdout
+    assert "infra_failed" not in proc.stdout, proc.stdout[-3000:]
