@@ -69,6 +69,15 @@ def dispose_all() -> None:
 
 
 _factories: dict[tuple[str, int], sessionmaker] = {}
+_depth = threading.local()
+
+
+class NestedSQLiteTransaction(RuntimeError):
+    """A second SQLite transaction was opened in a thread that already holds one.
+
+    Every SQLite transaction here takes the write lock (BEGIN IMMEDIATE), so the
+    inner one would wait on the outer until the busy timeout: fail fast instead.
+    """
 
 
 @contextmanager
@@ -78,6 +87,11 @@ def session_scope(url: str) -> Iterator[Session]:
     factory = _factories.get(key)
     if factory is None:
         factory = _factories[key] = sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    sqlite = url.startswith("sqlite")
+    if sqlite:
+        if getattr(_depth, "n", 0):
+            raise NestedSQLiteTransaction("nested session on SQLite: load what you need before opening one")
+        _depth.n = 1
     session = factory()
     try:
         yield session
@@ -87,3 +101,5 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+        if sqlite:
+            _depth.n = 0

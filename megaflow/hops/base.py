@@ -110,7 +110,7 @@ def guarded(work: Work, ctx, key: tuple[str, int, str]):
         return work(ctx)
     except (Retry, Ignore, OperationalError, InterfaceError):
         raise
-    except Exception as exc:  # noqa: BLE001 - contained and recorded, by design
+    except Exception as exc:
         log.exception("hop %s crashed", key)
         return {"hop": key[2], "step": key[1], "error": f"{type(exc).__name__}: {exc}"[:2000], "kind": "infra",
                 "exit_status": f"{key[2]}_crashed"}, None

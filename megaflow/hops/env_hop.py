@@ -11,12 +11,12 @@ import random
 
 from sqlalchemy import select, update
 
-from megaflow.db.models import Episode, SandboxRow, Step, utcnow
+from megaflow.db.models import Episode, Step
 from megaflow.envs import swe
 from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError
 from megaflow.hops.base import run_hop
-from megaflow.hops.env_sandbox import destroy, finish, lease_until, obtain
+from megaflow.hops.env_sandbox import destroy, finish, obtain
 from megaflow.runtime import get_runtime
 from megaflow.sandbox.base import Sandbox, SandboxConfig
 
@@ -98,13 +98,12 @@ def exec_task(self, episode_id: str, step: int):
         except SandboxError as exc:
             return _infra("exec", step, exc, "sandbox_lost")
         observation = result.stdout + (("\n" if result.stdout else "") + result.stderr if result.stderr else "")
-        lease = lease_until(rt, ep.run_id)
 
+        # No lease renewal here: the lease taken at provision already outlives the
+        # episode's deadline, and a write per command is a tenth of a hop's cost.
         def write(s):
             s.execute(update(Step).where(Step.episode_id == episode_id, Step.index == step).values(
                 observation=observation, exit_code=result.exit_code, exec_s=result.duration_s))
-            s.execute(update(SandboxRow).where(SandboxRow.id == ep.sandbox_id).values(
-                heartbeat_at=utcnow(), lease_expires_at=lease))
 
         return {"hop": "exec", "step": step, "exit_code": result.exit_code}, write
 

@@ -52,19 +52,28 @@ def episode_task(self, prev, episode_id):
 
         def write(s: Session):
             try:
-                with s.begin_nested():
-                    fresh.update(Driver(rt, s, episode_id).decide(prev))
+                fresh.update(Driver(rt, s, episode_id).decide(prev))
             except (OperationalError, InterfaceError):
                 raise
-            except Exception as exc:  # noqa: BLE001 - a scaffold bug ends the episode, recorded
-                log.exception("decision for episode %s after %s crashed", episode_id, prev.get("hop"))
-                fresh.clear()
-                driver = Driver(rt, s, episode_id)
-                fresh.update(driver.end(states.INFRA_FAILED, "agent_crashed", int(prev["step"]),
-                                        error=f"{type(exc).__name__}: {exc}"[:2000]))
+            except Exception as exc:
+                raise DecisionCrashed(exc) from exc
         return fresh, write
 
-    decision = run_hop(rt, self.request, key, work, side_effects=False, precheck=False)
+    try:
+        decision = run_hop(rt, self.request, key, work, side_effects=False, precheck=False)
+    except DecisionCrashed as crash:
+        # The crashed decision's transaction is rolled back whole (ledger row too);
+        # record the episode's end in a new one. No savepoint on the common path.
+        log.error("decision for episode %s after %s crashed: %r", episode_id, prev.get("hop"), crash.__cause__)
+        error = f"{type(crash.__cause__).__name__}: {crash.__cause__}"[:2000]
+
+        def crashed(_ctx):
+            def write(s: Session):
+                fresh.update(Driver(rt, s, episode_id).end(states.INFRA_FAILED, "agent_crashed", key[1], error=error))
+            return fresh, write
+
+        fresh.clear()
+        decision = run_hop(rt, self.request, key, crashed, side_effects=False, precheck=False)
     if decision is not fresh and decision.get("next"):
         # Replayed decision: if its next hop is already claimed, another lineage of
         # this episode carries on; dropping this duplicate keeps the chord exact.
@@ -93,6 +102,10 @@ def continue_with(task, sig) -> None:
     sig.set(chord=req.chord, group_id=req.group, group_index=req.group_index, root_id=req.root_id)
     sig.apply_async()
     req.chord = None
+
+
+class DecisionCrashed(Exception):
+    """A scaffold or driver bug raised while deciding; carries the original as __cause__."""
 
 
 def next_signature(app, episode_id: str, nxt: dict):

@@ -1,0 +1,37 @@
+"""A bug while deciding ends the episode as a recorded infra failure, not a stuck episode."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from megaflow import Client, Settings
+from megaflow.db.models import Episode
+from megaflow.hops import episode as episode_mod
+
+
+def test_crashing_decision_ends_the_episode(tmp_path, sqlite_url, monkeypatch):
+    settings = Settings(data_dir=tmp_path, database_url=sqlite_url, broker_url="memory://")
+    client = Client(settings)
+    run_id, _ = client._record(client_spec())
+    with client.session() as s:
+        eid = s.query(Episode.id).filter_by(run_id=run_id).scalar()
+
+    def boom(self, prev):
+        raise ZeroDivisionError("scaffold bug")
+
+    monkeypatch.setattr(episode_mod.Driver, "decide", boom)
+    task = SimpleNamespace(app=client.app, request=SimpleNamespace(id="t1", retries=0, chord=None))
+    summary = episode_mod.episode_task(task, None, eid)
+    assert summary["state"] == "infra_failed" and summary["exit_status"] == "agent_crashed"
+    with client.session() as s:
+        ep = s.get(Episode, eid)
+        assert ep.state == "infra_failed" and "ZeroDivisionError" in ep.error
+    # Redelivered, the same message replays the recorded ending.
+    assert episode_mod.episode_task(task, None, eid) == summary
+
+
+def client_spec():
+    from megaflow.spec import RunSpec
+
+    return RunSpec.parse({"tasks": [{"instance_id": "t", "instruction": "x", "check": "true"}],
+                          "sandbox": {"type": "memory"}})
