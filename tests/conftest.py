@@ -85,3 +85,16 @@ def sqlite_url(tmp_path):
 
     upgrade(url)
     return url
+
+
+def run_megaflow(args: list[str], data_dir, timeout: float, extra_env: dict | None = None):
+    """`python -m megaflow ARGS` on embedded defaults (no MEGAFLOW_* from the caller)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEGAFLOW_")}
+    env.update(MEGAFLOW_DATA_DIR=str(data_dir), **(extra_env or {}))
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "megaflow", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=timeout)

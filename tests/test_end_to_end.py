@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import need
+from conftest import need, run_megaflow
 from sqlalchemy import select
 
 from megaflow import Client, RunSpec, Settings
@@ -26,10 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_oracle_solves_every_example_on_the_embedded_stack(tmp_path):
     need("bubblewrap", shutil.which("bwrap") is not None)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEGAFLOW_")}
-    env["MEGAFLOW_DATA_DIR"] = str(tmp_path / "data")
-    proc = subprocess.run([sys.executable, "-m", "megaflow", "run", "examples/swe.yaml", "--timeout", "400"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=450)
+    proc = run_megaflow(["run", "examples/swe.yaml", "--timeout", "400"], tmp_path / "data", timeout=450)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     n = RunSpec.load(ROOT / "examples/swe.yaml").n_episodes
     assert n >= 10
@@ -110,10 +105,8 @@ def test_smollm2_bash_agent_on_the_embedded_stack_runs_every_example(tmp_path):
     data["tasks_file"] = str(ROOT / "examples" / "tasks")
     spec_path = tmp_path / "smollm2-local.yaml"
     spec_path.write_text(yaml.safe_dump(data))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEGAFLOW_")}
-    env.update(MEGAFLOW_DATA_DIR=str(tmp_path / "data"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "megaflow", "run", str(spec_path), "--timeout", "800"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=850)
+    proc = run_megaflow(["run", str(spec_path), "--timeout", "800"], tmp_path / "data", timeout=850,
+                        extra_env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     n = RunSpec.load(spec_path).n_episodes
     assert f'"episodes": {n}' in proc.stdout

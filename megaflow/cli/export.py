@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from megaflow.cli.errors import exit_on_errors
+
 console = Console()
 
 
@@ -33,13 +35,7 @@ def export(
     from megaflow.client import Client
     from megaflow.export import HFChatTokenizer
 
-    try:
+    with exit_on_errors(console):
         tok = HFChatTokenizer(tokenizer) if tokenizer else None
         n = Client().export(run_id, fmt.value, out, tokenizer=tok, model_name=model_name)
-    except ImportError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
-    except LookupError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1)
     console.print(f"{n} records written to {out}")

@@ -9,6 +9,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from megaflow.cli.errors import exit_on_errors
+
 console = Console(stderr=True)
 
 
@@ -74,13 +76,6 @@ def report(
     from megaflow.db.engine import session_scope
     from megaflow.ops.report import write_report
 
-    try:
-        with session_scope(Settings().resolved_database_url()) as s:
-            size = write_report(s, run_id, out)
-    except ImportError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
-    except LookupError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1)
+    with exit_on_errors(console), session_scope(Settings().resolved_database_url()) as s:
+        size = write_report(s, run_id, out)
     console.print(f"report of run {run_id} written to {out} ({size // 1024} KiB)")

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 
-from megaflow.sandbox.base import TRUNCATION_MARKER
+from megaflow.sandbox.base import TRUNCATION_MARKER, ExecResult
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +141,15 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def exec_result(code: int, out: OutputCap, err: OutputCap, timed_out: bool, started: float) -> ExecResult:
+    """The ExecResult of a finished command whose streams went through `OutputCap`s."""
+    return ExecResult(
+        exit_code=code,
+        stdout=out.text(),
+        stderr=err.text(),
+        timed_out=timed_out,
+        truncated=out.truncated or err.truncated,
+        duration_s=time.monotonic() - started,
+    )

@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 
 from megaflow.errors import SandboxClosedError, SandboxError, SandboxNotFoundError
 from megaflow.sandbox.base import ExecResult, SandboxConfig
-from megaflow.sandbox.common import OutputCap, kill_group, pump, workdir_relpath
+from megaflow.sandbox.common import OutputCap, exec_result, kill_group, pump, workdir_relpath
 
 logger = logging.getLogger(__name__)
 
@@ -240,14 +240,7 @@ class LocalSandbox:
         self._check_open()
         started = time.monotonic()
         code, out, err, timed_out = self._run(["bash", "-lc", cmd], timeout, self.config.max_output_bytes)
-        return ExecResult(
-            exit_code=code,
-            stdout=out.text(),
-            stderr=err.text(),
-            timed_out=timed_out,
-            truncated=out.truncated or err.truncated,
-            duration_s=time.monotonic() - started,
-        )
+        return exec_result(code, out, err, timed_out, started)
 
     def write_file(self, path: str, data: bytes) -> None:
         """Write bytes inside the work directory (parents are created).

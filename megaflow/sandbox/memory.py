@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from megaflow.errors import SandboxClosedError, SandboxNotFoundError
 from megaflow.sandbox.base import ExecResult, SandboxConfig
-from megaflow.sandbox.common import OutputCap, workdir_relpath
+from megaflow.sandbox.common import OutputCap, exec_result, workdir_relpath
 from megaflow.sandbox.memory_shell import Shell, ShellTimeout
 
 
@@ -107,14 +107,7 @@ class MemorySandbox:
             code = shell.run(cmd)
         except ShellTimeout:
             code, timed_out = 124, True
-        return ExecResult(
-            exit_code=code,
-            stdout=out.text(),
-            stderr=err.text(),
-            timed_out=timed_out,
-            truncated=out.truncated or err.truncated,
-            duration_s=time.monotonic() - started,
-        )
+        return exec_result(code, out, err, timed_out, started)
 
     def write_file(self, path: str, data: bytes) -> None:
         """Write bytes inside the work directory, creating parents.
