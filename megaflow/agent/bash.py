@@ -56,9 +56,7 @@ class BashAgent:
         return Command(cmd)
 
     def observe(self, result: ExecResult, command: str = "") -> list[Message]:
-        out = result.stdout
-        if result.stderr:
-            out += ("\n" if out else "") + result.stderr
+        out = result.output
         status = "timed out" if result.timed_out else f"exit code {result.exit_code}"
         body = truncate_middle(out, self.max_observation_chars)
         return [Message(role="user", content=f"[{status}]\n{body}")]

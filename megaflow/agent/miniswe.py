@@ -220,9 +220,7 @@ class MiniSweAgent:
         return Command(cmd)
 
     def observe(self, result: ExecResult, command: str = "") -> list[Message]:
-        output = result.stdout
-        if result.stderr:
-            output += ("\n" if output else "") + result.stderr
+        output = result.output
         if result.timed_out:
             content = render(TIMEOUT_TEMPLATE, command=command, output=self._output_block(output))
         else:

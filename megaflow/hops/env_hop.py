@@ -97,7 +97,7 @@ def exec_task(self, episode_id: str, step: int):
             result = rt.open_sandbox(ep.sandbox_id, spec.sandbox).exec(action, timeout=spec.limits.exec_timeout_s)
         except SandboxError as exc:
             return _infra("exec", step, exc, "sandbox_lost")
-        observation = result.stdout + (("\n" if result.stdout else "") + result.stderr if result.stderr else "")
+        observation = result.output
 
         # No lease renewal here: the lease taken at provision already outlives the
         # episode's deadline, and a write per command is a tenth of a hop's cost.

@@ -27,6 +27,13 @@ class ExecResult(BaseModel):
     truncated: bool = Field(default=False, description="True when stdout or stderr was cut.")
     duration_s: float = Field(default=0.0, description="Wall time of the command.")
 
+    @property
+    def output(self) -> str:
+        """stdout then stderr, joined by a newline when both are present: what an agent sees."""
+        if not self.stderr:
+            return self.stdout
+        return f"{self.stdout}\n{self.stderr}" if self.stdout else self.stderr
+
 
 class SandboxConfig(BaseModel):
     """How to make one sandbox. One config object for every backend."""
