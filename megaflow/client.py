@@ -16,6 +16,7 @@ from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, RolloutGroup, Run, Step, TaskInstance, new_id
 from megaflow.errors import SpecError
 from megaflow.events import emit
+from megaflow.scheduler import admission
 from megaflow.spec import RunSpec
 
 
@@ -93,8 +94,11 @@ class Client:
                               .where(Episode.run_id == run_id)).scalar()
             mean = s.execute(select(func.avg(Episode.reward)).where(
                 Episode.run_id == run_id, Episode.state.in_(states.DONE))).scalar()
+            waiting = dict(s.execute(select(Episode.wait_reason, func.count()).where(
+                Episode.run_id == run_id, Episode.state == states.WAITING).group_by(Episode.wait_reason)).all())
             return {"run_id": run_id, "name": run.name, "status": run.status, "episodes": run.n_episodes,
-                    "by_state": by_state, "steps": steps, "mean_reward": mean, "summary": run.summary}
+                    "by_state": by_state, "steps": steps, "mean_reward": mean, "waiting": waiting,
+                    "summary": run.summary}
 
     def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.25) -> dict:
         """Block until the run is finished or cancelled; returns `status`.
@@ -112,17 +116,20 @@ class Client:
             time.sleep(poll)
 
     def cancel(self, run_id: str) -> int:
-        """Cancel a run: pending episodes end now, running ones at their next decision.
+        """Cancel a run: pending and waiting episodes end now, running ones at their next decision.
 
         Returns:
-            How many pending episodes were cancelled at once.
+            How many pending or waiting episodes were cancelled at once.
         """
         with self.session() as s:
             s.execute(update(Run).where(Run.id == run_id).values(cancel_requested=True))
             n = s.execute(update(Episode).where(Episode.run_id == run_id, Episode.state == states.PENDING)
                           .values(state=states.CANCELLED, exit_status="cancelled")).rowcount
-            emit(s, "run.cancel", run_id, run_id, {"pending_cancelled": n})
-            return n
+            # Waiting episodes' start messages are parked: send them so their chords close.
+            parked = admission.unpark_cancelled(s, run_id)
+            emit(s, "run.cancel", run_id, run_id, {"pending_cancelled": n, "waiting_cancelled": len(parked)})
+        admission.send(self.app, parked)
+        return n + len(parked)
 
     def results(self, run_id: str) -> list[dict]:
         """One dict per episode: ids, state, exit status, reward, advantage, steps."""

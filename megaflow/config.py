@@ -30,7 +30,21 @@ class Settings(BaseSettings):
     )
     host: str = Field(default_factory=socket.gethostname, description="This env host's name (queue env.<host>).")
     sandbox_capacity: int = Field(default=64, ge=1, description="Sandboxes this env host may hold at once.")
-    hop_max_deliveries: int = Field(default=5, ge=1, description="A hop delivered more often is dead-lettered.")
+    placement: bool = Field(
+        default=True, description="Place each episode on a registered env host (least loaded, image affinity);"
+        " off: any env worker provisions from the shared `env` queue.")
+    heartbeat_s: float = Field(default=5.0, gt=0, description="How often an env host renews its heartbeat.")
+    host_dead_after_s: float = Field(
+        default=30.0, gt=0, description="An env host whose heartbeat is older than this gets no new episodes.")
+    hop_max_deliveries: int = Field(
+        default=5, ge=1, description="A message executed more often (its earlier deliveries killed their worker "
+        "or timed out) is poison: its episode ends infra_failed, or it is dead-lettered (megaflow.delivery).")
+    consumer_timeout_s: float = Field(
+        default=1800.0, gt=0, description="The broker's consumer_timeout (RabbitMQ's default: 30 min). Every task's "
+        "hard time limit stays below it, and specs whose deadlines would not are refused (megaflow.deadlines).")
+    watchdog_exit: bool = Field(
+        default=True, description="A threads-pool worker whose task outlives its hard time limit exits, so the "
+        "broker redelivers now rather than at its consumer timeout (megaflow.watchdog).")
     reap_interval_s: float = Field(
         default=60.0, gt=0, description="How often an env worker reaps leaked sandboxes of its host (seconds)."
     )

@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment variables that make a child process see `settings`."""
-    env = {"MEGAFLOW_DATA_DIR": str(settings.data_dir), "MEGAFLOW_HOST": settings.host}
-    for name in ("broker_url", "database_url", "result_backend"):
+    env = {}
+    for name in type(settings).model_fields:
         value = getattr(settings, name)
-        if value:
-            env[f"MEGAFLOW_{name.upper()}"] = value
+        if value is not None:
+            env[f"MEGAFLOW_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     return env
 
 

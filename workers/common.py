@@ -50,7 +50,33 @@ def make_worker_app(pool: str, settings: Settings | None = None):
 
     if pool == "env":
         _reap_periodically(app, settings)
+        _register_host(app, settings)
     return app
+
+
+def _register_host(app, settings: Settings) -> None:
+    """Register this env host when its worker is ready, beat while it runs, say goodbye on exit.
+
+    Joining admits waiting episodes at once: a new host gets work within seconds.
+    """
+    from megaflow.runtime import get_runtime
+    from megaflow.scheduler.registry import join, leave
+
+    beats: list = []
+
+    @signals.worker_ready.connect(weak=False)
+    def _join(sender, **kwargs):
+        if sender.app is not app:
+            return
+        beats.append(join(app, get_runtime(app)))
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _leave(sender, **kwargs):
+        if sender.app is not app:
+            return
+        for beat in beats:
+            beat.stop()
+        leave(get_runtime(app))
 
 
 def _reap_periodically(app, settings: Settings) -> None:

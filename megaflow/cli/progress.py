@@ -55,7 +55,10 @@ def info_line(st: dict, failures: dict[str, int], rate: float) -> str:
             f"{st['steps']} steps, {rate:.1f} steps/s")
     if st["mean_reward"] is not None:
         line += f" | mean reward {st['mean_reward']:.3f}"
-    return line + f" | failures: {_fmt_counts(failures)}"
+    line += f" | failures: {_fmt_counts(failures)}"
+    if st.get("waiting"):
+        line += f" | waiting: {_fmt_counts(st['waiting'])}"
+    return line
 
 
 def panel(st: dict, failures: dict[str, int], rate: float, elapsed: float) -> Panel:
@@ -78,8 +81,13 @@ def panel(st: dict, failures: dict[str, int], rate: float, elapsed: float) -> Pa
         rates.append(f" · mean reward {st['mean_reward']:.3f}")
     fails = Text("failures: ", style="bold")
     fails.append(_fmt_counts(failures), style="red" if failures else "dim")
+    parts = [grid, rates, fails]
+    if st.get("waiting"):
+        waits = Text("waiting: ", style="bold")
+        waits.append(_fmt_counts(st["waiting"]), style="yellow")
+        parts.append(waits)
     title = f"run {st['run_id']} · {st['name']} · {st['status']} · {elapsed:.0f}s"
-    return Panel(Group(grid, rates, fails), title=title, expand=False)
+    return Panel(Group(*parts), title=title, expand=False)
 
 
 def follow(client, run_id: str, console: Console, timeout: float | None = None,

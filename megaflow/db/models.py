@@ -43,6 +43,8 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(20), default="submitted")
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     n_episodes: Mapped[int] = mapped_column(Integer, default=0)
+    # Bumped by `megaflow resume`: callbacks of an older generation's chords do nothing.
+    generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
@@ -103,6 +105,16 @@ class Episode(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
     deadline_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    # Admission (megaflow.scheduler): why a waiting episode waits, and the Celery
+    # options (task id, chord) its start message is re-sent with when admitted.
+    wait_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    parked: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    admitted_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    # Resume (megaflow.resume): an unfinished or infra-failed episode is re-run as a new
+    # row, attempt + 1; the old row keeps its history and points at its successor.
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    retry_of: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    superseded_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class Step(Base):
@@ -153,6 +165,22 @@ class Hop(Base):
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class Delivery(Base):
+    """How often a message was delivered again after a delivery that did not finish.
+
+    Written only for redelivered messages (`megaflow.delivery`): the common path costs nothing.
+    """
+
+    __tablename__ = "deliveries"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(100))
+    task_id: Mapped[str] = mapped_column(String(64))
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    first_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    last_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+
+
 class SandboxRow(Base):
     __tablename__ = "sandboxes"
 
@@ -182,3 +210,51 @@ class Event(Base):
     subject_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     kind: Mapped[str] = mapped_column(String(40))
     data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+class Host(Base):
+    """An env host: a machine whose env worker holds sandboxes (capacity, images, heartbeat)."""
+
+    __tablename__ = "hosts"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    capacity: Mapped[int] = mapped_column(Integer)
+    # Images present on the host: placement prefers hosts that need not build or load one.
+    images: Mapped[list] = mapped_column(JSON, default=list)
+    # up -> down (graceful stop); a host whose heartbeat is stale counts as down too.
+    state: Mapped[str] = mapped_column(String(20), default="up")
+    started_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Semaphore(Base):
+    """A distributed counting semaphore: `used` of `limit` (None: unlimited) slots taken."""
+
+    __tablename__ = "semaphores"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    used: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SemaphoreHolder(Base):
+    """Who holds a slot: one row per (semaphore, holder), so a retried acquire never counts twice."""
+
+    __tablename__ = "semaphore_holders"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    acquired_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
+
+
+class Quota(Base):
+    """An administrative quota of a user or project: episodes at once, and in all."""
+
+    __tablename__ = "quotas"
+
+    scope: Mapped[str] = mapped_column(String(20), primary_key=True)  # user | project
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    admitted_total: Mapped[int] = mapped_column(Integer, default=0)

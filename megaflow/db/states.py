@@ -2,6 +2,9 @@
 
 pending -> provisioning -> running -> evaluating -> succeeded | failed | infra_failed | cancelled
 
+An episode that finds no free capacity (or is over its owner's quota) at its start
+waits: pending -> waiting -> pending (admitted) -> provisioning (megaflow.scheduler).
+
 Every change is a compare-and-set UPDATE, so two deliveries of the same hop can
 never move an episode twice.
 """
@@ -14,6 +17,7 @@ from sqlalchemy.orm import Session
 from megaflow.db.models import Episode, utcnow
 
 PENDING, PROVISIONING, RUNNING, EVALUATING = "pending", "provisioning", "running", "evaluating"
+WAITING = "waiting"
 SUCCEEDED, FAILED, INFRA_FAILED, CANCELLED = "succeeded", "failed", "infra_failed", "cancelled"
 
 TERMINAL = frozenset({SUCCEEDED, FAILED, INFRA_FAILED, CANCELLED})
@@ -21,7 +25,8 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, INFRA_FAILED, CANCELLED})
 DONE = frozenset({SUCCEEDED, FAILED})
 
 TRANSITIONS: dict[str, frozenset[str]] = {
-    PENDING: frozenset({PROVISIONING, CANCELLED, INFRA_FAILED, FAILED}),
+    PENDING: frozenset({WAITING, PROVISIONING, CANCELLED, INFRA_FAILED, FAILED}),
+    WAITING: frozenset({PENDING, CANCELLED, INFRA_FAILED}),
     PROVISIONING: frozenset({RUNNING, INFRA_FAILED, FAILED, CANCELLED}),
     RUNNING: frozenset({EVALUATING, FAILED, INFRA_FAILED, CANCELLED}),
     EVALUATING: frozenset({SUCCEEDED, FAILED, INFRA_FAILED, CANCELLED}),

@@ -24,6 +24,9 @@ from megaflow.hops import ledger
 from megaflow.hops.base import run_hop
 from megaflow.model.base import Message
 from megaflow.runtime import Runtime, get_runtime
+from megaflow.scheduler import admission
+from megaflow.scheduler.admission import parking_of
+from megaflow.scheduler.admission import send as send_admitted
 from megaflow.sandbox.base import ExecResult
 from queues import topology
 
@@ -52,7 +55,7 @@ def episode_task(self, prev, episode_id):
 
         def write(s: Session):
             try:
-                fresh.update(Driver(rt, s, episode_id).decide(prev))
+                fresh.update(Driver(rt, s, episode_id, parking=parking_of(self.request)).decide(prev))
             except (OperationalError, InterfaceError):
                 raise
             except Exception as exc:
@@ -83,6 +86,14 @@ def episode_task(self, prev, episode_id):
                 from celery.exceptions import Ignore
 
                 raise Ignore()
+    if decision.get("admit"):
+        # Waiters this episode's end let in (sent again on a replay: their ledger drops doubles).
+        send_admitted(self.app, decision["admit"])
+    if decision.get("park"):
+        # Waiting for room: the start message is parked in the episode's row and sent
+        # again on admission; this delivery must not count as the chord member's end.
+        self.request.chord = None
+        return None
     if decision.get("final"):
         return decision["summary"]
     return continue_with(self, next_signature(self.app, episode_id, decision["next"]))
@@ -111,7 +122,7 @@ class DecisionCrashed(Exception):
 def next_signature(app, episode_id: str, nxt: dict):
     hop, step = nxt["hop"], nxt["step"]
     options = {}
-    if hop in HOST_BOUND:
+    if hop in HOST_BOUND or (hop == "provision" and nxt.get("host")):
         queue = topology.env_host_queue(nxt["host"]).name
         options = {"queue": queue, "exchange": topology.EXCHANGE.name, "routing_key": queue}
     return app.signature(HOP_TASKS[hop], args=(episode_id, step), **options) | app.signature(
@@ -122,8 +133,9 @@ def next_signature(app, episode_id: str, nxt: dict):
 class Driver:
     """Decides one step of one episode inside one transaction."""
 
-    def __init__(self, rt: Runtime, session: Session, episode_id: str):
+    def __init__(self, rt: Runtime, session: Session, episode_id: str, parking: dict | None = None):
         self.rt, self.s = rt, session
+        self.parking = parking
         # The run's cancel flag comes in the same query: one round trip, not two.
         row = session.execute(select(Episode, Run.cancel_requested).join(Run, Run.id == Episode.run_id)
                               .where(Episode.id == episode_id)).first()
@@ -142,8 +154,12 @@ class Driver:
 
     def final(self) -> dict:
         ep = self.ep
-        return {"final": True, "summary": {
+        out = {"final": True, "summary": {
             "episode_id": ep.id, "state": ep.state, "reward": ep.reward, "exit_status": ep.exit_status}}
+        admitted = admission.on_end(self.s, self.rt.settings, ep.id)
+        if admitted:
+            out["admit"] = admitted
+        return out
 
     def end(self, state: str, exit_status: str, step: int, error: str | None = None,
             reward: float | None = None) -> dict:
@@ -186,10 +202,25 @@ class Driver:
                         reward=reward)
 
     def after_start(self, step: int) -> dict:
+        if self.ep.state == states.WAITING:
+            return {"park": True}
+        ok, host = admission.start(self.s, self.rt.settings, self.ep, admission.claim_of(self.rt, self.ep),
+                                   self.parking or {})
+        if not ok:
+            return {"park": True}
+        return self.provision(host)
+
+    def after_admit(self, step: int) -> dict:
+        if self.ep.state == states.WAITING:
+            # Sent before its admission committed (a replayed end): wait for the real one.
+            return {"park": True}
+        return self.provision(self.ep.host)
+
+    def provision(self, host: str | None) -> dict:
         limits = self.spec.limits
-        states.move(self.s, self.ep.id, states.PROVISIONING,
+        states.move(self.s, self.ep.id, states.PROVISIONING, host=host,
                     deadline_at=utcnow() + dt.timedelta(seconds=limits.episode_timeout_s))
-        return self.go("provision", 0)
+        return {"next": {"hop": "provision", "step": 0, "host": host}}
 
     def after_provision(self, step: int) -> dict:
         states.move(self.s, self.ep.id, states.RUNNING)

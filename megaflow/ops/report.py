@@ -19,7 +19,7 @@ from megaflow.ops.stats import RunData
 
 #: One colour per episode state, shared by every plot and table.
 STATE_COLOURS = {
-    "pending": "#bdbdbd", "provisioning": "#9ecae1", "running": "#3182bd", "evaluating": "#756bb1",
+    "pending": "#bdbdbd", "waiting": "#fdae6b", "provisioning": "#9ecae1", "running": "#3182bd", "evaluating": "#756bb1",
     "succeeded": "#31a354", "failed": "#e6550d", "infra_failed": "#a50f15", "cancelled": "#636363",
 }
 

@@ -20,7 +20,7 @@ from megaflow.db.models import Episode, Hop, Run, SandboxRow, Step, TaskInstance
 FAILED_STATES = (states.FAILED, states.INFRA_FAILED)
 
 #: Display order of episode states: the state machine's order, terminal ones last.
-STATE_ORDER = (states.PENDING, states.PROVISIONING, states.RUNNING, states.EVALUATING,
+STATE_ORDER = (states.PENDING, states.WAITING, states.PROVISIONING, states.RUNNING, states.EVALUATING,
                states.SUCCEEDED, states.FAILED, states.INFRA_FAILED, states.CANCELLED)
 
 

@@ -1,0 +1,171 @@
+"""FIFO admission of episodes, event-driven.
+
+An episode's first decision asks for room: a slot of the global semaphore, of a
+live env host (placement), of its image and of its owner's quotas, all or none.
+Without room it *waits*: its state becomes ``waiting`` and the Celery options of
+its start message (task id, chord) are parked in its row; the message is acked
+without counting as the chord member's end. An episode that ends gives its slots
+back and, in the same transaction, admits the earliest waiters (by global
+submission order, ``episodes.seq``) that now fit; their start messages are sent
+again after the commit. A host joining admits too. Nothing polls.
+
+Order: waiting for shared capacity is strict FIFO (a newcomer queues behind
+earlier capacity waiters). Waiting on a quota or a full image does not hold up
+episodes of other users or images.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from megaflow.config import Settings
+from megaflow.db import states
+from megaflow.db.models import Episode, utcnow
+from megaflow.events import emit
+from megaflow.scheduler import hosts, quotas, semaphores
+
+log = logging.getLogger(__name__)
+
+#: A reason starting with this blocks later episodes (strict FIFO on shared capacity).
+CAPACITY = "capacity"
+#: Waiters looked at per admission round.
+ROUND = 16
+
+
+def claim_of(rt, ep) -> dict:
+    """What admission needs to know of an episode (from the worker's warm caches)."""
+    from megaflow.hops.env_sandbox import config_for
+
+    spec = rt.spec(ep.run_id)
+    config = config_for(rt, ep)
+    limits = spec.limits
+    hold_s = limits.episode_timeout_s + limits.eval_timeout_s + limits.provision_timeout_s + 600
+    return {"user": spec.user, "project": spec.project, "run_id": ep.run_id,
+            "image": config.image if config.type == "docker" else None, "hold_s": hold_s}
+
+
+def try_admit(s: Session, settings: Settings, episode_id: str, claim: dict) -> tuple[bool, str | None, str | None]:
+    """Take every slot the episode needs.
+
+    Returns:
+        (True, host, None) when admitted (host None without placement), else
+        (False, None, why it waits).
+    """
+    expires = utcnow() + dt.timedelta(seconds=claim["hold_s"])
+    qs = quotas.quotas_of(s, claim["user"], claim["project"])
+    keys = quotas.concurrency_keys(qs)
+    if claim.get("image"):
+        keys.append(semaphores.image_key(claim["image"]))
+    host = None
+    if settings.placement:
+        for host in hosts.candidates(hosts.live_hosts(s, settings.host_dead_after_s), claim.get("image")):
+            full = semaphores.acquire(s, keys + [semaphores.host_key(host)], episode_id, expires)
+            if full is None:
+                break
+            if not full.startswith("host:"):
+                return False, None, _reason(s, full)
+        else:
+            return False, None, f"{CAPACITY}: no live env host with a free slot"
+    else:
+        full = semaphores.acquire(s, keys, episode_id, expires)
+        if full is not None:
+            return False, None, _reason(s, full)
+    spent = quotas.count_admission(s, qs)
+    if spent is not None:
+        semaphores.release_all(s, episode_id)
+        return False, None, f"quota {spent.scope} {spent.name}: max_total {spent.max_total} reached"
+    return True, host, None
+
+
+def _reason(s: Session, key: str) -> str:
+    used, limit = semaphores.usage(s, key).get(key, (0, None))
+    if key == semaphores.GLOBAL:
+        return f"{CAPACITY}: global limit {limit} reached"
+    kind, _, name = key.partition(":")
+    if kind == "quota":
+        scope, _, who = name.partition(":")
+        return f"quota {scope} {who}: max_concurrent {limit} reached"
+    return f"{kind} {name}: limit {limit} reached"
+
+
+def start(s: Session, settings: Settings, ep: Episode, claim: dict, task: dict) -> tuple[bool, str | None]:
+    """Admit an episode at its first decision, or park it. Returns (admitted, host)."""
+    ahead = s.execute(select(Episode.id).where(
+        Episode.state == states.WAITING, Episode.seq < ep.seq, Episode.wait_reason.startswith(CAPACITY))
+        .limit(1)).first()
+    if ahead is not None:
+        _park(s, ep, f"{CAPACITY}: behind earlier episodes", claim, task)
+        return False, None
+    ok, host, why = try_admit(s, settings, ep.id, claim)
+    if not ok:
+        _park(s, ep, why, claim, task)
+        return False, None
+    s.execute(update(Episode).where(Episode.id == ep.id).values(admitted_at=utcnow()))
+    return True, host
+
+
+def _park(s: Session, ep: Episode, why: str, claim: dict, task: dict) -> None:
+    if states.move(s, ep.id, states.WAITING, wait_reason=why, parked={"claim": claim, "task": task}):
+        emit(s, "episode.waiting", ep.run_id, ep.id, {"reason": why})
+
+
+def admit_waiting(s: Session, settings: Settings, rounds: int = 1) -> list[dict]:
+    """Admit the earliest waiters that fit now. Returns their parked start messages to send."""
+    admitted: list[dict] = []
+    for _ in range(rounds):
+        rows = s.execute(select(Episode.id, Episode.run_id, Episode.parked, Episode.wait_reason)
+                         .where(Episode.state == states.WAITING).order_by(Episode.seq).limit(ROUND)
+                         .with_for_update(skip_locked=True)).all()
+        blocked = False
+        for eid, run_id, parked, was in rows:
+            ok, host, why = try_admit(s, settings, eid, parked["claim"])
+            if not ok:
+                if why != was:
+                    s.execute(update(Episode).where(Episode.id == eid).values(wait_reason=why))
+                if why.startswith(CAPACITY):
+                    blocked = True
+                    break
+                continue
+            if states.move(s, eid, states.PENDING, wait_reason=None, admitted_at=utcnow(), host=host):
+                emit(s, "episode.admitted", run_id, eid, {"host": host})
+                admitted.append({"episode_id": eid, "task": parked["task"]})
+        if blocked or len(rows) < ROUND:
+            break
+    return admitted
+
+
+def on_end(s: Session, settings: Settings, episode_id: str) -> list[dict]:
+    """An episode is done: give its slots back and admit who fits now."""
+    semaphores.release_all(s, episode_id)
+    return admit_waiting(s, settings)
+
+
+def unpark_cancelled(s: Session, run_id: str) -> list[dict]:
+    """Cancel a run's waiting episodes; their start messages must still run to close the chords."""
+    rows = s.execute(select(Episode.id, Episode.parked).where(
+        Episode.run_id == run_id, Episode.state == states.WAITING).with_for_update(skip_locked=True)).all()
+    out = []
+    for eid, parked in rows:
+        if states.move(s, eid, states.CANCELLED, exit_status="cancelled", wait_reason=None):
+            out.append({"episode_id": eid, "task": parked["task"]})
+    return out
+
+
+def parking_of(request) -> dict:
+    """The Celery options that make a re-sent start message the same chord member."""
+    return {"id": request.id, "chord": request.chord, "group": request.group,
+            "group_index": request.group_index, "root_id": request.root_id}
+
+
+def send(app, admitted: list[dict]) -> None:
+    """Send the parked start messages of admitted (or cancelled) episodes."""
+    for a in admitted:
+        t = a["task"]
+        sig = app.signature("megaflow.episode", args=({"hop": "admit", "step": 0}, a["episode_id"]))
+        sig.freeze(t["id"])
+        sig.set(chord=t["chord"], group_id=t["group"], group_index=t["group_index"], root_id=t["root_id"])
+        sig.apply_async()

@@ -1,0 +1,91 @@
+"""The env host registry and placement.
+
+Each env worker registers its host (capacity, images it holds) when it starts and
+renews a heartbeat every ``Settings.heartbeat_s``. Placement picks, among live hosts
+with a free slot, one that already holds the episode's image, least loaded first.
+A host whose heartbeat is older than ``Settings.host_dead_after_s`` gets no new work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from megaflow.db.models import Host, Semaphore, utcnow
+from megaflow.db.sql import upsert
+from megaflow.scheduler import semaphores
+
+log = logging.getLogger(__name__)
+
+
+def register(s: Session, name: str, capacity: int, images: list[str] | None = None) -> None:
+    """Add or refresh a host; its semaphore's limit becomes its capacity."""
+    now = utcnow()
+    s.execute(upsert(s.connection(), Host.__table__,
+                     {"name": name, "capacity": capacity, "images": images or [], "state": "up",
+                      "started_at": now, "heartbeat_at": now}, ["name"]))
+    semaphores.set_limit(s, semaphores.host_key(name), capacity)
+
+
+def heartbeat(s: Session, name: str, images: list[str] | None = None) -> bool:
+    values = {"heartbeat_at": utcnow(), "state": "up"}
+    if images is not None:
+        values["images"] = images
+    return s.execute(update(Host).where(Host.name == name).values(**values)).rowcount == 1
+
+
+def mark_down(s: Session, name: str) -> None:
+    s.execute(update(Host).where(Host.name == name).values(state="down"))
+
+
+def live_hosts(s: Session, dead_after_s: float, now: dt.datetime | None = None) -> list[dict]:
+    """Live hosts with their load: name, capacity, used, images."""
+    since = (now or utcnow()) - dt.timedelta(seconds=dead_after_s)
+    rows = s.execute(
+        select(Host.name, Host.capacity, Host.images, Semaphore.used, Semaphore.limit)
+        .join(Semaphore, Semaphore.key == "host:" + Host.name, isouter=True)
+        .where(Host.state == "up", Host.heartbeat_at >= since)
+    ).all()
+    return [{"name": n, "capacity": lim if lim is not None else cap, "used": used or 0, "images": imgs or []}
+            for n, cap, imgs, used, lim in rows]
+
+
+def dead_hosts(s: Session, dead_after_s: float, now: dt.datetime | None = None) -> list[str]:
+    """Hosts that stopped heartbeating without saying goodbye."""
+    since = (now or utcnow()) - dt.timedelta(seconds=dead_after_s)
+    return list(s.execute(select(Host.name).where(Host.state == "up", Host.heartbeat_at < since)).scalars())
+
+
+def candidates(hosts: list[dict], image: str | None) -> list[str]:
+    """Hosts with a free slot: those holding `image` first, then least loaded (by fraction used)."""
+    free = [h for h in hosts if h["used"] < h["capacity"]]
+    free.sort(key=lambda h: (image is not None and image not in h["images"], h["used"] / max(1, h["capacity"]),
+                             h["name"]))
+    return [h["name"] for h in free]
+
+
+class HeartbeatThread(threading.Thread):
+    """Renews this host's heartbeat; the images it reports come from `images()`."""
+
+    def __init__(self, session_factory, name: str, interval_s: float, images=None):
+        super().__init__(name=f"megaflow-heartbeat-{name}", daemon=True)
+        self.session_factory, self.host, self.interval_s = session_factory, name, interval_s
+        self.images = images
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                imgs = self.images() if self.images else None
+                with self.session_factory() as s:
+                    heartbeat(s, self.host, imgs)
+            except Exception:
+                # A missed beat is harmless unless they all fail; keep trying.
+                log.warning("heartbeat of host %s failed", self.host, exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,49 @@
+"""An env worker's side of the host registry: join, beat, leave."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from megaflow.scheduler import admission, hosts
+
+log = logging.getLogger(__name__)
+
+
+def host_images() -> list[str]:
+    """Image tags present on this host's Docker engine (none without one)."""
+    if not os.environ.get("DOCKER_HOST"):
+        return []
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        try:
+            return sorted({tag for img in client.images.list() for tag in img.tags})
+        finally:
+            client.close()
+    except Exception:
+        log.debug("could not list docker images", exc_info=True)
+        return []
+
+
+def join(app, rt) -> hosts.HeartbeatThread:
+    """Register the host, admit the waiters that now fit, and start the heartbeat."""
+    settings = rt.settings
+    with rt.session() as s:
+        hosts.register(s, settings.host, settings.sandbox_capacity, host_images())
+        admitted = admission.admit_waiting(s, settings, rounds=max(1, settings.sandbox_capacity // admission.ROUND + 1))
+    admission.send(app, admitted)
+    log.info("env host %s joined (capacity %d); admitted %d waiting episodes",
+             settings.host, settings.sandbox_capacity, len(admitted))
+    beat = hosts.HeartbeatThread(rt.session, settings.host, settings.heartbeat_s, images=host_images)
+    beat.start()
+    return beat
+
+
+def leave(rt) -> None:
+    try:
+        with rt.session() as s:
+            hosts.mark_down(s, rt.settings.host)
+    except Exception:
+        log.warning("could not mark host %s down", rt.settings.host, exc_info=True)
