@@ -13,6 +13,7 @@ from megaflow import Client, Settings
 from megaflow.db.models import Episode, Event, Host, SandboxRow
 from megaflow.db.schema import upgrade
 from megaflow.local_stack import WorkerProcess
+from megaflow.scheduler.scale import report
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +82,12 @@ def test_capacity_is_never_exceeded_with_racing_workers(base):
         assert all(e.wait_reason is None for e in s.execute(select(Episode)).scalars())
     events = client.events(run_id)
     assert events["group.done"] == 6 and events["run.done"] == 1
+    # The elasticity signal sees the work just done, both hosts and the queues.
+    out = report(settings, client.app, window_s=600)
+    assert set(out["pools"]) == {"model", "agent", "env"}
+    assert out["pools"]["env"]["hosts"] == 2 and out["pools"]["model"]["hops_per_s"] > 0
+    assert out["queues"]["env.h1"]["consumers"] == 1 and out["queues"]["agent"]["consumers"] == 3
+    assert all(p["recommended"] >= 1 for p in out["pools"].values())
 
 
 def test_a_joining_host_gets_work_and_a_silent_host_gets_none(base):

@@ -157,3 +157,24 @@ def test_no_live_host_means_waiting_for_capacity(three_runs, sqlite_url):
         assert e1.wait_reason == "capacity: no live env host with a free slot"
         hosts.register(s, "h", 1)
         assert [a["episode_id"] for a in admission.admit_waiting(s, client.settings)] == [e1.id]
+
+
+def test_repair_frees_lost_slots_and_resends_unsent_admissions(three_runs, sqlite_url):
+    client, (r1, _, _) = three_runs
+    settings = client.settings
+    with session_scope(sqlite_url) as s:
+        hosts.register(s, "h", 1)
+        e1, e2, e3 = _episodes(s, r1)
+        assert _start(s, settings, e1, "alice")[0]
+        assert not _start(s, settings, e2, "alice")[0]
+        # e1 ended long ago but its last decision was lost: its slot is still held
+        s.execute(Episode.__table__.update().where(Episode.id == e1.id).values(
+            state=states.FAILED, finished_at=utcnow() - dt.timedelta(hours=1)))
+        assert admission.repair(s, settings, stale_s=60) == [
+            {"episode_id": e2.id, "task": {"id": e2.id, "chord": None, "group": None, "group_index": None,
+                                           "root_id": None}}]
+        assert semaphores.held(s, e1.id) == []
+        # e2 was admitted but its start message never went out (the admitter died)
+        s.execute(Episode.__table__.update().where(Episode.id == e2.id).values(
+            admitted_at=utcnow() - dt.timedelta(hours=1)))
+        assert [a["episode_id"] for a in admission.repair(s, settings, stale_s=60)] == [e2.id]

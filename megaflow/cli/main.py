@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from megaflow.cli import bench, db, env, export, ops, runs, workers
+from megaflow.cli import bench, db, env, export, ops, runs, sched, workers
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="MegaFlow: many LLM-agent episodes on Celery, RabbitMQ and PostgreSQL.")
@@ -17,12 +17,16 @@ workers.register(app)
 export.register(app)
 env.register(app)
 ops.register(app)
+sched.register(app)
 
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from megaflow.redact import install_log_redaction
+
+    install_log_redaction()
 
 
 def main() -> None:

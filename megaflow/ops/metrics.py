@@ -67,6 +67,10 @@ class MegaFlowCollector(Collector):
             queue_metrics = []
             up.add_metric(["broker"], 0)
         yield from queue_metrics
+        try:
+            yield from self._scale()
+        except Exception as exc:  # as above
+            log.warning("scale signal not computed: %s", exc)
         yield up
         yield GaugeMetricFamily("megaflow_scrape_seconds", "Time this scrape took.",
                                 value=time.monotonic() - started)
@@ -103,6 +107,22 @@ class MegaFlowCollector(Collector):
                               f"Model tokens per second over the last {self.token_window_s:g} s.", labels=["kind"])
         g.add_metric(["completion"], completion / self.token_window_s)
         g.add_metric(["prompt"], prompt / self.token_window_s)
+        yield g
+
+    def _scale(self) -> Iterator[Metric]:
+        from megaflow.scheduler.scale import report
+
+        out = report(self.settings, self._celery())
+        g = GaugeMetricFamily("megaflow_recommended_workers",
+                              "Workers a pool needs for its load and backlog (megaflow scale).", labels=["pool"])
+        for pool, p in out["pools"].items():
+            g.add_metric([pool], p["recommended"])
+        g.add_metric(["env_hosts"], out["pools"]["env"]["recommended_hosts"])
+        yield g
+        g = GaugeMetricFamily("megaflow_waiting_episodes", "Episodes waiting for admission, by reason.",
+                              labels=["reason"])
+        for reason, n in sorted(out["waiting"].items(), key=lambda kv: str(kv[0])):
+            g.add_metric([str(reason)], n)
         yield g
 
     def _histogram(self, name: str, doc: str, data: dict[str, tuple[list[int], int, float]]) -> Metric:

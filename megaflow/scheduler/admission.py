@@ -169,3 +169,33 @@ def send(app, admitted: list[dict]) -> None:
         sig.freeze(t["id"])
         sig.set(chord=t["chord"], group_id=t["group"], group_index=t["group_index"], root_id=t["root_id"])
         sig.apply_async()
+
+
+def repair(s: Session, settings: Settings, stale_s: float = 300.0) -> list[dict]:
+    """Undo what a lost message left behind; run now and then by each env host.
+
+    Not the admission mechanism (that is the events above) but its safety net:
+    slots held past their lease or by episodes long ended (their last decision was
+    lost) are given back, and admitted episodes whose start message never came
+    (the admitting worker died between commit and send) are sent again.
+
+    Returns:
+        Start messages to send: those re-sent and those admitted into freed room.
+    """
+    from megaflow.db.models import Hop, SemaphoreHolder
+
+    old = utcnow() - dt.timedelta(seconds=stale_s)
+    lost = set(semaphores.expired_holders(s))
+    lost |= set(s.execute(select(SemaphoreHolder.holder).join(Episode, Episode.id == SemaphoreHolder.holder)
+                          .where(Episode.state.in_(states.TERMINAL), Episode.finished_at < old)).scalars())
+    for holder in sorted(lost):
+        semaphores.release_all(s, holder)
+    unsent = s.execute(select(Episode.id, Episode.parked).where(
+        Episode.state == states.PENDING, Episode.admitted_at < old, Episode.parked.is_not(None),
+        ~select(Hop.subject_id).where(Hop.subject_id == Episode.id, Hop.step_index == 0,
+                                      Hop.hop == "agent.admit").exists())).all()
+    resend = [{"episode_id": eid, "task": parked["task"]} for eid, parked in unsent]
+    if lost or resend:
+        log.warning("scheduler repair: %d lost slot holders released, %d admitted episodes re-sent",
+                    len(lost), len(resend))
+    return resend + admit_waiting(s, settings, rounds=4)

@@ -69,20 +69,29 @@ def candidates(hosts: list[dict], image: str | None) -> list[str]:
 
 
 class HeartbeatThread(threading.Thread):
-    """Renews this host's heartbeat; the images it reports come from `images()`."""
+    """Renews this host's heartbeat; the images it reports come from `images()`.
 
-    def __init__(self, session_factory, name: str, interval_s: float, images=None):
+    Every `every` beats it also calls `chores()` (the scheduler's repair).
+    """
+
+    def __init__(self, session_factory, name: str, interval_s: float, images=None, chores=None,
+                 every: int = 12):
         super().__init__(name=f"megaflow-heartbeat-{name}", daemon=True)
         self.session_factory, self.host, self.interval_s = session_factory, name, interval_s
-        self.images = images
+        self.images, self.chores, self.every = images, chores, every
         self._stop = threading.Event()
 
     def run(self) -> None:
+        beats = 0
         while not self._stop.wait(self.interval_s):
+            beats += 1
             try:
-                imgs = self.images() if self.images else None
+                # Images change rarely; listing them is a call to the engine.
+                imgs = self.images() if self.images and beats % self.every == 1 else None
                 with self.session_factory() as s:
                     heartbeat(s, self.host, imgs)
+                if self.chores and beats % self.every == 0:
+                    self.chores()
             except Exception:
                 # A missed beat is harmless unless they all fail; keep trying.
                 log.warning("heartbeat of host %s failed", self.host, exc_info=True)

@@ -36,7 +36,14 @@ def join(app, rt) -> hosts.HeartbeatThread:
     admission.send(app, admitted)
     log.info("env host %s joined (capacity %d); admitted %d waiting episodes",
              settings.host, settings.sandbox_capacity, len(admitted))
-    beat = hosts.HeartbeatThread(rt.session, settings.host, settings.heartbeat_s, images=host_images)
+
+    def chores() -> None:
+        with rt.session() as s:
+            out = admission.repair(s, settings)
+        admission.send(app, out)
+
+    beat = hosts.HeartbeatThread(rt.session, settings.host, settings.heartbeat_s, images=host_images,
+                                 chores=chores, every=max(1, round(60 / settings.heartbeat_s)))
     beat.start()
     return beat
 
