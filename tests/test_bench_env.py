@@ -63,8 +63,8 @@ def test_bench_env_json(docker_url: str, monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert result.exit_code == 0, result.output + repr(result.exception)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
 
-    assert set(figures) == {*FIGURES, "create_errors", "n", "targets"}
-    assert figures["n"] == 5
+    assert set(figures) == {*FIGURES, "create_errors", "create_threads", "n", "targets"}
+    assert figures["n"] == 5 and figures["create_threads"] == env_bench.THREADS
     for key in FIGURES:
         assert isinstance(figures[key], (int, float)) and figures[key] > 0, (key, figures[key])
     assert figures["create_errors"] == 0

@@ -31,7 +31,7 @@ from conftest import need
 from megaflow.errors import SandboxError
 from megaflow.sandbox.base import SandboxConfig
 from megaflow.sandbox.conformance import CHECKS
-from megaflow.sandbox.docker import DockerBackend, DockerSandbox
+from megaflow.sandbox.docker import DockerBackend, DockerSandbox, EtcHosts
 from megaflow.sandbox.dockerd import ensure_dockerd
 from megaflow.sandbox.images import build_base, build_image, debian_mirror
 
@@ -193,15 +193,81 @@ def test_huge_output_is_truncated_in_bounded_memory(sandbox: DockerSandbox) -> N
     assert grown_mb < 20, f"reading 100 MB of output grew the client by {grown_mb:.0f} MB"
 
 
+_NET_PROBE = (
+    "import os, socket\nprint([name for _, name in socket.if_nameindex()])\n"
+    "s = socket.socket()\ns.settimeout(3)\ntry:\n    s.connect(('192.0.2.1', 80))\n"
+    "except OSError as e:\n    print(e.errno)\n"
+    "print(socket.getaddrinfo('localhost', 80, socket.AF_INET)[0][4][0])\n"
+    "print(os.readlink('/proc/self/ns/net'))\n"
+)
+
+
+def _probe_network(sb: DockerSandbox) -> list[str]:
+    """Interfaces, errno of a connect out, what `localhost` resolves to, netns id."""
+    sb.write_file("probe.py", _NET_PROBE.encode())
+    result = sb.exec("python3 probe.py", timeout=20)
+    assert result.exit_code == 0, result
+    return result.stdout.splitlines()
+
+
 def test_no_network_egress(sandbox: DockerSandbox) -> None:
-    probe = (
-        "import socket\nprint([name for _, name in socket.if_nameindex()])\n"
-        "s = socket.socket()\ns.settimeout(3)\ntry:\n    s.connect(('192.0.2.1', 80))\n"
-        "except OSError as e:\n    print(e.errno)\n"
-    )
-    sandbox.write_file("probe.py", probe.encode())
-    result = sandbox.exec("python3 probe.py", timeout=20)
-    assert result.stdout.splitlines() == ["['lo']", "101"], result  # ENETUNREACH
+    lines = _probe_network(sandbox)
+    assert lines[:3] == ["['lo']", "101", "127.0.0.1"], lines  # ENETUNREACH; localhost resolves
+    assert lines[3] != os.readlink("/proc/self/ns/net"), "the sandbox is in the host's network namespace"
+
+
+def test_sandboxes_do_not_share_loopback(
+    backend: DockerBackend, sandbox: DockerSandbox, bystander: DockerSandbox
+) -> None:
+    # Runc makes each namespace (networking is off in the engine); /etc/hosts comes
+    # read-only from the engine's megaflow-etc volume.
+    info = backend.api.inspect_container(sandbox.id)
+    assert info["Config"].get("NetworkDisabled") is True and info["HostConfig"]["NetworkMode"] == "none"
+    assert any(m["Destination"] == "/etc/hosts" and not m["RW"] for m in info["Mounts"])
+    assert sandbox.exec("echo x >> /etc/hosts", timeout=10).exit_code != 0
+    assert _probe_network(sandbox)[3] != _probe_network(bystander)[3]
+    server = "nohup python3 -m http.server 8765 --bind 127.0.0.1 >/dev/null 2>&1 & sleep 1"
+    assert sandbox.exec(server, timeout=10).exit_code == 0
+    connect = "exec 3<>/dev/tcp/127.0.0.1/8765 && echo connected"
+    assert sandbox.exec(connect, timeout=10).stdout == "connected\n"
+    assert bystander.exec(connect, timeout=10).exit_code != 0  # its own loopback: refused
+
+
+@pytest.mark.parametrize("failure", ["volume", "mount"])
+def test_without_the_hosts_file_sandboxes_use_network_none(
+    docker_client, config: SandboxConfig, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    def fail(*_args: object) -> str:
+        if failure == "mount":  # written, but the engine cannot bind-mount it
+            return f"/nonexistent-{SESSION}/hosts"
+        raise SandboxError("no volume here")
+
+    monkeypatch.setattr(EtcHosts, "_provide", fail)
+    fallback = DockerBackend(docker_client)
+    sb = fallback.create(config, {"test": SESSION})
+    try:
+        info = fallback.api.inspect_container(sb.id)
+        assert not info["Config"].get("NetworkDisabled") and info["HostConfig"]["NetworkMode"] == "none"
+        assert _probe_network(sb)[:3] == ["['lo']", "101", "127.0.0.1"]
+    finally:
+        sb.close()
+
+
+def test_a_removed_hosts_volume_is_made_again(docker_client, config: SandboxConfig) -> None:
+    fresh = DockerBackend(docker_client)
+    fresh._hosts = EtcHosts(f"megaflow-etc-test-{SESSION}")  # not the shared one: others use it
+    try:
+        fresh.create(config, {"test": SESSION}).close()
+        docker_client.api.remove_volume(fresh._hosts.volume)  # what `docker volume prune --all` does
+        sb = fresh.create(config, {"test": SESSION})
+        try:
+            assert _probe_network(sb)[:3] == ["['lo']", "101", "127.0.0.1"]
+            mounts = fresh.api.inspect_container(sb.id)["Mounts"]
+            assert any(m["Destination"] == "/etc/hosts" and fresh._hosts.volume in m["Source"] for m in mounts)
+        finally:
+            sb.close()
+    finally:
+        docker_client.api.remove_volume(fresh._hosts.volume, force=True)
 
 
 def test_root_filesystem_is_read_only(sandbox: DockerSandbox) -> None:

@@ -8,6 +8,16 @@ mount) reachable by the archive API that `write_file` and `read_file` use; ``/tm
 is a plain tmpfs. The keep-alive process runs under Docker's init, which reaps
 orphans.
 
+"No network" is a network namespace of the sandbox's own holding only loopback.
+The engine's way to make one (``--network none``) goes through libnetwork, which
+creates and mounts the namespace, and a prestart hook that re-executes dockerd:
+about half the cost of a create. So sandboxes are created with the engine's
+networking disabled (``NetworkDisabled``, mode still ``none``): runc makes the
+namespace itself, loopback only, one per sandbox, as before. What the engine no
+longer writes is ``/etc/hosts`` (``localhost``): it is bind-mounted read-only from a
+file in the engine's ``megaflow-etc`` volume (`EtcHosts`). Where that file cannot
+be provided, sandboxes fall back to ``--network none``.
+
 Docker's exec has no timeout, so `DockerSandbox.exec` keeps its own deadline. Each
 command carries a unique ``MEGAFLOW_EXEC_ID`` in its environment; at the deadline a
 second exec (`KILL_SCRIPT`) SIGKILLs every process holding that id, every process in
@@ -23,6 +33,7 @@ import contextlib
 import errno
 import logging
 import posixpath
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,6 +66,22 @@ _POLL_FIRST_S = 0.2
 _POLL_S = 0.5
 #: How long to keep trying to start the killer while a fork bomb holds every pid.
 _KILLER_RETRY_S = 10.0
+#: Connections the default client keeps per engine: one per env-pool thread and more.
+_POOL_CONNECTIONS = 32
+#: The sandboxes' /etc/hosts: what the engine writes for ``--network none``.
+HOSTS = (
+    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\n"
+    "ff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
+)
+#: Named volume (on the engine) holding that file, and the file's name in it: a new
+#: content takes a new name, so a file once in place is never rewritten.
+ETC_VOLUME = "megaflow-etc"
+_HOSTS_NAME = "hosts-v1"
+#: After failing to provide that file, how long to do without it before trying again.
+_HOSTS_RETRY_S = 300.0
+# Writes the file under a temporary name and renames it: a sandbox starting meanwhile
+# in another process bind-mounts either no file yet or a complete one.
+_HOSTS_WRITER = 'f=/v/$1; [ -s "$f" ] || { printf "%s" "$2" > "$f.$$" && chmod 0444 "$f.$$" && mv -f "$f.$$" "$f"; }'
 
 
 class DockerBackend:
@@ -73,13 +100,14 @@ class DockerBackend:
         self._client = client
         self._seeds = SeedCache(seed_dir, AGENT_UID)
         self._ncpu: int | None = None
+        self._hosts = EtcHosts()
 
     @property
     def api(self) -> docker.APIClient:
         """The low-level API client (creating the client on first use)."""
         if self._client is None:
             with _translated("docker engine"):
-                self._client = docker.from_env()
+                self._client = docker.from_env(max_pool_size=_POOL_CONNECTIONS)
         return self._client.api
 
     def create(self, config: SandboxConfig, labels: dict[str, str]) -> DockerSandbox:
@@ -98,6 +126,34 @@ class DockerBackend:
                 raise SandboxError(f"image {config.image!r} not found; build it first") from exc
             if self._ncpu is None:
                 self._ncpu = int(api.info()["NCPU"])
+        hosts = None if config.network else self._hosts.source(api, image_id)
+        for attempt in range(3):
+            try:
+                container_id = self._create_and_start(api, image_id, config, labels, hosts)
+                break
+            except SandboxError as exc:
+                if hosts is None or hosts not in str(exc) or attempt == 2:
+                    raise
+                # The engine could not mount the file: gone (its volume was pruned), so
+                # write it again; failing again, do without it (`--network none`).
+                hosts = self._hosts.mount_failed(api, image_id, hosts, str(exc), give_up=attempt > 0)
+        try:
+            sandbox = DockerSandbox(self, container_id, config, self._seeds.get(api, image_id, config.workdir))
+            sandbox.restore_snapshot()
+        except BaseException:
+            self.destroy(container_id)
+            raise
+        logger.debug("created sandbox %s from %s", container_id[:12], config.image)
+        return sandbox
+
+    def _create_and_start(
+        self, api: docker.APIClient, image_id: str, config: SandboxConfig, labels: dict[str, str], hosts: str | None
+    ) -> str:
+        """Create and start the container; with `hosts`, the engine's networking is off."""
+        host_config = _host_config(config, self._ncpu or 1)
+        if hosts is not None:
+            host_config["mounts"] = [*host_config["mounts"], Mount("/etc/hosts", hosts, type="bind", read_only=True)]
+        with _translated(config.image):
             container_id = api.create_container(
                 image_id,
                 entrypoint=_KEEPALIVE[:1],
@@ -106,18 +162,18 @@ class DockerBackend:
                 environment={"HOME": config.workdir, **config.env},
                 working_dir=config.workdir,
                 labels={**labels, LABEL: "1"},
-                host_config=api.create_host_config(**_host_config(config, self._ncpu)),
+                # With the engine's networking off, runc gives the container a network
+                # namespace of its own, loopback only: `--network none` minus libnetwork.
+                network_disabled=hosts is not None,
+                host_config=api.create_host_config(**host_config),
             )["Id"]
         try:
             with _translated(container_id):
                 api.start(container_id)
-            sandbox = DockerSandbox(self, container_id, config, self._seeds.get(api, image_id, config.workdir))
-            sandbox.restore_snapshot()
         except BaseException:
             self.destroy(container_id)
             raise
-        logger.debug("created sandbox %s from %s", container_id[:12], config.image)
-        return sandbox
+        return container_id
 
     def attach(self, sandbox_id: str, config: SandboxConfig) -> DockerSandbox:
         """Reopen a running sandbox by id (from any process talking to the same engine).
@@ -150,6 +206,82 @@ class DockerBackend:
                 raise SandboxError(f"removing sandbox {sandbox_id[:12]} failed: {exc}") from exc
         except requests.RequestException as exc:
             raise SandboxError(f"removing sandbox {sandbox_id[:12]} failed: {exc}") from exc
+
+
+class EtcHosts:
+    """The ``/etc/hosts`` file sandboxes bind-mount, as a path on the engine's host.
+
+    Kept in a named volume (`ETC_VOLUME`), so it exists wherever the engine runs
+    (a remote engine, or an env worker that reaches the host's engine from inside a
+    container) and the client's file system plays no part. Written once per volume,
+    by a short-lived locked-down container, and checked once per backend. Nothing
+    refers to the volume by name, so ``docker volume prune --all`` (or a plain
+    ``prune`` before Docker 23) removes it: running sandboxes then lose ``localhost``
+    from ``/etc/hosts``; the next create writes the file again.
+
+    Args:
+        volume: Name of the volume.
+    """
+
+    def __init__(self, volume: str = ETC_VOLUME) -> None:
+        self.volume = volume
+        self._lock = threading.Lock()
+        self._path: str | None = None
+        self._failed_at: float | None = None
+
+    def source(self, api: docker.APIClient, image_id: str) -> str | None:
+        """The file's path on the engine's host; None when it cannot be provided."""
+        with self._lock:
+            failed_recently = self._failed_at is not None and time.monotonic() - self._failed_at < _HOSTS_RETRY_S
+            if self._path is None and not failed_recently:
+                try:
+                    self._path = self._provide(api, image_id)
+                    self._failed_at = None
+                except (docker.errors.DockerException, requests.RequestException, SandboxError) as exc:
+                    self._give_up(str(exc))
+            return self._path
+
+    def mount_failed(self, api: docker.APIClient, image_id: str, path: str, why: str, give_up: bool) -> str | None:
+        """The engine could not mount `path`: write the file again, or (`give_up`) do without it."""
+        with self._lock:
+            if self._path == path:
+                self._path = None
+                if give_up:
+                    self._give_up(why)
+        return self.source(api, image_id)
+
+    def _give_up(self, why: str) -> None:
+        logger.warning("no shared /etc/hosts (%s); sandboxes use --network none (slower creates)", why)
+        self._path, self._failed_at = None, time.monotonic()
+
+    def _provide(self, api: docker.APIClient, image_id: str) -> str:
+        volume = api.create_volume(self.volume, labels={LABEL: "1"})  # returns the volume if it exists
+        writer = api.create_container(
+            image_id,
+            entrypoint=["sh", "-c", _HOSTS_WRITER, "megaflow-hosts"],
+            command=[_HOSTS_NAME, HOSTS],
+            user="0:0",
+            network_disabled=True,
+            labels={LABEL + ".helper": "hosts"},
+            host_config=api.create_host_config(
+                network_mode="none",
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                read_only=True,
+                mounts=[Mount("/v", self.volume, type="volume")],
+                mem_limit="64m",
+                pids_limit=16,
+            ),
+        )["Id"]
+        try:
+            api.start(writer)
+            code = api.wait(writer, timeout=60)["StatusCode"]
+            if code != 0:
+                logs = api.logs(writer).decode(errors="replace")[-300:]
+                raise SandboxError(f"writing /etc/hosts into volume {self.volume} failed ({code}): {logs}")
+        finally:
+            api.remove_container(writer, force=True)
+        return posixpath.join(volume["Mountpoint"], _HOSTS_NAME)
 
 
 class DockerSandbox:
