@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,29 +15,49 @@ from megaflow.sandbox.base import SandboxConfig
 
 #: Upper bound on episodes in one run; beyond it a spec is refused as absurd.
 MAX_EPISODES_PER_RUN = 1_000_000
+#: Upper bound on a whole spec, serialized (inline files included): runs are rows, not blobs.
+MAX_SPEC_BYTES = 256 << 20
+#: What a task's `instance_id` may look like: it names files in exports, so no path tricks.
+INSTANCE_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:@+=,~-]*(/[A-Za-z0-9_][A-Za-z0-9._:@+=,~-]*)*$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # strict: a mistyped field ("3" for an int, "yes" for a bool) is refused, never coerced.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+
+
+def _relative_file(path: str) -> str:
+    """A task file's path: relative to the work directory, never climbing out of it."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or ".." in parts or "\x00" in path:
+        raise ValueError(f"file path {path!r} must be relative to the work directory, without '..'")
+    return path
 
 
 class TerminalTask(_Strict):
     """A Terminal-bench style task: an instruction, and a check script that decides the reward."""
 
     kind: Literal["terminal"] = "terminal"
-    instance_id: str = Field(min_length=1, max_length=200)
+    instance_id: str = Field(min_length=1, max_length=200, pattern=INSTANCE_ID_PATTERN)
     instruction: str = Field(min_length=1, description="What the agent is asked to do.")
     setup: list[str] = Field(default_factory=list, description="Commands run in the sandbox before the agent starts.")
     files: dict[str, str] = Field(default_factory=dict, description="Files placed in the work dir before setup.")
     check: str = Field(min_length=1, description="Shell script; reward 1 iff it exits 0.")
     solution: list[str] = Field(default_factory=list, description="Gold commands (used by the oracle agent).")
 
+    @field_validator("files")
+    @classmethod
+    def _file_paths(cls, value: dict[str, str]) -> dict[str, str]:
+        for path in value:
+            _relative_file(path)
+        return value
+
 
 class SWETask(_Strict):
     """A repository task in the SWE-bench instance shape."""
 
     kind: Literal["swe"] = "swe"
-    instance_id: str = Field(min_length=1, max_length=200)
+    instance_id: str = Field(min_length=1, max_length=200, pattern=INSTANCE_ID_PATTERN)
     problem_statement: str = Field(min_length=1)
     repo: str = Field(default="", description="Repo source: local dir, git URL or pypi:NAME==VER (built into the image).")
     image: str | None = Field(default=None, description="Docker image holding the repo at /work.")
@@ -59,6 +80,13 @@ class SWETask(_Strict):
             from megaflow.envs.repos import RepoSource
 
             RepoSource.parse(value)  # ValueError: not a source
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _file_paths(cls, value: dict[str, str]) -> dict[str, str]:
+        for path in value:
+            _relative_file(path)
         return value
 
 
@@ -87,7 +115,7 @@ class Limits(_Strict):
     """Deadlines and caps for every phase of an episode."""
 
     max_steps: int = Field(default=30, ge=1, le=10_000)
-    max_tokens: int = Field(default=200_000, ge=1, description="Total tokens per episode.")
+    max_tokens: int = Field(default=200_000, ge=1, le=1_000_000_000, description="Total tokens per episode.")
     max_format_errors: int = Field(default=3, ge=0, le=100)
     episode_timeout_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
     provision_timeout_s: float = Field(default=600.0, gt=0, le=86400)
@@ -141,6 +169,20 @@ class ModelLimits(_Strict):
         return self
 
 
+class Simulation(_Strict):
+    """Service latencies simulated on the broker, for benchmarks of the orchestration itself.
+
+    A model or exec hop's message waits this long in a broker-side delay queue (a
+    RabbitMQ TTL queue dead-lettering into the hop's own queue) before a worker takes
+    it, as if the call were in flight at a service that answers asynchronously: no
+    worker thread is held while it waits. Combine with the scripted model and the
+    memory sandbox to measure what MegaFlow adds, not what the services cost.
+    """
+
+    model_latency_s: float = Field(default=0.0, ge=0.0, le=3600.0, description="Delay before each model call.")
+    exec_latency_s: float = Field(default=0.0, ge=0.0, le=3600.0, description="Delay before each command.")
+
+
 class RunSpec(_Strict):
     """A run: every task instance × `rollouts` samples."""
 
@@ -154,16 +196,45 @@ class RunSpec(_Strict):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     limits: Limits = Field(default_factory=Limits)
     model_limits: ModelLimits | None = Field(default=None, description="Tier-1 limits on model calls; None: none.")
+    simulate: Simulation | None = Field(default=None, description="Simulated service latencies (benchmarks).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets_or_nul(cls, data):
+        """Refuse NUL characters anywhere, and credentials anywhere outside the tasks.
+
+        A spec is stored in the state database and read by every worker: a secret in it
+        would end up in backups, exports and logs. Keys come from the environment
+        (``model.api_key_env``); sandboxes get none at all.
+        """
+        if not isinstance(data, dict):
+            return data
+        from megaflow.redact import find_nul, find_secrets
+
+        nul = find_nul(data)
+        if nul:
+            raise ValueError(f"{nul}: NUL characters are not allowed")
+        secrets = find_secrets({k: v for k, v in data.items() if k != "tasks"})
+        if secrets:
+            raise ValueError(
+                f"{', '.join(secrets[:5])}: looks like a credential. Specs are stored and shown: put secrets "
+                "in an environment variable of the model worker and name it (model.api_key_env); "
+                "sandboxes get no credentials")
+        return data
 
     @model_validator(mode="after")
     def _sizes(self) -> RunSpec:
         n = len(self.tasks) * self.rollouts
         if n > MAX_EPISODES_PER_RUN:
             raise ValueError(f"{n} episodes in one run is over the limit of {MAX_EPISODES_PER_RUN}")
-        ids = [t.instance_id for t in self.tasks]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        counts = Counter(t.instance_id for t in self.tasks)
+        dupes = sorted(i for i, c in counts.items() if c > 1)
         if dupes:
             raise ValueError(f"duplicate instance_id: {', '.join(dupes[:5])}")
+        size = len(self.model_dump_json())
+        if size > MAX_SPEC_BYTES:
+            raise ValueError(f"spec of {size >> 20} MiB is over the limit of {MAX_SPEC_BYTES >> 20} MiB: "
+                             "keep large files in task repos or images")
         return self
 
     @property
@@ -254,5 +325,8 @@ def _read_structured(path: Path):
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        return yaml.safe_load(text)
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:  # not a ValueError: make it one, so callers report it as bad input
+            raise ValueError(f"not valid YAML: {exc}") from exc
     return json.loads(text)

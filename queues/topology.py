@@ -36,8 +36,15 @@ TASK_QUEUES = {
 }
 
 
+#: Delay queues: ``megaflow.delay.<target queue>.<milliseconds>``.
+DELAY_PREFIX = "megaflow.delay."
+
+
 def make_queue(name: str) -> Queue:
     """A durable queue on the main exchange, dead-lettering into megaflow.dlx."""
+    if name.startswith(DELAY_PREFIX):
+        target, _, ms = name[len(DELAY_PREFIX):].rpartition(".")
+        return delay_queue(target, int(ms) / 1000.0)
     return Queue(
         name,
         EXCHANGE,
@@ -45,6 +52,19 @@ def make_queue(name: str) -> Queue:
         durable=True,
         queue_arguments={"x-dead-letter-exchange": DLX.name},
     )
+
+
+def delay_queue(target: str, delay_s: float) -> Queue:
+    """A queue where messages wait `delay_s`, then move to queue `target` (TTL + dead-lettering).
+
+    One queue per delay, so every message in it expires in order (RabbitMQ expires
+    only from a queue's head). Unused delay queues delete themselves.
+    """
+    ms = max(1, int(round(delay_s * 1000)))
+    name = f"{DELAY_PREFIX}{target}.{ms}"
+    return Queue(name, EXCHANGE, routing_key=name, durable=True, queue_arguments={
+        "x-message-ttl": ms, "x-dead-letter-exchange": EXCHANGE.name, "x-dead-letter-routing-key": target,
+        "x-expires": max(600_000, 2 * ms + 60_000)})
 
 
 def env_host_queue(host: str) -> Queue:

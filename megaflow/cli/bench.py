@@ -72,3 +72,59 @@ def env(
         return
     for line in format_figures(figures):
         typer.echo(line)
+
+
+@app.command()
+def scale(
+    sizes: str = typer.Option("1,10,100,1000,10000", help="Episode counts N, comma-separated (makespan each)."),
+    steps: int = typer.Option(4, help="Commands per episode (each a model call + a command), plus a submit turn."),
+    model_latency: float = typer.Option(30.0, help="Simulated seconds per model call (broker-side delay)."),
+    exec_latency: float = typer.Option(5.0, help="Simulated seconds per command (broker-side delay)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Episodes in flight vs Little's law, hop delay, worker memory, and makespan for N = 1 … 10,000."""
+    from megaflow.bench.scale import run_scale_bench
+
+    figures = run_scale_bench(sizes=[int(x) for x in sizes.split(",")], steps=steps, model_latency_s=model_latency,
+                              exec_latency_s=exec_latency, progress=None if as_json else typer.echo)
+    if as_json:
+        print(json.dumps(figures))
+    else:
+        for k, v in figures.items():
+            typer.echo(f"{k:28s} {v}")
+
+
+@app.command()
+def chaos(
+    episodes: int = typer.Option(500, help="Episodes in the run."),
+    kill_every_s: float = typer.Option(10.0, help="Mean seconds between two worker SIGKILLs (each ±30%)."),
+    sandbox: str = typer.Option("local", help="Sandbox backend: local (bubblewrap) or docker."),
+    rabbitmq_restart: str = typer.Option(
+        None, help="Command that restarts RabbitMQ once mid-run ('' to skip). Default: "
+        "'rabbitmqctl shutdown && rabbitmq-server -detached'."),
+    postgres_restart: str = typer.Option(
+        None, help="Command that restarts PostgreSQL once mid-run ('' to skip). Default: "
+        "'pg_ctlcluster --skip-systemctl-redirect <version> main restart'."),
+    timeout_s: float = typer.Option(3600.0, help="Give up on the run after this long; what is unfinished is lost."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Afterwards, `resume` the infra-failed episodes."),
+    seed: int = typer.Option(None, help="Seed of the fault schedule."),
+    keep: bool = typer.Option(False, help="Keep the private vhost, database and data directory."),
+    private_services: bool = typer.Option(
+        False, help="Start a RabbitMQ node and a PostgreSQL server of the bench's own and restart those, "
+        "leaving the machine's services alone (needs root)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """A run under fire: random workers SIGKILLed, RabbitMQ and PostgreSQL restarted; lost, duplicated, leaked."""
+    from megaflow.bench.chaos import run_chaos_bench
+    from megaflow.bench.faults import DEFAULT_POSTGRES_RESTART, DEFAULT_RABBITMQ_RESTART
+
+    figures = run_chaos_bench(
+        episodes=episodes, kill_every_s=kill_every_s, sandbox=sandbox,
+        rabbitmq_restart=DEFAULT_RABBITMQ_RESTART if rabbitmq_restart is None else rabbitmq_restart or None,
+        postgres_restart=DEFAULT_POSTGRES_RESTART if postgres_restart is None else postgres_restart or None,
+        timeout_s=timeout_s, resume=resume, seed=seed, keep=keep, private_services=private_services)
+    if as_json:
+        print(json.dumps(figures))
+        return
+    for k, v in figures.items():
+        typer.echo(f"{k:30s} {v}")

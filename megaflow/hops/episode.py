@@ -22,6 +22,7 @@ from megaflow.db.models import Episode, Run, Step, utcnow
 from megaflow.events import emit
 from megaflow.hops import ledger
 from megaflow.hops.base import run_hop
+from megaflow.hops.delay import delayed_options
 from megaflow.model.base import Message
 from megaflow.runtime import Runtime, get_runtime
 from megaflow.scheduler import admission
@@ -125,6 +126,10 @@ def next_signature(app, episode_id: str, nxt: dict):
     if hop in HOST_BOUND or (hop == "provision" and nxt.get("host")):
         queue = topology.env_host_queue(nxt["host"]).name
         options = {"queue": queue, "exchange": topology.EXCHANGE.name, "routing_key": queue}
+    if nxt.get("delay"):
+        # A simulated service latency (RunSpec.simulate): the message waits on the broker.
+        target = options.get("queue") or topology.TASK_QUEUES[HOP_TASKS[hop]]
+        options = delayed_options(app, target, nxt["delay"])
     return app.signature(HOP_TASKS[hop], args=(episode_id, step), **options) | app.signature(
         "megaflow.episode", args=(episode_id,)
     )
@@ -150,7 +155,13 @@ class Driver:
     # -- outcomes -------------------------------------------------------------
 
     def go(self, hop: str, step: int) -> dict:
-        return {"next": {"hop": hop, "step": step, "host": self.ep.host}}
+        nxt = {"hop": hop, "step": step, "host": self.ep.host}
+        sim = self.spec.simulate
+        if sim is not None:
+            delay = {"generate": sim.model_latency_s, "exec": sim.exec_latency_s}.get(hop, 0.0)
+            if delay:
+                nxt["delay"] = delay
+        return {"next": nxt}
 
     def final(self) -> dict:
         ep = self.ep
@@ -218,7 +229,10 @@ class Driver:
 
     def provision(self, host: str | None) -> dict:
         limits = self.spec.limits
-        states.move(self.s, self.ep.id, states.PROVISIONING, host=host,
+        # Write the host only when it is new: re-writing the one read earlier could undo
+        # a host recovery that re-homed the episode meanwhile (megaflow.scheduler.recovery).
+        placed = {"host": host} if host != self.ep.host else {}
+        states.move(self.s, self.ep.id, states.PROVISIONING, **placed,
                     deadline_at=utcnow() + dt.timedelta(seconds=limits.episode_timeout_s))
         return {"next": {"hop": "provision", "step": 0, "host": host}}
 

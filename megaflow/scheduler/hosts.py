@@ -79,11 +79,11 @@ class HeartbeatThread(threading.Thread):
         super().__init__(name=f"megaflow-heartbeat-{name}", daemon=True)
         self.session_factory, self.host, self.interval_s = session_factory, name, interval_s
         self.images, self.chores, self.every = images, chores, every
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         beats = 0
-        while not self._stop.wait(self.interval_s):
+        while not self._halt.wait(self.interval_s):
             beats += 1
             try:
                 # Images change rarely; listing them is a call to the engine.
@@ -97,4 +97,4 @@ class HeartbeatThread(threading.Thread):
                 log.warning("heartbeat of host %s failed", self.host, exc_info=True)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()

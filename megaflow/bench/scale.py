@@ -1,0 +1,205 @@
+"""`megaflow bench scale`: many episodes in flight at once (the paper's Figure 3).
+
+Scripted model and in-memory sandboxes, through the configured RabbitMQ and
+PostgreSQL, with service latencies simulated on the broker (`RunSpec.simulate`):
+each model call and each command is a message that waits in a TTL queue before a
+worker takes it, as if the call were in flight at a service. What is measured is
+what MegaFlow adds: admission, hops, decisions, chords, the database.
+
+Figures (largest N): episodes in flight, steps/s against Little's law (in flight ÷
+simulated step latency), queueing delay each hop adds (p99), worker memory; and the
+makespan of N episodes of fixed length for each N, against N = 1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from megaflow.bench.floors import wait_for_worker
+from megaflow.client import Client
+from megaflow.config import Settings
+from megaflow.db import states
+from megaflow.db.models import Episode, Hop, Run, Step
+from megaflow.db.schema import upgrade
+from megaflow.local_stack import WorkerProcess
+
+SIZES = (1, 10, 100, 1000, 10000)
+ACTIVE = (states.PROVISIONING, states.RUNNING, states.EVALUATING)
+
+
+def scale_spec(n: int, steps: int, model_latency_s: float, exec_latency_s: float) -> dict:
+    replies = ["```bash\necho {step} >> log\n```"] * steps + ["```bash\nsubmit\n```"]
+    rollouts = 8 if n % 8 == 0 else 1
+    episode_s = (steps + 1) * model_latency_s + steps * exec_latency_s
+    return {
+        "name": f"bench-scale-{n}",
+        "rollouts": rollouts,
+        "model": {"type": "scripted", "replies": replies},
+        "sandbox": {"type": "memory"},
+        "limits": {"max_steps": steps + 2, "episode_timeout_s": max(3600.0, 20 * episode_s)},
+        "simulate": {"model_latency_s": model_latency_s, "exec_latency_s": exec_latency_s},
+        "tasks": [{"instance_id": f"s{i}", "instruction": "bench", "check": "true"} for i in range(n // rollouts)],
+    }
+
+
+class Sampler(threading.Thread):
+    """Once a second: episodes in flight (state database) and the workers' total RSS."""
+
+    def __init__(self, client: Client, run_id: str, workers: list[WorkerProcess]):
+        super().__init__(daemon=True)
+        self.client, self.run_id, self.workers = client, run_id, workers
+        self.inflight: list[tuple[float, int]] = []
+        self.rss_mb: list[float] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(1.0):
+            with self.client.session() as s:
+                n = s.execute(select(func.count()).select_from(Episode).where(
+                    Episode.run_id == self.run_id, Episode.state.in_(ACTIVE))).scalar()
+            self.inflight.append((time.time(), n))
+            self.rss_mb.append(workers_rss_mb(self.workers))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+def workers_rss_mb(workers: list[WorkerProcess]) -> float:
+    import psutil
+
+    total = 0
+    for w in workers:
+        try:
+            proc = psutil.Process(w.pid)
+            total += sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+        except (psutil.Error, TypeError):
+            continue
+    return total / 2**20
+
+
+def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, exec_latency_s: float = 5.0,
+                    settings: Settings | None = None, progress=None) -> dict:
+    settings = settings or Settings()
+    if settings.embedded:
+        raise SystemExit("bench scale needs RabbitMQ and PostgreSQL: set MEGAFLOW_BROKER_URL and MEGAFLOW_DATABASE_URL")
+    sizes = sorted(sizes)
+    host = f"bench-scale-{uuid.uuid4().hex[:6]}"
+    settings = settings.model_copy(update={
+        "data_dir": Path(tempfile.mkdtemp(prefix="megaflow-bench-")), "host": host,
+        # Capacity >= N: the figure is about orchestration, not about waiting for room.
+        "sandbox_capacity": max(sizes) + 64})
+    upgrade(settings.resolved_database_url())
+    workers = [WorkerProcess(p, settings, name=f"{host}-{p}").start() for p in ("model", "agent", "env")]
+    client = Client(settings)
+    out: dict = {"sizes": sizes, "steps": steps, "model_latency_s": model_latency_s,
+                 "exec_latency_s": exec_latency_s, "makespan_s": {}, "worker_rss_mb_by_n": {}}
+    try:
+        for w in workers:
+            wait_for_worker(client.app, w.name)
+        time.sleep(2 * settings.heartbeat_s)  # the env host has registered and beats
+        for n in sizes:
+            run_id, makespan, sampler = one_run(client, workers, n, steps, model_latency_s, exec_latency_s)
+            out["makespan_s"][n] = round(makespan, 2)
+            out["worker_rss_mb_by_n"][n] = round(max(sampler.rss_mb, default=0.0), 1)
+            if progress:
+                progress(f"N={n}: makespan {makespan:.1f}s, peak in flight "
+                         f"{max((c for _, c in sampler.inflight), default=0)}, workers {out['worker_rss_mb_by_n'][n]} MB")
+            if n == sizes[-1]:
+                out.update(steady_figures(client, run_id, sampler, model_latency_s, exec_latency_s))
+    finally:
+        for w in workers:
+            w.stop()
+    base = out["makespan_s"][sizes[0]]
+    out["makespan_growth"] = round(out["makespan_s"][sizes[-1]] / base, 3) if base else None
+    out["episode_latency_s"] = (steps + 1) * model_latency_s + steps * exec_latency_s
+    return out
+
+
+def one_run(client, workers, n, steps, model_latency_s, exec_latency_s):
+    spec = scale_spec(n, steps, model_latency_s, exec_latency_s)
+    t0 = time.time()
+    run_id = client.submit(spec)
+    sampler = Sampler(client, run_id, workers)
+    sampler.start()
+    try:
+        st = client.wait(run_id, timeout=24 * 3600, poll=1.0)
+    finally:
+        sampler.stop()
+    with client.session() as s:
+        finished = s.execute(select(Run.finished_at).where(Run.id == run_id)).scalar()
+    ok = st["by_state"].get(states.SUCCEEDED, 0)
+    if ok != n:
+        raise RuntimeError(f"bench run of {n} episodes ended with {st['by_state']}")
+    return run_id, finished.timestamp() - t0, sampler
+
+
+def steady_figures(client: Client, run_id: str, sampler: Sampler, model_latency_s: float,
+                   exec_latency_s: float) -> dict:
+    """Steps/s of the N episodes in flight together, and per-hop queueing delay.
+
+    All N episodes start together and take the same turns, so their turns fall in
+    step: counting turns in a time window only samples a few synchronized bursts.
+    Instead each episode's own rate (turns after its first ÷ the time they took,
+    each turn a model call plus a command) is measured, and the rates are summed.
+    """
+    with client.session() as s:
+        ids = select(Episode.id).where(Episode.run_id == run_id)
+        step_rows = s.execute(select(Step.episode_id, Step.created_at).where(Step.episode_id.in_(ids))).all()
+        hops = s.execute(select(Hop.subject_id, Hop.hop, Hop.finished_at, Hop.duration_s)
+                         .where(Hop.subject_id.in_(ids))).all()
+    times = defaultdict(list)
+    for eid, created in step_rows:
+        times[eid].append(created.timestamp())
+    rates, firsts, lasts = [], [], []
+    for ts in times.values():
+        ts.sort()
+        firsts.append(ts[0])
+        lasts.append(ts[-1])
+        if len(ts) > 1 and ts[-1] > ts[0]:
+            rates.append((len(ts) - 1) / (ts[-1] - ts[0]))
+    start, end = max(firsts), min(lasts)
+    inflight = [c for t, c in sampler.inflight if start <= t <= end] or [max(c for _, c in sampler.inflight)]
+    mean_inflight = statistics.fmean(inflight)
+    steps_per_s = sum(rates)
+    step_s = model_latency_s + exec_latency_s
+    littles = mean_inflight / step_s if step_s else 0.0
+    return {
+        "inflight_episodes": max(c for _, c in sampler.inflight),
+        "inflight_mean_steady": round(mean_inflight, 1),
+        "steady_window_s": round(end - start, 1),
+        "steps_per_s": round(steps_per_s, 2),
+        "littles_law_steps_per_s": round(littles, 2),
+        "ratio_to_littles_law": round(steps_per_s / littles, 3) if littles else None,
+        "hop_delay_p99_s": round(hop_delay_p99(hops, model_latency_s, exec_latency_s), 3),
+        "worker_rss_mb": round(max(sampler.rss_mb, default=0.0), 1),
+    }
+
+
+def hop_delay_p99(hops, model_latency_s: float, exec_latency_s: float) -> float:
+    """p99 of the wait added before each hop: its start minus the previous hop's end (minus simulated latency)."""
+    simulated = {"generate": model_latency_s, "exec": exec_latency_s}
+    by_episode = defaultdict(list)
+    for eid, hop, finished, duration in hops:
+        if finished is None:
+            continue
+        end = finished.timestamp()
+        by_episode[eid].append((end - (duration or 0.0), end, hop))
+    delays = []
+    for rows in by_episode.values():
+        rows.sort()
+        for (_, prev_end, _), (start, _, hop) in zip(rows, rows[1:]):
+            delays.append(max(0.0, start - prev_end - simulated.get(hop, 0.0)))
+    if not delays:
+        return 0.0
+    delays.sort()
+    return delays[min(len(delays) - 1, int(0.99 * len(delays)))]

@@ -1,0 +1,42 @@
+"""`megaflow bench scale` in small: simulated latencies really delay hops on the broker
+(without holding workers), and the figures the issue names are all there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from megaflow.cli.main import app as cli
+
+pytestmark = pytest.mark.integration
+
+KEYS = ("inflight_episodes", "steps_per_s", "littles_law_steps_per_s", "ratio_to_littles_law", "hop_delay_p99_s",
+        "worker_rss_mb", "makespan_s", "makespan_growth")
+
+
+def test_bench_scale_small(pg_url, amqp_vhost, monkeypatch, tmp_path):
+    monkeypatch.setenv("MEGAFLOW_DATABASE_URL", pg_url)
+    monkeypatch.setenv("MEGAFLOW_BROKER_URL", amqp_vhost)
+    monkeypatch.setenv("MEGAFLOW_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(cli, ["bench", "scale", "--sizes", "1,16", "--steps", "2", "--model-latency", "1.5",
+                                      "--exec-latency", "0.5", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    for key in KEYS:
+        assert key in figures, key
+    # 3 model calls and 2 commands of simulated latency: 5.5 s per episode, whatever N.
+    assert figures["episode_latency_s"] == 5.5
+    for n, makespan in figures["makespan_s"].items():
+        assert 5.5 <= makespan < 60, (n, makespan)
+    assert figures["inflight_episodes"] == 16
+    assert 0.3 < figures["ratio_to_littles_law"] <= 1.05
+    assert figures["worker_rss_mb"] > 0 and figures["hop_delay_p99_s"] >= 0
+    # The waits happened in broker-side delay queues, one per target queue and delay.
+    vhost = amqp_vhost.rsplit("/", 1)[1]
+    out = subprocess.run(["rabbitmqctl", "list_queues", "-p", vhost, "name", "arguments"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "megaflow.delay.model.1500" in out and "x-message-ttl" in out
+    assert any(line.startswith("megaflow.delay.env.") and ".500" in line for line in out.splitlines())
