@@ -135,3 +135,36 @@ def _wait_for(probe, timeout: float):
             return value
         time.sleep(0.2)
     raise AssertionError("timed out")
+
+
+def test_quota_over_limit_waits_visibly_then_runs_when_raised(base):
+    from megaflow.db.engine import session_scope
+    from megaflow.scheduler import admission, quotas
+
+    settings, workers = base
+    for pool in ("model", "agent", "env"):
+        start(workers, pool, settings, pool, sandbox_capacity=8)
+    with session_scope(settings.database_url) as s:
+        quotas.set_quota(s, "user", "alice", max_concurrent=1, max_total=3)
+    client = Client(settings)
+    run_id = client.submit({**spec(4, 1, latency=0.2), "user": "alice"})
+    deadline = time.monotonic() + 120
+    while True:
+        st = client.status(run_id)
+        if sum(st["by_state"].get(x, 0) for x in ("succeeded", "failed")) == 3:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.3)
+    time.sleep(1.0)
+    st = client.status(run_id)
+    assert st["status"] == "running" and st["by_state"] == {"succeeded": 3, "waiting": 1}, st
+    assert st["waiting"] == {"quota user alice: max_total 3 reached": 1}
+    with client.session() as s:
+        rows = s.execute(select(SandboxRow.created_at, SandboxRow.destroyed_at)).all()
+    assert peak_overlap(rows) == 1, "max_concurrent 1 was exceeded"
+    # Raising the quota is an admission event: the waiter runs at once.
+    with session_scope(settings.database_url) as s:
+        quotas.set_quota(s, "user", "alice", max_concurrent=1, max_total=10)
+        admitted = admission.admit_waiting(s, settings)
+    admission.send(client.app, admitted)
+    assert client.wait(run_id, timeout=60)["by_state"] == {"succeeded": 4}
