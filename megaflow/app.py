@@ -6,6 +6,7 @@ from celery import Celery
 from celery.app.amqp import AMQP, Queues
 
 from megaflow.config import Settings
+from megaflow.deadlines import SOFT_GRACE_S, hop_hard_limit_s
 from queues import topology
 
 #: How many messages each pool's worker processes hold unacknowledged.
@@ -38,8 +39,9 @@ def make_app(settings: Settings | None = None, pool: str | None = None) -> Celer
             and prefetch); None for a client.
     """
     settings = settings or Settings()
+    # MegaFlowTask: poison messages are counted and capped (megaflow.delivery).
     app = Celery("megaflow", broker=settings.resolved_broker_url(), backend=settings.resolved_result_backend(),
-                 amqp=TopologyAMQP)
+                 amqp=TopologyAMQP, task_cls="megaflow.delivery:MegaFlowTask")
     conf = dict(
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",
@@ -51,6 +53,11 @@ def make_app(settings: Settings | None = None, pool: str | None = None) -> Celer
         # dies is redelivered, and the idempotency ledger makes the retry harmless.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A task that fails (wrong arguments, a bug outside the hop's own containment)
+        # is rejected, so RabbitMQ dead-letters its message instead of dropping it; a
+        # hard time limit requeues it, and MegaFlowTask caps how often.
+        task_acks_on_failure_or_timeout=False,
+        worker_consumer="megaflow.delivery:DeadLetteringConsumer",
         task_ignore_result=True,
         task_store_errors_even_if_ignored=False,
         task_routes=(topology.route_task,),
@@ -60,11 +67,18 @@ def make_app(settings: Settings | None = None, pool: str | None = None) -> Celer
         task_create_missing_queues=True,
         task_queues=[topology.make_queue(p) for p in topology.POOLS],
         task_publish_retry=True,
+        # Long enough to ride out a broker restart (~80 s in all) instead of failing the hop.
+        task_publish_retry_policy={"max_retries": 30, "interval_start": 0, "interval_step": 0.5,
+                                   "interval_max": 3},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_prefetch_multiplier=PREFETCH.get(pool or "", 4),
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Any task without its own limits (megaflow.deadlines sets them per task) stays
+        # below the broker's consumer timeout too.
+        task_soft_time_limit=hop_hard_limit_s(settings) - SOFT_GRACE_S,
+        task_time_limit=hop_hard_limit_s(settings),
         result_expires=86400,
         result_chord_join_timeout=30.0,
         enable_utc=True,

@@ -14,6 +14,7 @@ from megaflow.config import Settings
 from megaflow.db import states
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, RolloutGroup, Run, Step, TaskInstance, new_id
+from megaflow.deadlines import check_spec as check_deadlines
 from megaflow.errors import SpecError
 from megaflow.events import emit
 from megaflow.scheduler import admission
@@ -40,6 +41,7 @@ class Client:
             SpecError: the spec is invalid; nothing was recorded or queued.
         """
         spec = as_spec(spec)
+        check_deadlines(spec, self.settings)
         run_id, group_ids = self._record(spec)
         self.publish(run_id, group_ids)
         return run_id
@@ -88,8 +90,9 @@ class Client:
             run = s.get(Run, run_id)
             if run is None:
                 raise LookupError(f"no run {run_id}")
-            by_state = dict(s.execute(select(Episode.state, func.count()).where(Episode.run_id == run_id)
-                                      .group_by(Episode.state)).all())
+            # Current episodes only: attempts that `resume` replaced are history.
+            by_state = dict(s.execute(select(Episode.state, func.count()).where(
+                Episode.run_id == run_id, Episode.superseded_by.is_(None)).group_by(Episode.state)).all())
             steps = s.execute(select(func.count()).select_from(Step).join(Episode, Episode.id == Step.episode_id)
                               .where(Episode.run_id == run_id)).scalar()
             mean = s.execute(select(func.avg(Episode.reward)).where(
@@ -136,11 +139,22 @@ class Client:
         with self.session() as s:
             rows = s.execute(
                 select(Episode, TaskInstance.instance_id).join(TaskInstance, TaskInstance.id == Episode.task_instance_id)
-                .where(Episode.run_id == run_id).order_by(Episode.seq)
+                .where(Episode.run_id == run_id, Episode.superseded_by.is_(None)).order_by(Episode.seq)
             ).all()
             return [{"episode_id": e.id, "instance_id": iid, "sample": e.sample_index, "state": e.state,
                      "exit_status": e.exit_status, "reward": e.reward, "advantage": e.advantage,
-                     "steps": e.n_steps, "error": e.error} for e, iid in rows]
+                     "steps": e.n_steps, "error": e.error, "attempt": e.attempt} for e, iid in rows]
+
+    def resume(self, run_id: str) -> dict:
+        """Re-run a run's unfinished and infra-failed episodes as new attempts (`megaflow.resume`).
+
+        Raises:
+            LookupError: no such run.
+            megaflow.resume.ResumeError: the run was cancelled.
+        """
+        from megaflow.resume import resume
+
+        return resume(self, run_id)
 
     def export(self, run_id: str, fmt: str, path: str | Path, **options) -> int:
         """Write a run's episodes to `path`: ``jsonl``, ``parquet``, ``swebench`` or ``minisweagent``.

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from megaflow.agent import transcript
 from megaflow.db import states
 from megaflow.db.models import Episode, Run, Step, TaskInstance
+from megaflow.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,8 @@ def iter_episodes(session: Session, run_id: str, batch: int = BATCH) -> Iterator
     last_seq = None
     while True:
         query = (select(Episode, TaskInstance).join(TaskInstance, TaskInstance.id == Episode.task_instance_id)
-                 .where(Episode.run_id == run_id).order_by(Episode.seq).limit(batch))
+                 .where(Episode.run_id == run_id, Episode.superseded_by.is_(None))
+                 .order_by(Episode.seq).limit(batch))
         if last_seq is not None:
             query = query.where(Episode.seq > last_seq)
         rows = session.execute(query).all()
@@ -162,8 +164,8 @@ def _iso(ts: dt.datetime | None) -> str | None:
 
 
 def episode_record(ep: Episode, ti: TaskInstance, steps: list) -> dict:
-    """One JSONL line: the episode, its conversation and every step as recorded."""
-    return {
+    """One JSONL line: the episode, its conversation and every step as recorded (credentials masked)."""
+    return _masked({
         "episode_id": ep.id, "run_id": ep.run_id, "group_id": ep.group_id, "instance_id": ti.instance_id,
         "task_kind": ti.kind, "sample_index": ep.sample_index, "state": ep.state, "exit_status": ep.exit_status,
         "error": ep.error, "reward": ep.reward, "advantage": ep.advantage, "n_steps": ep.n_steps,
@@ -171,7 +173,12 @@ def episode_record(ep: Episode, ti: TaskInstance, steps: list) -> dict:
         "started_at": _iso(ep.started_at), "finished_at": _iso(ep.finished_at),
         "messages": transcript(steps),
         "steps": [{f: getattr(s, f) for f in _STEP_FIELDS} for s in steps],
-    }
+    })
+
+
+def _masked(record: dict) -> dict:
+    """The record's texts with credential formats masked; numbers (token ids, logprobs) untouched."""
+    return redact(record, assignments=False)
 
 
 def trainer_row(ep: Episode, ti: TaskInstance, steps: list, tokenizer: ChatTokenizer | None = None) -> dict:
@@ -204,7 +211,7 @@ def trainer_row(ep: Episode, ti: TaskInstance, steps: list, tokenizer: ChatToken
         "episode_id": ep.id, "run_id": ep.run_id, "group_id": ep.group_id, "instance_id": ti.instance_id,
         "sample_index": ep.sample_index, "state": ep.state, "exit_status": ep.exit_status,
         "reward": ep.reward, "advantage": ep.advantage, "n_turns": len(turns),
-        "messages": transcript(steps),
+        "messages": _masked(transcript(steps)),
         "prompt_token_ids": prompt_ids, "completion_token_ids": completion_ids,
         "completion_logprobs": [list(s.logprobs) if s.logprobs is not None else None for s in turns],
         "model_version": [s.model_version for s in turns],
@@ -268,7 +275,7 @@ def swebench_predictions(episodes, model_name: str | None = None) -> Iterator[di
             continue
         seen.add(ti.instance_id)
         yield {"instance_id": ti.instance_id, "model_name_or_path": _model_name(steps, model_name),
-               "model_patch": ep.patch or ""}
+               "model_patch": _masked(ep.patch or "")}
 
 
 def write_trajectories(out_dir: Path, episodes, model_name: str | None = None) -> int:
@@ -283,7 +290,7 @@ def write_trajectories(out_dir: Path, episodes, model_name: str | None = None) -
         target.parent.mkdir(parents=True, exist_ok=True)
         traj = to_minisweagent_trajectory(ep, steps, instance_id=ti.instance_id,
                                           model_name=_model_name(steps, model_name))
-        target.write_text(json.dumps(traj, indent=2))
+        target.write_text(json.dumps(_masked(traj), indent=2))
         n += 1
     return n
 

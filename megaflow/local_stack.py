@@ -37,11 +37,13 @@ class WorkerProcess:
     """One `celery worker` subprocess of one pool."""
 
     def __init__(self, pool: str, settings: Settings, name: str | None = None, extra_env: dict | None = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, prefix: list[str] | None = None):
         self.pool, self.settings = pool, settings
         self.name = name or f"{pool}-{os.getpid()}"
         self.extra_env = extra_env or {}
         self.extra_args = extra_args or []
+        # A command that execs the worker, e.g. ["ip", "netns", "exec", NS] (tests' separate hosts).
+        self.prefix = prefix or []
         self.proc: subprocess.Popen | None = None
         self.log_path = settings.data_dir / "logs" / f"{self.name}.log"
 
@@ -49,7 +51,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "celery", "-A", f"workers.{self.pool}", "worker",
+        cmd = [*self.prefix, sys.executable, "-m", "celery", "-A", f"workers.{self.pool}", "worker",
                "-n", f"{self.name}@%h", "--loglevel", os.environ.get("MEGAFLOW_LOG_LEVEL", "WARNING"),
                "--without-gossip", "--without-mingle", *self.extra_args]
         with open(self.log_path, "ab") as out:

@@ -14,7 +14,9 @@ Two sources of leaks, both covered:
 Row states: ``in_use`` (an episode has it) → ``releasing`` (being reset for the
 pool) → ``idle`` (in a warm pool) → ``in_use`` … and ``reaping`` (claimed by a
 reaper) → ``destroyed``. Every move is a compare-and-set UPDATE, so a reaper and a
-release hop never both act on one sandbox.
+release hop never both act on one sandbox. ``lost``: its host was declared dead and
+its episode re-homed (`megaflow.scheduler.recovery`); its lease is expired, so the
+host's reaper destroys it if the host comes back.
 
 `reap` runs from ``megaflow cleanup`` and, every ``Settings.reap_interval_s``, in
 each env worker for its own host (`ReaperThread`).

@@ -51,15 +51,30 @@ def make_worker_app(pool: str, settings: Settings | None = None):
     if pool == "env":
         _reap_periodically(app, settings)
         _register_host(app, settings)
+    _guard(app, settings)
     return app
+
+
+def _guard(app, settings: Settings) -> None:
+    """Credentials masked in every log line; time limits for the threads pools (Celery enforces none there)."""
+    from megaflow.deadlines import task_time_limits
+    from megaflow.redact import install_log_redaction
+    from megaflow.watchdog import install
+
+    install_log_redaction()
+    if app.conf.worker_pool == "threads":
+        install(app, task_time_limits(settings), exit_on_hard=settings.watchdog_exit)
 
 
 def _register_host(app, settings: Settings) -> None:
     """Register this env host when its worker is ready, beat while it runs, say goodbye on exit.
 
     Joining admits waiting episodes at once: a new host gets work within seconds.
+    Every live env worker also recovers dead hosts (`megaflow.scheduler.recovery`):
+    their episodes move to live hosts, checked every ``heartbeat_s``.
     """
     from megaflow.runtime import get_runtime
+    from megaflow.scheduler.recovery import RecoveryThread
     from megaflow.scheduler.registry import join, leave
 
     beats: list = []
@@ -69,6 +84,8 @@ def _register_host(app, settings: Settings) -> None:
         if sender.app is not app:
             return
         beats.append(join(app, get_runtime(app)))
+        beats.append(RecoveryThread(app, get_runtime(app), settings.heartbeat_s))
+        beats[-1].start()
 
     @signals.worker_shutdown.connect(weak=False)
     def _leave(sender, **kwargs):

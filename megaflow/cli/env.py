@@ -124,11 +124,20 @@ def cleanup(
     grace: float = typer.Option(120.0, help="Spare ended episodes and unrecorded sandboxes younger than this (s)."),
     backend: list[str] = typer.Option(None, "--backend", help="Backend to list (repeatable); default: all in use."),
 ) -> None:
-    """Remove leaked sandboxes: expired leases, ended episodes, and unrecorded ones labelled for this host."""
+    """Recover dead env hosts, then remove leaked sandboxes: expired leases, ended episodes, unrecorded ones."""
+    from megaflow.app import make_app
     from megaflow.config import Settings
     from megaflow.reaper import reap
+    from megaflow.scheduler.recovery import recover
 
-    report = reap(Settings(), all_hosts=all_hosts, grace_s=grace, backends=backend or None)
+    settings = Settings()
+    try:  # their episodes move to live hosts first; their sandboxes become reapable
+        rec = recover(make_app(settings))
+        typer.echo(f"recovery: {len(rec['dead'])} hosts declared dead, {len(rec['rehomed'])} episodes re-homed, "
+                   f"{rec['moved']} messages moved")
+    except Exception as exc:  # noqa: BLE001 - reaping must not depend on the broker
+        typer.secho(f"  recovery skipped: {type(exc).__name__}: {exc}", fg="yellow", err=True)
+    report = reap(settings, all_hosts=all_hosts, grace_s=grace, backends=backend or None)
     typer.echo(f"hosts {', '.join(report['hosts'])}: {report['rows']} by row, {report['orphans']} unrecorded, "
                f"{len(report['errors'])} errors")
     for error in report["errors"]:

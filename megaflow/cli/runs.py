@@ -15,7 +15,7 @@ console = Console()
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (run, submit, status, cancel, results):
+    for fn in (run, submit, status, cancel, results, resume):
         app.command()(fn)
 
 
@@ -57,9 +57,17 @@ def run(
         _run_and_follow(spec, timeout, None)
 
 
+def _submit(client, spec) -> str:
+    try:
+        return client.submit(spec)
+    except SpecError as exc:
+        console.print(f"[red]spec refused, nothing queued:[/red] {exc}")
+        raise typer.Exit(2)
+
+
 def _run_and_follow(spec, timeout, check) -> None:
     client = _client()
-    run_id = client.submit(spec)
+    run_id = _submit(client, spec)
     console.print(f"run [bold]{run_id}[/bold]: {spec.n_episodes} episodes")
     final = follow(client, run_id, timeout=timeout, check=check)
     print_results(client, run_id)
@@ -70,7 +78,7 @@ def _run_and_follow(spec, timeout, check) -> None:
 def submit(spec_path: Path = typer.Argument(..., help="Run spec (YAML or JSON).")) -> None:
     """Submit a run to the configured cluster and print its id."""
     spec = _load(spec_path)
-    print(_client().submit(spec))
+    print(_submit(_client(), spec))
 
 
 def status(
@@ -90,6 +98,49 @@ def status(
         print(json.dumps(st, default=str))
     else:
         console.print(st)
+
+
+def resume(
+    run_id: str,
+    follow_run: bool = typer.Option(None, "--follow/--no-follow",
+                                    help="Follow to the end (default: yes on the embedded stack, no on a cluster)."),
+    timeout: float = typer.Option(None, help="Give up following after this many seconds."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was resumed as JSON."),
+) -> None:
+    """Continue a run after a full stop: unfinished and infra-failed episodes run again as new attempts."""
+    from megaflow.config import Settings
+    from megaflow.resume import ResumeError
+
+    settings = Settings()
+
+    def go(check=None) -> None:
+        client = _client()
+        try:
+            report = client.resume(run_id)
+        except (LookupError, ResumeError) as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1)
+        if as_json:
+            print(json.dumps(report))
+        else:
+            console.print(f"run [bold]{run_id}[/bold] resumed (generation {report['generation']}): "
+                          f"{report['rerun']} episodes run again ({report['interrupted']} interrupted, "
+                          f"{report['infra_failed']} infra-failed) in {report['groups']} groups")
+        if follow_run or (follow_run is None and settings.embedded):
+            final = follow(client, run_id, timeout=timeout, check=check)
+            if final["status"] != "finished":
+                raise typer.Exit(1)
+
+    if settings.embedded and follow_run is not False:
+        from megaflow.local_stack import LocalStack
+
+        with LocalStack(settings) as stack:
+            go(stack.check)
+    else:
+        from megaflow.db.schema import upgrade
+
+        upgrade(settings.resolved_database_url())
+        go()
 
 
 def cancel(run_id: str) -> None:

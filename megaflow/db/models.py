@@ -221,7 +221,8 @@ class Host(Base):
     capacity: Mapped[int] = mapped_column(Integer)
     # Images present on the host: placement prefers hosts that need not build or load one.
     images: Mapped[list] = mapped_column(JSON, default=list)
-    # up -> down (graceful stop); a host whose heartbeat is stale counts as down too.
+    # up -> down (graceful stop); a host whose heartbeat is stale counts as down too, and
+    # recovery marks it dead (its episodes re-homed); a heartbeat makes it up again.
     state: Mapped[str] = mapped_column(String(20), default="up")
     started_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)

@@ -72,7 +72,13 @@ class RepoSource:
             return cls("pypi", req)
         if source.startswith(_GIT_PREFIXES) or source.split("#", 1)[0].endswith(".git"):
             url, _, ref = source.partition("#")
-            return cls("git", url.removeprefix("git+"), ref or None)
+            url = url.removeprefix("git+")
+            # Both end up as git arguments on the env host: never let one read as an option.
+            if url.startswith("-") or (ref and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._/@^~+-]*", ref)):
+                raise ValueError(f"git source {source!r}: the URL or ref is not a plain URL / branch, tag or commit")
+            return cls("git", url, ref or None)
+        if source.startswith("-"):
+            raise ValueError(f"repo source {source!r} must not start with '-'")
         return cls("dir", source)
 
     @property
@@ -131,10 +137,11 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
 def _fetch_git(src: RepoSource, tmp: Path) -> Path:
     out = tmp / "repo"
     if src.ref is None:
-        _run(["git", "clone", "-q", "--depth", "1", src.location, str(out)], f"git clone {src.location}")
+        _run(["git", "clone", "-q", "--depth", "1", "--", src.location, str(out)], f"git clone {src.location}")
     else:
-        _run(["git", "clone", "-q", src.location, str(out)], f"git clone {src.location}")
-        _run(["git", "-c", "advice.detachedHead=false", "checkout", "-q", src.ref], f"git checkout {src.ref}", out)
+        _run(["git", "clone", "-q", "--", src.location, str(out)], f"git clone {src.location}")
+        _run(["git", "-c", "advice.detachedHead=false", "checkout", "-q", src.ref, "--"], f"git checkout {src.ref}",
+             out)
     shutil.rmtree(out / ".git", ignore_errors=True)
     return out
 

@@ -19,6 +19,7 @@ import re
 import shlex
 from pathlib import Path
 
+from megaflow.deadlines import Budget
 from megaflow.envs.repos import GIT_BASELINE, fetch, image_tag, iter_files
 from megaflow.sandbox.base import Sandbox, SandboxConfig
 
@@ -60,13 +61,18 @@ def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout:
         SetupError: a setup command failed.
         SandboxError: the sandbox failed, or the repo could not be fetched.
     """
+    budget = Budget(timeout, "provisioning")  # one deadline for the whole preparation
     if task.repo and config.type != "docker":
         for rel, path in iter_files(fetch(task.repo, cache_root)):
             sb.write_file(rel, path.read_bytes())
     for path, content in task.files.items():
         sb.write_file(path, content.encode())
     for cmd in [*task.setup, _COMMIT_SETUP]:
-        r = sb.exec(cmd, timeout=timeout)
+        if budget.exhausted:
+            raise SetupError(budget.message())
+        r = sb.exec(cmd, timeout=budget.left())
+        if r.timed_out and budget.exhausted:
+            raise SetupError(f"{budget.message()} (during {cmd!r})")
         if r.exit_code != 0:
             raise SetupError(f"setup command {cmd!r} exited {r.exit_code}: {(r.stderr or r.stdout)[-500:]}")
 
@@ -116,11 +122,12 @@ def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str]:
     Raises:
         SandboxError: the sandbox failed (an infra failure, not a reward of 0).
     """
-    patch = sb.exec("git add -A >/dev/null 2>&1; git diff --cached", timeout=timeout).stdout
-    if not apply_test_patch(sb, task, timeout):
+    budget = Budget(timeout, "evaluation")  # `timeout` bounds the whole evaluation
+    patch = sb.exec("git add -A >/dev/null 2>&1; git diff --cached", timeout=budget.left()).stdout
+    if not apply_test_patch(sb, task, budget.left()):
         return 0.0, patch
     install_runner(sb, task)
-    result = sb.exec(tests_command(task, [*task.FAIL_TO_PASS, *task.PASS_TO_PASS]), timeout=timeout)
+    result = sb.exec(tests_command(task, [*task.FAIL_TO_PASS, *task.PASS_TO_PASS]), timeout=budget.left())
     if result.exit_code != 0:
         log.debug("%s: tests failed:\n%s", task.instance_id, result.stdout[-2000:])
     return (1.0 if result.exit_code == 0 else 0.0), patch

@@ -24,11 +24,17 @@ def register(app: Celery) -> None:
         "megaflow.hop.evaluate": evaluate_task,
         "megaflow.hop.release": release_task,
     }
+    from megaflow.deadlines import task_time_limits
+
+    limits = task_time_limits(app.megaflow_settings)
     for name, fn in bound.items():
+        soft, hard = limits[name]
         # A lost database connection (a restart, a failover) is an infra hiccup:
-        # retry the hop; the ledger makes the retry harmless.
+        # retry the hop; the ledger makes the retry harmless. Time limits keep every
+        # task below the broker's consumer timeout (megaflow.deadlines).
         app.task(name=name, bind=True, autoretry_for=(OperationalError, InterfaceError), retry_backoff=True,
-                 retry_backoff_max=30, retry_jitter=True, max_retries=20)(fn)
+                 retry_backoff_max=30, retry_jitter=True, max_retries=20, soft_time_limit=soft,
+                 time_limit=hard)(fn)
     from megaflow.bench.tasks import chord_body_task, chord_member_task, noop_task
 
     app.task(name="megaflow.noop")(noop_task)

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from megaflow.events import emit
 from megaflow.hops import ledger
+from megaflow.redact import redact_text
 from megaflow.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
 
     Raises:
         Ignore: another message holds this hop (a duplicate lineage); drop this one.
+        ledger.ClaimLost: the claim was taken from this delivery (host recovery) before it recorded.
     """
     if not side_effects:
         return _run_optimistic(rt, request, key, work, precheck, load)
@@ -68,9 +70,13 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
         result, write = guarded(work, ctx, key)
     with rt.session() as s:
         # Mark done first: if another delivery got there, nothing of ours is written.
-        if not ledger.finish(s, *key, result, time.monotonic() - t0):
+        if not ledger.finish(s, *key, result, time.monotonic() - t0, task_id=request.id):
             s.rollback()
-            return ledger.recorded(s, *key) or result
+            recorded = ledger.recorded(s, *key)
+            if recorded is None:
+                # Our claim was orphaned (our env host was declared dead): not ours to record.
+                raise ledger.ClaimLost(key)
+            return recorded
         if write is not None:
             write(s)
     return result
@@ -112,5 +118,6 @@ def guarded(work: Work, ctx, key: tuple[str, int, str]):
         raise
     except Exception as exc:
         log.exception("hop %s crashed", key)
-        return {"hop": key[2], "step": key[1], "error": f"{type(exc).__name__}: {exc}"[:2000], "kind": "infra",
+        error = redact_text(f"{type(exc).__name__}: {exc}")[:2000]  # an error may quote a credential
+        return {"hop": key[2], "step": key[1], "error": error, "kind": "infra",
                 "exit_status": f"{key[2]}_crashed"}, None

@@ -2,12 +2,17 @@
 
 Provision runs on any env worker (queue ``env``); the sandbox then lives on that
 worker's host, and every later hop of the episode goes to ``env.<host>``.
+
+Every env hop runs only on its episode's host (`env_rebuild.fenced_episode`); an
+episode re-homed after its host died gets its sandbox rebuilt on the new host by
+the first hop that needs it (`env_rebuild.rebuild`: setup, then its commands replayed).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 
 from sqlalchemy import select, update
 
@@ -15,10 +20,15 @@ from megaflow.db.models import Episode, Step
 from megaflow.envs import swe
 from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError
+from megaflow.redact import redact_text
+from megaflow.deadlines import Budget, remaining_s
+from megaflow.hops import exec_journal
 from megaflow.hops.base import run_hop
+from megaflow.hops.env_rebuild import fenced_episode, on_host, rebuild, record_rebuild, replay_plan
 from megaflow.hops.env_sandbox import destroy, finish, obtain
 from megaflow.runtime import get_runtime
 from megaflow.sandbox.base import Sandbox, SandboxConfig
+from megaflow.sanitize import storable
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +36,14 @@ MAX_RETRIES = 3
 CHECK_FILE = ".megaflow_check.sh"
 
 
-def _episode(s, episode_id: str) -> Episode:
-    """The episode row, detached so it can be read after the transaction."""
-    ep = s.get(Episode, episode_id)
-    s.expunge(ep)
-    return ep
+def _episode(s, episode_id: str, host: str) -> Episode:
+    """The episode row, detached so it can be read after the transaction; `Rehomed` if it lives elsewhere."""
+    return fenced_episode(s, episode_id, host)
 
 
-def _infra(hop: str, step: int, exc: Exception, exit_status: str) -> tuple[dict, None]:
-    return {"hop": hop, "step": step, "error": f"{type(exc).__name__}: {exc}", "kind": "infra",
+def _infra(hop: str, step: int, exc: Exception | str, exit_status: str) -> tuple[dict, None]:
+    error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return {"hop": hop, "step": step, "error": redact_text(error)[:2000], "kind": "infra",
             "exit_status": exit_status}, None
 
 
@@ -50,35 +59,49 @@ def provision_task(self, episode_id: str, step: int = 0):
 
     def work(ep):
         spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)
+        # One deadline for the whole phase: creating the sandbox and every setup command.
+        deadline = time.monotonic() + spec.limits.provision_timeout_s
         try:
             # Ephemeral: created; persistent: from the warm pool. Recorded either way.
             sb, config = obtain(rt, ep, host)
         except SandboxError as exc:
             return _retry_or_fail(self, "provision", step, exc, "provision_failed")
         try:
-            setup(sb, task, spec.limits.provision_timeout_s, config=config, cache_root=rt.settings.data_dir)
-        except (SandboxError, SetupError, OSError) as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SetupError(f"creating the sandbox used up the {spec.limits.provision_timeout_s:g}s "
+                                 "provisioning deadline")
+            setup(sb, task, left, config=config, cache_root=rt.settings.data_dir)
+        except (SandboxError, SetupError, OSError, TimeoutError) as exc:
             destroy(rt, sb.id, config.type)
             return _infra("provision", step, exc, "setup_failed")
 
         def write(s):
             s.execute(update(Episode).where(Episode.id == episode_id).values(sandbox_id=sb.id, host=host))
 
-        return {"hop": "provision", "step": step}, write
+        return {"hop": "provision", "step": step, "host": host}, write
 
-    return run_hop(rt, self.request, (episode_id, step, "provision"), work,
-                   load=lambda s: _episode(s, episode_id))
+    return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "provision"), work,
+                                                         load=lambda s: _episode(s, episode_id, host)))
 
 
 def setup(sb: Sandbox, task, timeout: float, config: SandboxConfig | None = None, cache_root=None) -> None:
-    """Prepare the sandbox for a task: files and setup commands (SWE tasks: the repo too)."""
+    """Prepare the sandbox for a task: files and setup commands (SWE tasks: the repo too).
+
+    `timeout` bounds the whole preparation, not each command.
+    """
     if task.kind == "swe":
         swe.prepare(sb, task, config or SandboxConfig(), cache_root, timeout)
         return
+    budget = Budget(timeout, "provisioning")
     for path, content in task.files.items():
         sb.write_file(path, content.encode())
     for cmd in task.setup:
-        r = sb.exec(cmd, timeout=timeout)
+        if budget.exhausted:
+            raise SetupError(budget.message())
+        r = sb.exec(cmd, timeout=budget.left())
+        if r.timed_out and budget.exhausted:
+            raise SetupError(f"{budget.message()} (during {cmd!r})")
         if r.exit_code != 0:
             raise SetupError(f"setup command {cmd!r} exited {r.exit_code}: {(r.stderr or r.stdout)[-500:]}")
 
@@ -88,26 +111,57 @@ def exec_task(self, episode_id: str, step: int):
 
     def load(s):
         action = s.execute(select(Step.action).where(Step.episode_id == episode_id, Step.index == step)).scalar()
-        return _episode(s, episode_id), action
+        ep = _episode(s, episode_id, rt.settings.host)
+        # Re-homed here from a dead host: no sandbox yet; it is rebuilt from these commands.
+        return ep, action, (replay_plan(s, episode_id) if ep.sandbox_id is None else None)
 
     def work(ctx):
-        ep, action = ctx
+        ep, action, plan = ctx
         spec = rt.spec(ep.run_id)
+        journaled = exec_journal.applies(spec.sandbox.type)
+        rebuilt = None
         try:
-            result = rt.open_sandbox(ep.sandbox_id, spec.sandbox).exec(action, timeout=spec.limits.exec_timeout_s)
+            if plan is not None:
+                sb, rebuilt = rebuild(rt, ep, plan, rt.settings.host)
+            else:
+                sb = rt.open_sandbox(ep.sandbox_id, spec.sandbox)
+            # A command may not outlive its episode's deadline (the next decision ends the episode).
+            timeout = remaining_s(ep.deadline_at, spec.limits.exec_timeout_s)
+            result = sb.exec(exec_journal.wrap(action, str(step)) if journaled else action, timeout=timeout)
         except SandboxError as exc:
             return _infra("exec", step, exc, "sandbox_lost")
-        observation = result.output
+        except (SetupError, OSError, TimeoutError) as exc:  # rebuilding the sandbox failed
+            return _infra("exec", step, exc, "rebuild_failed")
+        cache = exec_journal.results_cache(rt)
+        replay = exec_journal.replay_of(result) if journaled else None
+        if replay is not None:
+            # An earlier delivery of this very hop ran (or began) the command: never twice.
+            result = cache.get(ep.sandbox_id, step)
+            if result is None:
+                what, code = replay
+                log.warning("exec %s/%d: an earlier delivery %s the command; not running it again", episode_id, step,
+                            "finished" if what == "done" else "was cut off in")
+                if what != "done":
+                    return _infra("exec", step, "the command was cut off by a worker failure; it may have partly "
+                                  "run", "exec_interrupted")
+                # It ran once, to the end: the episode goes on, told that the output is gone.
+                result = exec_journal.lost_output(code)
+        else:
+            cache.put(ep.sandbox_id, step, result)
+        observation = storable(result.output)
 
         # No lease renewal here: the lease taken at provision already outlives the
         # episode's deadline, and a write per command is a tenth of a hop's cost.
         def write(s):
             s.execute(update(Step).where(Step.episode_id == episode_id, Step.index == step).values(
                 observation=observation, exit_code=result.exit_code, exec_s=result.duration_s))
+            if rebuilt:
+                record_rebuild(s, ep, rebuilt)
 
-        return {"hop": "exec", "step": step, "exit_code": result.exit_code}, write
+        return {"hop": "exec", "step": step, "exit_code": result.exit_code, "host": rt.settings.host}, write
 
-    return run_hop(rt, self.request, (episode_id, step, "exec"), work, load=load)
+    return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "exec"), work,
+                                                         load=load))
 
 
 def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str | None]:
@@ -121,22 +175,37 @@ def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str | None]:
 def evaluate_task(self, episode_id: str, step: int):
     rt = get_runtime(self.app)
 
-    def work(ep):
+    def load(s):
+        ep = _episode(s, episode_id, rt.settings.host)
+        return ep, (replay_plan(s, episode_id) if ep.sandbox_id is None else None)
+
+    def work(ctx):
+        ep, plan = ctx
         spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)
+        rebuilt = None
         try:
-            reward, patch = evaluate(rt.open_sandbox(ep.sandbox_id, spec.sandbox), task, spec.limits.eval_timeout_s)
+            if plan is not None:  # re-homed here from a dead host
+                sb, rebuilt = rebuild(rt, ep, plan, rt.settings.host)
+            else:
+                sb = rt.open_sandbox(ep.sandbox_id, spec.sandbox)
+            # eval_timeout_s bounds the whole evaluation (swe.evaluate shares it between its commands).
+            reward, patch = evaluate(sb, task, spec.limits.eval_timeout_s)
         except SandboxError as exc:
             destroy(rt, ep.sandbox_id, spec.sandbox.type)
             return _infra("evaluate", step, exc, "evaluation_failed")
+        except (SetupError, OSError, TimeoutError) as exc:  # rebuilding the sandbox failed
+            return _infra("evaluate", step, exc, "rebuild_failed")
         finish(rt, ep)
 
         def write(s):
-            s.execute(update(Episode).where(Episode.id == episode_id).values(reward=reward, patch=patch))
+            s.execute(update(Episode).where(Episode.id == episode_id).values(reward=reward, patch=storable(patch)))
+            if rebuilt:
+                record_rebuild(s, ep, rebuilt)
 
-        return {"hop": "evaluate", "step": step, "reward": reward}, write
+        return {"hop": "evaluate", "step": step, "reward": reward, "host": rt.settings.host}, write
 
-    return run_hop(rt, self.request, (episode_id, step, "evaluate"), work,
-                   load=lambda s: _episode(s, episode_id))
+    return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "evaluate"), work,
+                                                         load=load))
 
 
 def release_task(self, episode_id: str, step: int):
@@ -144,7 +213,8 @@ def release_task(self, episode_id: str, step: int):
 
     def work(ep):
         finish(rt, ep)
-        return {"hop": "release", "step": step}, None
+        return {"hop": "release", "step": step, "host": rt.settings.host}, None
 
-    return run_hop(rt, self.request, (episode_id, step, "release"), work,
-                   load=lambda s: _episode(s, episode_id))
+    return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "release"), work,
+                                                         load=lambda s: _episode(s, episode_id,
+                                                                                 rt.settings.host)))

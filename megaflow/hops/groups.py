@@ -8,10 +8,11 @@ its place as a member of the run's chord.
 from __future__ import annotations
 
 import math
+import uuid
 from collections import Counter
 
-from celery import chord
-from sqlalchemy import select, update
+from celery import chord, group
+from sqlalchemy import select, true, update
 
 from megaflow.db import states
 from megaflow.db.models import Episode, RolloutGroup, Run, utcnow
@@ -20,13 +21,35 @@ from megaflow.hops.base import run_hop
 from megaflow.runtime import get_runtime
 
 
-def group_start_task(self, group_id: str):
+def group_start_task(self, group_id: str, generation: int = 0):
+    """Start a group's pending episodes as one chord; `generation` > 0 when `megaflow resume` sent it."""
     rt = get_runtime(self.app)
     with rt.session() as s:
-        ids = s.execute(select(Episode.id).where(Episode.group_id == group_id)
-                        .order_by(Episode.sample_index)).scalars().all()
-    header = [self.app.signature("megaflow.episode", args=(None, eid)) for eid in ids]
-    return self.replace(chord(header, self.app.signature("megaflow.group.done", args=(group_id,))))
+        ids = s.execute(select(Episode.id).where(
+            Episode.group_id == group_id, Episode.superseded_by.is_(None),
+            Episode.state == states.PENDING if generation else true())
+            .order_by(Episode.sample_index)).scalars().all()
+    done = self.app.signature("megaflow.group.done", args=(group_id, generation) if generation else (group_id,))
+    if not ids:
+        # Resumed with nothing left to run: only the group's statistics are redone.
+        return self.replace(done.clone(args=([],)))
+    # Stable ids: a redelivered group.start sends the very same chord (same group id,
+    # same member task ids), which the chord backend counts once — never a second
+    # chord that would split the episodes' surviving lineages between two joins.
+    header = group([self.app.signature("megaflow.episode", args=(None, eid), task_id=stable_id("episode", eid))
+                    for eid in ids], task_id=stable_id("chord", group_id, generation))
+    return self.replace(chord(header, done))
+
+
+def stable_id(*parts) -> str:
+    """A task or group id that is the same every time for the same parts."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "megaflow:" + ":".join(str(p) for p in parts)))
+
+
+def stale(s, run_id: str, generation: int) -> bool:
+    """True when `megaflow resume` has started a newer generation of the run than `generation`."""
+    current = s.execute(select(Run.generation).where(Run.id == run_id)).scalar()
+    return current is not None and current > generation
 
 
 def group_stats(rewards: list[float]) -> dict:
@@ -39,13 +62,19 @@ def group_stats(rewards: list[float]) -> dict:
             "advantages": [(r - mean) / (std + 1e-6) for r in rewards]}
 
 
-def group_done_task(self, results, group_id: str):
+def group_done_task(self, results, group_id: str, generation: int = 0):
     rt = get_runtime(self.app)
 
     def work(_ctx):
         def write(s):
+            run_id = s.execute(select(RolloutGroup.run_id).where(RolloutGroup.id == group_id)).scalar()
+            if stale(s, run_id, generation):
+                # A chord of a resumed run's earlier generation: the newer one does this.
+                out.update({"group_id": group_id, "stale": True})
+                return
             rows = s.execute(select(Episode.id, Episode.state, Episode.reward)
-                             .where(Episode.group_id == group_id).order_by(Episode.sample_index)).all()
+                             .where(Episode.group_id == group_id, Episode.superseded_by.is_(None))
+                             .order_by(Episode.sample_index)).all()
             # Infra failures are not the policy's doing: they get no reward and no advantage.
             scored = [(eid, r if r is not None else 0.0) for eid, st, r in rows if st in states.DONE]
             stats = group_stats([r for _, r in scored])
@@ -55,17 +84,19 @@ def group_done_task(self, results, group_id: str):
             stats["states"] = dict(Counter(st for _, st, _ in rows))
             s.execute(update(RolloutGroup).where(RolloutGroup.id == group_id)
                       .values(status="finished", stats=stats, finished_at=utcnow()))
-            run_id = s.execute(select(RolloutGroup.run_id).where(RolloutGroup.id == group_id)).scalar()
             emit(s, "group.done", run_id, group_id, stats)
             out.update({"group_id": group_id, **stats})
         out: dict = {}
         return out, write
 
-    return run_hop(rt, self.request, (group_id, 0, "group.done"), work, side_effects=False, precheck=False)
+    return run_hop(rt, self.request, (group_id, generation, "group.done"), work, side_effects=False,
+                   precheck=False)
 
 
 def run_summary(s, run_id: str) -> dict:
-    rows = s.execute(select(Episode.state, Episode.reward).where(Episode.run_id == run_id)).all()
+    """Counts and mean reward of the run's current episodes (not the attempts `resume` replaced)."""
+    rows = s.execute(select(Episode.state, Episode.reward).where(
+        Episode.run_id == run_id, Episode.superseded_by.is_(None))).all()
     by_state = Counter(st for st, _ in rows)
     done = [r if r is not None else 0.0 for st, r in rows if st in states.DONE]
     return {"episodes": len(rows), "by_state": dict(by_state),
@@ -73,11 +104,14 @@ def run_summary(s, run_id: str) -> dict:
             "solved": sum(1 for st, r in rows if st == states.SUCCEEDED and (r or 0) >= 1.0)}
 
 
-def run_done_task(self, results, run_id: str):
+def run_done_task(self, results, run_id: str, generation: int = 0):
     rt = get_runtime(self.app)
 
     def work(_ctx):
         def write(s):
+            if stale(s, run_id, generation):
+                out.update({"run_id": run_id, "stale": True})
+                return
             summary = run_summary(s, run_id)
             cancelled = s.execute(select(Run.cancel_requested).where(Run.id == run_id)).scalar()
             s.execute(update(Run).where(Run.id == run_id).values(
@@ -87,4 +121,4 @@ def run_done_task(self, results, run_id: str):
         out: dict = {}
         return out, write
 
-    return run_hop(rt, self.request, (run_id, 0, "run.done"), work, side_effects=False, precheck=False)
+    return run_hop(rt, self.request, (run_id, generation, "run.done"), work, side_effects=False, precheck=False)

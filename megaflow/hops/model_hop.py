@@ -12,7 +12,9 @@ from megaflow.errors import AgentError, InfraError, RateLimitedError
 from megaflow.hops.base import run_hop
 from megaflow.hops.throttle import model_slot, requeue
 from megaflow.model.base import Message, ModelRequest
+from megaflow.redact import redact_text
 from megaflow.runtime import get_runtime
+from megaflow.sanitize import storable
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
     def work(ctx):
         run_id, messages = ctx
         spec = rt.spec(run_id)
-        request = ModelRequest(messages=messages, sampling=spec.model.sampling, request_id=f"{episode_id}:{step}")
+        request = ModelRequest(messages=messages, sampling=spec.model.sampling, request_id=f"{episode_id}:{step}",
+                               timeout_s=spec.limits.model_timeout_s)
         try:
             with model_slot(rt, spec, run_id, request) as usage:
                 completion = rt.model(run_id).generate(request)
@@ -56,19 +59,19 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
         except RateLimitedError as exc:
             raise requeue(self, exc, waits) from exc
         except AgentError as exc:
-            return {"hop": "generate", "step": step, "error": str(exc), "kind": "agent",
+            return {"hop": "generate", "step": step, "error": redact_text(str(exc))[:2000], "kind": "agent",
                     "exit_status": "context_length" if isinstance(exc, ValueError) else "model_error"}, None
         except InfraError as exc:
             if self.request.retries < spec.limits.model_retries:
                 backoff = spec.limits.model_retry_backoff_s * 2 ** self.request.retries
                 countdown = getattr(exc, "retry_after", None) or min(MAX_BACKOFF_S, backoff)
                 raise self.retry(exc=exc, countdown=countdown * (0.5 + random.random()))
-            return {"hop": "generate", "step": step, "error": str(exc), "kind": "infra",
+            return {"hop": "generate", "step": step, "error": redact_text(str(exc))[:2000], "kind": "infra",
                     "exit_status": "model_unavailable"}, None
 
         def write(s):
             s.execute(update(Step).where(Step.episode_id == episode_id, Step.index == step).values(
-                completion=completion.text, token_ids=completion.token_ids, logprobs=completion.logprobs,
+                completion=storable(completion.text), token_ids=completion.token_ids, logprobs=completion.logprobs,
                 finish_reason=completion.finish_reason, model=completion.model,
                 model_version=completion.model_version, prompt_tokens=completion.usage.prompt_tokens,
                 completion_tokens=completion.usage.completion_tokens, model_s=completion.latency_s,

@@ -19,7 +19,7 @@ class Message(BaseModel):
 class SamplingParams(BaseModel):
     """Sampling settings for one call."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0 means greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -37,6 +37,9 @@ class ModelRequest(BaseModel):
     messages: list[Message]
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     request_id: str = Field(default="", description="Caller's id, for logs and idempotency.")
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="Deadline for the whole call, retries included; past it the backend "
+        "raises ModelUnavailableError (an infra failure). None: the backend's own timeouts only.")
 
 
 class Usage(BaseModel):

@@ -17,12 +17,25 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
 from megaflow.errors import ModelUnavailableError
 
 logger = logging.getLogger(__name__)
+
+
+def wait_result(future: Future, timeout_s: float | None):
+    """The job's result, waiting at most `timeout_s` (the call's deadline).
+
+    Raises:
+        ModelUnavailableError: no result in time (the batch goes on; its answer is dropped).
+    """
+    try:
+        return future.result(timeout=timeout_s)
+    except FuturesTimeout as exc:
+        raise ModelUnavailableError(f"no answer within the call's {timeout_s:g}s deadline") from exc
 
 
 @dataclass

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from megaflow.model.base import ModelClient, SamplingParams
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     sampling: SamplingParams = Field(default_factory=SamplingParams, description="Default sampling settings.")
     version: str = Field(default="", description="Weights version tag recorded on every completion.")
@@ -21,6 +23,7 @@ class ScriptedModelConfig(_Base):
 
     type: Literal["scripted"] = "scripted"
     replies: list[str] = Field(
+        min_length=1,
         default_factory=lambda: ["```bash\necho step {step}\n```", "```bash\nsubmit\n```"],
         description="Replies in order, one per call within an episode; the last repeats. "
         "`{step}` is replaced by the step index.",
@@ -51,6 +54,17 @@ class OpenAIModelConfig(_Base):
     timeout_s: float = Field(default=120.0, gt=0, le=3600.0, description="Per-request timeout.")
     max_connections: int = Field(default=64, ge=1, le=10_000, description="Connection limit per endpoint.")
     max_retries: int = Field(default=4, ge=0, le=20, description="Retries on 5xx, refusals and timeouts.")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"endpoint {url!r} must be an http(s) URL such as http://host:8000/v1")
+            if parts.username or parts.password:
+                raise ValueError("endpoints must not carry credentials: name an environment variable in api_key_env")
+        return value
 
 
 class VLLMModelConfig(_Base):

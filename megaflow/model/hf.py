@@ -26,7 +26,7 @@ from typing import Any
 
 from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, Message, ModelRequest, SamplingParams, Usage
-from megaflow.model.batching import BatchStats, Job, MicroBatcher
+from megaflow.model.batching import BatchStats, Job, MicroBatcher, wait_result
 from megaflow.model.config import TransformersModelConfig
 from megaflow.model.smollm import ALIAS, smollm2_path
 
@@ -115,7 +115,7 @@ class TransformersModel:
             )
         sampling = request.sampling
         prompt = _Prompt(ids=ids, max_new=min(sampling.max_tokens, room), sampling=sampling)
-        row: _Row = self._batcher.submit(_group_key(sampling), prompt).result()
+        row: _Row = wait_result(self._batcher.submit(_group_key(sampling), prompt), request.timeout_s)
         return Completion(
             text=row.text,
             finish_reason=row.finish_reason,

@@ -141,11 +141,17 @@ class OpenAIModel:
         """
         body = self._body(request)
         started = time.monotonic()
+        # The call's deadline covers every try and every backoff sleep.
+        deadline = started + request.timeout_s if request.timeout_s is not None else None
         avoid: int | None = None
         for attempt in range(self.config.max_retries + 1):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ModelUnavailableError(f"model {self.name!r}: no answer within the call's "
+                                            f"{request.timeout_s:g}s deadline ({attempt} tries)")
             index = self.balancer.acquire(avoid)
             try:
-                data = self._post(index, body, request.request_id)
+                data = self._post(index, body, request.request_id, left)
             except ModelUnavailableError as exc:
                 error = exc
             else:
@@ -158,6 +164,8 @@ class OpenAIModel:
                     f"model {self.name!r} unavailable after {attempt + 1} tries: {error}"
                 ) from error
             delay = self._delay(attempt, getattr(error, "retry_after", None))
+            if deadline is not None:
+                delay = max(0.0, min(delay, deadline - time.monotonic()))
             logger.warning(
                 "model call to %s failed (%s); retry %d in %.2fs", self.endpoints[index], error, attempt + 1, delay
             )
@@ -194,11 +202,14 @@ class OpenAIModel:
             timeout=httpx.Timeout(self.config.timeout_s, connect=min(10.0, self.config.timeout_s)),
         )
 
-    def _post(self, index: int, body: dict, request_id: str) -> Any:
-        """One POST. Retryable failures become `ModelUnavailableError`."""
+    def _post(self, index: int, body: dict, request_id: str, left: float | None = None) -> Any:
+        """One POST, within `left` seconds when given. Retryable failures become `ModelUnavailableError`."""
         headers = {"X-Request-ID": request_id} if request_id else {}
+        extra = {}
+        if left is not None and left < self.config.timeout_s:
+            extra["timeout"] = httpx.Timeout(left, connect=min(10.0, left))
         try:
-            response = self._client(index).post("/chat/completions", json=body, headers=headers)
+            response = self._client(index).post("/chat/completions", json=body, headers=headers, **extra)
         except httpx.TimeoutException as exc:
             raise ModelUnavailableError(f"timed out: {type(exc).__name__}") from exc
         except httpx.TransportError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 
-from megaflow.errors import ContextLengthError
+from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, ModelRequest, Usage
 from megaflow.model.config import ScriptedModelConfig
 
@@ -40,6 +40,9 @@ class ScriptedModel:
         replies = self.config.replies
         text = replies[min(step, len(replies) - 1)].replace("{step}", str(step))
         if self.config.latency_s:
+            if request.timeout_s is not None and self.config.latency_s > request.timeout_s:
+                time.sleep(request.timeout_s)
+                raise ModelUnavailableError(f"no answer within the call's {request.timeout_s:g}s deadline")
             time.sleep(self.config.latency_s)
         text, finish = _cap(text, request.sampling.max_tokens)
         words = text.split()

@@ -18,7 +18,7 @@ from typing import Any
 
 from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, ModelRequest, Usage
-from megaflow.model.batching import Job, MicroBatcher
+from megaflow.model.batching import Job, MicroBatcher, wait_result
 from megaflow.model.config import VLLMModelConfig
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class VLLMModel:
             seed=s.seed,
             logprobs=1 if s.logprobs else None,
         )
-        output = self._batcher.submit("all", ({"prompt_token_ids": ids}, params)).result().outputs[0]
+        job = self._batcher.submit("all", ({"prompt_token_ids": ids}, params))
+        output = wait_result(job, request.timeout_s).outputs[0]
         token_ids = list(output.token_ids)
         logprobs = None
         if s.logprobs and output.logprobs:

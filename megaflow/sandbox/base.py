@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+import posixpath
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: Marker inserted where oversized output was cut; visible to the agent on purpose.
 TRUNCATION_MARKER = "\n[... output truncated by megaflow: {omitted} bytes omitted ...]\n"
@@ -35,10 +38,16 @@ class ExecResult(BaseModel):
         return f"{self.stdout}\n{self.stderr}" if self.stdout else self.stderr
 
 
+#: Directories a work directory must not be, nor lie under: the sandbox's own system.
+_SYSTEM_PATHS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
+                 "/sys", "/usr", "/var/lib", "/var/run")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
 class SandboxConfig(BaseModel):
     """How to make one sandbox. One config object for every backend."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["local", "docker", "memory"] = Field(
         default="local", description="Backend: bubblewrap on this host, a Docker container, or the in-memory fake."
@@ -50,7 +59,8 @@ class SandboxConfig(BaseModel):
     pids: int = Field(default=256, ge=8, le=65_536, description="Process count limit (fork bombs stop here).")
     cpus: float = Field(default=1.0, gt=0, le=256, description="CPU limit in cores.")
     network: bool = Field(default=False, description="Allow network access. Off by default.")
-    max_output_bytes: int = Field(default=65_536, ge=256, description="Cap per stream; beyond it output is cut.")
+    max_output_bytes: int = Field(default=65_536, ge=256, le=64 << 20,
+                                  description="Cap per stream; beyond it output is cut.")
     mode: Literal["ephemeral", "persistent"] = Field(
         default="ephemeral", description="Ephemeral: destroyed when the episode ends; persistent: reset and reused."
     )
@@ -61,6 +71,25 @@ class SandboxConfig(BaseModel):
         description="Persistent mode: idle sandboxes an env host keeps for this config; beyond it a released "
         "sandbox is destroyed. Not part of the pool key: runs that differ only here share one pool.",
     )
+
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str) -> str:
+        norm = posixpath.normpath(value) if value else ""
+        if not value.startswith("/") or norm == "/" or norm != value.rstrip("/"):
+            raise ValueError(f"workdir {value!r} must be an absolute, normalised path other than /")
+        if any(norm == p or norm.startswith(p + "/") for p in _SYSTEM_PATHS):
+            raise ValueError(f"workdir {value!r} would shadow the sandbox's system directories")
+        return norm
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"environment variable name {name!r} is not a valid name")
+        return value
 
 
 @runtime_checkable

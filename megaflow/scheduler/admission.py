@@ -157,8 +157,8 @@ def unpark_cancelled(s: Session, run_id: str) -> list[dict]:
 
 def parking_of(request) -> dict:
     """The Celery options that make a re-sent start message the same chord member."""
-    return {"id": request.id, "chord": request.chord, "group": request.group,
-            "group_index": request.group_index, "root_id": request.root_id}
+    return {"id": request.id, **{k: getattr(request, a, None) for k, a in (
+        ("chord", "chord"), ("group", "group"), ("group_index", "group_index"), ("root_id", "root_id"))}}
 
 
 def send(app, admitted: list[dict]) -> None:

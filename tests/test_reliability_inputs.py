@@ -1,0 +1,351 @@
+"""Bad input, refused or contained: invalid specs before anything is queued, malformed and
+poison messages on every queue against the real RabbitMQ, PostgreSQL and Celery workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+import uuid
+
+import pytest
+from conftest import run_megaflow
+from kombu import Connection, Producer
+from sqlalchemy import func, select
+
+from megaflow import Client, Settings
+from megaflow.db.models import Delivery, Episode, Event, Run, Step
+from megaflow.db.schema import upgrade
+from megaflow.errors import SpecError
+from megaflow.local_stack import WorkerProcess
+from megaflow.spec import RunSpec
+
+TASK = {"instance_id": "t", "instruction": "do it", "check": "true"}
+HOST = "bad-host"
+
+#: Specs that must be refused, each with what the message must name. The README's
+#: "bad inputs tried" figure counts this table, MALFORMED_MESSAGES and the spec files tried by the CLI test.
+BAD_SPECS = [
+    # missing fields
+    ({}, "tasks"),
+    ({"tasks": [{"instruction": "x", "check": "true"}]}, "instance_id"),
+    ({"tasks": [{"instance_id": "t", "check": "true"}]}, "instruction"),
+    ({"tasks": [{"kind": "swe", "instance_id": "t"}]}, "problem_statement"),
+    ({"tasks": [TASK], "model": {"type": "openai", "model": "m"}}, "endpoints"),
+    # mistyped fields: refused, never coerced
+    ({"tasks": [TASK], "rollouts": "3"}, "rollouts"),
+    ({"tasks": [TASK], "rollouts": 2.5}, "rollouts"),
+    ({"tasks": [TASK], "sandbox": {"network": "yes"}}, "sandbox.network"),
+    ({"tasks": [TASK], "limits": {"max_steps": "10"}}, "limits.max_steps"),
+    ({"tasks": "t1,t2"}, "tasks"),
+    ({"tasks": [TASK], "model": {"type": "scripted", "replies": "echo hi"}}, "replies"),
+    ({"tasks": [dict(TASK, setup="make")]}, "setup"),
+    ({"tasks": [TASK], "sandbox": {"env": {"A": 1}}}, "sandbox.env"),
+    # unknown backends, kinds, fields
+    ({"tasks": [TASK], "model": {"type": "gpt-telepathy"}}, "model"),
+    ({"tasks": [TASK], "sandbox": {"type": "vm"}}, "sandbox.type"),
+    ({"tasks": [TASK], "agent": {"type": "genius"}}, "agent.type"),
+    ({"tasks": [dict(TASK, kind="desktop")]}, "tasks"),
+    ({"tasks": [TASK], "colour": "blue"}, "colour"),
+    ({"tasks": [TASK], "sandbox": {"mode": "forever"}}, "sandbox.mode"),
+    # absurd sizes
+    ({"tasks": [TASK], "rollouts": 1_000_000}, "rollouts"),
+    ({"tasks": [TASK], "sandbox": {"memory_mb": 10**9}}, "sandbox.memory_mb"),
+    ({"tasks": [TASK], "sandbox": {"memory_mb": -1}}, "sandbox.memory_mb"),
+    ({"tasks": [TASK], "sandbox": {"cpus": 0}}, "sandbox.cpus"),
+    ({"tasks": [TASK], "sandbox": {"pids": 10**7}}, "sandbox.pids"),
+    ({"tasks": [TASK], "sandbox": {"max_output_bytes": 1 << 34}}, "sandbox.max_output_bytes"),
+    ({"tasks": [TASK], "limits": {"max_steps": 10**9}}, "limits.max_steps"),
+    ({"tasks": [TASK], "limits": {"max_tokens": 10**15}}, "limits.max_tokens"),
+    ({"tasks": [TASK], "limits": {"episode_timeout_s": 10**9}}, "limits.episode_timeout_s"),
+    ({"tasks": [TASK], "limits": {"exec_timeout_s": 0}}, "limits.exec_timeout_s"),
+    ({"tasks": [TASK], "model": {"type": "scripted", "sampling": {"max_tokens": 10**9}}}, "max_tokens"),
+    ({"tasks": [dict(TASK, instance_id=f"t{i}") for i in range(300)], "rollouts": 4000}, "over the limit"),
+    ({"tasks": [TASK], "name": "x" * 300}, "name"),
+    ({"tasks": [TASK], "model": {"type": "scripted", "replies": []}}, "replies"),
+    ({"tasks": [TASK], "model_limits": {"scope": "run"}}, "at least one"),
+    # paths and names that would escape where they belong
+    ({"tasks": [dict(TASK, instance_id="../../etc/x")]}, "instance_id"),
+    ({"tasks": [dict(TASK, instance_id="-rf")]}, "instance_id"),
+    ({"tasks": [dict(TASK, files={"../outside.txt": "x"})]}, "files"),
+    ({"tasks": [dict(TASK, files={"/etc/passwd": "x"})]}, "files"),
+    ({"tasks": [TASK], "sandbox": {"workdir": "/"}}, "workdir"),
+    ({"tasks": [TASK], "sandbox": {"workdir": "/etc"}}, "workdir"),
+    ({"tasks": [TASK], "sandbox": {"workdir": "work"}}, "workdir"),
+    ({"tasks": [TASK], "sandbox": {"env": {"A=B": "x"}}}, "sandbox.env"),
+    ({"tasks": [{"kind": "swe", "instance_id": "s", "problem_statement": "p",
+                 "repo": "--upload-pack=touch /tmp/pwned;.git"}]}, "repo"),
+    ({"tasks": [{"kind": "swe", "instance_id": "s", "problem_statement": "p",
+                 "repo": "https://example.org/r.git#--orphan"}]}, "repo"),
+    ({"tasks": [{"kind": "swe", "instance_id": "s", "problem_statement": "p", "repo": "pypi:six"}]}, "repo"),
+    ({"tasks": [dict(TASK, instruction="a\x00b")]}, "NUL"),
+    ({"tasks": [TASK, TASK]}, "duplicate instance_id"),
+    # credentials: never in a spec
+    ({"tasks": [TASK], "model": {"type": "openai", "model": "m", "endpoints": ["http://h/v1"],
+                                 "api_key": "sk-live-0123456789abcdefghij"}}, "model.api_key"),
+    ({"tasks": [TASK], "model": {"type": "openai", "model": "m",
+                                 "endpoints": ["http://user:hunter2hunter2@h/v1"]}}, "endpoints"),
+    ({"tasks": [TASK], "sandbox": {"env": {"OPENAI_API_KEY": "sk-0123456789abcdefghijkl"}}}, "OPENAI_API_KEY"),
+    ({"tasks": [TASK], "sandbox": {"env": {"HF_TOKEN": "whatever"}}}, "HF_TOKEN"),
+    ({"tasks": [TASK], "agent": {"system_prompt": "use ghp_0123456789abcdefghijklmnopqrstuvwxyzAB"}},
+     "agent.system_prompt"),
+    ({"tasks": [TASK], "model": {"type": "openai", "model": "m", "endpoints": ["localhost:8000"]}}, "endpoint"),
+]
+
+
+@pytest.mark.parametrize("bad, needle", BAD_SPECS, ids=[f"bad{i}" for i in range(len(BAD_SPECS))])
+def test_invalid_spec_is_refused_with_a_clear_message(bad, needle):
+    with pytest.raises(SpecError) as err:
+        RunSpec.parse(bad)
+    message = str(err.value)
+    assert needle in message, message
+    assert "Traceback" not in message
+    # A refused credential is never repeated back.
+    for secret in ("sk-live-0123456789abcdefghij", "hunter2hunter2", "sk-0123456789abcdefghijkl"):
+        assert secret not in message
+
+
+def test_valid_specs_still_pass():
+    RunSpec.parse({"tasks": [TASK], "model": {"type": "openai", "model": "m", "endpoints": ["http://h:8000/v1"],
+                                              "api_key_env": "OPENAI_API_KEY"},
+                   "sandbox": {"env": {"LANG": "C.UTF-8"}, "workdir": "/work/repo"}})
+    RunSpec.parse({"tasks": [dict(TASK, instance_id="django__django-11099", files={"src/a.py": "x"})]})
+    RunSpec.parse({"tasks": [{"kind": "swe", "instance_id": "org/repo-1", "problem_statement": "p",
+                              "repo": "https://example.org/r.git#v1.2"}]})
+
+
+def test_huge_spec_is_validated_quickly():
+    """A million-episode spec is judged in seconds, not hours (no quadratic checks)."""
+    tasks = [dict(TASK, instance_id=f"t{i}") for i in range(100_000)]
+    t0 = time.monotonic()
+    with pytest.raises(SpecError, match="over the limit"):
+        RunSpec.parse({"tasks": tasks, "rollouts": 11})
+    assert time.monotonic() - t0 < 30
+
+
+def test_deadline_beyond_the_brokers_consumer_timeout_is_refused(sqlite_url, tmp_path):
+    settings = Settings(data_dir=tmp_path, database_url=sqlite_url, consumer_timeout_s=1800)
+    client = Client(settings)
+    with pytest.raises(SpecError, match="limits.exec_timeout_s.*consumer_timeout|consumer timeout") as err:
+        client.submit({"tasks": [TASK], "limits": {"exec_timeout_s": 7200}})
+    assert "MEGAFLOW_CONSUMER_TIMEOUT_S" in str(err.value)
+    with client.session() as s:
+        assert s.execute(select(func.count()).select_from(Run)).scalar() == 0
+    # Raised together with the broker's setting, the same limit fits.
+    big = Client(Settings(data_dir=tmp_path, database_url=sqlite_url, consumer_timeout_s=4 * 3600))
+    from megaflow.deadlines import check_spec
+
+    check_spec(RunSpec.parse({"tasks": [TASK], "limits": {"exec_timeout_s": 7200}}), big.settings)
+
+
+def test_cli_refuses_bad_spec_files_with_a_message_and_no_traceback(tmp_path):
+    bad = {
+        "notyaml.yaml": "tasks: [unclosed",
+        "list.yaml": "- just\n- a list\n",
+        "missing.json": json.dumps({"rollouts": 2}),
+        "secret.json": json.dumps({"tasks": [TASK], "sandbox": {"env": {"GITHUB_TOKEN": "ghp_" + "a" * 36}}}),
+        "timeout.json": json.dumps({"tasks": [TASK], "limits": {"model_timeout_s": 86400}}),
+    }
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        r = run_megaflow(["submit", str(tmp_path / name)], tmp_path / "data", timeout=120)
+        assert r.returncode == 2, (name, r.stdout, r.stderr)
+        assert "nothing queued" in r.stdout and "Traceback" not in r.stdout + r.stderr, (name, r.stdout, r.stderr)
+        assert "a" * 36 not in r.stdout + r.stderr
+    assert not (tmp_path / "data" / "broker.sqlite").exists() or _no_messages(tmp_path / "data" / "broker.sqlite")
+
+
+def _no_messages(path) -> bool:
+    import sqlite3
+
+    try:
+        return sqlite3.connect(path).execute("select count(*) from kombu_message").fetchone()[0] == 0
+    except sqlite3.OperationalError:
+        return True
+
+
+# -- against the real broker and workers ----------------------------------------------
+
+
+@pytest.fixture
+def cluster(tmp_path, pg_url, amqp_vhost):
+    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host=HOST)
+    upgrade(pg_url)
+    env = {"MEGAFLOW_HOP_MAX_DELIVERIES": "2", "MEGAFLOW_WORKER_CONCURRENCY": "4"}
+    workers = {p: WorkerProcess(p, settings, name=f"bad-{p}", extra_env=env).start() for p in ("model", "agent", "env")}
+    yield settings, workers
+    for w in workers.values():
+        w.stop()
+
+
+def test_invalid_spec_queues_nothing_on_the_real_broker(cluster):
+    settings, workers = cluster
+    client = Client(settings)
+    from megaflow.bench.floors import wait_for_worker
+
+    for w in workers.values():
+        wait_for_worker(client.app, w.name)  # queues declared
+    for bad, _ in BAD_SPECS[:10]:
+        with pytest.raises(SpecError):
+            client.submit(bad)
+    with client.session() as s:
+        assert s.execute(select(func.count()).select_from(Run)).scalar() == 0
+        assert s.execute(select(func.count()).select_from(Episode)).scalar() == 0
+    assert _depths(client.app, ["agent", "model", "env", f"env.{HOST}"]) == [0, 0, 0, 0]
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: exactly what a worker must never do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _malformed(app, marker) -> list[tuple[str, dict]]:
+    """(queue, message) for every kind of bad message on every queue."""
+    def headers(name, args=()):
+        return dict(app.amqp.as_task_v2(uuid.uuid4().hex, name, args=args).headers)
+
+    return [
+        # not JSON at all, though it says it is
+        ("agent", {"body": b"{not json", "content_type": "application/json", "content_encoding": "utf-8",
+                   "headers": headers("megaflow.episode")}),
+        ("model", {"body": b"\xff\xfe\x00garbage", "content_type": "application/json", "content_encoding": "utf-8",
+                   "headers": headers("megaflow.hop.generate")}),
+        # a pickle: refused, never unpickled
+        ("env", {"body": pickle.dumps(((_Exploit(marker),), {}, {})), "content_type": "application/x-python-serialize",
+                 "content_encoding": "binary", "headers": headers("megaflow.hop.provision")}),
+        (f"env.{HOST}", {"body": pickle.dumps(_Exploit(marker)), "content_type": "application/x-python-serialize",
+                         "content_encoding": "binary", "headers": headers("megaflow.hop.exec")}),
+        # JSON, but not a Celery message
+        ("agent", {"body": json.dumps({"hello": "world"}).encode(), "content_type": "application/json",
+                   "content_encoding": "utf-8", "headers": {}}),
+        ("model", {"body": b"[1, 2, 3]", "content_type": "application/json", "content_encoding": "utf-8",
+                   "headers": {}}),
+        # an unknown task
+        ("env", {"body": json.dumps([[1], {}, {}]).encode(), "content_type": "application/json",
+                 "content_encoding": "utf-8", "headers": headers("megaflow.no_such_task")}),
+        # known tasks with arguments that make no sense
+        ("agent", {"body": json.dumps([["not", "a", "decision", "at", "all"], {}, {}]).encode(),
+                   "content_type": "application/json", "content_encoding": "utf-8",
+                   "headers": headers("megaflow.episode")}),
+        (f"env.{HOST}", {"body": json.dumps([["no-such-episode", 0], {}, {}]).encode(),
+                         "content_type": "application/json", "content_encoding": "utf-8",
+                         "headers": headers("megaflow.hop.exec")}),
+        ("model", {"body": json.dumps([[{"x": 1}], {"bogus": True}, {}]).encode(),
+                   "content_type": "application/json", "content_encoding": "utf-8",
+                   "headers": headers("megaflow.hop.generate")}),
+    ]
+
+
+#: How many malformed messages the test sends (the README counts them).
+MALFORMED_MESSAGES = 10
+
+
+def test_malformed_messages_on_every_queue_are_dead_lettered_and_workers_go_on(cluster, tmp_path):
+    settings, workers = cluster
+    client = Client(settings)
+    from megaflow.bench.floors import wait_for_worker
+
+    for w in workers.values():
+        wait_for_worker(client.app, w.name)
+    marker = tmp_path / "pickle-ran"
+    messages = _malformed(client.app, marker)
+    assert len(messages) == MALFORMED_MESSAGES
+    with Connection(settings.broker_url) as conn:
+        producer = Producer(conn.channel())
+        for queue, msg in messages:
+            producer.publish(msg["body"], exchange="megaflow", routing_key=queue, headers=msg["headers"],
+                             content_type=msg["content_type"], content_encoding=msg["content_encoding"],
+                             delivery_mode=2)
+    dead = _wait_dead(client.app, len(messages), timeout=60)
+    assert sorted(q for q in dead) == sorted(q for q, _ in messages), dead
+    assert not marker.exists(), "a pickled message was unpickled"
+    for name, w in workers.items():
+        assert w.alive(), f"{name} worker died on a malformed message"
+    logs = "".join(w.log_path.read_text(errors="replace") for w in workers.values())
+    assert "dead-lettered" in logs or "Received unregistered task" in logs
+    # The queues are empty again and the workers keep working.
+    assert _depths(client.app, ["agent", "model", "env", f"env.{HOST}"]) == [0, 0, 0, 0]
+    run_id = client.submit({"name": "after", "model": {"type": "scripted"}, "sandbox": {"type": "memory"},
+                            "tasks": [TASK]})
+    assert client.wait(run_id, timeout=60)["by_state"] == {"succeeded": 1}
+
+
+def test_poison_task_is_capped_by_its_delivery_limit(cluster):
+    """A hop that kills its worker every time ends its episode infra_failed after 2 redeliveries."""
+    settings, workers = cluster
+    client = Client(settings)
+    run_id = client.submit({"name": "poison", "model": {"type": "scripted", "latency_s": 4.0},
+                            "sandbox": {"type": "memory"}, "tasks": [TASK]})
+    deadline = time.monotonic() + 150
+    kills = 0
+    seen = -1
+    while True:
+        assert time.monotonic() < deadline, "poison loop did not stop"
+        st = client.status(run_id)
+        if st["status"] == "finished":
+            break
+        with client.session() as s:
+            count = s.execute(select(func.max(Delivery.count)).where(
+                Delivery.task_name == "megaflow.hop.generate")).scalar() or 0
+            started = s.execute(select(func.count()).select_from(Step).join(Episode, Episode.id == Step.episode_id)
+                                .where(Episode.run_id == run_id)).scalar()
+        # Kill the model worker each time a delivery of the call is under way (first one: not yet counted).
+        if started and count > seen and count <= 2:
+            time.sleep(1.0)
+            workers["model"].kill()
+            kills += 1
+            seen = count
+            workers["model"] = WorkerProcess("model", settings, name=f"bad-model{kills}",
+                                             extra_env={"MEGAFLOW_HOP_MAX_DELIVERIES": "2"}).start()
+        time.sleep(0.2)
+    assert kills == 3
+    [row] = client.results(run_id)
+    assert row["state"] == "infra_failed" and row["exit_status"] == "poison", row
+    events = client.events(run_id)
+    assert events["run.done"] == 1
+    with client.session() as s:
+        poison = s.execute(select(Event.data).where(Event.kind == "task.poison")).scalars().all()
+    assert poison and poison[0]["task"] == "megaflow.hop.generate" and poison[0]["deliveries"] == 3
+
+
+def test_nul_bytes_in_output_are_stored_not_fatal(cluster):
+    settings, _ = cluster
+    client = Client(settings)
+    run_id = client.submit({"name": "nul", "sandbox": {"type": "local"},
+                            "model": {"type": "scripted", "replies": ["```bash\nprintf 'a\\0b'\n```",
+                                                                      "```bash\nsubmit\n```"]},
+                            "tasks": [TASK]})
+    assert client.wait(run_id, timeout=90)["by_state"] == {"succeeded": 1}
+    with client.session() as s:
+        obs = s.execute(select(Step.observation).join(Episode, Episode.id == Step.episode_id)
+                        .where(Episode.run_id == run_id, Step.index == 0)).scalar()
+    assert obs == "a\ufffdb"
+
+
+def _depths(app, queues: list[str]) -> list[int]:
+    with app.connection_for_write() as conn:
+        ch = conn.default_channel
+        return [ch.queue_declare(q, passive=True)[1] for q in queues]
+
+
+def _wait_dead(app, n: int, timeout: float) -> list[str]:
+    """Wait for `n` messages in megaflow.dead; return the queue each was dead-lettered from."""
+    deadline = time.monotonic() + timeout
+    with app.connection_for_write() as conn:
+        ch = conn.default_channel
+        while ch.queue_declare("megaflow.dead", passive=True)[1] < n:
+            assert time.monotonic() < deadline, f"only {ch.queue_declare('megaflow.dead', passive=True)[1]} of {n} " \
+                                                "malformed messages were dead-lettered"
+            time.sleep(0.3)
+        time.sleep(1.0)  # nothing more should follow
+        origins = []
+        while (msg := ch.basic_get("megaflow.dead", no_ack=True)) is not None:
+            origins.append(msg.headers["x-death"][0]["queue"])
+        return origins
