@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
@@ -35,7 +36,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
 
 from megaflow.db.engine import get_engine
 from megaflow.db.sql import dialect_insert, insert_ignore, upsert
@@ -163,13 +164,27 @@ class SQLChordBackend(KeyValueStoreBackend):
         if not gid or not tid or not request.chord:
             return
         encoded = self._text(self.encode({"result": self.encode_result(result, state)}))
+        # The member has finished and its message is about to be acknowledged: a
+        # database restart now must not lose its count (the chord would never close).
+        closing = _retrying(lambda: self._count(request, gid, tid, state, encoded), f"chord {gid} join")
+        if closing:
+            _retrying(lambda: self._fire(gid, request.chord), f"chord {gid} body")
+
+    def _count(self, request, gid: str, tid: str, state, encoded: str) -> bool:
+        """Count the member once; True when the chord is closed and its body not yet sent."""
         with self.engine.begin() as conn:
             fresh = conn.execute(insert_ignore(conn, parts_table, {
                 "group_id": gid, "task_id": tid, "idx": request.group_index, "state": state, "result": encoded,
             })).rowcount
             if not fresh:
                 log.info("chord %s: member %s already counted (redelivery)", gid, tid)
-                return
+                # Counted by an attempt whose commit went through but whose answer was
+                # lost (a restart): if that closed the chord, send the body now. A body
+                # sent twice is harmless: callbacks are ledgered, and their own chord
+                # counts the body's task id once.
+                row = conn.execute(select(chords_table.c.closed_at, chords_table.c.fired_at)
+                                   .where(chords_table.c.group_id == gid)).first()
+                return row is not None and row.closed_at is not None and row.fired_at is None
             # One atomic statement: creating the counter row and counting must not
             # race (two first members could otherwise both miss the row).
             count = dialect_insert(conn, chords_table).values(
@@ -181,8 +196,7 @@ class SQLChordBackend(KeyValueStoreBackend):
             closing = size is not None and done == size
             if closing:
                 conn.execute(update(chords_table).where(chords_table.c.group_id == gid).values(closed_at=_now()))
-        if closing:
-            self._fire(gid, request.chord)
+            return closing
 
     def _fire(self, gid: str, chord_body) -> None:
         callback = maybe_signature(chord_body, app=self.app)
@@ -200,3 +214,22 @@ class SQLChordBackend(KeyValueStoreBackend):
             self.app.amqp._retry_publish(callback.delay, values)
         with self.engine.begin() as conn:
             conn.execute(update(chords_table).where(chords_table.c.group_id == gid).values(fired_at=_now()))
+
+
+#: How long a chord join keeps trying through a database outage (below the decisions' time limit).
+JOIN_RETRY_S = 180.0
+
+
+def _retrying(fn, what: str, budget_s: float = JOIN_RETRY_S):
+    """Run `fn`, retrying with backoff while the database is unreachable (a restart, a failover)."""
+    deadline = time.monotonic() + budget_s
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database unreachable (%s); again in %.1fs", what, type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)

@@ -111,10 +111,15 @@ class Client:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            st = self.status(run_id)
-            if st["status"] in ("finished", "cancelled"):
-                return st
+            # Polled: only the run's status (the full `status` counts every step of the run).
+            with self.session() as s:
+                current = s.execute(select(Run.status).where(Run.id == run_id)).scalar()
+            if current is None:
+                raise LookupError(f"no run {run_id}")
+            if current in ("finished", "cancelled"):
+                return self.status(run_id)
             if deadline is not None and time.monotonic() > deadline:
+                st = self.status(run_id)
                 raise TimeoutError(f"run {run_id} still {st['status']} after {timeout}s: {st['by_state']}")
             time.sleep(poll)
 

@@ -29,7 +29,7 @@ MASK = "***"
 #: Key names that hold credentials (whole name or its last ``_``/``-`` part).
 _SECRET_KEY = re.compile(
     r"(?i)(?:^|[_.-])(?:api[_-]?key|apikey|secret|secret[_-]?key|token|access[_-]?token|auth[_-]?token|"
-    r"password|passwd|pwd|credentials?|private[_-]?key|access[_-]?key|authorization|bearer|"
+    r"password|passwd|credentials?|private[_-]?key|access[_-]?key|authorization|bearer|"
     r"basic[_-]?auth|client[_-]?secret)$"
 )
 #: Credential formats worth catching wherever they appear.
@@ -50,7 +50,7 @@ _AUTH_HEADER = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}")
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):([^@\s/]+)@")
 #: ``password=...``, ``api_key: ...`` in free text (logs, error messages).
 _ASSIGNMENT = re.compile(
-    r"(?i)\b((?:api[_-]?key|apikey|secret|token|password|passwd|pwd|access[_-]?key|client[_-]?secret)"
+    r"(?i)\b((?:api[_-]?key|apikey|secret|token|password|passwd|access[_-]?key|client[_-]?secret)"
     r"[\"']?\s*[=:]\s*[\"']?)([^\s\"',;&}]{6,})"
 )
 #: Environment variables whose values are secrets even though their names say nothing.

@@ -28,6 +28,9 @@ def test_small_chaos_run_loses_duplicates_and_leaks_nothing():
     assert [r["service"] for r in figures["service_restarts"]] == ["rabbitmq", "postgres"], figures["notes"]
     assert all(r["ok"] for r in figures["service_restarts"]), figures["service_restarts"]
     assert sum(figures["kills"].values()) >= 4 and figures["redelivered_messages"] > 0, figures
+    # Bad input during the run: every spec refused, every malformed message dead-lettered, no pickle loaded.
+    assert figures["bad_specs_refused"] + figures["malformed_messages_dead_lettered"] == figures["bad_inputs_tried"]
+    assert not figures["pickle_unpickled"]
     # What failed for the platform's reasons is re-run by resume, and then nothing is left failed.
     if figures["infra_failed"]:
         assert figures["infra_failed_after_resume"] == 0 and figures["run_finished_after_resume"], figures

@@ -5,95 +5,21 @@ poison messages on every queue against the real RabbitMQ, PostgreSQL and Celery 
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import time
-import uuid
 
 import pytest
 from conftest import run_megaflow
-from kombu import Connection, Producer
 from sqlalchemy import func, select
 
 from megaflow import Client, Settings
+from megaflow.bench.badinput import BAD_SPECS, TASK, dead_letters, malformed_messages, publish
 from megaflow.db.models import Delivery, Episode, Event, Run, Step
 from megaflow.db.schema import upgrade
 from megaflow.errors import SpecError
 from megaflow.local_stack import WorkerProcess
 from megaflow.spec import RunSpec
 
-TASK = {"instance_id": "t", "instruction": "do it", "check": "true"}
 HOST = "bad-host"
-
-#: Specs that must be refused, each with what the message must name. The README's
-#: "bad inputs tried" figure counts this table, MALFORMED_MESSAGES and the spec files tried by the CLI test.
-BAD_SPECS = [
-    # missing fields
-    ({}, "tasks"),
-    ({"tasks": [{"instruction": "x", "check": "true"}]}, "instance_id"),
-    ({"tasks": [{"instance_id": "t", "check": "true"}]}, "instruction"),
-    ({"tasks": [{"kind": "swe", "instance_id": "t"}]}, "problem_statement"),
-    ({"tasks": [TASK], "model": {"type": "openai", "model": "m"}}, "endpoints"),
-    # mistyped fields: refused, never coerced
-    ({"tasks": [TASK], "rollouts": "3"}, "rollouts"),
-    ({"tasks": [TASK], "rollouts": 2.5}, "rollouts"),
-    ({"tasks": [TASK], "sandbox": {"network": "yes"}}, "sandbox.network"),
-    ({"tasks": [TASK], "limits": {"max_steps": "10"}}, "limits.max_steps"),
-    ({"tasks": "t1,t2"}, "tasks"),
-    ({"tasks": [TASK], "model": {"type": "scripted", "replies": "echo hi"}}, "replies"),
-    ({"tasks": [dict(TASK, setup="make")]}, "setup"),
-    ({"tasks": [TASK], "sandbox": {"env": {"A": 1}}}, "sandbox.env"),
-    # unknown backends, kinds, fields
-    ({"tasks": [TASK], "model": {"type": "gpt-telepathy"}}, "model"),
-    ({"tasks": [TASK], "sandbox": {"type": "vm"}}, "sandbox.type"),
-    ({"tasks": [TASK], "agent": {"type": "genius"}}, "agent.type"),
-    ({"tasks": [dict(TASK, kind="desktop")]}, "tasks"),
-    ({"tasks": [TASK], "colour": "blue"}, "colour"),
-    ({"tasks": [TASK], "sandbox": {"mode": "forever"}}, "sandbox.mode"),
-    # absurd sizes
-    ({"tasks": [TASK], "rollouts": 1_000_000}, "rollouts"),
-    ({"tasks": [TASK], "sandbox": {"memory_mb": 10**9}}, "sandbox.memory_mb"),
-    ({"tasks": [TASK], "sandbox": {"memory_mb": -1}}, "sandbox.memory_mb"),
-    ({"tasks": [TASK], "sandbox": {"cpus": 0}}, "sandbox.cpus"),
-    ({"tasks": [TASK], "sandbox": {"pids": 10**7}}, "sandbox.pids"),
-    ({"tasks": [TASK], "sandbox": {"max_output_bytes": 1 << 34}}, "sandbox.max_output_bytes"),
-    ({"tasks": [TASK], "limits": {"max_steps": 10**9}}, "limits.max_steps"),
-    ({"tasks": [TASK], "limits": {"max_tokens": 10**15}}, "limits.max_tokens"),
-    ({"tasks": [TASK], "limits": {"episode_timeout_s": 10**9}}, "limits.episode_timeout_s"),
-    ({"tasks": [TASK], "limits": {"exec_timeout_s": 0}}, "limits.exec_timeout_s"),
-    ({"tasks": [TASK], "model": {"type": "scripted", "sampling": {"max_tokens": 10**9}}}, "max_tokens"),
-    ({"tasks": [dict(TASK, instance_id=f"t{i}") for i in range(300)], "rollouts": 4000}, "over the limit"),
-    ({"tasks": [TASK], "name": "x" * 300}, "name"),
-    ({"tasks": [TASK], "model": {"type": "scripted", "replies": []}}, "replies"),
-    ({"tasks": [TASK], "model_limits": {"scope": "run"}}, "at least one"),
-    # paths and names that would escape where they belong
-    ({"tasks": [dict(TASK, instance_id="../../etc/x")]}, "instance_id"),
-    ({"tasks": [dict(TASK, instance_id="-rf")]}, "instance_id"),
-    ({"tasks": [dict(TASK, files={"../outside.txt": "x"})]}, "files"),
-    ({"tasks": [dict(TASK, files={"/etc/passwd": "x"})]}, "files"),
-    ({"tasks": [TASK], "sandbox": {"workdir": "/"}}, "workdir"),
-    ({"tasks": [TASK], "sandbox": {"workdir": "/etc"}}, "workdir"),
-    ({"tasks": [TASK], "sandbox": {"workdir": "work"}}, "workdir"),
-    ({"tasks": [TASK], "sandbox": {"env": {"A=B": "x"}}}, "sandbox.env"),
-    ({"tasks": [{"kind": "swe", "instance_id": "s", "problem_statement": "p",
-                 "repo": "--upload-pack=touch /tmp/pwned;.git"}]}, "repo"),
-    ({"tasks": [{"kind": "swe", "instance_id": "s", "problem_statement": "p",
-                 "repo": "https://example.org/r.git#--orphan"}]}, "repo"),
-    ({"tasks": [{"kind": "swe", "instance_id": "s", "problem_statement": "p", "repo": "pypi:six"}]}, "repo"),
-    ({"tasks": [dict(TASK, instruction="a\x00b")]}, "NUL"),
-    ({"tasks": [TASK, TASK]}, "duplicate instance_id"),
-    # credentials: never in a spec
-    ({"tasks": [TASK], "model": {"type": "openai", "model": "m", "endpoints": ["http://h/v1"],
-                                 "api_key": "sk-live-0123456789abcdefghij"}}, "model.api_key"),
-    ({"tasks": [TASK], "model": {"type": "openai", "model": "m",
-                                 "endpoints": ["http://user:hunter2hunter2@h/v1"]}}, "endpoints"),
-    ({"tasks": [TASK], "sandbox": {"env": {"OPENAI_API_KEY": "sk-0123456789abcdefghijkl"}}}, "OPENAI_API_KEY"),
-    ({"tasks": [TASK], "sandbox": {"env": {"HF_TOKEN": "whatever"}}}, "HF_TOKEN"),
-    ({"tasks": [TASK], "agent": {"system_prompt": "use ghp_0123456789abcdefghijklmnopqrstuvwxyzAB"}},
-     "agent.system_prompt"),
-    ({"tasks": [TASK], "model": {"type": "openai", "model": "m", "endpoints": ["localhost:8000"]}}, "endpoint"),
-]
-
 
 @pytest.mark.parametrize("bad, needle", BAD_SPECS, ids=[f"bad{i}" for i in range(len(BAD_SPECS))])
 def test_invalid_spec_is_refused_with_a_clear_message(bad, needle):
@@ -196,53 +122,6 @@ def test_invalid_spec_queues_nothing_on_the_real_broker(cluster):
     assert _depths(client.app, ["agent", "model", "env", f"env.{HOST}"]) == [0, 0, 0, 0]
 
 
-class _Exploit:
-    """Unpickling this runs a shell command: exactly what a worker must never do."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
-def _malformed(app, marker) -> list[tuple[str, dict]]:
-    """(queue, message) for every kind of bad message on every queue."""
-    def headers(name, args=()):
-        return dict(app.amqp.as_task_v2(uuid.uuid4().hex, name, args=args).headers)
-
-    return [
-        # not JSON at all, though it says it is
-        ("agent", {"body": b"{not json", "content_type": "application/json", "content_encoding": "utf-8",
-                   "headers": headers("megaflow.episode")}),
-        ("model", {"body": b"\xff\xfe\x00garbage", "content_type": "application/json", "content_encoding": "utf-8",
-                   "headers": headers("megaflow.hop.generate")}),
-        # a pickle: refused, never unpickled
-        ("env", {"body": pickle.dumps(((_Exploit(marker),), {}, {})), "content_type": "application/x-python-serialize",
-                 "content_encoding": "binary", "headers": headers("megaflow.hop.provision")}),
-        (f"env.{HOST}", {"body": pickle.dumps(_Exploit(marker)), "content_type": "application/x-python-serialize",
-                         "content_encoding": "binary", "headers": headers("megaflow.hop.exec")}),
-        # JSON, but not a Celery message
-        ("agent", {"body": json.dumps({"hello": "world"}).encode(), "content_type": "application/json",
-                   "content_encoding": "utf-8", "headers": {}}),
-        ("model", {"body": b"[1, 2, 3]", "content_type": "application/json", "content_encoding": "utf-8",
-                   "headers": {}}),
-        # an unknown task
-        ("env", {"body": json.dumps([[1], {}, {}]).encode(), "content_type": "application/json",
-                 "content_encoding": "utf-8", "headers": headers("megaflow.no_such_task")}),
-        # known tasks with arguments that make no sense
-        ("agent", {"body": json.dumps([["not", "a", "decision", "at", "all"], {}, {}]).encode(),
-                   "content_type": "application/json", "content_encoding": "utf-8",
-                   "headers": headers("megaflow.episode")}),
-        (f"env.{HOST}", {"body": json.dumps([["no-such-episode", 0], {}, {}]).encode(),
-                         "content_type": "application/json", "content_encoding": "utf-8",
-                         "headers": headers("megaflow.hop.exec")}),
-        ("model", {"body": json.dumps([[{"x": 1}], {"bogus": True}, {}]).encode(),
-                   "content_type": "application/json", "content_encoding": "utf-8",
-                   "headers": headers("megaflow.hop.generate")}),
-    ]
-
-
 #: How many malformed messages the test sends (the README counts them).
 MALFORMED_MESSAGES = 10
 
@@ -255,14 +134,9 @@ def test_malformed_messages_on_every_queue_are_dead_lettered_and_workers_go_on(c
     for w in workers.values():
         wait_for_worker(client.app, w.name)
     marker = tmp_path / "pickle-ran"
-    messages = _malformed(client.app, marker)
+    messages = malformed_messages(client.app, HOST, marker)
     assert len(messages) == MALFORMED_MESSAGES
-    with Connection(settings.broker_url) as conn:
-        producer = Producer(conn.channel())
-        for queue, msg in messages:
-            producer.publish(msg["body"], exchange="megaflow", routing_key=queue, headers=msg["headers"],
-                             content_type=msg["content_type"], content_encoding=msg["content_encoding"],
-                             delivery_mode=2)
+    publish(settings.broker_url, messages)
     dead = _wait_dead(client.app, len(messages), timeout=60)
     assert sorted(q for q in dead) == sorted(q for q, _ in messages), dead
     assert not marker.exists(), "a pickled message was unpickled"
@@ -344,8 +218,5 @@ def _wait_dead(app, n: int, timeout: float) -> list[str]:
             assert time.monotonic() < deadline, f"only {ch.queue_declare('megaflow.dead', passive=True)[1]} of {n} " \
                                                 "malformed messages were dead-lettered"
             time.sleep(0.3)
-        time.sleep(1.0)  # nothing more should follow
-        origins = []
-        while (msg := ch.basic_get("megaflow.dead", no_ack=True)) is not None:
-            origins.append(msg.headers["x-death"][0]["queue"])
-        return origins
+    time.sleep(1.0)  # nothing more should follow
+    return dead_letters(app)

@@ -15,6 +15,9 @@ are restarted once each (at about a third and two thirds of the episodes). Then:
   says how many that cleanup had to remove;
 * ``infra_failed``: episodes that ended for the platform's reasons (a worker died
   mid-command); ``megaflow resume`` then re-runs them (``infra_failed_after_resume``).
+* ``bad_inputs_tried``: invalid specs submitted (all must be refused) and malformed
+  messages published on every queue (all must end in ``megaflow.dead``, and the
+  pickled one that would run a command must never be unpickled), during the run.
 
 The bench uses a private RabbitMQ vhost and a private PostgreSQL database (created
 and dropped here when ``rabbitmqctl`` and the admin URL allow), so nothing else on
@@ -36,6 +39,8 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
+from megaflow.bench import badinput
+from megaflow.bench.floors import wait_for_worker
 from megaflow.bench.faults import (
     DEFAULT_POSTGRES_RESTART,
     DEFAULT_RABBITMQ_RESTART,
@@ -160,9 +165,16 @@ def _drive(client: Client, settings: Settings, workers: dict, killer: Killer, ep
         if not cmd:
             faults.notes.append(f"{label} restart skipped: no restart command given")
     pending_restarts = [r for r in pending_restarts if r[1] not in skip and r[2]]
+    for w in workers.values():  # their queues (and megaflow.dead) are declared before anything is sent
+        wait_for_worker(client.app, w.name)
     t0 = time.monotonic()
     run_id = client.submit(chaos_spec(episodes, sandbox=sandbox))
     killer.start()
+    # Bad input alongside: specs that must be refused, raw messages that must be dead-lettered.
+    refused = badinput.refuse_all(client)
+    marker = settings.data_dir / "pickle-was-unpickled"
+    malformed = badinput.malformed_messages(client.app, settings.host, marker)
+    badinput.publish(settings.broker_url, malformed)
     deadline = t0 + timeout_s
     st = None
     last_log = t0
@@ -188,6 +200,9 @@ def _drive(client: Client, settings: Settings, workers: dict, killer: Killer, ep
     for _, label, _, _ in pending_restarts:
         faults.notes.append(f"{label} restart not done: the run ended before its turn")
     figures = _outcome(client, run_id, episodes, elapsed)
+    dead = _dead_letters(client.app, len(malformed))
+    figures.update(bad_inputs_tried=len(badinput.BAD_SPECS) + len(malformed), bad_specs_refused=refused,
+                   malformed_messages_dead_lettered=len(dead), pickle_unpickled=marker.exists())
     figures["faults_injected"] = faults.injected
     figures["kills"] = dict(faults.kills)
     figures["service_restarts"] = faults.restarts
@@ -197,6 +212,17 @@ def _drive(client: Client, settings: Settings, workers: dict, killer: Killer, ep
         w.stop()
     figures.update(_leaks(settings, client, run_id))
     return figures
+
+
+def _dead_letters(app, expected: int, timeout_s: float = 60.0) -> list[str]:
+    """The messages dead-lettered by now (waiting a little for the last of `expected`)."""
+    deadline = time.monotonic() + timeout_s
+    with app.connection_for_write() as conn:
+        while conn.default_channel.queue_declare("megaflow.dead", passive=True)[1] < expected:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    return badinput.dead_letters(app)
 
 
 def _status(client: Client, run_id: str) -> dict | None:
@@ -232,13 +258,15 @@ def _outcome(client: Client, run_id: str, episodes: int, elapsed: float) -> dict
         by_state[ep.state] = by_state.get(ep.state, 0) + 1
     lost = sum(n for st, n in by_state.items() if st not in states.TERMINAL)
     exits: dict[str, int] = {}
+    errors: list[str] = []
     for ep in current:
         if ep.state == states.INFRA_FAILED:
             exits[ep.exit_status or "?"] = exits.get(ep.exit_status or "?", 0) + 1
+            errors.append(f"{ep.exit_status}: {(ep.error or '')[:200]}")
     return {
         "episodes": len(current), "episodes_lost": lost if len(current) == episodes else episodes - len(current) + lost,
         "duplicate_steps": duplicates, "wrong_rewards": wrong, "infra_failed": by_state.get(states.INFRA_FAILED, 0),
-        "infra_failed_by_exit": exits, "by_state": by_state, "run_finished": run_status["status"] == "finished",
+        "infra_failed_by_exit": exits, "infra_failed_errors": errors[:5], "by_state": by_state, "run_finished": run_status["status"] == "finished",
         "all_terminal": lost == 0, "elapsed_s": round(elapsed, 1), "redelivered_messages": redeliveries,
         "poison_messages": poison, "exec_outputs_lost": lost_outputs,
     }

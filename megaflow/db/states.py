@@ -11,10 +11,13 @@ never move an episode twice.
 
 from __future__ import annotations
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
+from sqlalchemy.sql.elements import ClauseElement
 
 from megaflow.db.models import Episode, utcnow
+from megaflow.db.sql import prepared
 
 PENDING, PROVISIONING, RUNNING, EVALUATING = "pending", "provisioning", "running", "evaluating"
 WAITING = "waiting"
@@ -65,9 +68,30 @@ def move(session: Session, episode_id: str, dst: str, **values) -> bool:
         values.setdefault("finished_at", utcnow())
     if dst == RUNNING:
         values.setdefault("started_at", utcnow())
-    stmt = (
-        update(Episode)
-        .where(Episode.id == episode_id, Episode.state.in_(sources_of(dst)))
-        .values(state=dst, **values)
-    )
-    return session.execute(stmt).rowcount == 1
+    if any(isinstance(v, ClauseElement) for v in values.values()):
+        stmt = (
+            update(Episode)
+            .where(Episode.id == episode_id, Episode.state.in_(sources_of(dst)))
+            .values(state=dst, **values)
+        )
+        return session.execute(stmt).rowcount == 1
+    # The common case, on every decision: a statement prepared per (state, columns),
+    # run on the session's connection (no ORM statement processing).
+    session.flush()
+    conn = session.connection()
+    cols = sorted(values)
+    stmt = prepared(conn, f"states.move:{dst}:{','.join(cols)}", lambda c: _move_statement(dst, cols))
+    moved = conn.execute(stmt, {"k_id": episode_id, "v_state": dst, **{f"v_{k}": v for k, v in values.items()}}
+                         ).rowcount == 1
+    if moved:
+        # As an ORM update would: an Episode loaded in this session must not show the old state.
+        loaded = session.identity_map.get(identity_key(Episode, episode_id))
+        if loaded is not None:
+            session.expire(loaded)
+    return moved
+
+
+def _move_statement(dst: str, cols: list[str]):
+    t = Episode.__table__
+    return (update(t).where(t.c.id == bindparam("k_id"), t.c.state.in_(sorted(sources_of(dst))))
+            .values({c: bindparam(f"v_{c}", type_=t.c[c].type) for c in ["state", *cols]}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -96,13 +97,21 @@ def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work,
     with rt.session() as s:
         # The ledger row goes in first: a replayed hop whose row exists must not
         # even try its writes (they would collide with the first delivery's rows).
-        if not ledger.record(s, *key, request.id, None):
+        # It carries the result as known now; only a result the writes fill in
+        # (a decision's) costs a second statement.
+        before = _fingerprint(result)
+        if not ledger.record(s, *key, request.id, result, time.monotonic() - t0):
             s.rollback()
             return ledger.recorded(s, *key) or result
         if write is not None:
             write(s)
-        ledger.set_result(s, *key, result, time.monotonic() - t0)
+        if _fingerprint(result) != before:
+            ledger.set_result(s, *key, result, time.monotonic() - t0)
     return result
+
+
+def _fingerprint(result: dict) -> str:
+    return json.dumps(result, sort_keys=True, default=str)
 
 
 def guarded(work: Work, ctx, key: tuple[str, int, str]):

@@ -14,9 +14,10 @@ import logging
 import random
 import time
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from megaflow.db.models import Episode, Step
+from megaflow.db.sql import prepared
 from megaflow.envs import swe
 from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError
@@ -39,6 +40,17 @@ CHECK_FILE = ".megaflow_check.sh"
 def _episode(s, episode_id: str, host: str) -> Episode:
     """The episode row, detached so it can be read after the transaction; `Rehomed` if it lives elsewhere."""
     return fenced_episode(s, episode_id, host)
+
+
+def _update_step(conn):
+    t = Step.__table__
+    return update(t).where(t.c.episode_id == bindparam("k_episode_id"), t.c.index == bindparam("k_index")).values(
+        {c: bindparam(f"v_{c}", type_=t.c[c].type) for c in ("observation", "exit_code", "exec_s")})
+
+
+def _select_action(conn):
+    t = Step.__table__
+    return select(t.c.action).where(t.c.episode_id == bindparam("k_episode_id"), t.c.index == bindparam("k_index"))
 
 
 def _infra(hop: str, step: int, exc: Exception | str, exit_status: str) -> tuple[dict, None]:
@@ -110,7 +122,9 @@ def exec_task(self, episode_id: str, step: int):
     rt = get_runtime(self.app)
 
     def load(s):
-        action = s.execute(select(Step.action).where(Step.episode_id == episode_id, Step.index == step)).scalar()
+        conn = s.connection()
+        action = conn.execute(prepared(conn, "exec.action", _select_action),
+                              {"k_episode_id": episode_id, "k_index": step}).scalar()
         ep = _episode(s, episode_id, rt.settings.host)
         # Re-homed here from a dead host: no sandbox yet; it is rebuilt from these commands.
         return ep, action, (replay_plan(s, episode_id) if ep.sandbox_id is None else None)
@@ -153,8 +167,10 @@ def exec_task(self, episode_id: str, step: int):
         # No lease renewal here: the lease taken at provision already outlives the
         # episode's deadline, and a write per command is a tenth of a hop's cost.
         def write(s):
-            s.execute(update(Step).where(Step.episode_id == episode_id, Step.index == step).values(
-                observation=observation, exit_code=result.exit_code, exec_s=result.duration_s))
+            conn = s.connection()
+            conn.execute(prepared(conn, "exec.step", _update_step), {
+                "k_episode_id": episode_id, "k_index": step, "v_observation": observation,
+                "v_exit_code": result.exit_code, "v_exec_s": result.duration_s})
             if rebuilt:
                 record_rebuild(s, ep, rebuilt)
 

@@ -51,8 +51,14 @@ def obtain(rt: Runtime, ep, host: str) -> tuple[Sandbox, SandboxConfig]:
               "lease_expires_at": lease_until(rt, ep.run_id), "heartbeat_at": utcnow()}
     if config.mode == "ephemeral":
         sb = rt.backend(config.type).create(config, sandbox_labels(host, ep.run_id, ep.id))
-        with rt.session() as s:
-            s.add(SandboxRow(id=sb.id, backend=config.type, host=host, image=config.image, mode=config.mode, **values))
+        try:
+            with rt.session() as s:
+                s.add(SandboxRow(id=sb.id, backend=config.type, host=host, image=config.image, mode=config.mode,
+                                 **values))
+        except BaseException:
+            # Unrecorded (the database is down): the hop's retry makes another, so do not leave this one behind.
+            _destroy_quietly(rt, sb.id, config.type)
+            raise
         rt.adopt_sandbox(sb)
         return sb, config
     pool = rt.pool()
@@ -120,3 +126,10 @@ def destroy(rt: Runtime, sandbox_id: str | None, kind: str) -> None:
     with rt.session() as s:
         s.execute(update(SandboxRow).where(SandboxRow.id == sandbox_id, SandboxRow.destroyed_at.is_(None))
                   .values(state="destroyed", destroyed_at=utcnow()))
+
+
+def _destroy_quietly(rt: Runtime, sandbox_id: str, kind: str) -> None:
+    try:
+        rt.backend(kind).destroy(sandbox_id)
+    except Exception:  # the reaper finds it by its labels
+        log.warning("could not destroy unrecorded sandbox %s; the reaper will", sandbox_id, exc_info=True)

@@ -12,13 +12,14 @@ import datetime as dt
 import logging
 import time
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from megaflow.agent import Command, FormatError, Submit
 from megaflow.db import states
 from megaflow.db.models import Episode, Run, Step, utcnow
+from megaflow.db.sql import prepared
 from megaflow.events import emit
 from megaflow.hops import ledger
 from megaflow.hops.base import run_hop
@@ -56,7 +57,9 @@ def episode_task(self, prev, episode_id):
 
         def write(s: Session):
             try:
-                fresh.update(Driver(rt, s, episode_id, parking=parking_of(self.request)).decide(prev))
+                driver = Driver(rt, s, episode_id, parking=parking_of(self.request))
+                fresh.update(driver.decide(prev))
+                driver.save()
             except (OperationalError, InterfaceError):
                 raise
             except Exception as exc:
@@ -108,11 +111,18 @@ def continue_with(task, sig) -> None:
     for every Ignore: a fifth of an agent worker's time. Here the task returns
     normally instead, having handed its chord membership to the continuation —
     so this delivery's success is not counted as the episode's end.
+
+    `sig` is ``hop | episode`` (`next_signature`). The message is the one
+    ``sig.apply_async()`` would send — the hop, with the episode task as its chain
+    carrying this task's id and chord options — built without Celery's canvas
+    (freezing and cloning every step cost more than the publish itself).
     """
     req = task.request
-    sig.freeze(req.id)
-    sig.set(chord=req.chord, group_id=req.group, group_index=req.group_index, root_id=req.root_id)
-    sig.apply_async()
+    hop, then = sig.tasks
+    then = dict(then, options=dict(then.options, task_id=req.id, reply_to=task.app.thread_oid,
+                                   root_id=req.root_id, group_id=req.group, chord=req.chord,
+                                   group_index=req.group_index))
+    task.app.tasks[hop.task].apply_async(hop.args, hop.kwargs, root_id=req.root_id, chain=[then], **hop.options)
     req.chord = None
 
 
@@ -142,11 +152,15 @@ class Driver:
         self.rt, self.s = rt, session
         self.parking = parking
         # The run's cancel flag comes in the same query: one round trip, not two.
-        row = session.execute(select(Episode, Run.cancel_requested).join(Run, Run.id == Episode.run_id)
-                              .where(Episode.id == episode_id)).first()
+        # Core rows, not ORM objects: what a decision changes is written by `save`.
+        conn = session.connection()
+        row = conn.execute(prepared(conn, "driver.episode", _select_episode), {"k_id": episode_id}).first()
         if row is None:
             raise LookupError(f"episode {episode_id} not found")
-        self.ep, self.cancel_requested = row
+        values = dict(row._mapping)
+        self.cancel_requested = values.pop("cancel_requested")
+        self.ep = Tracked(values)
+        self._steps: list[Tracked] = []
         self.spec = rt.spec(self.ep.run_id)
         self.task = rt.task(self.ep.task_instance_id)
         self.agent = rt.agent(self.ep.run_id)
@@ -180,8 +194,7 @@ class Driver:
         if states.move(self.s, self.ep.id, state, **values):
             emit(self.s, "episode.ended", self.ep.run_id, self.ep.id,
                  {"state": state, "exit_status": exit_status, "error": error})
-        self.s.flush()
-        self.s.refresh(self.ep)
+        self.reload()
         if self.ep.sandbox_id:
             return self.go("release", step)
         return self.final()
@@ -242,11 +255,11 @@ class Driver:
         return self.turn(0)
 
     def after_generate(self, step: int) -> dict:
-        row = self.s.get(Step, (self.ep.id, step))
+        row = self.step(step)
         return self.act(self.agent.parse(row.completion or ""), row)
 
     def after_exec(self, step: int) -> dict:
-        row = self.s.get(Step, (self.ep.id, step))
+        row = self.step(step)
         result = ExecResult(exit_code=row.exit_code if row.exit_code is not None else -1,
                             stdout=row.observation or "", timed_out=row.exit_code == 124)
         if self.agent.finished(result) is not None:
@@ -258,8 +271,7 @@ class Driver:
         if states.move(self.s, self.ep.id, states.SUCCEEDED):
             emit(self.s, "episode.ended", self.ep.run_id, self.ep.id,
                  {"state": states.SUCCEEDED, "exit_status": self.ep.exit_status, "reward": self.ep.reward})
-        self.s.flush()
-        self.s.refresh(self.ep)
+        self.reload()
         return self.final()
 
     def after_release(self, step: int) -> dict:
@@ -272,7 +284,7 @@ class Driver:
         action = self.agent.scripted_action(self.task, step)
         if action is None:
             return self.go("generate", step)
-        return self.act(action, self.s.get(Step, (self.ep.id, step)))
+        return self.act(action, self.step(step))
 
     def next_turn(self, step: int, messages: list[Message]) -> dict:
         limits = self.spec.limits
@@ -283,7 +295,7 @@ class Driver:
         self.new_step(step, messages)
         return self.turn(step)
 
-    def act(self, action, row: Step) -> dict:
+    def act(self, action, row: Tracked) -> dict:
         row.agent_s = (row.agent_s or 0.0) + (time.monotonic() - self.t0)
         if isinstance(action, Command):
             row.action = action.cmd
@@ -298,14 +310,79 @@ class Driver:
             return self.end(states.FAILED, "format_errors", row.index, reward=self.spec.limits.no_submit_penalty)
         return self.next_turn(row.index + 1, [Message(role="user", content=action.feedback)])
 
-    def submit(self, row: Step) -> dict:
+    def submit(self, row: Tracked) -> dict:
         states.move(self.s, self.ep.id, states.EVALUATING, exit_status="submitted")
         return self.go("evaluate", row.index)
 
     def new_step(self, index: int, messages: list[Message]) -> None:
-        self.s.add(Step(episode_id=self.ep.id, index=index,
-                        messages_in=[m.model_dump() for m in messages]))
+        conn = self.s.connection()
+        conn.execute(prepared(conn, "driver.new_step", lambda c: insert(_STEPS)),
+                     {"episode_id": self.ep.id, "index": index, "messages_in": [m.model_dump() for m in messages]})
         self.ep.n_steps = index + 1
+
+    # -- rows -------------------------------------------------------------------
+
+    def step(self, index: int) -> Tracked:
+        """The columns of step `index` a decision reads (not its messages, token ids or logprobs)."""
+        conn = self.s.connection()
+        row = conn.execute(prepared(conn, "driver.step", _select_step),
+                           {"k_episode_id": self.ep.id, "k_index": index}).one()
+        self._steps.append(Tracked(row._mapping))
+        return self._steps[-1]
+
+    def save(self) -> None:
+        """Write the columns this decision set on the episode and on the steps it read."""
+        if self.ep.changes:
+            _update(self.s, _EPISODES, {"id": self.ep.id}, self.ep.changes)
+            self.ep.changes.clear()
+        for row in self._steps:
+            if row.changes:
+                _update(self.s, _STEPS, {"episode_id": self.ep.id, "index": row.index}, row.changes)
+                row.changes.clear()
+
+    def reload(self) -> None:
+        """Save, then read the episode again (after a move)."""
+        self.save()
+        conn = self.s.connection()
+        row = conn.execute(prepared(conn, "driver.reload", lambda c: select(_EPISODES).where(
+            _EPISODES.c.id == bindparam("k_id"))), {"k_id": self.ep.id}).one()
+        self.ep = Tracked(row._mapping)
+
+
+_EPISODES, _RUNS, _STEPS = Episode.__table__, Run.__table__, Step.__table__
+
+
+def _select_episode(conn):
+    return (select(_EPISODES, _RUNS.c.cancel_requested).join(_RUNS, _RUNS.c.id == _EPISODES.c.run_id)
+            .where(_EPISODES.c.id == bindparam("k_id")))
+
+
+def _select_step(conn):
+    c = _STEPS.c
+    return select(c.index, c.completion, c.action, c.observation, c.exit_code, c.agent_s).where(
+        c.episode_id == bindparam("k_episode_id"), c.index == bindparam("k_index"))
+
+
+def _update(session: Session, table, key: dict, values: dict) -> None:
+    """UPDATE `table` SET `values` WHERE `key`, as a statement prepared per set of columns."""
+    conn = session.connection()
+    cols = sorted(values)
+    stmt = prepared(conn, f"driver.update.{table.name}:{','.join(cols)}", lambda c: update(table).where(
+        *(table.c[k] == bindparam(f"k_{k}") for k in key)).values(
+        {k: bindparam(f"v_{k}", type_=table.c[k].type) for k in cols}))
+    conn.execute(stmt, {**{f"k_{k}": v for k, v in key.items()}, **{f"v_{k}": v for k, v in values.items()}})
+
+
+class Tracked:
+    """A row read with Core: its columns as attributes; those set since are kept in `changes`."""
+
+    def __init__(self, values):
+        self.__dict__.update(values)
+        self.__dict__["changes"] = {}
+
+    def __setattr__(self, name: str, value) -> None:
+        self.__dict__[name] = value
+        self.changes[name] = value
 
 
 def _aware(ts: dt.datetime) -> dt.datetime:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.db.models import Hop, utcnow
-from megaflow.db.sql import insert_ignore
+from megaflow.db.sql import dialect_insert, prepared
 
 NEW, DONE, BUSY = "new", "done", "busy"
 #: The task id of a `started` row whose holder was lost with its host: anyone may take it over.
@@ -41,29 +41,63 @@ class Claim:
     attempts: int = 1
 
 
+# Every hop runs these statements, so they are built once (`prepared`) and run on
+# the session's connection: no ORM statement processing, no autoflush.
+_H = Hop.__table__
+
+
+def _by_key(stmt):
+    return stmt.where(_H.c.subject_id == bindparam("k_subject"), _H.c.step_index == bindparam("k_step"),
+                      _H.c.hop == bindparam("k_hop"))
+
+
+def _key(subject: str, step: int, hop: str) -> dict:
+    return {"k_subject": subject, "k_step": step, "k_hop": hop}
+
+
+def _set(**cols):
+    """SET clauses: a fixed value, or (None) a bind parameter named ``v_<column>``."""
+    return {c: bindparam(f"v_{c}", type_=_H.c[c].type) if v is None else v for c, v in cols.items()}
+
+
+_BUILD = {
+    "insert": lambda conn: dialect_insert(conn, _H).on_conflict_do_nothing(),
+    "find": lambda conn: _by_key(select(_H.c.status, _H.c.task_id, _H.c.result, _H.c.attempts)),
+    "take_orphan": lambda conn: _by_key(update(_H)).where(_H.c.status == "started", _H.c.task_id == ORPHANED)
+    .values(_set(task_id=None, attempts=None, started_at=None)),
+    "retry": lambda conn: _by_key(update(_H)).values(_set(attempts=None, started_at=None)),
+    "finish": lambda conn: _by_key(update(_H)).where(_H.c.status == "started")
+    .values(_set(status="done", result=None, finished_at=None, duration_s=None)),
+    "finish_own": lambda conn: _by_key(update(_H)).where(_H.c.status == "started", _H.c.task_id == bindparam("k_task"))
+    .values(_set(status="done", result=None, finished_at=None, duration_s=None)),
+    "set_result": lambda conn: _by_key(update(_H)).values(_set(result=None, duration_s=None, finished_at=None)),
+    "recorded": lambda conn: _by_key(select(_H.c.result)).where(_H.c.status == "done"),
+    "exists": lambda conn: _by_key(select(_H.c.status)),
+}
+
+
+def _run(session: Session, name: str, params: dict):
+    conn = session.connection()
+    return conn.execute(prepared(conn, f"ledger.{name}", _BUILD[name]), params)
+
+
 def claim(session: Session, subject: str, step: int, hop: str, task_id: str) -> Claim:
     row = {"subject_id": subject, "step_index": step, "hop": hop, "task_id": task_id,
            "status": "started", "attempts": 1, "started_at": utcnow()}
-    if session.execute(insert_ignore(session.connection(), Hop.__table__, row)).rowcount == 1:
+    if _run(session, "insert", row).rowcount == 1:
         return Claim(NEW)
-    found = session.execute(
-        select(Hop.status, Hop.task_id, Hop.result, Hop.attempts).where(
-            Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop)
-    ).one()
+    key = _key(subject, step, hop)
+    found = _run(session, "find", key).one()
     if found.status == "done":
         return Claim(DONE, found.result, found.attempts)
     if found.task_id != task_id:
-        if found.task_id == ORPHANED and session.execute(
-                update(Hop).where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop,
-                                  Hop.status == "started", Hop.task_id == ORPHANED)
-                .values(task_id=task_id, attempts=found.attempts + 1, started_at=utcnow())).rowcount == 1:
+        if found.task_id == ORPHANED and _run(session, "take_orphan", {
+                **key, "v_task_id": task_id, "v_attempts": found.attempts + 1, "v_started_at": utcnow()}
+        ).rowcount == 1:
             return Claim(NEW, None, found.attempts + 1)
         return Claim(BUSY, None, found.attempts)
     attempts = found.attempts + 1
-    session.execute(
-        update(Hop).where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop)
-        .values(attempts=attempts, started_at=utcnow())
-    )
+    _run(session, "retry", {**key, "v_attempts": attempts, "v_started_at": utcnow()})
     return Claim(NEW, None, attempts)
 
 
@@ -73,14 +107,10 @@ def finish(session: Session, subject: str, step: int, hop: str, result: dict, du
 
     With `task_id`, only if the row is still that task's (not orphaned or taken over since).
     """
-    stmt = (
-        update(Hop)
-        .where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop, Hop.status == "started")
-        .values(status="done", result=result, finished_at=utcnow(), duration_s=duration_s)
-    )
-    if task_id is not None:
-        stmt = stmt.where(Hop.task_id == task_id)
-    return session.execute(stmt).rowcount == 1
+    params = {**_key(subject, step, hop), "v_result": result, "v_finished_at": utcnow(), "v_duration_s": duration_s}
+    if task_id is None:
+        return _run(session, "finish", params).rowcount == 1
+    return _run(session, "finish_own", {**params, "k_task": task_id}).rowcount == 1
 
 
 def orphan(session: Session, subject: str, hops: tuple[str, ...]) -> int:
@@ -101,27 +131,20 @@ def record(session: Session, subject: str, step: int, hop: str, task_id: str, re
     now = utcnow()
     row = {"subject_id": subject, "step_index": step, "hop": hop, "task_id": task_id, "status": "done",
            "attempts": 1, "result": result, "started_at": now, "finished_at": now, "duration_s": duration_s}
-    return session.execute(insert_ignore(session.connection(), Hop.__table__, row)).rowcount == 1
+    return _run(session, "insert", row).rowcount == 1
 
 
 def set_result(session: Session, subject: str, step: int, hop: str, result: dict,
                duration_s: float | None = None) -> None:
     """Fill in the result of a row `record` inserted in this same transaction."""
-    session.execute(
-        update(Hop).where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop)
-        .values(result=result, duration_s=duration_s, finished_at=utcnow())
-    )
+    _run(session, "set_result", {**_key(subject, step, hop), "v_result": result, "v_duration_s": duration_s,
+                                 "v_finished_at": utcnow()})
 
 
 def recorded(session: Session, subject: str, step: int, hop: str) -> dict | None:
     """The recorded result of a finished hop, or None."""
-    return session.execute(
-        select(Hop.result).where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop,
-                                 Hop.status == "done")
-    ).scalar()
+    return _run(session, "recorded", _key(subject, step, hop)).scalar()
 
 
 def exists(session: Session, subject: str, step: int, hop: str) -> bool:
-    return session.execute(
-        select(Hop.status).where(Hop.subject_id == subject, Hop.step_index == step, Hop.hop == hop)
-    ).first() is not None
+    return _run(session, "exists", _key(subject, step, hop)).first() is not None

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import random
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from megaflow.db.models import Episode, Step
+from megaflow.db.sql import prepared
 from megaflow.errors import AgentError, InfraError, RateLimitedError
 from megaflow.hops.base import run_hop
 from megaflow.hops.throttle import model_slot, requeue
@@ -22,12 +23,23 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
 
 
+_S, _E = Step.__table__, Episode.__table__
+_STEP_RESULT = ("completion", "token_ids", "logprobs", "finish_reason", "model", "model_version", "prompt_tokens",
+                "completion_tokens", "model_s")
+
+
+def _update_step(conn):
+    return update(_S).where(_S.c.episode_id == bindparam("k_episode_id"), _S.c.index == bindparam("k_index")).values(
+        {c: bindparam(f"v_{c}", type_=_S.c[c].type) for c in _STEP_RESULT})
+
+
 def conversation(session, episode_id: str, upto: int) -> list[Message]:
     """Every message of an episode before step `upto`'s model call."""
-    rows = session.execute(
-        select(Step.index, Step.messages_in, Step.completion)
-        .where(Step.episode_id == episode_id, Step.index <= upto).order_by(Step.index)
-    ).all()
+    conn = session.connection()
+    rows = conn.execute(prepared(conn, "model.conversation", lambda c: select(
+        _S.c.index, _S.c.messages_in, _S.c.completion).where(
+        _S.c.episode_id == bindparam("k_episode_id"), _S.c.index <= bindparam("k_upto")).order_by(_S.c.index)),
+        {"k_episode_id": episode_id, "k_upto": upto}).all()
     messages: list[Message] = []
     for index, messages_in, completion in rows:
         messages.extend(Message(**m) for m in messages_in)
@@ -70,14 +82,19 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
                     "exit_status": "model_unavailable"}, None
 
         def write(s):
-            s.execute(update(Step).where(Step.episode_id == episode_id, Step.index == step).values(
-                completion=storable(completion.text), token_ids=completion.token_ids, logprobs=completion.logprobs,
-                finish_reason=completion.finish_reason, model=completion.model,
-                model_version=completion.model_version, prompt_tokens=completion.usage.prompt_tokens,
-                completion_tokens=completion.usage.completion_tokens, model_s=completion.latency_s,
-            ))
+            conn = s.connection()
+            conn.execute(prepared(conn, "model.step", _update_step), {
+                "k_episode_id": episode_id, "k_index": step,
+                "v_completion": storable(completion.text), "v_token_ids": completion.token_ids,
+                "v_logprobs": completion.logprobs, "v_finish_reason": completion.finish_reason,
+                "v_model": completion.model, "v_model_version": completion.model_version,
+                "v_prompt_tokens": completion.usage.prompt_tokens,
+                "v_completion_tokens": completion.usage.completion_tokens, "v_model_s": completion.latency_s,
+            })
             used = completion.usage.prompt_tokens + completion.usage.completion_tokens
-            s.execute(update(Episode).where(Episode.id == episode_id).values(tokens=Episode.tokens + used))
+            conn.execute(prepared(conn, "model.tokens", lambda c: update(_E).where(_E.c.id == bindparam("k_id"))
+                                  .values(tokens=_E.c.tokens + bindparam("v_used", type_=_E.c.tokens.type))),
+                         {"k_id": episode_id, "v_used": used})
 
         return {"hop": "generate", "step": step}, write
 
