@@ -232,7 +232,7 @@ class Driver:
                                    self.parking or {})
         if not ok:
             return {"park": True}
-        return self.provision(host)
+        return self.provision(host, admitted_at=utcnow())
 
     def after_admit(self, step: int) -> dict:
         if self.ep.state == states.WAITING:
@@ -240,12 +240,12 @@ class Driver:
             return {"park": True}
         return self.provision(self.ep.host)
 
-    def provision(self, host: str | None) -> dict:
+    def provision(self, host: str | None, **values) -> dict:
         limits = self.spec.limits
         # Write the host only when it is new: re-writing the one read earlier could undo
         # a host recovery that re-homed the episode meanwhile (megaflow.scheduler.recovery).
         placed = {"host": host} if host != self.ep.host else {}
-        states.move(self.s, self.ep.id, states.PROVISIONING, **placed,
+        states.move(self.s, self.ep.id, states.PROVISIONING, **placed, **values,
                     deadline_at=utcnow() + dt.timedelta(seconds=limits.episode_timeout_s))
         return {"next": {"hop": "provision", "step": 0, "host": host}}
 

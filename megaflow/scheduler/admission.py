@@ -93,7 +93,10 @@ def _reason(s: Session, key: str) -> str:
 
 
 def start(s: Session, settings: Settings, ep: Episode, claim: dict, task: dict) -> tuple[bool, str | None]:
-    """Admit an episode at its first decision, or park it. Returns (admitted, host)."""
+    """Admit an episode at its first decision, or park it. Returns (admitted, host).
+
+    The caller records the admission (``admitted_at``) with the episode's next move.
+    """
     ahead = s.execute(select(Episode.id).where(
         Episode.state == states.WAITING, Episode.seq < ep.seq, Episode.wait_reason.startswith(CAPACITY))
         .limit(1)).first()
@@ -104,7 +107,6 @@ def start(s: Session, settings: Settings, ep: Episode, claim: dict, task: dict) 
     if not ok:
         _park(s, ep, why, claim, task)
         return False, None
-    s.execute(update(Episode).where(Episode.id == ep.id).values(admitted_at=utcnow()))
     return True, host
 
 

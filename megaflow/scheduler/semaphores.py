@@ -17,7 +17,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.db.models import Semaphore, SemaphoreHolder, utcnow
-from megaflow.db.sql import insert_ignore, upsert
+from megaflow.db.sql import dialect_insert, insert_ignore, upsert
 
 GLOBAL = "global"
 
@@ -34,61 +34,90 @@ def quota_key(scope: str, name: str) -> str:
     return f"quota:{scope}:{name}"
 
 
+#: Semaphore rows known to exist, per database: a row is never deleted, so each
+#: process checks (inserts) a key once, not on every acquire.
+_known: set[tuple[str, str]] = set()
+
+
+def _db(s: Session) -> str:
+    return str(s.get_bind().url)
+
+
 def ensure(s: Session, key: str, limit: int | None = None) -> None:
     """Create the semaphore if it does not exist (an existing limit is kept)."""
+    if (_db(s), key) in _known:
+        return
     s.execute(insert_ignore(s.connection(), Semaphore.__table__, {"key": key, "limit": limit, "used": 0}))
+    _known.add((_db(s), key))
 
 
 def set_limit(s: Session, key: str, limit: int | None) -> None:
     s.execute(upsert(s.connection(), Semaphore.__table__, {"key": key, "limit": limit, "used": 0}, ["key"],
                      update=["limit"]))
+    _known.add((_db(s), key))
 
 
-def _take(s: Session, key: str, holder: str, expires_at: dt.datetime | None) -> bool | None:
-    """One slot of `key`: True taken, None already held by `holder`, False full."""
-    ensure(s, key)
-    row = {"key": key, "holder": holder, "acquired_at": utcnow(), "expires_at": expires_at}
-    if s.execute(insert_ignore(s.connection(), SemaphoreHolder.__table__, row)).rowcount == 0:
-        return None
-    took = s.execute(update(Semaphore).where(
-        Semaphore.key == key, (Semaphore.limit.is_(None)) | (Semaphore.used < Semaphore.limit))
-        .values(used=Semaphore.used + 1)).rowcount == 1
-    if not took:
-        s.execute(delete(SemaphoreHolder).where(SemaphoreHolder.key == key, SemaphoreHolder.holder == holder))
-    return took
+def _room(keys):
+    return Semaphore.key.in_(keys) & (Semaphore.limit.is_(None) | (Semaphore.used < Semaphore.limit))
 
 
 def acquire(s: Session, keys: list[str], holder: str, expires_at: dt.datetime | None = None) -> str | None:
     """Take one slot of every key for `holder`, all or none.
 
+    Three statements whatever the number of keys: the holder rows (a key already
+    held by `holder` is not taken twice), the global row (the lock every change
+    takes first), the other rows.
+
     Returns:
         None when all are held now; else the first key that is full (nothing taken).
     """
-    taken = []
-    for key in sorted(set(keys) | {GLOBAL}):
-        ok = _take(s, key, holder, expires_at)
-        if ok is False:
-            _give(s, taken, holder)
-            return key
-        if ok:
-            taken.append(key)
-    return None
+    keys = sorted(set(keys) | {GLOBAL})
+    for key in keys:
+        ensure(s, key)
+    now = utcnow()
+    conn = s.connection()
+    ins = dialect_insert(conn, SemaphoreHolder.__table__).values(
+        [{"key": k, "holder": holder, "acquired_at": now, "expires_at": expires_at} for k in keys])
+    new = set(conn.execute(ins.on_conflict_do_nothing().returning(SemaphoreHolder.key)).scalars())
+    took: list[str] = []
+    full = None
+    if GLOBAL in new:
+        if conn.execute(update(Semaphore).where(_room([GLOBAL])).values(used=Semaphore.used + 1)).rowcount:
+            took.append(GLOBAL)
+        else:
+            full = GLOBAL
+    rest = sorted(new - {GLOBAL})
+    if rest and full is None:
+        took += conn.execute(update(Semaphore).where(_room(rest)).values(used=Semaphore.used + 1)
+                             .returning(Semaphore.key)).scalars().all()
+        missing = sorted(set(rest) - set(took))
+        full = missing[0] if missing else None
+    if full is None:
+        return None
+    _give(conn, took)
+    conn.execute(delete(SemaphoreHolder).where(SemaphoreHolder.holder == holder, SemaphoreHolder.key.in_(new)))
+    return full
 
 
-def _give(s: Session, keys: list[str], holder: str) -> None:
-    for key in sorted(keys):
-        if s.execute(delete(SemaphoreHolder).where(
-                SemaphoreHolder.key == key, SemaphoreHolder.holder == holder)).rowcount == 1:
-            s.execute(update(Semaphore).where(Semaphore.key == key, Semaphore.used > 0)
-                      .values(used=Semaphore.used - 1))
+def _give(conn, keys: list[str]) -> None:
+    """Count one slot fewer on each key: the global row first, like every acquire."""
+    if GLOBAL in keys:
+        conn.execute(update(Semaphore).where(Semaphore.key == GLOBAL, Semaphore.used > 0)
+                     .values(used=Semaphore.used - 1))
+    rest = sorted(set(keys) - {GLOBAL})
+    if rest:
+        conn.execute(update(Semaphore).where(Semaphore.key.in_(rest), Semaphore.used > 0)
+                     .values(used=Semaphore.used - 1))
 
 
 def release_all(s: Session, holder: str) -> list[str]:
     """Give back every slot `holder` has; returns their keys (empty: it held none)."""
-    keys = list(s.execute(select(SemaphoreHolder.key).where(SemaphoreHolder.holder == holder)).scalars())
-    # Sorted, "global" comes first: the same lock order as every acquire.
-    _give(s, keys, holder)
-    return sorted(keys)
+    conn = s.connection()
+    keys = sorted(conn.execute(delete(SemaphoreHolder).where(SemaphoreHolder.holder == holder)
+                               .returning(SemaphoreHolder.key)).scalars())
+    if keys:
+        _give(conn, keys)
+    return keys
 
 
 def held(s: Session, holder: str) -> list[str]:
