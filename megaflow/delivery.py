@@ -25,6 +25,7 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.worker.consumer import Consumer
 from sqlalchemy import select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Delivery, utcnow
@@ -76,7 +77,13 @@ class MegaFlowTask(Task):
         if (request.delivery_info or {}).get("redelivered"):
             settings = getattr(self.app, "megaflow_settings", None)
             if settings is not None:
-                count = count_delivery(settings.resolved_database_url(), self.name, request.id, args, kwargs)
+                try:
+                    count = count_delivery(settings.resolved_database_url(), self.name, request.id, args, kwargs)
+                except (OperationalError, InterfaceError):
+                    # The database is down (a restart): the task's own retries handle that;
+                    # failing here would dead-letter a healthy message.
+                    log.warning("could not count a redelivery of %s[%s]; running it", self.name, request.id)
+                    count = 0
                 limit = settings.hop_max_deliveries
                 if count > limit:
                     return self._poisoned(count, limit, args, kwargs)

@@ -32,12 +32,14 @@ def register(app: Celery) -> None:
         # A lost database connection (a restart, a failover) is an infra hiccup:
         # retry the hop; the ledger makes the retry harmless. Time limits keep every
         # task below the broker's consumer timeout (megaflow.deadlines).
+        # shared=False: a task registered by another app of this process (other settings,
+        # other limits) must not stand in for this app's.
         app.task(name=name, bind=True, autoretry_for=(OperationalError, InterfaceError), retry_backoff=True,
                  retry_backoff_max=30, retry_jitter=True, max_retries=20, soft_time_limit=soft,
-                 time_limit=hard)(fn)
+                 time_limit=hard, shared=False)(fn)
     from megaflow.bench.tasks import chord_body_task, chord_member_task, noop_task
 
-    app.task(name="megaflow.noop")(noop_task)
+    app.task(name="megaflow.noop", shared=False)(noop_task)
     # Stock result backends join only stored results, so the bench chord stores them.
-    app.task(name="megaflow.bench.member", ignore_result=False)(chord_member_task)
-    app.task(name="megaflow.bench.body", bind=True)(chord_body_task)
+    app.task(name="megaflow.bench.member", ignore_result=False, shared=False)(chord_member_task)
+    app.task(name="megaflow.bench.body", bind=True, shared=False)(chord_body_task)

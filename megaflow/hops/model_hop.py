@@ -76,7 +76,7 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
         except InfraError as exc:
             if self.request.retries < spec.limits.model_retries:
                 backoff = spec.limits.model_retry_backoff_s * 2 ** self.request.retries
-                countdown = getattr(exc, "retry_after", None) or min(MAX_BACKOFF_S, backoff)
+                countdown = min(MAX_BACKOFF_S, getattr(exc, "retry_after", None) or backoff)
                 raise self.retry(exc=exc, countdown=countdown * (0.5 + random.random()))
             return {"hop": "generate", "step": step, "error": redact_text(str(exc))[:2000], "kind": "infra",
                     "exit_status": "model_unavailable"}, None

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 THREAD_WAIT_BUDGET_S = 0.5
 #: Re-queued waits are stretched by up to this fraction, so waiters do not all come back at once.
 WAIT_JITTER = 0.25
+#: Longest single re-queue (seconds).
+MAX_COUNTDOWN_S = 60.0
 
 
 @dataclass
@@ -92,7 +94,9 @@ def requeue(task, exc: RateLimitedError, waits: int) -> Retry:
     Like `Task.retry`, the new message keeps the task id, its chain and its chord
     membership, and raising the returned `Retry` acks this delivery.
     """
-    countdown = exc.retry_after * (1.0 + WAIT_JITTER * random.random())
+    # Capped: a message held for its countdown is unacknowledged, and counts against the
+    # broker's consumer timeout; a longer wait simply comes round again.
+    countdown = min(MAX_COUNTDOWN_S, exc.retry_after) * (1.0 + WAIT_JITTER * random.random())
     request = task.request
     kwargs = {**(request.kwargs or {}), "waits": waits + 1}
     sig = task.signature_from_request(request, None, kwargs, countdown=countdown, retries=request.retries)
