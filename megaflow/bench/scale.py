@@ -92,7 +92,9 @@ def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, 
     settings = settings or Settings()
     if settings.embedded:
         raise SystemExit("bench scale needs RabbitMQ and PostgreSQL: set MEGAFLOW_BROKER_URL and MEGAFLOW_DATABASE_URL")
-    sizes = sorted(sizes)
+    # Runs go in the order given (the largest first gets its figures soonest); the
+    # growth is always largest N over smallest N.
+    sizes = list(dict.fromkeys(sizes))
     host = f"bench-scale-{uuid.uuid4().hex[:6]}"
     settings = settings.model_copy(update={
         "data_dir": Path(tempfile.mkdtemp(prefix="megaflow-bench-")), "host": host,
@@ -114,13 +116,13 @@ def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, 
             if progress:
                 progress(f"N={n}: makespan {makespan:.1f}s, peak in flight "
                          f"{max((c for _, c in sampler.inflight), default=0)}, workers {out['worker_rss_mb_by_n'][n]} MB")
-            if n == sizes[-1]:
+            if n == max(sizes):
                 out.update(steady_figures(client, run_id, sampler, model_latency_s, exec_latency_s))
     finally:
         for w in workers:
             w.stop()
-    base = out["makespan_s"][sizes[0]]
-    out["makespan_growth"] = round(out["makespan_s"][sizes[-1]] / base, 3) if base else None
+    base = out["makespan_s"][min(sizes)]
+    out["makespan_growth"] = round(out["makespan_s"][max(sizes)] / base, 3) if base else None
     out["episode_latency_s"] = (steps + 1) * model_latency_s + steps * exec_latency_s
     return out
 

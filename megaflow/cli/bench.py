@@ -76,7 +76,8 @@ def env(
 
 @app.command()
 def scale(
-    sizes: str = typer.Option("1,10,100,1000,10000", help="Episode counts N, comma-separated (makespan each)."),
+    sizes: str = typer.Option("10000,1,1000,100,10", help="Episode counts N, comma-separated, run in this order "
+                              "(makespan each; steady-state figures from the largest)."),
     steps: int = typer.Option(4, help="Commands per episode (each a model call + a command), plus a submit turn."),
     model_latency: float = typer.Option(30.0, help="Simulated seconds per model call (broker-side delay)."),
     exec_latency: float = typer.Option(5.0, help="Simulated seconds per command (broker-side delay)."),
@@ -86,7 +87,7 @@ def scale(
     from megaflow.bench.scale import run_scale_bench
 
     figures = run_scale_bench(sizes=[int(x) for x in sizes.split(",")], steps=steps, model_latency_s=model_latency,
-                              exec_latency_s=exec_latency, progress=None if as_json else typer.echo)
+                              exec_latency_s=exec_latency, progress=lambda line: typer.echo(line, err=True))
     if as_json:
         print(json.dumps(figures))
     else:
