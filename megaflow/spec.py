@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from megaflow.errors import SpecError
 from megaflow.model.config import ModelConfig, ScriptedModelConfig
@@ -34,6 +34,16 @@ def _relative_file(path: str) -> str:
     return path
 
 
+def _relative_files(files: dict[str, str]) -> dict[str, str]:
+    for path in files:
+        _relative_file(path)
+    return files
+
+
+#: A task's files: paths relative to the work directory (checked by `_relative_file`).
+TaskFiles = Annotated[dict[str, str], AfterValidator(_relative_files)]
+
+
 class TerminalTask(_Strict):
     """A Terminal-bench style task: an instruction, and a check script that decides the reward."""
 
@@ -41,16 +51,9 @@ class TerminalTask(_Strict):
     instance_id: str = Field(min_length=1, max_length=200, pattern=INSTANCE_ID_PATTERN)
     instruction: str = Field(min_length=1, description="What the agent is asked to do.")
     setup: list[str] = Field(default_factory=list, description="Commands run in the sandbox before the agent starts.")
-    files: dict[str, str] = Field(default_factory=dict, description="Files placed in the work dir before setup.")
+    files: TaskFiles = Field(default_factory=dict, description="Files placed in the work dir before setup.")
     check: str = Field(min_length=1, description="Shell script; reward 1 iff it exits 0.")
     solution: list[str] = Field(default_factory=list, description="Gold commands (used by the oracle agent).")
-
-    @field_validator("files")
-    @classmethod
-    def _file_paths(cls, value: dict[str, str]) -> dict[str, str]:
-        for path in value:
-            _relative_file(path)
-        return value
 
 
 class SWETask(_Strict):
@@ -61,7 +64,7 @@ class SWETask(_Strict):
     problem_statement: str = Field(min_length=1)
     repo: str = Field(default="", description="Repo source: local dir, git URL or pypi:NAME==VER (built into the image).")
     image: str | None = Field(default=None, description="Docker image holding the repo at /work.")
-    files: dict[str, str] = Field(default_factory=dict, description="Repo files written into the work dir (small repos).")
+    files: TaskFiles = Field(default_factory=dict, description="Repo files written into the work dir (small repos).")
     setup: list[str] = Field(default_factory=list)
     test_command: str = Field(
         default="python -m pytest -q",
@@ -80,13 +83,6 @@ class SWETask(_Strict):
             from megaflow.envs.repos import RepoSource
 
             RepoSource.parse(value)  # ValueError: not a source
-        return value
-
-    @field_validator("files")
-    @classmethod
-    def _file_paths(cls, value: dict[str, str]) -> dict[str, str]:
-        for path in value:
-            _relative_file(path)
         return value
 
 

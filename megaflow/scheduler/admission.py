@@ -159,8 +159,7 @@ def unpark_cancelled(s: Session, run_id: str) -> list[dict]:
 
 def parking_of(request) -> dict:
     """The Celery options that make a re-sent start message the same chord member."""
-    return {"id": request.id, **{k: getattr(request, a, None) for k, a in (
-        ("chord", "chord"), ("group", "group"), ("group_index", "group_index"), ("root_id", "root_id"))}}
+    return {"id": request.id, **{k: getattr(request, k, None) for k in ("chord", "group", "group_index", "root_id")}}
 
 
 def send(app, admitted: list[dict]) -> None:
