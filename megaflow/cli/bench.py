@@ -9,6 +9,16 @@ import typer
 app = typer.Typer(no_args_is_help=True, help="Benchmarks (run them on your own cluster).")
 
 
+def _print_figures(figures: dict, as_json: bool) -> None:
+    """One JSON object, or one aligned line per figure."""
+    if as_json:
+        print(json.dumps(figures))
+        return
+    width = max(map(len, figures), default=0) + 2
+    for k, v in figures.items():
+        typer.echo(f"{k:{width}s} {v}")
+
+
 @app.command()
 def pipeline(
     episodes: int = typer.Option(200, help="Episodes in the pipeline run."),
@@ -24,11 +34,7 @@ def pipeline(
 
     backends = dict(item.split("=", 1) for item in compare)
     figures = run_pipeline_bench(episodes=episodes, steps=steps, chord_size=chord_size, compare=backends)
-    if as_json:
-        print(json.dumps(figures))
-    else:
-        for k, v in figures.items():
-            typer.echo(f"{k:32s} {v}")
+    _print_figures(figures, as_json)
 
 
 @app.command()
@@ -88,11 +94,7 @@ def scale(
 
     figures = run_scale_bench(sizes=[int(x) for x in sizes.split(",")], steps=steps, model_latency_s=model_latency,
                               exec_latency_s=exec_latency, progress=lambda line: typer.echo(line, err=True))
-    if as_json:
-        print(json.dumps(figures))
-    else:
-        for k, v in figures.items():
-            typer.echo(f"{k:28s} {v}")
+    _print_figures(figures, as_json)
 
 
 @app.command()
@@ -124,8 +126,4 @@ def chaos(
         rabbitmq_restart=DEFAULT_RABBITMQ_RESTART if rabbitmq_restart is None else rabbitmq_restart or None,
         postgres_restart=DEFAULT_POSTGRES_RESTART if postgres_restart is None else postgres_restart or None,
         timeout_s=timeout_s, resume=resume, seed=seed, keep=keep, private_services=private_services)
-    if as_json:
-        print(json.dumps(figures))
-        return
-    for k, v in figures.items():
-        typer.echo(f"{k:30s} {v}")
+    _print_figures(figures, as_json)
