@@ -39,6 +39,24 @@ class TopologyAMQP(AMQP):
         return super().as_task_v2(task_id, name, args, kwargs, *more, argsrepr=argsrepr, kwargsrepr=kwargsrepr,
                                   **options)
 
+    def _create_task_sender(self):
+        # Celery asks kombu to declare the target queue on every publish; with
+        # publish retries on, kombu wraps even a cached declaration in its retry
+        # machinery (a tenth of a publish). Skip it when this connection already
+        # declared the queue; a new connection starts with an empty cache.
+        send = super()._create_task_sender()
+        queues = self.queues
+
+        def send_task_message(producer, name, message, queue=None, declare=None, **kwargs):
+            if declare is None and queue is not None:
+                q = queues[queue] if isinstance(queue, str) else queue
+                conn = producer.connection
+                if conn is not None and q.can_cache_declaration and hash(q) in conn.declared_entities:
+                    declare = []
+            return send(producer, name, message, queue=queue, declare=declare, **kwargs)
+
+        return send_task_message
+
 
 def _short_repr(value, limit: int) -> str:
     text = repr(value)

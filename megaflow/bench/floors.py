@@ -49,18 +49,37 @@ def pika_url(kombu_url: str) -> str:
 
 def celery_noop_tasks_per_s(app, settings, n: int = 5_000) -> float:
     """No-op tasks through the agent pool's worker configuration on the same broker."""
+    return _timed_on_private_worker(app, settings, "noop", n, lambda sig_of, producer: [
+        sig_of("megaflow.noop").apply_async(producer=producer) for _ in range(n)])
+
+
+def celery_relay_tasks_per_s(app, settings, n: int = 5_000, chains: int = 64) -> float:
+    """Tasks that each only enqueue their successor (`chains` chains in flight), same worker configuration.
+
+    The pipeline's shape without its work: every hop publishes the next one.
+    """
+    length = n // chains
+    return _timed_on_private_worker(app, settings, "relay", chains * length, lambda sig_of, producer: [
+        sig_of("megaflow.bench.relay", length - 1).apply_async(producer=producer) for _ in range(chains)])
+
+
+def _timed_on_private_worker(app, settings, kind: str, n: int, send) -> float:
+    """Tasks per second of `n` tasks that `send` starts, run by an agent-pool worker of their own."""
     # A private queue: leftovers on the shared queues must not count, nor be eaten.
-    queue = f"megaflow.bench.noop.{uuid.uuid4().hex[:8]}"
-    worker = WorkerProcess("agent", settings, name=f"noop-{uuid.uuid4().hex[:6]}",
+    queue = f"megaflow.bench.{kind}.{uuid.uuid4().hex[:8]}"
+    worker = WorkerProcess("agent", settings, name=f"{kind}-{uuid.uuid4().hex[:6]}",
                            extra_env={"MEGAFLOW_WORKER_QUEUES": queue}).start()
+
+    def sig_of(name: str, *args):
+        return app.signature(name, args=(*args, queue) if args else (), queue=queue, exchange="megaflow",
+                             routing_key=queue)
+
     try:
         wait_for_worker(app, worker.name)
-        sig = app.signature("megaflow.noop", queue=queue, exchange="megaflow", routing_key=queue)
         before = tasks_done(app, worker.name)
         t0 = time.perf_counter()
         with app.producer_or_acquire() as producer:
-            for _ in range(n):
-                sig.apply_async(producer=producer)
+            send(sig_of, producer)
         while tasks_done(app, worker.name) - before < n:
             time.sleep(0.05)
         return n / (time.perf_counter() - t0)

@@ -14,7 +14,12 @@ from celery import chord
 from sqlalchemy import func, select
 
 from megaflow.app import make_app
-from megaflow.bench.floors import celery_noop_tasks_per_s, raw_amqp_msgs_per_s, wait_for_worker
+from megaflow.bench.floors import (
+    celery_noop_tasks_per_s,
+    celery_relay_tasks_per_s,
+    raw_amqp_msgs_per_s,
+    wait_for_worker,
+)
 from megaflow.client import Client
 from megaflow.config import Settings
 from megaflow.db.models import Episode, Event, Hop, Step
@@ -50,6 +55,8 @@ def run_pipeline_bench(episodes: int = 200, steps: int = 3, chord_size: int = 10
     floor_app = make_app(settings)
     floor_app.conf.broker_transport_options = {}
     figures["celery_noop_tasks_per_s"] = round(celery_noop_tasks_per_s(floor_app, settings), 1)
+    # Every hop hands on to the next (with confirms, as the pipeline publishes): that floor too.
+    figures["celery_relay_tasks_per_s"] = round(celery_relay_tasks_per_s(app, settings), 1)
     workers = [WorkerProcess(p, settings, name=f"bench-{p}-{uuid.uuid4().hex[:4]}").start()
                for p in ("model", "agent", "env")]
     try:
@@ -58,6 +65,8 @@ def run_pipeline_bench(episodes: int = 200, steps: int = 3, chord_size: int = 10
         figures.update(pipeline_figures(Client(settings, app=app), episodes, steps))
         figures["ratio_pipeline_to_noop"] = round(
             figures["pipeline_tasks_per_s"] / figures["celery_noop_tasks_per_s"], 3)
+        figures["ratio_pipeline_to_relay"] = round(
+            figures["pipeline_tasks_per_s"] / figures["celery_relay_tasks_per_s"], 3)
         figures["chord_close_s"] = round(chord_close_s(app, settings, chord_size), 4)
     finally:
         for w in workers:

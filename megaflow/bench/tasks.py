@@ -13,6 +13,16 @@ def noop_task(*args, **kwargs):
     return
 
 
+def relay_task(self, remaining: int, queue: str):
+    """Does nothing but enqueue its successor: the floor of any task that hands work on.
+
+    Every pipeline hop publishes the next one (with the app's publisher confirms),
+    which a no-op task never does; a chain of these measures that floor.
+    """
+    if remaining > 0:
+        self.apply_async((remaining - 1, queue), queue=queue, exchange="megaflow", routing_key=queue)
+
+
 def chord_member_task():
     """Returns when it finished, so the body can time the chord's close."""
     return time.time()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import Ignore, Retry
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from megaflow.events import emit
@@ -95,23 +94,24 @@ def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work,
     t0 = time.monotonic()
     result, write = guarded(work, ctx, key)
     with rt.session() as s:
-        # The ledger row goes in first: a replayed hop whose row exists must not
-        # even try its writes (they would collide with the first delivery's rows).
-        # It carries the result as known now; only a result the writes fill in
-        # (a decision's) costs a second statement.
-        before = _fingerprint(result)
+        # The writes go first and the ledger row last, with the result as the writes
+        # left it (a decision's is filled in by them): one statement for the ledger.
+        # A replayed hop's writes either collide with the first delivery's rows
+        # (IntegrityError) or its ledger insert finds the row: either way the whole
+        # transaction is rolled back and the recorded result replayed.
+        try:
+            if write is not None:
+                write(s)
+        except IntegrityError:
+            s.rollback()
+            done = ledger.recorded(s, *key)
+            if done is None:
+                raise
+            return done
         if not ledger.record(s, *key, request.id, result, time.monotonic() - t0):
             s.rollback()
             return ledger.recorded(s, *key) or result
-        if write is not None:
-            write(s)
-        if _fingerprint(result) != before:
-            ledger.set_result(s, *key, result, time.monotonic() - t0)
     return result
-
-
-def _fingerprint(result: dict) -> str:
-    return json.dumps(result, sort_keys=True, default=str)
 
 
 def guarded(work: Work, ctx, key: tuple[str, int, str]):

@@ -13,7 +13,7 @@ import logging
 import time
 
 from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from megaflow.agent import Command, FormatError, Submit
@@ -60,7 +60,8 @@ def episode_task(self, prev, episode_id):
                 driver = Driver(rt, s, episode_id, parking=parking_of(self.request))
                 fresh.update(driver.decide(prev))
                 driver.save()
-            except (OperationalError, InterfaceError):
+            except (OperationalError, InterfaceError, IntegrityError):
+                # Lost connections retry; a collision is a replay (run_hop replays the record).
                 raise
             except Exception as exc:
                 raise DecisionCrashed(exc) from exc

@@ -70,7 +70,6 @@ _BUILD = {
     .values(_set(status="done", result=None, finished_at=None, duration_s=None)),
     "finish_own": lambda conn: _by_key(update(_H)).where(_H.c.status == "started", _H.c.task_id == bindparam("k_task"))
     .values(_set(status="done", result=None, finished_at=None, duration_s=None)),
-    "set_result": lambda conn: _by_key(update(_H)).values(_set(result=None, duration_s=None, finished_at=None)),
     "recorded": lambda conn: _by_key(select(_H.c.result)).where(_H.c.status == "done"),
     "exists": lambda conn: _by_key(select(_H.c.status)),
 }
@@ -123,22 +122,11 @@ def orphan(session: Session, subject: str, hops: tuple[str, ...]) -> int:
 
 def record(session: Session, subject: str, step: int, hop: str, task_id: str, result: dict | None,
            duration_s: float | None = None) -> bool:
-    """Insert a finished hop. False if it was already recorded (roll back then).
-
-    The result may be filled in later in the same transaction (`set_result`):
-    other transactions only ever see the row with its result.
-    """
+    """Insert a finished hop. False if it was already recorded (roll back then)."""
     now = utcnow()
     row = {"subject_id": subject, "step_index": step, "hop": hop, "task_id": task_id, "status": "done",
            "attempts": 1, "result": result, "started_at": now, "finished_at": now, "duration_s": duration_s}
     return _run(session, "insert", row).rowcount == 1
-
-
-def set_result(session: Session, subject: str, step: int, hop: str, result: dict,
-               duration_s: float | None = None) -> None:
-    """Fill in the result of a row `record` inserted in this same transaction."""
-    _run(session, "set_result", {**_key(subject, step, hop), "v_result": result, "v_duration_s": duration_s,
-                                 "v_finished_at": utcnow()})
 
 
 def recorded(session: Session, subject: str, step: int, hop: str) -> dict | None:
