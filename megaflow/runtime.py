@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -25,6 +26,8 @@ from megaflow.sandbox.pool import SandboxPool
 from megaflow.spec import RunSpec, TaskSpec
 
 _task_adapter = TypeAdapter(TaskSpec)
+#: Episodes whose refs a worker process keeps (oldest dropped first).
+REFS_CACHED = 65536
 
 
 class Runtime:
@@ -40,7 +43,9 @@ class Runtime:
         self.spec = lru_cache(maxsize=256)(self._load_spec)
         self.task = lru_cache(maxsize=4096)(self._load_task)
         self.agent = lru_cache(maxsize=256)(self._make_agent)
-        self.refs = lru_cache(maxsize=65536)(self._load_refs)
+        self._refs: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        #: SQLite has one writer: caches must be filled before a write transaction opens.
+        self.sqlite = self.db_url.startswith("sqlite")
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -54,13 +59,28 @@ class Runtime:
                 raise LookupError(f"run {run_id} not found")
             return RunSpec.model_validate(run.spec)
 
-    def _load_refs(self, episode_id: str) -> tuple[str, str]:
+    def refs(self, episode_id: str) -> tuple[str, str]:
         """(run_id, task_instance_id) of an episode: fixed at submit, so cached."""
+        hit = self._refs.get(episode_id)
+        if hit is not None:
+            return hit
         with self.session() as s:
-            row = s.execute(select(Episode.run_id, Episode.task_instance_id).where(Episode.id == episode_id)).first()
-        if row is None:
-            raise LookupError(f"episode {episode_id} not found")
-        return tuple(row)
+            return self.refs_in(s, episode_id)
+
+    def refs_in(self, session: Session, episode_id: str) -> tuple[str, str]:
+        """`refs`, read on a miss in the caller's transaction (no transaction of its own)."""
+        hit = self._refs.get(episode_id)
+        if hit is None:
+            row = session.execute(select(Episode.run_id, Episode.task_instance_id)
+                                  .where(Episode.id == episode_id)).first()
+            if row is None:
+                raise LookupError(f"episode {episode_id} not found")
+            hit = tuple(row)
+            with self._lock:
+                self._refs[episode_id] = hit
+                if len(self._refs) > REFS_CACHED:
+                    self._refs.popitem(last=False)
+        return hit
 
     def warm(self, episode_id: str) -> tuple[str, str]:
         """Load an episode's spec, task and agent before a write transaction opens.

@@ -59,6 +59,7 @@ class Sampler(threading.Thread):
         self.client, self.run_id, self.workers = client, run_id, workers
         self.inflight: list[tuple[float, int]] = []
         self.rss_mb: list[float] = []
+        self.rss_by_pool: dict[str, float] = {}
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -67,7 +68,10 @@ class Sampler(threading.Thread):
                 n = s.execute(select(func.count()).select_from(Episode).where(
                     Episode.run_id == self.run_id, Episode.state.in_(ACTIVE))).scalar()
             self.inflight.append((time.time(), n))
-            self.rss_mb.append(workers_rss_mb(self.workers))
+            by_pool = workers_rss_by_pool(self.workers)
+            self.rss_mb.append(sum(by_pool.values()))
+            for pool, mb in by_pool.items():
+                self.rss_by_pool[pool] = max(self.rss_by_pool.get(pool, 0.0), mb)
 
     def stop(self) -> None:
         self._halt.set()
@@ -75,16 +79,22 @@ class Sampler(threading.Thread):
 
 
 def workers_rss_mb(workers: list[WorkerProcess]) -> float:
+    return sum(workers_rss_by_pool(workers).values())
+
+
+def workers_rss_by_pool(workers: list[WorkerProcess]) -> dict[str, float]:
+    """Resident memory (MB) of each pool's worker, its child processes included."""
     import psutil
 
-    total = 0
+    out: dict[str, float] = {}
     for w in workers:
         try:
             proc = psutil.Process(w.pid)
-            total += sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+            rss = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
         except (psutil.Error, TypeError):
             continue
-    return total / 2**20
+        out[w.pool] = out.get(w.pool, 0.0) + rss / 2**20
+    return out
 
 
 def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, exec_latency_s: float = 5.0,
@@ -184,6 +194,7 @@ def steady_figures(client: Client, run_id: str, sampler: Sampler, model_latency_
         "ratio_to_littles_law": round(steps_per_s / littles, 3) if littles else None,
         "hop_delay_p99_s": round(hop_delay_p99(hops, model_latency_s, exec_latency_s), 3),
         "worker_rss_mb": round(max(sampler.rss_mb, default=0.0), 1),
+        "worker_rss_mb_by_pool": {p: round(mb, 1) for p, mb in sorted(sampler.rss_by_pool.items())},
     }
 
 

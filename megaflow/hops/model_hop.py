@@ -52,12 +52,8 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
     """Celery task body for ``megaflow.hop.generate``; `waits` counts re-queues for rate limits."""
     rt = get_runtime(self.app)
 
-    # Outside any transaction: SQLite has one writer, and a cache miss inside the
-    # load's transaction would wait on itself.
-    run_id = rt.refs(episode_id)[0]
-
     def load(s):
-        return run_id, conversation(s, episode_id, step)
+        return rt.refs_in(s, episode_id)[0], conversation(s, episode_id, step)
 
     def work(ctx):
         run_id, messages = ctx
