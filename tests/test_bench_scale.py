@@ -34,6 +34,9 @@ def test_bench_scale_small(pg_url, amqp_vhost, monkeypatch, tmp_path):
     assert figures["inflight_episodes"] == 16
     assert 0.3 < figures["ratio_to_littles_law"] <= 1.05
     assert figures["worker_rss_mb"] > 0 and figures["hop_delay_p99_s"] >= 0
+    by_pool = figures["worker_rss_mb_by_pool"]
+    # Each pool's peak: together at least the peak of the total.
+    assert set(by_pool) == {"agent", "env", "model"} and sum(by_pool.values()) >= figures["worker_rss_mb"] - 1
     # The waits happened in broker-side delay queues, one per target queue and delay.
     vhost = amqp_vhost.rsplit("/", 1)[1]
     out = subprocess.run(["rabbitmqctl", "list_queues", "-p", vhost, "name", "arguments"], capture_output=True,

@@ -63,7 +63,7 @@ def celery_relay_tasks_per_s(app, settings, n: int = 5_000, chains: int = 64) ->
         sig_of("megaflow.bench.relay", length - 1).apply_async(producer=producer) for _ in range(chains)])
 
 
-def _timed_on_private_worker(app, settings, kind: str, n: int, send) -> float:
+def _timed_on_private_worker(app, settings, kind: str, n: int, send, timeout_s: float = 600.0) -> float:
     """Tasks per second of `n` tasks that `send` starts, run by an agent-pool worker of their own."""
     # A private queue: leftovers on the shared queues must not count, nor be eaten.
     queue = f"megaflow.bench.{kind}.{uuid.uuid4().hex[:8]}"
@@ -81,6 +81,8 @@ def _timed_on_private_worker(app, settings, kind: str, n: int, send) -> float:
         with app.producer_or_acquire() as producer:
             send(sig_of, producer)
         while tasks_done(app, worker.name) - before < n:
+            if time.perf_counter() - t0 > timeout_s:
+                raise TimeoutError(f"{kind} floor: {n} tasks not done in {timeout_s:g}s")
             time.sleep(0.05)
         return n / (time.perf_counter() - t0)
     finally:
