@@ -48,8 +48,8 @@ class Runtime:
         self.sqlite = self.db_url.startswith("sqlite")
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with session_scope(self.db_url) as s:
+    def session(self, readonly: bool = False) -> Iterator[Session]:
+        with session_scope(self.db_url, readonly=readonly) as s:
             yield s
 
     def _load_spec(self, run_id: str) -> RunSpec:

@@ -13,7 +13,6 @@ makespan of N episodes of fixed length for each N, against N = 1.
 
 from __future__ import annotations
 
-import datetime as dt
 import statistics
 import tempfile
 import threading

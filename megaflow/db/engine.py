@@ -68,7 +68,7 @@ def dispose_all() -> None:
         _factories.clear()
 
 
-_factories: dict[tuple[str, int], sessionmaker] = {}
+_factories: dict[tuple[str, int, bool], sessionmaker] = {}
 _depth = threading.local()
 
 
@@ -81,13 +81,21 @@ class NestedSQLiteTransaction(RuntimeError):
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    key = (url, os.getpid())
+def session_scope(url: str, readonly: bool = False) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error.
+
+    `readonly` (PostgreSQL): statements run in autocommit, with no BEGIN and COMMIT
+    round trips; for reads that need no snapshot shared between them.
+    """
+    sqlite = url.startswith("sqlite")
+    readonly = readonly and not sqlite
+    key = (url, os.getpid(), readonly)
     factory = _factories.get(key)
     if factory is None:
-        factory = _factories[key] = sessionmaker(bind=get_engine(url), expire_on_commit=False)
-    sqlite = url.startswith("sqlite")
+        engine = get_engine(url)
+        if readonly:
+            engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        factory = _factories[key] = sessionmaker(bind=engine, expire_on_commit=False)
     if sqlite:
         if getattr(_depth, "n", 0):
             raise NestedSQLiteTransaction("nested session on SQLite: load what you need before opening one")

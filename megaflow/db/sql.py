@@ -1,8 +1,8 @@
-"""Dialect-aware INSERT … ON CONFLICT helpers (PostgreSQL and SQLite)."""
+"""Dialect-aware INSERT … ON CONFLICT helpers (PostgreSQL and SQLite) and statements built once per process."""
 
 from __future__ import annotations
 
-from sqlalchemy import Table
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 
@@ -44,3 +44,16 @@ def prepared(conn, name: str, build):
     if stmt is None:
         stmt = _prepared[key] = build(conn)
     return stmt
+
+
+def update_where(conn, table: Table, key: dict, values: dict) -> int:
+    """UPDATE `table` SET `values` WHERE every `key` column equals its value; returns the rowcount.
+
+    The statement is built once per process for each table, key and set of columns (`prepared`).
+    """
+    cols, keys = sorted(values), sorted(key)
+    stmt = prepared(conn, f"update.{table.name}:{','.join(keys)}:{','.join(cols)}", lambda c: update(table).where(
+        *(table.c[k] == bindparam(f"k_{k}") for k in keys)).values(
+        {k: bindparam(f"v_{k}", type_=table.c[k].type) for k in cols}))
+    return conn.execute(stmt, {**{f"k_{k}": v for k, v in key.items()},
+                               **{f"v_{k}": v for k, v in values.items()}}).rowcount

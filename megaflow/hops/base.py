@@ -86,7 +86,8 @@ def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work,
                     load: Load | None) -> dict:
     ctx = None
     if precheck or load is not None:
-        with rt.session() as s:
+        # Reads only (the work's outside effects come after): no transaction needed.
+        with rt.session(readonly=True) as s:
             done = ledger.recorded(s, *key) if precheck else None
             if done is not None:
                 return done

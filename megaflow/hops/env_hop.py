@@ -17,7 +17,7 @@ import time
 from sqlalchemy import bindparam, select, update
 
 from megaflow.db.models import Episode, Step
-from megaflow.db.sql import prepared
+from megaflow.db.sql import prepared, update_where
 from megaflow.envs import swe
 from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError
@@ -37,8 +37,8 @@ MAX_RETRIES = 3
 CHECK_FILE = ".megaflow_check.sh"
 
 
-def _episode(s, episode_id: str, host: str) -> Episode:
-    """The episode row, detached so it can be read after the transaction; `Rehomed` if it lives elsewhere."""
+def _episode(s, episode_id: str, host: str):
+    """The episode row, readable after the transaction; `Rehomed` if it lives elsewhere."""
     return fenced_episode(s, episode_id, host)
 
 
@@ -89,7 +89,7 @@ def provision_task(self, episode_id: str, step: int = 0):
             return _infra("provision", step, exc, "setup_failed")
 
         def write(s):
-            s.execute(update(Episode).where(Episode.id == episode_id).values(sandbox_id=sb.id, host=host))
+            update_where(s.connection(), Episode.__table__, {"id": episode_id}, {"sandbox_id": sb.id, "host": host})
 
         return {"hop": "provision", "step": step, "host": host}, write
 
@@ -214,7 +214,8 @@ def evaluate_task(self, episode_id: str, step: int):
         finish(rt, ep)
 
         def write(s):
-            s.execute(update(Episode).where(Episode.id == episode_id).values(reward=reward, patch=storable(patch)))
+            update_where(s.connection(), Episode.__table__, {"id": episode_id},
+                         {"reward": reward, "patch": storable(patch)})
             if rebuilt:
                 record_rebuild(s, ep, rebuilt)
 

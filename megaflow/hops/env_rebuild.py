@@ -22,11 +22,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from types import SimpleNamespace
 
 from celery.exceptions import Ignore
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, bindparam, select, update
 
 from megaflow.db.models import Episode, Hop, Step
+from megaflow.db.sql import prepared
 from megaflow.events import emit
 from megaflow.hops import ledger
 from queues import topology
@@ -42,17 +44,25 @@ class Rehomed(Exception):
         self.host = host
 
 
-def fenced_episode(s, episode_id: str, host: str) -> Episode:
-    """The episode row, detached, share-locked for this transaction; `Rehomed` if it lives elsewhere.
+def fenced_episode(s, episode_id: str, host: str) -> SimpleNamespace:
+    """The episode row (columns as attributes), share-locked for this transaction; `Rehomed` if it lives elsewhere.
 
     An episode not yet placed (``host`` NULL: placement off, provision from the
     shared queue) belongs to whoever provisions it.
     """
-    ep = s.execute(select(Episode).where(Episode.id == episode_id).with_for_update(read=True)).scalar_one()
+    # Every env hop reads it: a Core statement built once, its row as a plain object
+    # (no ORM loading; callers read columns and may set one on their copy).
+    conn = s.connection()
+    row = conn.execute(prepared(conn, "env.fenced_episode", _select_fenced), {"k_id": episode_id}).one()
+    ep = SimpleNamespace(**row._mapping)
     if ep.host is not None and ep.host != host:
         raise Rehomed(ep.host)
-    s.expunge(ep)
     return ep
+
+
+def _select_fenced(conn):
+    t = Episode.__table__
+    return select(t).where(t.c.id == bindparam("k_id")).with_for_update(read=True)
 
 
 def replay_plan(s, episode_id: str) -> list[tuple[int, str, int | None]]:

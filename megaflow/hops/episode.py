@@ -12,14 +12,14 @@ import datetime as dt
 import logging
 import time
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from megaflow.agent import Command, FormatError, Submit
 from megaflow.db import states
 from megaflow.db.models import Episode, Run, Step, utcnow
-from megaflow.db.sql import prepared
+from megaflow.db.sql import prepared, update_where
 from megaflow.events import emit
 from megaflow.hops import ledger
 from megaflow.hops.base import run_hop
@@ -337,11 +337,11 @@ class Driver:
     def save(self) -> None:
         """Write the columns this decision set on the episode and on the steps it read."""
         if self.ep.changes:
-            _update(self.s, _EPISODES, {"id": self.ep.id}, self.ep.changes)
+            update_where(self.s.connection(), _EPISODES, {"id": self.ep.id}, self.ep.changes)
             self.ep.changes.clear()
         for row in self._steps:
             if row.changes:
-                _update(self.s, _STEPS, {"episode_id": self.ep.id, "index": row.index}, row.changes)
+                update_where(self.s.connection(), _STEPS, {"episode_id": self.ep.id, "index": row.index}, row.changes)
                 row.changes.clear()
 
     def reload(self) -> None:
@@ -365,16 +365,6 @@ def _select_step(conn):
     c = _STEPS.c
     return select(c.index, c.completion, c.action, c.observation, c.exit_code, c.agent_s).where(
         c.episode_id == bindparam("k_episode_id"), c.index == bindparam("k_index"))
-
-
-def _update(session: Session, table, key: dict, values: dict) -> None:
-    """UPDATE `table` SET `values` WHERE `key`, as a statement prepared per set of columns."""
-    conn = session.connection()
-    cols = sorted(values)
-    stmt = prepared(conn, f"driver.update.{table.name}:{','.join(cols)}", lambda c: update(table).where(
-        *(table.c[k] == bindparam(f"k_{k}") for k in key)).values(
-        {k: bindparam(f"v_{k}", type_=table.c[k].type) for k in cols}))
-    conn.execute(stmt, {**{f"k_{k}": v for k, v in key.items()}, **{f"v_{k}": v for k, v in values.items()}})
 
 
 class Tracked:
