@@ -46,7 +46,11 @@ def run_pipeline_bench(episodes: int = 200, steps: int = 3, chord_size: int = 10
     settings = settings or Settings()
     if settings.embedded:
         raise SystemExit("bench pipeline needs a real broker: set MEGAFLOW_BROKER_URL and MEGAFLOW_DATABASE_URL")
-    settings = settings.model_copy(update={"data_dir": Path(tempfile.mkdtemp(prefix="megaflow-bench-"))})
+    settings = settings.model_copy(update={
+        "data_dir": Path(tempfile.mkdtemp(prefix="megaflow-bench-")),
+        # Room for every episode at once: the figure is the pipeline's, not admission's
+        # under contention (with the default 64, most episodes would wait once).
+        "sandbox_capacity": max(settings.sandbox_capacity, episodes + 64)})
     upgrade(settings.resolved_database_url())
     app = make_app(settings)
     figures: dict = {}
