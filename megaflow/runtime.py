@@ -44,7 +44,7 @@ class Runtime:
         self.task = lru_cache(maxsize=4096)(self._load_task)
         self.agent = lru_cache(maxsize=256)(self._make_agent)
         self._refs: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        #: SQLite has one writer: caches must be filled before a write transaction opens.
+        #: SQLite has one writer: caches must be filled before a write transaction opens (`warm`).
         self.sqlite = self.db_url.startswith("sqlite")
 
     @contextmanager
@@ -82,15 +82,18 @@ class Runtime:
                     self._refs.popitem(last=False)
         return hit
 
-    def warm(self, episode_id: str) -> tuple[str, str]:
-        """Load an episode's spec, task and agent before a write transaction opens.
+    def warm(self, episode_id: str) -> None:
+        """On SQLite, load an episode's spec, task and agent before a write transaction opens.
 
         SQLite allows one writer: a cache miss inside a write transaction would open
-        a second transaction in the same thread and wait on itself.
+        a second transaction in the same thread and wait on itself. Elsewhere a miss
+        just reads on another pooled connection, so warming would only add a
+        transaction per episode and process.
         """
+        if not self.sqlite:
+            return
         run_id, ti_id = self.refs(episode_id)
         self.spec(run_id), self.task(ti_id), self.agent(run_id)
-        return run_id, ti_id
 
     def _load_task(self, task_instance_id: str):
         with self.session() as s:

@@ -77,10 +77,6 @@ class Sampler(threading.Thread):
         self.join(5)
 
 
-def workers_rss_mb(workers: list[WorkerProcess]) -> float:
-    return sum(workers_rss_by_pool(workers).values())
-
-
 def workers_rss_by_pool(workers: list[WorkerProcess]) -> dict[str, float]:
     """Resident memory (MB) of each pool's worker, its child processes included."""
     import psutil

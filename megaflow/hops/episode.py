@@ -53,10 +53,7 @@ def episode_task(self, prev, episode_id):
     fresh = {}
 
     def work(_ctx):
-        if rt.sqlite:
-            # One writer: a cache miss inside the write transaction would wait on itself.
-            # Elsewhere the decision's own transaction reads what it needs (no extra one).
-            rt.warm(episode_id)
+        rt.warm(episode_id)
 
         def write(s: Session):
             try:

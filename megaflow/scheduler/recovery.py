@@ -141,7 +141,7 @@ def rehome(rt, episode_id: str, dead: str, now: dt.datetime | None = None) -> st
     from megaflow.scheduler.admission import claim_of
 
     now = now or utcnow()
-    rt.warm(episode_id)  # spec, task: cached before the write transaction (SQLite has one writer)
+    rt.warm(episode_id)  # SQLite: spec, task cached before the write transaction (one writer)
     with rt.session() as s:
         ep = s.execute(select(Episode).where(Episode.id == episode_id, Episode.host == dead)
                        .with_for_update(skip_locked=True)).scalar()
