@@ -53,3 +53,34 @@ def test_many_processes_never_exceed_the_limit(pg_url):
     with session_scope(pg_url) as s:
         use = semaphores.usage(s)
         assert use["host:h"] == (0, LIMIT) and use["image:i"][0] == 0 and use["global"][0] == 0
+
+
+def test_threads_racing_on_new_keys_never_read_a_semaphore_as_full(pg_url):
+    """The agent pool runs decisions in threads: a semaphore row one thread is still
+    creating (its transaction open) must not look full to another. That spurious
+    capacity wait would hold every later episode back until some episode ends."""
+    import threading
+    import uuid
+
+    upgrade(pg_url)
+    first_in, results = threading.Event(), []
+
+    def racer(i: int) -> None:
+        if i:
+            first_in.wait(10)
+        with session_scope(pg_url) as s:
+            # A fresh database: the first acquire creates the rows (global included).
+            full = semaphores.acquire(s, ["image:i", f"host:h{i % 2}"], f"t{i}-{uuid.uuid4().hex[:6]}")
+            if not i:
+                first_in.set()
+                time.sleep(0.3)  # its rows are not committed yet: the others race into this
+        results.append(full)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [None] * 6, f"unlimited semaphores read as full: {results}"
+    with session_scope(pg_url) as s:
+        assert semaphores.usage(s)["global"] == (6, None)

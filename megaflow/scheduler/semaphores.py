@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, event, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.db.models import Semaphore, SemaphoreHolder, utcnow
@@ -35,12 +35,30 @@ def quota_key(scope: str, name: str) -> str:
 
 
 #: Semaphore rows known to exist, per database: a row is never deleted, so each
-#: process checks (inserts) a key once, not on every acquire.
+#: process checks (inserts) a key once, not on every acquire. A key counts as known
+#: only once the transaction that inserted it has committed: another thread that
+#: skipped its own insert would otherwise find no row to count on, and read the
+#: semaphore as full.
 _known: set[tuple[str, str]] = set()
+_PENDING = "megaflow.semaphores.inserted"
 
 
 def _db(s: Session) -> str:
     return str(s.get_bind().url)
+
+
+def _inserted(s: Session, key: str) -> None:
+    s.info.setdefault(_PENDING, set()).add((_db(s), key))
+
+
+@event.listens_for(Session, "after_commit")
+def _committed(s: Session) -> None:
+    _known.update(s.info.pop(_PENDING, ()))
+
+
+@event.listens_for(Session, "after_rollback")
+def _rolled_back(s: Session) -> None:
+    s.info.pop(_PENDING, None)
 
 
 def ensure(s: Session, key: str, limit: int | None = None) -> None:
@@ -48,13 +66,13 @@ def ensure(s: Session, key: str, limit: int | None = None) -> None:
     if (_db(s), key) in _known:
         return
     s.execute(insert_ignore(s.connection(), Semaphore.__table__, {"key": key, "limit": limit, "used": 0}))
-    _known.add((_db(s), key))
+    _inserted(s, key)
 
 
 def set_limit(s: Session, key: str, limit: int | None) -> None:
     s.execute(upsert(s.connection(), Semaphore.__table__, {"key": key, "limit": limit, "used": 0}, ["key"],
                      update=["limit"]))
-    _known.add((_db(s), key))
+    _inserted(s, key)
 
 
 def _room(keys):
