@@ -43,3 +43,50 @@ def test_bench_scale_small(pg_url, amqp_vhost, monkeypatch, tmp_path):
                          text=True, check=True).stdout
     assert "megaflow.delay.model.1500" in out and "x-message-ttl" in out
     assert any(line.startswith("megaflow.delay.env.") and ".500" in line for line in out.splitlines())
+
+
+def test_bench_scale_refuses_a_database_with_unfinished_runs(pg_url, amqp_vhost, monkeypatch, tmp_path):
+    """An interrupted earlier run's episodes would be admitted first (FIFO) and skew every figure."""
+    from megaflow.client import Client
+    from megaflow.config import Settings
+
+    monkeypatch.setenv("MEGAFLOW_DATABASE_URL", pg_url)
+    monkeypatch.setenv("MEGAFLOW_BROKER_URL", amqp_vhost)
+    monkeypatch.setenv("MEGAFLOW_DATA_DIR", str(tmp_path))
+    from megaflow.db.schema import upgrade
+
+    upgrade(pg_url)
+    run_id = Client(Settings()).submit({"name": "left-over", "model": {"type": "scripted", "replies": ["x"]},
+                                        "sandbox": {"type": "memory"}, "tasks": [{"instance_id": "a", "instruction": "x", "check": "true"}]})
+    result = CliRunner().invoke(cli, ["bench", "scale", "--sizes", "1", "--steps", "1", "--json"])
+    assert result.exit_code != 0
+    assert run_id in result.output and "megaflow cancel" in result.output
+
+
+def test_delayed_hops_declare_their_queue_now_and_then_not_per_message(amqp_vhost, monkeypatch, tmp_path):
+    """kombu cannot cache the declaration of a queue with x-expires: without care every
+    delayed hop would declare it again (three round trips). It is declared once, and
+    again only after a quarter of its expiry, so it never expires with messages in it."""
+    from kombu import Queue
+
+    from megaflow.app import make_app
+    from megaflow.config import Settings
+    from megaflow.hops import delay
+
+    app = make_app(Settings(broker_url=amqp_vhost, data_dir=tmp_path))
+    declared = []
+    real_declare = Queue.declare
+    monkeypatch.setattr(Queue, "declare", lambda q, *a, **k: declared.append(q.name) or real_declare(q, *a, **k))
+    clock = [1000.0]
+    monkeypatch.setattr(delay.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(delay, "_declared", {})
+    first = delay.delayed_options(app, "model", 30.0)
+    assert first["declare"] == [] and first["queue"] == "megaflow.delay.model.30000"
+    for _ in range(5):
+        app.send_task("megaflow.noop", **delay.delayed_options(app, "model", 30.0))
+    assert declared == ["megaflow.delay.model.30000"]
+    clock[0] += 0.25 * 600 + 1  # x-expires is 600 s for a 30 s delay
+    delay.delayed_options(app, "model", 30.0)
+    assert declared == ["megaflow.delay.model.30000"] * 2
+    with app.connection_for_write() as conn:
+        assert conn.default_channel.queue_declare("megaflow.delay.model.30000", passive=True).message_count == 5

@@ -106,6 +106,7 @@ def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, 
         # Capacity >= N: the figure is about orchestration, not about waiting for room.
         "sandbox_capacity": max(sizes) + 64})
     upgrade(settings.resolved_database_url())
+    refuse_if_busy(settings)
     workers = [WorkerProcess(p, settings, name=f"{host}-{p}").start() for p in ("model", "agent", "env")]
     client = Client(settings)
     out: dict = {"sizes": sizes, "steps": steps, "model_latency_s": model_latency_s,
@@ -130,6 +131,24 @@ def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, 
     out["makespan_growth"] = round(out["makespan_s"][max(sizes)] / base, 3) if base else None
     out["episode_latency_s"] = (steps + 1) * model_latency_s + steps * exec_latency_s
     return out
+
+
+def refuse_if_busy(settings: Settings) -> None:
+    """Stop before starting when episodes of other runs are not finished.
+
+    Admission is FIFO across runs: they would be admitted first, and compete for
+    the workers and the database, whatever the benchmark then reports.
+    """
+    from megaflow.db.engine import session_scope
+
+    with session_scope(settings.resolved_database_url()) as s:
+        live = s.execute(select(Episode.run_id, func.count()).where(
+            Episode.state.not_in(states.TERMINAL), Episode.superseded_by.is_(None)).group_by(Episode.run_id)).all()
+    if live:
+        runs = ", ".join(f"{run_id} ({n})" for run_id, n in live[:5]) + (" …" if len(live) > 5 else "")
+        raise SystemExit(f"bench scale: {sum(n for _, n in live)} episodes of {len(live)} earlier run(s) are not "
+                         f"finished in this database: {runs}. They would be admitted first and compete with the "
+                         "benchmark: `megaflow cancel RUN_ID` each (with workers up), or use a fresh database.")
 
 
 def one_run(client, workers, n, steps, model_latency_s, exec_latency_s):
