@@ -86,12 +86,31 @@ class WorkerProcess:
             self.kill(signal.SIGKILL)
 
 
+def agent_processes(settings: Settings) -> int:
+    """How many agent worker processes a one-machine stack runs.
+
+    The agent pool runs threads, and a Python process runs on one core at a time:
+    one process per core (``MEGAFLOW_AGENT_PROCESSES`` overrides). One on SQLite,
+    which takes one writer at a time.
+    """
+    if settings.embedded:
+        return 1
+    return max(1, int(os.environ.get("MEGAFLOW_AGENT_PROCESSES", 0)) or os.cpu_count() or 1)
+
+
+def stack_workers(settings: Settings, prefix: str, pools: tuple[str, ...] = POOLS) -> list[WorkerProcess]:
+    """The worker processes of a one-machine stack (not started): one per pool, the agent's per core."""
+    n = {p: agent_processes(settings) if p == "agent" else 1 for p in pools}
+    return [WorkerProcess(p, settings, name=f"{prefix}{p}" if n[p] == 1 else f"{prefix}{p}-{i}")
+            for p in pools for i in range(n[p])]
+
+
 class LocalStack:
-    """Database schema plus one worker per pool, stopped on exit."""
+    """Database schema plus the workers of every pool, stopped on exit."""
 
     def __init__(self, settings: Settings | None = None, pools: tuple[str, ...] = POOLS):
         self.settings = settings or Settings()
-        self.workers = [WorkerProcess(p, self.settings, name=p) for p in pools]
+        self.workers = stack_workers(self.settings, "", pools)
 
     def start(self) -> LocalStack:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ def test_relay_and_noop_floors(pg_url, amqp_vhost, tmp_path, monkeypatch):
     counted = []
     real = tasks_done
 
-    def spy(app_, name):
-        counted.append(real(app_, name))
+    def spy(app_, *names):
+        counted.append(real(app_, *names))
         return counted[-1]
 
     monkeypatch.setattr("megaflow.bench.floors.tasks_done", spy)

@@ -15,8 +15,20 @@ from megaflow.db.models import Episode, Host, utcnow
 from megaflow.scheduler import admission, hosts, quotas, semaphores
 
 
-def test_semaphore_all_or_none_and_idempotent(sqlite_url):
-    with session_scope(sqlite_url) as s:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request):
+    """The state database on both paths: Python statements (SQLite), server-side functions (PostgreSQL)."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    from megaflow.db.schema import upgrade
+
+    url = request.getfixturevalue("pg_url")
+    upgrade(url)
+    return url
+
+
+def test_semaphore_all_or_none_and_idempotent(any_db):
+    with session_scope(any_db) as s:
         semaphores.set_limit(s, "host:a", 2)
         semaphores.set_limit(s, "image:x", 1)
         assert semaphores.acquire(s, ["host:a", "image:x"], "e1") is None
@@ -30,10 +42,15 @@ def test_semaphore_all_or_none_and_idempotent(sqlite_url):
         assert semaphores.release_all(s, "e1") == []  # released twice: counted once
         assert semaphores.usage(s)["host:a"] == (0, 2) and semaphores.usage(s)["global"][0] == 0
         assert semaphores.acquire(s, ["host:a", "image:x"], "e2") is None
+        # Some keys only (a slot moved to another host): the rest stays held.
+        assert semaphores.acquire(s, ["host:b"], "e2") is None
+        assert semaphores.release_all(s, "e2", only=["host:a"]) == ["host:a"]
+        assert semaphores.held(s, "e2") == ["global", "host:b", "image:x"]
+        assert semaphores.usage(s)["host:a"] == (0, 2) and semaphores.usage(s)["image:x"] == (1, 1)
 
 
-def test_expired_holders_are_found(sqlite_url):
-    with session_scope(sqlite_url) as s:
+def test_expired_holders_are_found(any_db):
+    with session_scope(any_db) as s:
         semaphores.acquire(s, ["host:a"], "old", expires_at=utcnow() - dt.timedelta(seconds=1))
         semaphores.acquire(s, ["host:a"], "new", expires_at=utcnow() + dt.timedelta(hours=1))
         assert semaphores.expired_holders(s) == ["old"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 
-from megaflow.local_stack import WorkerProcess
+from megaflow.local_stack import WorkerProcess, agent_processes
 
 
 def raw_amqp_msgs_per_s(broker_url: str, n: int = 20_000) -> float:
@@ -64,29 +65,36 @@ def celery_relay_tasks_per_s(app, settings, n: int = 5_000, chains: int = 64) ->
 
 
 def _timed_on_private_worker(app, settings, kind: str, n: int, send, timeout_s: float = 600.0) -> float:
-    """Tasks per second of `n` tasks that `send` starts, run by an agent-pool worker of their own."""
+    """Tasks per second of `n` tasks that `send` starts, run by agent-pool workers of their own
+    (as many processes as the pipeline's agent pool)."""
     # A private queue: leftovers on the shared queues must not count, nor be eaten.
     queue = f"megaflow.bench.{kind}.{uuid.uuid4().hex[:8]}"
-    worker = WorkerProcess("agent", settings, name=f"{kind}-{uuid.uuid4().hex[:6]}",
-                           extra_env={"MEGAFLOW_WORKER_QUEUES": queue}).start()
+    workers = [WorkerProcess("agent", settings, name=f"{kind}-{i}-{uuid.uuid4().hex[:6]}",
+                             extra_env={"MEGAFLOW_WORKER_QUEUES": queue}).start()
+               for i in range(agent_processes(settings))]
 
     def sig_of(name: str, *args):
         return app.signature(name, args=(*args, queue) if args else (), queue=queue, exchange="megaflow",
                              routing_key=queue)
 
+    def done() -> int:
+        return tasks_done(app, *(w.name for w in workers))
+
     try:
-        wait_for_worker(app, worker.name)
-        before = tasks_done(app, worker.name)
+        for w in workers:
+            wait_for_worker(app, w.name)
+        before = done()
         t0 = time.perf_counter()
         with app.producer_or_acquire() as producer:
             send(sig_of, producer)
-        while tasks_done(app, worker.name) - before < n:
+        while done() - before < n:
             if time.perf_counter() - t0 > timeout_s:
                 raise TimeoutError(f"{kind} floor: {n} tasks not done in {timeout_s:g}s")
             time.sleep(0.05)
         return n / (time.perf_counter() - t0)
     finally:
-        worker.stop()
+        for w in workers:
+            w.stop()
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
 
@@ -100,9 +108,13 @@ def wait_for_worker(app, name: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"worker {name} did not answer a ping in {timeout}s")
 
 
-def tasks_done(app, name: str) -> int:
-    stats = app.control.inspect(timeout=0.5).stats() or {}
-    for node, st in stats.items():
-        if node.startswith(name + "@"):
-            return sum(st.get("total", {}).values())
-    return 0
+def tasks_done(app, *names: str) -> int:
+    """Tasks the named workers (of this machine) have finished, summed.
+
+    Asked of those workers only, returning once they all answered: a broadcast
+    waits out its whole timeout, which would count in the floor's time.
+    """
+    host = socket.gethostname()
+    stats = app.control.inspect(timeout=0.5, destination=[f"{n}@{host}" for n in names], limit=len(names)).stats() or {}
+    return sum(sum(st.get("total", {}).values()) for node, st in stats.items()
+               if any(node.startswith(name + "@") for name in names))

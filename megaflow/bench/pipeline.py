@@ -24,7 +24,7 @@ from megaflow.client import Client
 from megaflow.config import Settings
 from megaflow.db.models import Episode, Event, Hop, Step
 from megaflow.db.schema import upgrade
-from megaflow.local_stack import WorkerProcess
+from megaflow.local_stack import WorkerProcess, stack_workers
 
 
 def bench_spec(episodes: int, steps: int) -> dict:
@@ -61,8 +61,7 @@ def run_pipeline_bench(episodes: int = 200, steps: int = 3, chord_size: int = 10
     figures["celery_noop_tasks_per_s"] = round(celery_noop_tasks_per_s(floor_app, settings), 1)
     # Every hop hands on to the next (with confirms, as the pipeline publishes): that floor too.
     figures["celery_relay_tasks_per_s"] = round(celery_relay_tasks_per_s(app, settings), 1)
-    workers = [WorkerProcess(p, settings, name=f"bench-{p}-{uuid.uuid4().hex[:4]}").start()
-               for p in ("model", "agent", "env")]
+    workers = [w.start() for w in stack_workers(settings, f"bench-{uuid.uuid4().hex[:4]}-")]
     try:
         for w in workers:
             wait_for_worker(app, w.name)

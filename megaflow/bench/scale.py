@@ -29,7 +29,7 @@ from megaflow.config import Settings
 from megaflow.db import states
 from megaflow.db.models import Episode, Hop, Run, Step
 from megaflow.db.schema import upgrade
-from megaflow.local_stack import WorkerProcess
+from megaflow.local_stack import WorkerProcess, stack_workers
 
 SIZES = (1, 10, 100, 1000, 10000)
 ACTIVE = (states.PROVISIONING, states.RUNNING, states.EVALUATING)
@@ -107,7 +107,7 @@ def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, 
         "sandbox_capacity": max(sizes) + 64})
     upgrade(settings.resolved_database_url())
     refuse_if_busy(settings)
-    workers = [WorkerProcess(p, settings, name=f"{host}-{p}").start() for p in ("model", "agent", "env")]
+    workers = [w.start() for w in stack_workers(settings, f"{host}-")]
     client = Client(settings)
     out: dict = {"sizes": sizes, "steps": steps, "model_latency_s": model_latency_s,
                  "exec_latency_s": exec_latency_s, "makespan_s": {}, "worker_rss_mb_by_n": {}}

@@ -92,8 +92,12 @@ def episode_task(self, prev, episode_id):
 
                 raise Ignore()
     if decision.get("admit"):
-        # Waiters this episode's end let in (sent again on a replay: their ledger drops doubles).
+        # Recorded by earlier versions: waiters the end let in, inside the decision.
         send_admitted(self.app, decision["admit"])
+    if decision.get("final"):
+        # The end is committed: give the slots back, and send the waiters they let in
+        # (again on a replay: nothing to give back then, and their ledger drops doubles).
+        send_admitted(self.app, admission.after_end(rt, episode_id))
     if decision.get("park"):
         # Waiting for room: the start message is parked in the episode's row and sent
         # again on admission; this delivery must not count as the chord member's end.
@@ -180,12 +184,9 @@ class Driver:
 
     def final(self) -> dict:
         ep = self.ep
-        out = {"final": True, "summary": {
+        # Its slots are given back once this decision commits (`admission.after_end`).
+        return {"final": True, "summary": {
             "episode_id": ep.id, "state": ep.state, "reward": ep.reward, "exit_status": ep.exit_status}}
-        admitted = admission.on_end(self.s, self.rt.settings, ep.id)
-        if admitted:
-            out["admit"] = admitted
-        return out
 
     def end(self, state: str, exit_status: str, step: int, error: str | None = None,
             reward: float | None = None) -> dict:

@@ -5,7 +5,7 @@ live env host (placement), of its image and of its owner's quotas, all or none.
 Without room it *waits*: its state becomes ``waiting`` and the Celery options of
 its start message (task id, chord) are parked in its row; the message is acked
 without counting as the chord member's end. An episode that ends gives its slots
-back and, in the same transaction, admits the earliest waiters (by global
+back once its end has committed and admits the earliest waiters (by global
 submission order, ``episodes.seq``) that now fit; their start messages are sent
 again after the commit. A host joining admits too. Nothing polls.
 
@@ -144,6 +144,17 @@ def on_end(s: Session, settings: Settings, episode_id: str) -> list[dict]:
     """An episode is done: give its slots back and admit who fits now."""
     semaphores.release_all(s, episode_id)
     return admit_waiting(s, settings)
+
+
+def after_end(rt, episode_id: str) -> list[dict]:
+    """`on_end` once the episode's end has committed; returns the start messages to send.
+
+    Not inside the deciding transaction: there it held the semaphore rows every
+    admission needs until its commit. A worker lost between the two leaves the slots
+    held by an ended episode: `repair` gives them back.
+    """
+    with rt.session() as s:
+        return on_end(s, rt.settings, episode_id)
 
 
 def unpark_cancelled(s: Session, run_id: str) -> list[dict]:

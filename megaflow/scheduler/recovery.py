@@ -53,7 +53,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.db import states
-from megaflow.db.models import Episode, Host, SandboxRow, Semaphore, SemaphoreHolder, utcnow
+from megaflow.db.models import Episode, Host, SandboxRow, SemaphoreHolder, utcnow
 from megaflow.events import emit
 from megaflow.hops import ledger
 from megaflow.scheduler import hosts, semaphores
@@ -149,9 +149,9 @@ def rehome(rt, episode_id: str, dead: str, now: dt.datetime | None = None) -> st
             return None
         live = [h for h in hosts.live_hosts(s, rt.settings.host_dead_after_s, now) if h["name"] != dead]
         old_key = semaphores.host_key(dead)
-        # Every semaphore change locks the global row first (the semaphores' deadlock rule);
-        # read after it, the slot is current (an ending episode may have just given it back).
-        s.execute(update(Semaphore).where(Semaphore.key == semaphores.GLOBAL).values(used=Semaphore.used))
+        # Not under the semaphores' lock: on PostgreSQL each change is its own transaction
+        # (holding it here would deadlock with them). If the episode's end gives its slots
+        # back meanwhile, a slot taken on the new host is one the repair sweep gives back.
         holder = s.execute(select(SemaphoreHolder).where(SemaphoreHolder.key == old_key,
                                                          SemaphoreHolder.holder == episode_id)).scalar()
         if holder is not None:
@@ -184,10 +184,7 @@ def _move_slot(s: Session, holder: str, old_key: str, candidates: list[str],
             break
     else:
         return None
-    if s.execute(SemaphoreHolder.__table__.delete().where(
-            SemaphoreHolder.key == old_key, SemaphoreHolder.holder == holder)).rowcount == 1:
-        s.execute(update(Semaphore).where(Semaphore.key == old_key, Semaphore.used > 0)
-                  .values(used=Semaphore.used - 1))
+    semaphores.release_all(s, holder, only=[old_key])
     return host
 
 

@@ -32,6 +32,7 @@ def join(app, rt) -> hosts.HeartbeatThread:
     settings = rt.settings
     with rt.session() as s:
         hosts.register(s, settings.host, settings.sandbox_capacity, host_images())
+    with rt.session() as s:
         admitted = admission.admit_waiting(s, settings, rounds=max(1, settings.sandbox_capacity // admission.ROUND + 1))
     admission.send(app, admitted)
     log.info("env host %s joined (capacity %d); admitted %d waiting episodes",

@@ -7,13 +7,22 @@ a holder that vanished (its lease expired) can be released by a sweep.
 Deadlocks: every acquire and release first updates the ``global`` row, so all
 semaphore changes serialize on that one row lock instead of locking rows in
 different orders. Keys are then taken in sorted order.
+
+On PostgreSQL an acquire or release is one call of a server-side function
+(migration 0005) in a transaction of its own: the hot rows (``global``, a host's)
+are locked only while the server runs it, not for the rest of the caller's
+transaction with its client round trips — under load, every admission queued
+behind the one holding them. The slots are therefore taken (given back) whether
+or not the caller's transaction then commits: taking is idempotent per holder, and
+a holder that goes no further is released by admission's repair sweep. Callers
+give slots back after their own transaction commits (`megaflow.scheduler.admission.after_end`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete, event, select, update
+from sqlalchemy import delete, event, select, text, update
 from sqlalchemy.orm import Session
 
 from megaflow.db.models import Semaphore, SemaphoreHolder, utcnow
@@ -70,6 +79,13 @@ def ensure(s: Session, key: str, limit: int | None = None) -> None:
 
 
 def set_limit(s: Session, key: str, limit: int | None) -> None:
+    """Create the semaphore or change its limit (on PostgreSQL in a transaction of its own, like
+    every change of a semaphore row there: none stays locked by a caller's transaction)."""
+    if _server_side(s):
+        with _own_transaction(s) as conn:
+            conn.execute(upsert(conn, Semaphore.__table__, {"key": key, "limit": limit, "used": 0}, ["key"],
+                                update=["limit"]))
+        return
     s.execute(upsert(s.connection(), Semaphore.__table__, {"key": key, "limit": limit, "used": 0}, ["key"],
                      update=["limit"]))
     _inserted(s, key)
@@ -90,9 +106,13 @@ def acquire(s: Session, keys: list[str], holder: str, expires_at: dt.datetime | 
         None when all are held now; else the first key that is full (nothing taken).
     """
     keys = sorted(set(keys) | {GLOBAL})
+    now = utcnow()
+    if _server_side(s):
+        with _own_transaction(s) as conn:
+            return conn.execute(text("SELECT megaflow_acquire(:keys, :holder, :now, :expires)"),
+                                {"keys": keys, "holder": holder, "now": now, "expires": expires_at}).scalar()
     for key in keys:
         ensure(s, key)
-    now = utcnow()
     conn = s.connection()
     ins = dialect_insert(conn, SemaphoreHolder.__table__).values(
         [{"key": k, "holder": holder, "acquired_at": now, "expires_at": expires_at} for k in keys])
@@ -128,14 +148,30 @@ def _give(conn, keys: list[str]) -> None:
                      .values(used=Semaphore.used - 1))
 
 
-def release_all(s: Session, holder: str) -> list[str]:
-    """Give back every slot `holder` has; returns their keys (empty: it held none)."""
+def release_all(s: Session, holder: str, only: list[str] | None = None) -> list[str]:
+    """Give back every slot `holder` has (or those of the keys `only`); returns their keys
+    (empty: it held none)."""
+    if _server_side(s):
+        with _own_transaction(s) as conn:
+            return sorted(conn.execute(text("SELECT megaflow_release(:holder, :keys)"),
+                                       {"holder": holder, "keys": only}).scalar())
     conn = s.connection()
-    keys = sorted(conn.execute(delete(SemaphoreHolder).where(SemaphoreHolder.holder == holder)
-                               .returning(SemaphoreHolder.key)).scalars())
+    which = SemaphoreHolder.holder == holder
+    if only is not None:
+        which &= SemaphoreHolder.key.in_(only)
+    keys = sorted(conn.execute(delete(SemaphoreHolder).where(which).returning(SemaphoreHolder.key)).scalars())
     if keys:
         _give(conn, keys)
     return keys
+
+
+def _server_side(s: Session) -> bool:
+    return s.get_bind().dialect.name == "postgresql"
+
+
+def _own_transaction(s: Session):
+    """A pooled connection of `s`'s engine in autocommit: each statement its own transaction."""
+    return s.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
 def held(s: Session, holder: str) -> list[str]:
