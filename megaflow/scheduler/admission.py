@@ -19,12 +19,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.config import Settings
 from megaflow.db import states
 from megaflow.db.models import Episode, utcnow
+from megaflow.db.sql import prepared
 from megaflow.events import emit
 from megaflow.scheduler import hosts, quotas, semaphores
 
@@ -97,9 +98,8 @@ def start(s: Session, settings: Settings, ep: Episode, claim: dict, task: dict) 
 
     The caller records the admission (``admitted_at``) with the episode's next move.
     """
-    ahead = s.execute(select(Episode.id).where(
-        Episode.state == states.WAITING, Episode.seq < ep.seq, Episode.wait_reason.startswith(CAPACITY))
-        .limit(1)).first()
+    conn = s.connection()
+    ahead = conn.execute(prepared(conn, "admission.ahead", _select_ahead), {"seq": ep.seq}).first()
     if ahead is not None:
         _park(s, ep, f"{CAPACITY}: behind earlier episodes", claim, task)
         return False, None
@@ -108,6 +108,12 @@ def start(s: Session, settings: Settings, ep: Episode, claim: dict, task: dict) 
         _park(s, ep, why, claim, task)
         return False, None
     return True, host
+
+
+def _select_ahead(conn):
+    e = Episode.__table__.c
+    return select(e.id).where(e.state == states.WAITING, e.seq < bindparam("seq", type_=e.seq.type),
+                              e.wait_reason.startswith(CAPACITY)).limit(1)
 
 
 def _park(s: Session, ep: Episode, why: str, claim: dict, task: dict) -> None:

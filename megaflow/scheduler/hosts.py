@@ -12,11 +12,11 @@ import datetime as dt
 import logging
 import threading
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.db.models import Host, Semaphore, utcnow
-from megaflow.db.sql import upsert
+from megaflow.db.sql import prepared, upsert
 from megaflow.scheduler import semaphores
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,18 @@ def mark_down(s: Session, name: str) -> None:
 def live_hosts(s: Session, dead_after_s: float, now: dt.datetime | None = None) -> list[dict]:
     """Live hosts with their load: name, capacity, used, images."""
     since = (now or utcnow()) - dt.timedelta(seconds=dead_after_s)
-    rows = s.execute(
-        select(Host.name, Host.capacity, Host.images, Semaphore.used, Semaphore.limit)
-        .join(Semaphore, Semaphore.key == "host:" + Host.name, isouter=True)
-        .where(Host.state == "up", Host.heartbeat_at >= since)
-    ).all()
+    conn = s.connection()
+    # Read at every admission: a statement prepared once, not built each time.
+    rows = conn.execute(prepared(conn, "hosts.live", _select_live), {"since": since}).all()
     return [{"name": n, "capacity": lim if lim is not None else cap, "used": used or 0, "images": imgs or []}
             for n, cap, imgs, used, lim in rows]
+
+
+def _select_live(conn):
+    h, sem = Host.__table__.c, Semaphore.__table__
+    return (select(h.name, h.capacity, h.images, sem.c.used, sem.c.limit)
+            .join_from(Host.__table__, sem, sem.c.key == "host:" + h.name, isouter=True)
+            .where(h.state == "up", h.heartbeat_at >= bindparam("since", type_=h.heartbeat_at.type)))
 
 
 def dead_hosts(s: Session, dead_after_s: float, now: dt.datetime | None = None) -> list[str]:

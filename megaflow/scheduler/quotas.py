@@ -7,11 +7,11 @@ waits with a visible reason (``megaflow status``); raising the quota admits it.
 
 from __future__ import annotations
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.db.models import Quota
-from megaflow.db.sql import upsert
+from megaflow.db.sql import prepared, upsert
 from megaflow.scheduler import semaphores
 
 SCOPES = ("user", "project")
@@ -29,16 +29,28 @@ def set_quota(s: Session, scope: str, name: str, max_concurrent: int | None, max
     semaphores.set_limit(s, semaphores.quota_key(scope, name), max_concurrent)
 
 
-def quotas_of(s: Session, user: str, project: str) -> list[Quota]:
-    return list(s.execute(select(Quota).where(
-        tuple_(Quota.scope, Quota.name).in_([("user", user), ("project", project)]))).scalars())
+def quotas_of(s: Session, user: str, project: str) -> list:
+    """The quotas over a user and a project (rows: scope, name, max_concurrent, max_total, admitted_total).
+
+    Read at every admission, never cached (a changed quota applies at once): a statement
+    prepared once (`megaflow.db.sql.prepared`), not an ORM query built each time.
+    """
+    conn = s.connection()
+    return conn.execute(prepared(conn, "quotas.of", _select_quotas), {"user": user, "project": project}).all()
+
+
+def _select_quotas(conn):
+    q = Quota.__table__.c
+    return select(q.scope, q.name, q.max_concurrent, q.max_total, q.admitted_total).where(or_(
+        and_(q.scope == "user", q.name == bindparam("user")),
+        and_(q.scope == "project", q.name == bindparam("project"))))
 
 
 def concurrency_keys(quotas: list[Quota]) -> list[str]:
     return [semaphores.quota_key(q.scope, q.name) for q in quotas if q.max_concurrent is not None]
 
 
-def count_admission(s: Session, quotas: list[Quota]) -> Quota | None:
+def count_admission(s: Session, quotas: list) -> Quota | None:
     """Count one more admitted episode against each total; returns the quota that is spent (nothing counted)."""
     counted = []
     for q in quotas:

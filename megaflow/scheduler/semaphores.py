@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete, event, select, text, update
+from sqlalchemy import delete, event, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.db.models import Semaphore, SemaphoreHolder, utcnow
@@ -108,9 +108,8 @@ def acquire(s: Session, keys: list[str], holder: str, expires_at: dt.datetime | 
     keys = sorted(set(keys) | {GLOBAL})
     now = utcnow()
     if _server_side(s):
-        with _own_transaction(s) as conn:
-            return conn.execute(text("SELECT megaflow_acquire(:keys, :holder, :now, :expires)"),
-                                {"keys": keys, "holder": holder, "now": now, "expires": expires_at}).scalar()
+        return _call(s, "SELECT megaflow_acquire(%(keys)s, %(holder)s, %(now)s, %(expires)s)",
+                     {"keys": keys, "holder": holder, "now": now, "expires": expires_at})
     for key in keys:
         ensure(s, key)
     conn = s.connection()
@@ -152,9 +151,7 @@ def release_all(s: Session, holder: str, only: list[str] | None = None) -> list[
     """Give back every slot `holder` has (or those of the keys `only`); returns their keys
     (empty: it held none)."""
     if _server_side(s):
-        with _own_transaction(s) as conn:
-            return sorted(conn.execute(text("SELECT megaflow_release(:holder, :keys)"),
-                                       {"holder": holder, "keys": only}).scalar())
+        return sorted(_call(s, "SELECT megaflow_release(%(holder)s, %(keys)s)", {"holder": holder, "keys": only}))
     conn = s.connection()
     which = SemaphoreHolder.holder == holder
     if only is not None:
@@ -172,6 +169,19 @@ def _server_side(s: Session) -> bool:
 def _own_transaction(s: Session):
     """A pooled connection of `s`'s engine in autocommit: each statement its own transaction."""
     return s.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _call(s: Session, sql: str, params: dict):
+    """Run one semaphore function in a transaction of its own: one round trip, commit included.
+
+    Sent with ``SET LOCAL synchronous_commit TO OFF`` in the same message (one implicit
+    transaction), so the rows are not held locked through a WAL flush. Safe because the
+    WAL is flushed in order: whatever durable state rests on a slot (the decision that
+    moves the episode on, committed after this) makes this commit durable too; a release
+    lost in a server crash leaves an ended holder that the repair sweep frees.
+    """
+    with _own_transaction(s) as conn:
+        return conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF; " + sql, params).scalar()
 
 
 def held(s: Session, holder: str) -> list[str]:
