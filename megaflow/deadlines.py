@@ -16,8 +16,9 @@ limits below it (``Settings.consumer_timeout_s`` says what the broker's is):
    is refused at submit (`check_spec`).
 2. **Task time limits** (`task_time_limits`): a soft and a hard limit per task,
    hard = consumer timeout − `BROKER_MARGIN_S` for hops, short ones for decisions
-   and callbacks. Celery enforces them in the prefork (agent) pool; the threads
-   pools (model, env) have `megaflow.watchdog` for that.
+   and callbacks. Celery enforces them only in its prefork pool (a worker started
+   with ``MEGAFLOW_WORKER_POOL=prefork``); the threads pools (the default for all
+   three) have `megaflow.watchdog` for that.
 3. The broker's ``consumer_timeout`` itself, which nothing should reach.
 
 A hop that runs out of its phase deadline is an infra failure, retried with

@@ -1,7 +1,7 @@
 """Time limits for the threads pools, where Celery enforces none.
 
-Celery's soft and hard time limits work only in its prefork pool; the model and
-env pools run threads. Every hop bounds its own waits (command deadlines, HTTP
+Celery's soft and hard time limits work only in its prefork pool; the model,
+agent and env pools run threads. Every hop bounds its own waits (command deadlines, HTTP
 timeouts, model-call deadlines), so this is the backstop for what slips through:
 a task past its soft limit is logged (and a ``task.overrun`` event recorded), and
 past its hard limit — which `megaflow.deadlines` keeps below the broker's consumer
