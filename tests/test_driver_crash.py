@@ -35,3 +35,27 @@ def client_spec():
 
     return RunSpec.parse({"tasks": [{"instance_id": "t", "instruction": "x", "check": "true"}],
                           "sandbox": {"type": "memory"}})
+
+
+def test_an_end_whose_slots_cannot_be_given_back_still_returns_to_its_chord(tmp_path, sqlite_url, monkeypatch):
+    """Slots are given back after the ending decision commits; if that fails, the episode's
+    summary still reaches its chord (the repair sweep frees the slots later)."""
+    from megaflow.scheduler import admission
+
+    settings = Settings(data_dir=tmp_path, database_url=sqlite_url, broker_url="memory://")
+    client = Client(settings)
+    run_id, _ = client._record(client_spec())
+    with client.session() as s:
+        eid = s.query(Episode.id).filter_by(run_id=run_id).scalar()
+
+    def boom(self, prev):
+        raise ZeroDivisionError("scaffold bug")
+
+    def lost(rt, episode_id):
+        raise ConnectionError("database went away")
+
+    monkeypatch.setattr(episode_mod.Driver, "decide", boom)
+    monkeypatch.setattr(admission, "after_end", lost)
+    task = SimpleNamespace(app=client.app, request=SimpleNamespace(id="t2", retries=0, chord=None))
+    summary = episode_mod.episode_task(task, None, eid)
+    assert summary["episode_id"] == eid and summary["state"] == "infra_failed"

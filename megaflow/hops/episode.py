@@ -97,7 +97,13 @@ def episode_task(self, prev, episode_id):
     if decision.get("final"):
         # The end is committed: give the slots back, and send the waiters they let in
         # (again on a replay: nothing to give back then, and their ledger drops doubles).
-        send_admitted(self.app, admission.after_end(rt, episode_id))
+        try:
+            admitted = admission.after_end(rt, episode_id)
+        except Exception:  # noqa: BLE001 - the episode has ended; its chord must still hear of it
+            log.error("episode %s ended but its slots were not given back; the scheduler's repair "
+                      "sweep will", episode_id, exc_info=True)
+            admitted = []
+        send_admitted(self.app, admitted)
     if decision.get("park"):
         # Waiting for room: the start message is parked in the episode's row and sent
         # again on admission; this delivery must not count as the chord member's end.
