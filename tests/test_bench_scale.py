@@ -57,7 +57,8 @@ def test_bench_scale_refuses_a_database_with_unfinished_runs(pg_url, amqp_vhost,
 
     upgrade(pg_url)
     run_id = Client(Settings()).submit({"name": "left-over", "model": {"type": "scripted", "replies": ["x"]},
-                                        "sandbox": {"type": "memory"}, "tasks": [{"instance_id": "a", "instruction": "x", "check": "true"}]})
+                                        "sandbox": {"type": "memory"},
+                                        "tasks": [{"instance_id": "a", "instruction": "x", "check": "true"}]})
     result = CliRunner().invoke(cli, ["bench", "scale", "--sizes", "1", "--steps", "1", "--json"])
     assert result.exit_code != 0
     assert run_id in result.output and "megaflow cancel" in result.output

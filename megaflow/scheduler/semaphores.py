@@ -81,13 +81,14 @@ def ensure(s: Session, key: str, limit: int | None = None) -> None:
 def set_limit(s: Session, key: str, limit: int | None) -> None:
     """Create the semaphore or change its limit (on PostgreSQL in a transaction of its own, like
     every change of a semaphore row there: none stays locked by a caller's transaction)."""
+    def stmt(conn):
+        return upsert(conn, Semaphore.__table__, {"key": key, "limit": limit, "used": 0}, ["key"], update=["limit"])
+
     if _server_side(s):
         with _own_transaction(s) as conn:
-            conn.execute(upsert(conn, Semaphore.__table__, {"key": key, "limit": limit, "used": 0}, ["key"],
-                                update=["limit"]))
+            conn.execute(stmt(conn))
         return
-    s.execute(upsert(s.connection(), Semaphore.__table__, {"key": key, "limit": limit, "used": 0}, ["key"],
-                     update=["limit"]))
+    s.execute(stmt(s.connection()))
     _inserted(s, key)
 
 
