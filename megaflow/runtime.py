@@ -12,13 +12,14 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from pydantic import TypeAdapter
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.agent import Agent, make_agent
 from megaflow.config import Settings
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Run, SandboxRow, TaskInstance, utcnow
+from megaflow.db.sql import prepared
 from megaflow.model.base import ModelClient
 from megaflow.model.config import make_client
 from megaflow.sandbox.base import Sandbox, SandboxBackend, SandboxConfig
@@ -28,6 +29,11 @@ from megaflow.spec import RunSpec, TaskSpec
 _task_adapter = TypeAdapter(TaskSpec)
 #: Episodes whose refs a worker process keeps (oldest dropped first).
 REFS_CACHED = 65536
+
+
+def _select_refs(conn):
+    # Prepared: the first hop of each episode in each worker process misses the cache.
+    return select(Episode.run_id, Episode.task_instance_id).where(Episode.id == bindparam("k_id"))
 
 
 class Runtime:
@@ -71,8 +77,8 @@ class Runtime:
         """`refs`, read on a miss in the caller's transaction (no transaction of its own)."""
         hit = self._refs.get(episode_id)
         if hit is None:
-            row = session.execute(select(Episode.run_id, Episode.task_instance_id)
-                                  .where(Episode.id == episode_id)).first()
+            conn = session.connection()
+            row = conn.execute(prepared(conn, "runtime.refs", _select_refs), {"k_id": episode_id}).first()
             if row is None:
                 raise LookupError(f"episode {episode_id} not found")
             hit = tuple(row)

@@ -34,6 +34,13 @@ def test_bench_scale_small(pg_url, amqp_vhost, monkeypatch, tmp_path):
     assert figures["inflight_episodes"] == 16
     assert 0.3 < figures["ratio_to_littles_law"] <= 1.05
     assert figures["worker_rss_mb"] > 0 and figures["hop_delay_p99_s"] >= 0
+    # Last phase: the submit turn's model call and decision, grading and the final decision.
+    assert figures["last_phase_hops"] == 4 and figures["peak_hops_per_s"] > 0
+    # The floor: N = 1's makespan plus 16 last phases at the run's peak hop rate. (A bound only when
+    # the run saturates the machine, as 10,000 episodes do; 16 do not, so no comparison here.)
+    floor = figures["makespan_s"]["1"] + 16 * 4 / figures["peak_hops_per_s"]
+    assert figures["makespan_floor_s"] == pytest.approx(floor, abs=0.06)
+    assert figures["makespan_growth_floor"] == pytest.approx(floor / figures["makespan_s"]["1"], abs=0.002)
     by_pool = figures["worker_rss_mb_by_pool"]
     # Each pool's peak: together at least the peak of the total.
     assert set(by_pool) == {"agent", "env", "model"} and sum(by_pool.values()) >= figures["worker_rss_mb"] - 1

@@ -129,6 +129,11 @@ def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, 
             w.stop()
     base = out["makespan_s"][min(sizes)]
     out["makespan_growth"] = round(out["makespan_s"][max(sizes)] / base, 3) if base else None
+    if base and out.get("peak_hops_per_s"):
+        # The least makespan N episodes can have at the hop rate this machine reached.
+        floor = base + max(sizes) * out["last_phase_hops"] / out["peak_hops_per_s"]
+        out["makespan_floor_s"] = round(floor, 1)
+        out["makespan_growth_floor"] = round(floor / base, 3)
     out["episode_latency_s"] = (steps + 1) * model_latency_s + steps * exec_latency_s
     return out
 
@@ -207,9 +212,42 @@ def steady_figures(client: Client, run_id: str, sampler: Sampler, model_latency_
         "littles_law_steps_per_s": round(littles, 2),
         "ratio_to_littles_law": round(steps_per_s / littles, 3) if littles else None,
         "hop_delay_p99_s": round(hop_delay_p99(hops, model_latency_s, exec_latency_s), 3),
+        **throughput_floor_inputs(hops),
         "worker_rss_mb": round(max(sampler.rss_mb, default=0.0), 1),
         "worker_rss_mb_by_pool": {p: round(mb, 1) for p, mb in sorted(sampler.rss_by_pool.items())},
     }
+
+
+def throughput_floor_inputs(hops, window_s: float = 10.0) -> dict:
+    """The figures behind `makespan_floor_s`: the run's peak hop rate and the hops of an episode's last phase.
+
+    The floor: no episode can begin its last phase (its last model call's hop to
+    its end) much before the N = 1 makespan, and the N episodes' last phases —
+    `last_phase_hops` each — cannot finish faster than the machine runs hops. So
+    N episodes take at least N = 1's makespan + N × last_phase_hops ÷ hop capacity,
+    however they are scheduled. The capacity is taken as the most hops finished in
+    any `window_s` of this run: a fair measure when the run saturates the machine
+    (10,000 episodes do), an underestimate — and no bound — for a light one. A growth
+    target below the floor needs cheaper hops or more machines, not a better schedule.
+    """
+    ends, by_episode = [], defaultdict(list)
+    for eid, hop, finished, _duration in hops:
+        if finished is not None:
+            ends.append(finished.timestamp())
+            by_episode[eid].append((finished.timestamp(), hop))
+    if not ends:
+        return {}
+    bins = defaultdict(int)
+    for t in ends:
+        bins[int(t // window_s)] += 1
+    last_phase = []
+    for rows in by_episode.values():
+        rows.sort()
+        calls = [i for i, (_, hop) in enumerate(rows) if hop == "generate"]
+        if calls:
+            last_phase.append(len(rows) - calls[-1])
+    return {"peak_hops_per_s": round(max(bins.values()) / window_s, 1),
+            "last_phase_hops": int(statistics.median(last_phase)) if last_phase else 0}
 
 
 def hop_delay_p99(hops, model_latency_s: float, exec_latency_s: float) -> float:
