@@ -44,6 +44,8 @@ def test_bench_scale_small(pg_url, amqp_vhost, monkeypatch, tmp_path):
     by_pool = figures["worker_rss_mb_by_pool"]
     # Each pool's peak: together at least the peak of the total.
     assert set(by_pool) == {"agent", "env", "model"} and sum(by_pool.values()) >= figures["worker_rss_mb"] - 1
+    assert set(figures["worker_rss_mb_by_pool_by_n"]) == {"1", "16"}
+    assert figures["worker_rss_mb_by_pool_by_n"]["16"] == by_pool  # the largest N's peaks are the figure's
     # The waits happened in broker-side delay queues, one per target queue and delay.
     vhost = amqp_vhost.rsplit("/", 1)[1]
     out = subprocess.run(["rabbitmqctl", "list_queues", "-p", vhost, "name", "arguments"], capture_output=True,

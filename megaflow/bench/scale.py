@@ -110,7 +110,8 @@ def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, 
     workers = [w.start() for w in stack_workers(settings, f"{host}-")]
     client = Client(settings)
     out: dict = {"sizes": sizes, "steps": steps, "model_latency_s": model_latency_s,
-                 "exec_latency_s": exec_latency_s, "makespan_s": {}, "worker_rss_mb_by_n": {}}
+                 "exec_latency_s": exec_latency_s, "makespan_s": {}, "worker_rss_mb_by_n": {},
+                 "worker_rss_mb_by_pool_by_n": {}}
     try:
         for w in workers:
             wait_for_worker(client.app, w.name)
@@ -119,6 +120,7 @@ def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, 
             run_id, makespan, sampler = one_run(client, workers, n, steps, model_latency_s, exec_latency_s)
             out["makespan_s"][n] = round(makespan, 2)
             out["worker_rss_mb_by_n"][n] = round(max(sampler.rss_mb, default=0.0), 1)
+            out["worker_rss_mb_by_pool_by_n"][n] = {p: round(mb, 1) for p, mb in sorted(sampler.rss_by_pool.items())}
             if progress:
                 progress(f"N={n}: makespan {makespan:.1f}s, peak in flight "
                          f"{max((c for _, c in sampler.inflight), default=0)}, workers {out['worker_rss_mb_by_n'][n]} MB")
