@@ -12,10 +12,11 @@ import uuid
 from collections import Counter
 
 from celery import chord, group
-from sqlalchemy import select, true, update
+from sqlalchemy import bindparam, select, true, update
 
 from megaflow.db import states
 from megaflow.db.models import Episode, RolloutGroup, Run, utcnow
+from megaflow.db.sql import prepared
 from megaflow.events import emit
 from megaflow.hops.base import run_hop
 from megaflow.runtime import get_runtime
@@ -62,6 +63,11 @@ def group_stats(rewards: list[float]) -> dict:
             "advantages": [(r - mean) / (std + 1e-6) for r in rewards]}
 
 
+def _update_advantage(conn):
+    e = Episode.__table__
+    return update(e).where(e.c.id == bindparam("k_id")).values(advantage=bindparam("v_advantage", type_=e.c.advantage.type))
+
+
 def group_done_task(self, results, group_id: str, generation: int = 0):
     rt = get_runtime(self.app)
 
@@ -78,8 +84,10 @@ def group_done_task(self, results, group_id: str, generation: int = 0):
             # Infra failures are not the policy's doing: they get no reward and no advantage.
             scored = [(eid, r if r is not None else 0.0) for eid, st, r in rows if st in states.DONE]
             stats = group_stats([r for _, r in scored])
-            for (eid, _), adv in zip(scored, stats["advantages"]):
-                s.execute(update(Episode).where(Episode.id == eid).values(advantage=adv))
+            if scored:
+                conn = s.connection()
+                conn.execute(prepared(conn, "group.advantage", _update_advantage),
+                             [{"k_id": eid, "v_advantage": adv} for (eid, _), adv in zip(scored, stats["advantages"])])
             stats.pop("advantages")
             stats["states"] = dict(Counter(st for _, st, _ in rows))
             s.execute(update(RolloutGroup).where(RolloutGroup.id == group_id)
