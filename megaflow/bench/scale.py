@@ -92,7 +92,7 @@ def workers_rss_by_pool(workers: list[WorkerProcess]) -> dict[str, float]:
     return out
 
 
-def run_scale_bench(sizes=SIZES, steps: int = 4, model_latency_s: float = 30.0, exec_latency_s: float = 5.0,
+def run_scale_bench(sizes=SIZES, steps: int = 8, model_latency_s: float = 120.0, exec_latency_s: float = 20.0,
                     settings: Settings | None = None, progress=None) -> dict:
     settings = settings or Settings()
     if settings.embedded:

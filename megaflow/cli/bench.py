@@ -82,11 +82,11 @@ def env(
 
 @app.command()
 def scale(
-    sizes: str = typer.Option("10000,1,1000,100,10", help="Episode counts N, comma-separated, run in this order "
+    sizes: str = typer.Option("1,10,100,1000,10000", help="Episode counts N, comma-separated, run in this order "
                               "(makespan each; steady-state figures from the largest)."),
-    steps: int = typer.Option(4, help="Commands per episode (each a model call + a command), plus a submit turn."),
-    model_latency: float = typer.Option(30.0, help="Simulated seconds per model call (broker-side delay)."),
-    exec_latency: float = typer.Option(5.0, help="Simulated seconds per command (broker-side delay)."),
+    steps: int = typer.Option(8, help="Commands per episode (each a model call + a command), plus a submit turn."),
+    model_latency: float = typer.Option(120.0, help="Simulated seconds per model call (broker-side delay)."),
+    exec_latency: float = typer.Option(20.0, help="Simulated seconds per command (broker-side delay)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Episodes in flight vs Little's law, hop delay, worker memory, and makespan for N = 1 … 10,000."""
