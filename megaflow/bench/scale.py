@@ -120,7 +120,8 @@ def run_scale_bench(sizes=SIZES, steps: int = 8, model_latency_s: float = 120.0,
             run_id, makespan, sampler = one_run(client, workers, n, steps, model_latency_s, exec_latency_s)
             out["makespan_s"][n] = round(makespan, 2)
             out["worker_rss_mb_by_n"][n] = round(max(sampler.rss_mb, default=0.0), 1)
-            out["worker_rss_mb_by_pool_by_n"][n] = {p: round(mb, 1) for p, mb in sorted(sampler.rss_by_pool.items())}
+            out["worker_rss_mb_by_pool_by_n"][n] = {
+                p: round(mb, 1) for p, mb in sorted(sampler.rss_by_pool.items())}
             if progress:
                 progress(f"N={n}: makespan {makespan:.1f}s, peak in flight "
                          f"{max((c for _, c in sampler.inflight), default=0)}, workers {out['worker_rss_mb_by_n'][n]} MB")

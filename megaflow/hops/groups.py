@@ -65,7 +65,8 @@ def group_stats(rewards: list[float]) -> dict:
 
 def _update_advantage(conn):
     e = Episode.__table__
-    return update(e).where(e.c.id == bindparam("k_id")).values(advantage=bindparam("v_advantage", type_=e.c.advantage.type))
+    return update(e).where(e.c.id == bindparam("k_id")).values(
+        advantage=bindparam("v_advantage", type_=e.c.advantage.type))
 
 
 def group_done_task(self, results, group_id: str, generation: int = 0):
