@@ -76,6 +76,10 @@ class Sampler(threading.Thread):
         self._halt.set()
         self.join(5)
 
+    def peak_by_pool(self) -> dict[str, float]:
+        """Each pool's peak RSS (MB) over the run, rounded for the figures."""
+        return {p: round(mb, 1) for p, mb in sorted(self.rss_by_pool.items())}
+
 
 def workers_rss_by_pool(workers: list[WorkerProcess]) -> dict[str, float]:
     """Resident memory (MB) of each pool's worker, its child processes included."""
@@ -120,8 +124,7 @@ def run_scale_bench(sizes=SIZES, steps: int = 8, model_latency_s: float = 120.0,
             run_id, makespan, sampler = one_run(client, workers, n, steps, model_latency_s, exec_latency_s)
             out["makespan_s"][n] = round(makespan, 2)
             out["worker_rss_mb_by_n"][n] = round(max(sampler.rss_mb, default=0.0), 1)
-            out["worker_rss_mb_by_pool_by_n"][n] = {
-                p: round(mb, 1) for p, mb in sorted(sampler.rss_by_pool.items())}
+            out["worker_rss_mb_by_pool_by_n"][n] = sampler.peak_by_pool()
             if progress:
                 progress(f"N={n}: makespan {makespan:.1f}s, peak in flight "
                          f"{max((c for _, c in sampler.inflight), default=0)}, workers {out['worker_rss_mb_by_n'][n]} MB")
@@ -217,7 +220,7 @@ def steady_figures(client: Client, run_id: str, sampler: Sampler, model_latency_
         "hop_delay_p99_s": round(hop_delay_p99(hops, model_latency_s, exec_latency_s), 3),
         **throughput_floor_inputs(hops),
         "worker_rss_mb": round(max(sampler.rss_mb, default=0.0), 1),
-        "worker_rss_mb_by_pool": {p: round(mb, 1) for p, mb in sorted(sampler.rss_by_pool.items())},
+        "worker_rss_mb_by_pool": sampler.peak_by_pool(),
     }
 
 
@@ -233,16 +236,13 @@ def throughput_floor_inputs(hops, window_s: float = 10.0) -> dict:
     (10,000 episodes do), an underestimate — and no bound — for a light one. A growth
     target below the floor needs cheaper hops or more machines, not a better schedule.
     """
-    ends, by_episode = [], defaultdict(list)
+    bins, by_episode = defaultdict(int), defaultdict(list)
     for eid, hop, finished, _duration in hops:
         if finished is not None:
-            ends.append(finished.timestamp())
+            bins[int(finished.timestamp() // window_s)] += 1
             by_episode[eid].append((finished.timestamp(), hop))
-    if not ends:
+    if not bins:
         return {}
-    bins = defaultdict(int)
-    for t in ends:
-        bins[int(t // window_s)] += 1
     last_phase = []
     for rows in by_episode.values():
         rows.sort()
