@@ -23,7 +23,6 @@ import time
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from celery.canvas import maybe_signature
-from celery.exceptions import ChordError
 from sqlalchemy import (
     Column,
     DateTime,
@@ -163,12 +162,21 @@ class SQLChordBackend(KeyValueStoreBackend):
         gid, tid = request.group, request.id
         if not gid or not tid or not request.chord:
             return
-        encoded = self._text(self.encode({"result": self.encode_result(result, state)}))
-        # The member has finished and its message is about to be acknowledged: a
-        # database restart now must not lose its count (the chord would never close).
-        closing = _retrying(lambda: self._count(request, gid, tid, state, encoded), f"chord {gid} join")
-        if closing:
-            _retrying(lambda: self._fire(gid, request.chord), f"chord {gid} body")
+        # Nothing may escape from here: Celery would fail the member's task and
+        # dead-letter its message, and the chord would never close. An error is
+        # logged and recorded against the chord's group or run (event ``chord.error``);
+        # a chord left open by one is closed by the scheduler's repair sweep
+        # (`megaflow.scheduler.chords`).
+        try:
+            encoded = self._text(self.encode({"result": self.encode_result(result, state)}))
+            # The member has finished and its message is about to be acknowledged: a
+            # database restart now must not lose its count (the chord would never close).
+            closing = _retrying(lambda: self._count(request, gid, tid, state, encoded), f"chord {gid} join")
+            if closing:
+                _retrying(lambda: self._fire(gid, request.chord), f"chord {gid} body")
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.error("chord %s: join of member %s failed", gid, tid, exc_info=True)
+            self._record_error(gid, request.chord, {"member": tid, "error": f"{type(exc).__name__}: {exc}"})
 
     def _count(self, request, gid: str, tid: str, state, encoded: str) -> bool:
         """Count the member once; True when the chord is closed and its body not yet sent."""
@@ -205,15 +213,43 @@ class SQLChordBackend(KeyValueStoreBackend):
                 select(parts_table.c.task_id, parts_table.c.state, parts_table.c.result)
                 .where(parts_table.c.group_id == gid).order_by(parts_table.c.idx)
             ).all()
-        failed = [(tid, st) for tid, st, _ in parts if st != states.SUCCESS]
-        if failed:
-            tid, st = failed[0]
-            self.chord_error_from_stack(callback, ChordError(f"Dependency {tid} ended in state {st}"))
-        else:
-            values = [self.decode(raw)["result"] for _, _, raw in parts]
-            self.app.amqp._retry_publish(callback.delay, values)
+        values = []
+        for tid, st, raw in parts:
+            value = self.decode(raw)["result"]
+            if st != states.SUCCESS:
+                # A member that failed (a bug outside a hop's own containment) still
+                # counts as returned: the body fires, and reads the episodes' states
+                # from the database. Celery's way (the body fails with a ChordError)
+                # would leave the group and the run open forever.
+                log.error("chord %s: member %s ended in state %s; the body fires all the same", gid, tid, st)
+                self._record_error(gid, chord_body, {"member": tid, "state": st, "result": str(value)[:500]})
+                value = {"error": f"member {tid} ended in state {st}", "state": st, "task_id": tid}
+            values.append(value)
+        self.app.amqp._retry_publish(callback.delay, values)
         with self.engine.begin() as conn:
             conn.execute(update(chords_table).where(chords_table.c.group_id == gid).values(fired_at=_now()))
+
+    def _record_error(self, gid: str, chord_body, data: dict) -> None:
+        """Record a ``chord.error`` event against the chord body's group or run; best effort."""
+        from megaflow.events import emit
+
+        try:
+            body = maybe_signature(chord_body, app=self.app) if chord_body else None
+            args = list(getattr(body, "args", None) or ())
+            subject = args[1] if body is not None and len(args) > 1 and isinstance(args[0], list) else (
+                args[0] if args else None)
+            subject = subject if isinstance(subject, str) else None
+            from sqlalchemy.orm import Session
+
+            with Session(self.engine) as s, s.begin():
+                run_id = subject if body is not None and body.task == "megaflow.run.done" else None
+                if subject and run_id is None:
+                    from megaflow.db.models import RolloutGroup
+
+                    run_id = s.execute(select(RolloutGroup.run_id).where(RolloutGroup.id == subject)).scalar()
+                emit(s, "chord.error", run_id, subject, {"chord": gid, "task": getattr(body, "task", None), **data})
+        except Exception:  # noqa: BLE001 - the log line above already says what happened
+            log.warning("chord %s: could not record the chord.error event", gid, exc_info=True)
 
 
 #: How long a chord join keeps trying through a database outage (below the decisions' time limit).

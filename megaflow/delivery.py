@@ -3,11 +3,15 @@
 * **Poison tasks.** A message whose processing keeps killing its worker (or timing
   out) comes back from RabbitMQ again and again, flagged ``redelivered``. Each
   execution of a redelivered message is counted in the ``deliveries`` table (first
-  deliveries write nothing). Past ``Settings.hop_max_deliveries`` executions, an
-  episode's hop or decision ends the episode as ``infra_failed`` (exit status
-  ``poison``) so its chord still closes; a few more, or any other task past the
-  limit, and the message is rejected without requeue: RabbitMQ dead-letters it
-  into ``megaflow.dead``. Either way a ``task.poison`` event and an error log say so.
+  deliveries write nothing, so a message's deliveries are its count + 1). This is
+  the one delivery count and ``Settings.hop_max_deliveries`` the one limit (the hops
+  ledger's ``attempts`` column is bookkeeping only). Past the limit, an episode's hop
+  or decision ends the episode as ``infra_failed`` (exit status ``poison``, the hop
+  named) so its chord still closes: a hop's poison result is recorded in the hops
+  ledger (a later delivery replays it; a result recorded before wins) and handed to
+  the episode's next decision. A few more, or any other task past the limit, and the
+  message is rejected without requeue: RabbitMQ dead-letters it into
+  ``megaflow.dead``. Either way a ``task.poison`` event and an error log say so.
 * **Malformed messages.** Celery acknowledges a body it cannot decode (dropped, with
   a log line); `DeadLetteringConsumer` rejects it instead, so it lands in
   ``megaflow.dead`` for inspection. Unknown tasks, messages that are not Celery
@@ -57,10 +61,22 @@ def count_delivery(db_url: str, name: str, task_id: str, args, kwargs) -> int:
         return int(s.execute(select(Delivery.count).where(Delivery.key == key)).scalar())
 
 
-def poison_result(hop: str, step, count: int) -> dict:
-    """What a poisoned hop hands the episode's decision: an infra failure."""
-    return {"hop": hop, "step": int(step or 0), "kind": "infra", "exit_status": "poison",
-            "error": f"message delivered {count} times without finishing: given up (poison)"}
+def poison_result(hop: str, step, count: int, what: str | None = None) -> dict:
+    """What a poisoned hop hands the episode's decision: an infra failure naming the hop.
+
+    Args:
+        hop: The hop whose result this stands for (for a decision: the hop it follows).
+        step: Its step.
+        count: Deliveries so far.
+        what: What was poisoned, for the error text; default ``<hop> hop``.
+    """
+    try:
+        step = int(step or 0)
+    except (TypeError, ValueError):
+        step = 0
+    what = what or f"{hop} hop"
+    return {"hop": hop, "step": step, "kind": "infra", "exit_status": "poison",
+            "error": f"{what} (step {step}) delivered {count} times without finishing: given up (poison)"}
 
 
 class MegaFlowTask(Task):
@@ -85,8 +101,9 @@ class MegaFlowTask(Task):
                     log.warning("could not count a redelivery of %s[%s]; running it", self.name, request.id)
                     count = 0
                 limit = settings.hop_max_deliveries
-                if count > limit:
-                    return self._poisoned(count, limit, args, kwargs)
+                # The first delivery is never counted: this one is delivery count + 1.
+                if count and count + 1 > limit:
+                    return self._poisoned(count + 1, limit, args, kwargs)
         return self.run(*args, **kwargs)
 
     def on_replace(self, sig):
@@ -115,11 +132,40 @@ class MegaFlowTask(Task):
             raise Reject(f"poison: delivered {count} times", requeue=False)
         if self.name == _EPISODE:
             prev, episode_id = (list(args) + [None, None])[:2]
-            prev = prev or {"hop": "start", "step": 0}
-            return self.run(poison_result(prev.get("hop", "start"), prev.get("step"), count), episode_id, **kwargs)
+            prev = prev if isinstance(prev, dict) else {}
+            hop = prev.get("hop") or "start"
+            return self.run(poison_result(hop, prev.get("step"), count, what=f"decision after the {hop} hop"),
+                            episode_id, **kwargs)
         hop = self.name.removeprefix(_HOP_PREFIX)
         step = args[1] if len(args) > 1 else kwargs.get("step", 0)
-        return poison_result(hop, step, count)
+        episode_id = args[0] if args else kwargs.get("episode_id")
+        result = poison_result(hop, step, count)
+        return self._record_poison(episode_id, hop, result)
+
+    def _record_poison(self, episode_id, hop: str, result: dict) -> dict:
+        """Record a poisoned hop's result in the ledger; returns what the ledger holds.
+
+        A redelivery after this one (or a duplicate lineage) then replays the poison
+        result instead of running the hop; a result an earlier delivery did record
+        (it died before its acknowledgement) is kept and handed on instead. Best
+        effort: the database being down must not turn the poison path into a loss.
+        """
+        from megaflow.hops import ledger
+
+        if not isinstance(episode_id, str):
+            return result
+        key = (episode_id, int(result["step"]), hop)
+        try:
+            with session_scope(self.app.megaflow_settings.resolved_database_url()) as s:
+                done = ledger.recorded(s, *key)
+                if done is not None:
+                    return done
+                if not ledger.finish(s, *key, result) and not ledger.record(s, *key, self.request.id, result):
+                    s.rollback()
+                    return ledger.recorded(s, *key) or result
+        except (OperationalError, InterfaceError):
+            log.warning("could not record the poison result of %s %s", hop, key, exc_info=True)
+        return result
 
     def _event(self, count: int, args) -> None:
         from megaflow.events import emit

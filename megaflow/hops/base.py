@@ -11,7 +11,6 @@ from celery.exceptions import Ignore, Retry
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from megaflow.events import emit
 from megaflow.hops import ledger
 from megaflow.redact import redact_text
 from megaflow.runtime import Runtime
@@ -59,15 +58,10 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
         log.info("hop %s held by another delivery; dropping this one", key)
         raise Ignore()
     t0 = time.monotonic()
-    # Celery retries re-deliver on purpose; only count the other deliveries.
-    if c.attempts - (request.retries or 0) > rt.settings.hop_max_deliveries:
-        # A poison hop: it keeps killing its worker or failing. Stop the loop and
-        # end the episode as an infra failure instead of retrying forever.
-        result, write = {"error": f"hop delivered {c.attempts} times", "kind": "infra"}, None
-        with rt.session() as s:
-            emit(s, "hop.poison", subject_id=key[0], data={"hop": key[2], "step": key[1], "attempts": c.attempts})
-    else:
-        result, write = guarded(work, ctx, key)
+    # No delivery limit here: `megaflow.delivery.MegaFlowTask` counts deliveries and
+    # stops a poison hop before it gets this far (one count, one limit); the
+    # ledger's `attempts` is bookkeeping.
+    result, write = guarded(work, ctx, key)
     with rt.session() as s:
         # Mark done first: if another delivery got there, nothing of ours is written.
         if not ledger.finish(s, *key, result, time.monotonic() - t0, task_id=request.id):

@@ -48,8 +48,8 @@ HOST_BOUND = frozenset({"exec", "evaluate", "release"})
 def episode_task(self, prev, episode_id):
     """Celery task body for ``megaflow.episode``."""
     rt = get_runtime(self.app)
-    prev = prev or {"hop": "start", "step": 0}
-    key = (episode_id, int(prev["step"]), f"agent.{prev['hop']}")
+    prev = normalized(prev)
+    key = (episode_id, prev["step"], f"agent.{prev['hop']}")
     fresh = {}
 
     def work(_ctx):
@@ -137,6 +137,23 @@ def continue_with(task, sig) -> None:
     req.chord = None
 
 
+def normalized(prev) -> dict:
+    """The previous hop's result with a `hop` and an integer `step`, whatever it held.
+
+    A result missing them (a ledger row recorded by an older version's poison
+    path, a hand-made message) must still reach the decision, which then ends the
+    episode, rather than fail the task outside the decision's crash handling: a
+    failed task leaves its episode running and its chord member never returns.
+    """
+    prev = dict(prev) if isinstance(prev, dict) else {}
+    prev["hop"] = str(prev.get("hop") or ("unknown" if prev.get("error") else "start"))
+    try:
+        prev["step"] = int(prev.get("step") or 0)
+    except (TypeError, ValueError):
+        prev["step"] = 0
+    return prev
+
+
 class DecisionCrashed(Exception):
     """A scaffold or driver bug raised while deciding; carries the original as __cause__."""
 
@@ -210,7 +227,8 @@ class Driver:
     # -- the decision ---------------------------------------------------------
 
     def decide(self, prev: dict) -> dict:
-        ep, hop, step = self.ep, prev["hop"], int(prev["step"])
+        prev = normalized(prev)
+        ep, hop, step = self.ep, prev["hop"], prev["step"]
         if ep.state in states.TERMINAL:
             if hop in ("release", "evaluate") or not ep.sandbox_id:
                 return self.final()

@@ -69,32 +69,40 @@ def _update_advantage(conn):
         advantage=bindparam("v_advantage", type_=e.c.advantage.type))
 
 
+def close_group(s, group_id: str, generation: int = 0) -> dict:
+    """Write a group's statistics and advantages (the group's chord body, or the repair sweep's).
+
+    Returns:
+        What ``group.done`` records in the ledger under ``(group_id, generation, "group.done")``.
+    """
+    run_id = s.execute(select(RolloutGroup.run_id).where(RolloutGroup.id == group_id)).scalar()
+    if stale(s, run_id, generation):
+        # A chord of a resumed run's earlier generation: the newer one does this.
+        return {"group_id": group_id, "stale": True}
+    rows = s.execute(select(Episode.id, Episode.state, Episode.reward)
+                     .where(Episode.group_id == group_id, Episode.superseded_by.is_(None))
+                     .order_by(Episode.sample_index)).all()
+    # Infra failures are not the policy's doing: they get no reward and no advantage.
+    scored = [(eid, r if r is not None else 0.0) for eid, st, r in rows if st in states.DONE]
+    stats = group_stats([r for _, r in scored])
+    if scored:
+        conn = s.connection()
+        conn.execute(prepared(conn, "group.advantage", _update_advantage),
+                     [{"k_id": eid, "v_advantage": adv} for (eid, _), adv in zip(scored, stats["advantages"])])
+    stats.pop("advantages")
+    stats["states"] = dict(Counter(st for _, st, _ in rows))
+    s.execute(update(RolloutGroup).where(RolloutGroup.id == group_id)
+              .values(status="finished", stats=stats, finished_at=utcnow()))
+    emit(s, "group.done", run_id, group_id, stats)
+    return {"group_id": group_id, **stats}
+
+
 def group_done_task(self, results, group_id: str, generation: int = 0):
     rt = get_runtime(self.app)
 
     def work(_ctx):
         def write(s):
-            run_id = s.execute(select(RolloutGroup.run_id).where(RolloutGroup.id == group_id)).scalar()
-            if stale(s, run_id, generation):
-                # A chord of a resumed run's earlier generation: the newer one does this.
-                out.update({"group_id": group_id, "stale": True})
-                return
-            rows = s.execute(select(Episode.id, Episode.state, Episode.reward)
-                             .where(Episode.group_id == group_id, Episode.superseded_by.is_(None))
-                             .order_by(Episode.sample_index)).all()
-            # Infra failures are not the policy's doing: they get no reward and no advantage.
-            scored = [(eid, r if r is not None else 0.0) for eid, st, r in rows if st in states.DONE]
-            stats = group_stats([r for _, r in scored])
-            if scored:
-                conn = s.connection()
-                conn.execute(prepared(conn, "group.advantage", _update_advantage),
-                             [{"k_id": eid, "v_advantage": adv} for (eid, _), adv in zip(scored, stats["advantages"])])
-            stats.pop("advantages")
-            stats["states"] = dict(Counter(st for _, st, _ in rows))
-            s.execute(update(RolloutGroup).where(RolloutGroup.id == group_id)
-                      .values(status="finished", stats=stats, finished_at=utcnow()))
-            emit(s, "group.done", run_id, group_id, stats)
-            out.update({"group_id": group_id, **stats})
+            out.update(close_group(s, group_id, generation))
         out: dict = {}
         return out, write
 
@@ -113,20 +121,28 @@ def run_summary(s, run_id: str) -> dict:
             "solved": sum(1 for st, r in rows if st == states.SUCCEEDED and (r or 0) >= 1.0)}
 
 
+def close_run(s, run_id: str, generation: int = 0) -> dict:
+    """End a run with its summary (the run's chord body, or the repair sweep's).
+
+    Returns:
+        What ``run.done`` records in the ledger under ``(run_id, generation, "run.done")``.
+    """
+    if stale(s, run_id, generation):
+        return {"run_id": run_id, "stale": True}
+    summary = run_summary(s, run_id)
+    cancelled = s.execute(select(Run.cancel_requested).where(Run.id == run_id)).scalar()
+    s.execute(update(Run).where(Run.id == run_id).values(
+        status="cancelled" if cancelled else "finished", summary=summary, finished_at=utcnow()))
+    emit(s, "run.done", run_id, run_id, summary)
+    return summary
+
+
 def run_done_task(self, results, run_id: str, generation: int = 0):
     rt = get_runtime(self.app)
 
     def work(_ctx):
         def write(s):
-            if stale(s, run_id, generation):
-                out.update({"run_id": run_id, "stale": True})
-                return
-            summary = run_summary(s, run_id)
-            cancelled = s.execute(select(Run.cancel_requested).where(Run.id == run_id)).scalar()
-            s.execute(update(Run).where(Run.id == run_id).values(
-                status="cancelled" if cancelled else "finished", summary=summary, finished_at=utcnow()))
-            emit(s, "run.done", run_id, run_id, summary)
-            out.update(summary)
+            out.update(close_run(s, run_id, generation))
         out: dict = {}
         return out, write
 

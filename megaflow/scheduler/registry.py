@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from megaflow.scheduler import admission, hosts
+from megaflow.scheduler import admission, chords, hosts
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def join(app, rt) -> hosts.HeartbeatThread:
         with rt.session() as s:
             out = admission.repair(s, settings)
         admission.send(app, out)
+        # Runs whose episodes all ended but whose chord never closed (a lost member).
+        chords.close_unclosed(rt.session)
 
     beat = hosts.HeartbeatThread(rt.session, settings.host, settings.heartbeat_s, images=host_images,
                                  chores=chores, every=max(1, round(60 / settings.heartbeat_s)))
