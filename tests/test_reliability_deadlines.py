@@ -53,10 +53,16 @@ def test_watchdog_reports_soft_and_hard_overruns():
     assert ("megaflow.hop.exec", "t2", "hard") in seen
 
 
-@pytest.fixture
-def cluster(tmp_path, pg_url, amqp_vhost):
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host=HOST)
-    upgrade(pg_url)
+@pytest.fixture(params=["rabbitmq", "embedded"])
+def cluster(request, tmp_path):
+    """Workers on RabbitMQ and PostgreSQL, or on the embedded stack (SQLite state and transport):
+    retries and countdowns must arrive on both."""
+    if request.param == "rabbitmq":
+        pg_url, broker = request.getfixturevalue("pg_url"), request.getfixturevalue("amqp_vhost")
+    else:
+        pg_url, broker = None, None
+    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=broker, host=HOST)
+    upgrade(settings.resolved_database_url())
     env = {"MEGAFLOW_WORKER_CONCURRENCY": "6", "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
     workers = {p: WorkerProcess(p, settings, name=f"dl-{p}", extra_env=env).start() for p in ("model", "agent", "env")}
     yield settings, workers
