@@ -45,9 +45,16 @@ class Settings(BaseSettings):
     watchdog_exit: bool = Field(
         default=True, description="A threads-pool worker whose task outlives its hard time limit exits, so the "
         "broker redelivers now rather than at its consumer timeout (megaflow.watchdog).")
+    sandbox_backends: str = Field(
+        default="", description="Comma-separated sandbox backends this env host must run (local, docker): its "
+        "worker checks them at start and exits non-zero, with the reason, if one cannot work. Empty: no check.")
     reap_interval_s: float = Field(
         default=60.0, gt=0, description="How often an env worker reaps leaked sandboxes of its host (seconds)."
     )
+
+    def required_sandboxes(self) -> list[str]:
+        """`sandbox_backends` as a list."""
+        return [t.strip() for t in self.sandbox_backends.split(",") if t.strip()]
 
     @property
     def embedded(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from celery import signals
 
@@ -53,10 +54,66 @@ def make_worker_app(pool: str, settings: Settings | None = None):
         log.info("%s worker on host %s consuming %s", pool, settings.host, [q.name for q in own])
 
     if pool == "env":
+        _check_at_start(app, settings)
         _reap_periodically(app, settings)
         _register_host(app, settings)
+    _record_retries(app)
     _guard(app, settings)
     return app
+
+
+def _check_at_start(app, settings: Settings) -> None:
+    """An env worker whose required sandbox backends cannot work exits at once, non-zero, with the reason.
+
+    Otherwise it would take provisions and retry them until their episodes fail.
+    """
+
+    @signals.worker_init.connect(weak=False)
+    def _preflight(sender=None, **kwargs):
+        if getattr(sender, "app", app) is not app or not settings.required_sandboxes():
+            return
+        from megaflow.preflight import PreflightError, check_sandbox_types
+
+        try:
+            check_sandbox_types(settings, settings.required_sandboxes())
+        except PreflightError as exc:
+            # One line on stderr (the worker's log), then out before consuming anything.
+            print(f"megaflow env worker cannot start: {exc}", file=sys.stderr, flush=True)
+            os._exit(3)
+
+
+def _record_retries(app) -> None:
+    """Record a hop's retry as a ``hop.retry`` event with its error, and log it at WARNING.
+
+    Celery logs retries at INFO only; recorded, the reason a run makes no progress is
+    what `megaflow run`'s live view shows when it stalls.
+    """
+
+    @signals.task_retry.connect(weak=False)
+    def _retried(sender=None, request=None, reason=None, **kwargs):
+        if sender is None or sender.app is not app:
+            return
+        args = list(getattr(request, "args", None) or [])
+        subject = args[0] if args and isinstance(args[0], str) and len(args[0]) <= 32 else None
+        exc = getattr(reason, "exc", None)
+        error = (f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(reason))[:500]
+        log.warning("%s retried (%s): %s", sender.name, subject, error)
+        try:
+            from megaflow.events import emit
+            from megaflow.runtime import get_runtime
+
+            rt = get_runtime(app)
+            run_id = None
+            if subject:
+                try:
+                    run_id = rt.refs(subject)[0]
+                except LookupError:
+                    pass
+            with rt.session() as s:
+                emit(s, "hop.retry", run_id, subject, {"task": sender.name, "error": error,
+                                                        "retries": getattr(request, "retries", None)})
+        except Exception:  # noqa: BLE001 - recording must never stop the retry itself
+            log.debug("could not record the retry of %s", sender.name, exc_info=True)
 
 
 def _guard(app, settings: Settings) -> None:

@@ -35,26 +35,89 @@ def _load(spec_path: Path):
         raise typer.Exit(2)
 
 
+#: `megaflow run --timeout` default: long enough for the shipped examples many times over,
+#: short enough that a run that cannot progress does not hold a terminal for good.
+DEFAULT_TIMEOUT_S = 3600.0
+#: Exit codes beyond 1 (the run did not finish) and 2 (bad input).
+EXIT_PREFLIGHT = 3
+EXIT_TIMEOUT = 4
+
+
 def run(
     spec_path: Path = typer.Argument(..., help="Run spec (YAML or JSON)."),
-    timeout: float = typer.Option(None, help="Give up waiting after this many seconds."),
+    timeout: float = typer.Option(
+        DEFAULT_TIMEOUT_S, help="Stop following after this many seconds (0: never). On expiry the command exits "
+        f"{EXIT_TIMEOUT}: the embedded stack's workers stop and the run stays unfinished (`megaflow resume RUN` "
+        "continues it); on a cluster the run goes on."),
+    check: bool = typer.Option(True, "--check/--no-check",
+                               help="Check first that the sandbox and model backends can work here."),
 ) -> None:
     """Submit a run and follow it to the end. With no broker configured, starts the embedded stack."""
     from megaflow.config import Settings
 
     spec = _load(spec_path)
     settings = Settings()
+    if check:
+        _preflight(spec, settings)
     if settings.embedded:
         from megaflow.local_stack import LocalStack
 
-        console.print(f"[dim]embedded stack: state in {settings.data_dir}[/dim]")
-        with LocalStack(settings) as stack:
-            _run_and_follow(spec, timeout, stack.check)
+        # The env worker checks the run's backend again at its start (and exits if it cannot work).
+        required = sorted({*settings.required_sandboxes(), spec.sandbox.type})
+        settings = settings.model_copy(update={"sandbox_backends": ",".join(required)})
+        console.print(f"[dim]embedded stack: state in {settings.data_dir}, worker logs in "
+                      f"{settings.data_dir / 'logs'}[/dim]")
+        try:
+            with LocalStack(settings) as stack:
+                tell_unfinished(stack.unfinished)
+                _run_and_follow(spec, timeout, stack)
+        except KeyboardInterrupt as exc:
+            _stopped(exc)
     else:
         from megaflow.db.schema import upgrade
 
         upgrade(settings.resolved_database_url())
         _run_and_follow(spec, timeout, None)
+
+
+def _preflight(spec, settings) -> None:
+    """Refuse, nothing queued, when the run's backends cannot work: one line, exit 3.
+
+    On the embedded stack this host runs everything, so everything is checked here.
+    On a cluster sandboxes and models live on the env and model hosts, whose workers
+    check at start; from here only an OpenAI-compatible endpoint is checked.
+    """
+    from megaflow.preflight import PreflightError, check_spec
+
+    here = settings.embedded
+    try:
+        check_spec(spec, settings, sandbox=here, model=here)
+    except PreflightError as exc:
+        console.print(f"[red]cannot run, nothing queued:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_PREFLIGHT)
+
+
+def tell_unfinished(runs: list[dict]) -> None:
+    """Say which runs an earlier stack on this data directory left unfinished, and how to go on."""
+    for r in runs:
+        console.print(f"[yellow]run {r['id']} ({r['name']}) was left unfinished by an earlier stack "
+                      f"({r['ended']}/{r['episodes']} episodes ended): `megaflow resume {r['id']}` continues it, "
+                      f"`megaflow cancel {r['id']}` drops it[/yellow]", highlight=False, soft_wrap=True)
+
+
+def _stopped(exc: KeyboardInterrupt) -> None:
+    """After a stop signal the workers have stopped: say so and how to continue; exit 128 + signal."""
+    from megaflow.local_stack import Stopped
+
+    signum = exc.signum if isinstance(exc, Stopped) else int(signal.SIGINT)
+    run_id = getattr(exc, "run_id", None)
+    where = f"; run {run_id} is unfinished: `megaflow resume {run_id}` continues it" if run_id else ""
+    try:
+        console.print(f"stopped by {signal.Signals(signum).name}: workers stopped{where}", highlight=False,
+                      soft_wrap=True)
+    except OSError:  # the terminal is gone (SIGHUP)
+        pass
+    raise typer.Exit(128 + signum)
 
 
 def _submit(client, spec) -> str:
@@ -65,26 +128,38 @@ def _submit(client, spec) -> str:
         raise typer.Exit(2)
 
 
-def _run_and_follow(spec, timeout, check) -> None:
+def _run_and_follow(spec, timeout, stack) -> None:
     client = _client()
     run_id = _submit(client, spec)
     console.print(f"run [bold]{run_id}[/bold]: {spec.n_episodes} episodes")
-    final = follow(client, run_id, timeout=timeout, check=check)
+    try:
+        final = follow(client, run_id, timeout=timeout, stack=stack)
+    except KeyboardInterrupt as exc:
+        exc.run_id = run_id  # named in the message once the stack has stopped
+        raise
     print_results(client, run_id)
     if final["status"] != "finished":
         raise typer.Exit(1)
 
 
-def submit(spec_path: Path = typer.Argument(..., help="Run spec (YAML or JSON).")) -> None:
-    """Submit a run to the configured cluster and print its id."""
+def submit(
+    spec_path: Path = typer.Argument(..., help="Run spec (YAML or JSON)."),
+    check: bool = typer.Option(True, "--check/--no-check",
+                               help="Check first that the sandbox and model backends can work."),
+) -> None:
+    """Submit a run to the configured cluster (or an embedded `megaflow up`) and print its id."""
+    from megaflow.config import Settings
+
     spec = _load(spec_path)
+    if check:
+        _preflight(spec, Settings())
     print(_submit(_client(), spec))
 
 
 def status(
     run_id: str,
     watch: bool = typer.Option(False, "--watch", "-w", help="Live progress until the run ends."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of the table."),
 ) -> None:
     """Episodes by state, steps, mean reward; --watch shows live progress bars."""
     client = _client()
@@ -93,11 +168,37 @@ def status(
         if final["status"] != "finished":
             raise typer.Exit(1)
         return
-    st = client.status(run_id)
+    try:
+        st = client.status(run_id)
+    except LookupError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1)
     if as_json:
         print(json.dumps(st, default=str))
     else:
-        console.print(st)
+        console.print(status_table(st))
+
+
+def status_table(st: dict) -> Table:
+    """A run's `Client.status` as a table: one row per episode state, then steps, reward and summary."""
+    from megaflow.ops.stats import STATE_ORDER
+
+    table = Table(title=f"run {st['run_id']} · {st['name']} · {st['status']}", show_header=True)
+    table.add_column("")
+    table.add_column("", justify="right")
+    by_state = st["by_state"]
+    for state in (*STATE_ORDER, *sorted(set(by_state) - set(STATE_ORDER))):
+        if by_state.get(state):
+            table.add_row(state, str(by_state[state]))
+    table.add_row("episodes", str(st["episodes"]), end_section=True)
+    table.add_row("steps", str(st["steps"]))
+    table.add_row("mean reward", "" if st["mean_reward"] is None else f"{st['mean_reward']:.3f}")
+    for reason, n in (st.get("waiting") or {}).items():
+        table.add_row(f"waiting: {reason}", str(n))
+    for key, value in (st.get("summary") or {}).items():
+        if not isinstance(value, (dict, list)):
+            table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    return table
 
 
 def resume(
@@ -113,7 +214,7 @@ def resume(
 
     settings = Settings()
 
-    def go(check=None) -> None:
+    def go(stack=None) -> None:
         client = _client()
         try:
             report = client.resume(run_id)
@@ -127,15 +228,19 @@ def resume(
                           f"{report['rerun']} episodes run again ({report['interrupted']} interrupted, "
                           f"{report['infra_failed']} infra-failed) in {report['groups']} groups")
         if follow_run or (follow_run is None and settings.embedded):
-            final = follow(client, run_id, timeout=timeout, check=check)
+            final = follow(client, run_id, timeout=timeout, stack=stack)
             if final["status"] != "finished":
                 raise typer.Exit(1)
 
     if settings.embedded and follow_run is not False:
         from megaflow.local_stack import LocalStack
 
-        with LocalStack(settings) as stack:
-            go(stack.check)
+        try:
+            with LocalStack(settings) as stack:
+                go(stack)
+        except KeyboardInterrupt as exc:
+            exc.run_id = run_id
+            _stopped(exc)
     else:
         from megaflow.db.schema import upgrade
 
@@ -159,14 +264,26 @@ def results(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
         print_results(client, run_id)
 
 
-def follow(client, run_id: str, timeout: float | None = None, check=None, poll: float = 0.5) -> dict:
-    """Live progress until the run ends: episodes by state, steps/s, mean reward, failures by kind."""
+def follow(client, run_id: str, timeout: float | None = None, stack=None, poll: float = 0.5) -> dict:
+    """Live progress until the run ends: episodes by state, steps/s, mean reward, failures, stalls.
+
+    Args:
+        stack: the embedded `LocalStack` running the run, if any: a dead worker stops
+            the follow, and its logs are searched for the reason of a stall.
+    """
     from megaflow.cli.progress import follow as show
 
     try:
-        return show(client, run_id, console, timeout=timeout, check=check, poll=poll)
+        return show(client, run_id, console, timeout=timeout or None, check=stack.check if stack else None,
+                    poll=poll, logs=[w.log_path for w in stack.workers] if stack else None)
     except TimeoutError as exc:
-        console.print(f"[red]{exc}[/red]")
+        then = (f"workers stopped; the run stays unfinished: `megaflow resume {run_id}` continues it, "
+                f"`megaflow cancel {run_id}` ends it") if stack else \
+            f"the run goes on: `megaflow status {run_id} --watch` follows it"
+        console.print(f"[red]{exc}[/red]: {then}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_TIMEOUT)
+    except RuntimeError as exc:  # a worker of the embedded stack died
+        console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 

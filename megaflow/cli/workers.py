@@ -35,16 +35,28 @@ def worker(
 
 
 def up() -> None:
-    """Start the embedded stack (SQLite, server-free transport, three pools) until Ctrl-C."""
+    """Start the embedded stack (SQLite, server-free transport, three pools) until Ctrl-C, SIGTERM or SIGHUP."""
+    from megaflow.cli.runs import tell_unfinished
     from megaflow.config import Settings
     from megaflow.local_stack import LocalStack
 
     settings = Settings()
-    with LocalStack(settings) as stack:
-        typer.echo(f"MegaFlow embedded stack up (state in {settings.data_dir}); Ctrl-C to stop.")
-        try:
+    try:
+        with LocalStack(settings) as stack:
+            typer.echo(f"MegaFlow embedded stack up (state in {settings.data_dir}); Ctrl-C to stop.")
+            tell_unfinished(stack.unfinished)
             while True:
                 stack.check()
                 time.sleep(1)
-        except KeyboardInterrupt:
-            typer.echo("stopping")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP (LocalStack raises Stopped): workers stopped on exit
+        _say("stopped")
+    except RuntimeError as exc:  # a worker died
+        _say(str(exc))
+        raise typer.Exit(1)
+
+
+def _say(text: str) -> None:
+    try:
+        typer.echo(text)
+    except OSError:  # the terminal is gone (SIGHUP)
+        pass
