@@ -1,27 +1,48 @@
 """`megaflow bench chaos`: a run under fire — workers SIGKILLed, RabbitMQ and PostgreSQL restarted.
 
-One run of `episodes` episodes (scripted model, real sandboxes) goes through three
-real worker pools while `megaflow.bench.faults.Killer` SIGKILLs a random worker
-every ~`kill_every_s` seconds and starts a new one, and RabbitMQ then PostgreSQL
-are restarted once each (at about a third and two thirds of the episodes). Then:
+One run of `episodes` episodes (scripted model, real sandboxes: bubblewrap or
+docker) goes through three real worker pools while `megaflow.bench.faults.Killer`
+SIGKILLs a random worker every few seconds (``8``: 8 s ±30 %; ``2-5``: 2 to 5 s)
+and starts a new one, and RabbitMQ then PostgreSQL are restarted once each (when a
+third and two thirds of the episodes have ended). A quarter of the tasks provision
+slowly (a setup command sleeps 2–8 s), so kills land mid-provision too. Every
+command has side effects a duplicate or a loss would change: it appends its step
+to ``trace.txt``, toggles its own line of ``patch.txt`` and prints both; the last
+command prints the whole trace and patch, and the check (the reward) passes only if
+both are exactly what one run of each command leaves. The accounting trusts the
+sandboxes and the rewards, not the ledger (`megaflow.bench.chaos_watch`):
 
-* ``episodes_lost``: episodes not in a terminal state when the run should long be
-  over (or the run never closed its chords);
-* ``duplicate_steps``: commands that ran more than once, seen from *inside* the
-  sandbox: every command appends its step to a trace file and prints the line
-  count, so a second run of a command shows in the counts and in the final check;
-* ``leaked_sandboxes``: sandboxes still alive (rows or directories) after the
-  workers stopped and ``megaflow cleanup`` ran; ``sandboxes_reaped_by_cleanup``
-  says how many that cleanup had to remove;
-* ``infra_failed``: episodes that ended for the platform's reasons (a worker died
-  mid-command); ``megaflow resume`` then re-runs them (``infra_failed_after_resume``).
-* ``bad_inputs_tried``: invalid specs submitted (all must be refused) and malformed
-  messages published on every queue (all must end in ``megaflow.dead``, and the
-  pickled one that would run a command must never be unpickled), during the run.
+* ``peak_sandboxes``: the most sandboxes that existed at once, counted from outside
+  all through the run (``docker ps`` with the run's host label and the engine's
+  create/destroy events; the sandbox directories for the local backend), against
+  ``capacity`` (the env host's ``MEGAFLOW_SANDBOX_CAPACITY``, or ``--capacity``);
+* ``episodes_lost``: current episodes not terminal once the run is over — finished,
+  or no progress (no hop, no state change) for ``stall_s`` with nothing ready on a
+  queue — measured before any resume;
+* ``chords_unclosed``: groups whose members are all terminal but whose callback never
+  ran (plus 1 if every group closed but the run's own callback did not);
+* ``duplicate_commands`` / ``commands_lost``: commands that ran twice / never, from
+  what the sandboxes printed and from the rewards (``wrong_rewards``);
+* ``infra_failed_self_made`` / ``infra_failed_injected``: every ``infra_failed``
+  episode classified by `chaos_watch.classify_infra_failures` (in short: an
+  ``exec_interrupted`` with an env-worker kill during its command, a ``poison`` whose
+  pool was killed at least as often as the delivery limit, or a connection error
+  during a service restart's retry window is injected; all else is self-made); the
+  per-episode list is ``infra_failed_classified``;
+* ``leaked_after_run``: sandboxes (containers or directories, plus live rows) left
+  once the workers' own reapers had their turn (the workers keep running, reaping
+  every ``reap_interval_s``, for up to ``reap_wait_s``) and *before* the bench runs
+  any cleanup; ``sandboxes_reaped_by_cleanup`` is what ``megaflow cleanup`` then
+  removed and ``leaked_after_cleanup`` what even that left;
+* ``dead_lettered``: messages in ``megaflow.dead`` — ``dead_lettered_platform`` those
+  that are not the bench's malformed ones (a platform message given up);
+* ``bad_inputs_tried``: invalid specs (all refused) and malformed messages on every
+  queue (all dead-lettered, the pickled one never unpickled), during the run.
 
-The bench uses a private RabbitMQ vhost and a private PostgreSQL database (created
-and dropped here when ``rabbitmqctl`` and the admin URL allow), so nothing else on
-the broker is disturbed by its workers — only by the service restarts themselves.
+Then ``megaflow resume`` re-runs the infra-failed episodes (``infra_failed_after_resume``).
+`run_chaos_seeds` runs several seeds and says which targets held in each.
+The bench uses a private RabbitMQ vhost and PostgreSQL database (or, with
+``private_services``, a node and a server of its own), so nothing else is disturbed.
 """
 
 from __future__ import annotations
@@ -40,7 +61,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
 from megaflow.bench import badinput
-from megaflow.bench.floors import wait_for_worker
+from megaflow.bench import chaos_checks as checks
+from megaflow.bench.chaos_watch import SandboxWatcher, classify_infra_failures, sandbox_accounting, targets
 from megaflow.bench.faults import (
     DEFAULT_POSTGRES_RESTART,
     DEFAULT_RABBITMQ_RESTART,
@@ -48,53 +70,91 @@ from megaflow.bench.faults import (
     Killer,
     amqp_ready,
     is_local,
+    kill_interval,
     restart_service,
     sql_ready,
 )
+from megaflow.bench.floors import wait_for_worker
 from megaflow.client import Client
 from megaflow.config import Settings
 from megaflow.db import states
-from megaflow.db.models import Delivery, Episode, Event, SandboxRow, Step
+from megaflow.db.models import Delivery, Episode, Event, Hop, Run, Step
 from megaflow.db.schema import upgrade
 from megaflow.hops.exec_journal import LOST_OUTPUT
 from megaflow.local_stack import WorkerProcess
 
 log = logging.getLogger(__name__)
 
-HOST = "chaos-host"
-COMMAND = "echo {step} >> trace.txt && wc -l < trace.txt"
+N_COMMANDS = 4
+#: Step i appends i to the trace, toggles line i+1 of the patch, and prints what the sandbox holds.
+COMMAND = ("echo {step} >> trace.txt && sed -i '{line}{{s/^off$/on/;t;s/^on$/off/}}' patch.txt && "
+           "echo \"trace $(wc -l < trace.txt) patch $(grep -c '^on$' patch.txt) line $(sed -n '{line}p' patch.txt)\"")
+REPORT = "echo \"final $(tr '\\n' ' ' < trace.txt)|$(tr '\\n' ' ' < patch.txt)\""
 
 
-def chaos_spec(episodes: int, steps: int = 3, rollouts: int = 4, sandbox: str = "local",
-               latency_s: float = 0.05) -> dict:
-    """Episodes whose every command leaves a trace that shows a second execution."""
+def chaos_spec(episodes: int, steps: int = N_COMMANDS, rollouts: int = 4, sandbox: str = "local",
+               latency_s: float = 0.05, slow_every: int = 4, seed: int = 0) -> dict:
+    """Episodes whose every command leaves side effects that show a second execution or a loss.
+
+    Every `slow_every`-th task provisions slowly (a setup command sleeps 2–8 s).
+    """
     rollouts = rollouts if episodes % rollouts == 0 else 1
-    expected = " ".join(str(i) for i in range(steps)) + " "
+    rng = random.Random(seed)
+    expected = " ".join(str(i) for i in range(steps))
+    replies = [f"```bash\n{COMMAND.format(step=i, line=i + 1)}\n```" for i in range(steps)]
+    tasks = []
+    for i in range(episodes // rollouts):
+        slow = slow_every > 0 and i % slow_every == slow_every - 1
+        tasks.append({
+            "instance_id": f"c{i}", "instruction": "append your step to trace.txt and toggle your patch line",
+            "files": {"patch.txt": "off\n" * steps},
+            "setup": [f"sleep {rng.uniform(2, 8):.1f}"] if slow else [],
+            "check": f"test \"$(tr '\\n' ' ' < trace.txt)\" = \"{expected} \" && "
+                     f"test \"$(grep -c '^on$' patch.txt)\" = {steps} && test \"$(wc -l < patch.txt)\" = {steps}"})
     return {
-        "name": "bench-chaos",
-        "rollouts": rollouts,
-        "model": {"type": "scripted", "replies": [f"```bash\n{COMMAND}\n```"] * steps + ["```bash\nsubmit\n```"],
+        "name": "bench-chaos", "rollouts": rollouts,
+        "model": {"type": "scripted", "replies": [*replies, f"```bash\n{REPORT}\n```", "```bash\nsubmit\n```"],
                   "latency_s": latency_s},
         "sandbox": {"type": sandbox},
-        "limits": {"max_steps": steps + 2, "exec_timeout_s": 60, "provision_timeout_s": 120},
-        "tasks": [{"instance_id": f"c{i}", "instruction": "append your step to trace.txt",
-                   "check": f"test \"$(tr '\\n' ' ' < trace.txt)\" = \"{expected}\""}
-                  for i in range(episodes // rollouts)],
+        "limits": {"max_steps": steps + 3, "exec_timeout_s": 60, "provision_timeout_s": 120},
+        "tasks": tasks,
     }
 
 
-def run_chaos_bench(episodes: int = 500, kill_every_s: float = 10.0, sandbox: str = "local",
+def run_chaos_seeds(seeds: list[int], progress=None, **kwargs) -> dict:
+    """`run_chaos_bench` once per seed; every run's figures and which targets held in each."""
+    runs = []
+    for seed in seeds:
+        fig = run_chaos_bench(seed=seed, **kwargs)
+        runs.append(fig)
+        if progress:
+            held = ', '.join(f"{k}={'held' if v else 'MISSED'}" for k, v in fig['targets'].items())
+            progress(f'seed {seed}: {held}')
+    keys = ("episodes_lost", "chords_unclosed", "duplicate_commands", "commands_lost", "infra_failed",
+            "infra_failed_self_made", "infra_failed_injected", "peak_sandboxes", "capacity", "leaked_after_run",
+            "sandboxes_reaped_by_cleanup", "dead_lettered_platform", "elapsed_s", "faults_injected")
+    names = list(runs[0]["targets"]) if runs else []
+    return {"seeds": seeds,
+            "per_seed": [{"seed": f["seed"], **{k: f.get(k) for k in keys}} for f in runs],
+            "targets_held": {n: all(f["targets"][n] for f in runs) for n in names},
+            "all_targets_held": all(all(f["targets"].values()) for f in runs),
+            "runs": runs}
+
+
+def run_chaos_bench(episodes: int = 500, kill_every_s: float | str = 10.0, sandbox: str = "local",
                     rabbitmq_restart: str | None = DEFAULT_RABBITMQ_RESTART,
                     postgres_restart: str | None = DEFAULT_POSTGRES_RESTART,
                     timeout_s: float = 3600.0, resume: bool = True, seed: int | None = None,
                     broker_url: str | None = None, database_url: str | None = None,
                     admin_database_url: str | None = None, keep: bool = False,
-                    private_services: bool = False, private_vhost: bool = True) -> dict:
-    """Run the chaos benchmark; returns its figures (see the module docstring).
+                    private_services: bool = False, private_vhost: bool = True, capacity: int | None = None,
+                    stall_s: float = 180.0, reap_interval_s: float = 10.0, reap_wait_s: float = 200.0) -> dict:
+    """Run the chaos benchmark once; returns its figures (see the module docstring).
 
     With `private_services`, RabbitMQ and PostgreSQL are a node and a server of the
     bench's own (`megaflow.bench.services`), and the default restart commands restart those.
     """
+    opts = {"capacity": capacity, "stall_s": stall_s, "reap_interval_s": reap_interval_s, "reap_wait_s": reap_wait_s}
     if private_services:
         from megaflow.bench.services import PrivateServices
 
@@ -105,7 +165,7 @@ def run_chaos_bench(episodes: int = 500, kill_every_s: float = 10.0, sandbox: st
                 postgres_restart = svc.postgres.restart_command
             figures = run_chaos_bench(episodes, kill_every_s, sandbox, rabbitmq_restart, postgres_restart, timeout_s,
                                       resume, seed, svc.rabbitmq.url, None, svc.postgres.url, keep,
-                                      private_vhost=False)
+                                      private_vhost=False, **opts)
             figures["private_services"] = True
             return figures
     seed = seed if seed is not None else random.randrange(1 << 30)
@@ -120,47 +180,58 @@ def run_chaos_bench(episodes: int = 500, kill_every_s: float = 10.0, sandbox: st
     vhost_url, drop_vhost = _private_vhost(broker, name, faults) if private_vhost else (broker, None)
     db_url, drop_db = (database_url, None) if database_url else _private_database(admin, name)
     data_dir = Path(tempfile.mkdtemp(prefix="megaflow-chaos-"))
-    settings = Settings(data_dir=data_dir, broker_url=vhost_url, database_url=db_url, host=HOST)
+    capacity = capacity or base.sandbox_capacity
+    # A host name of the run's own: the outside count filters the engine's containers on it.
+    settings = Settings(data_dir=data_dir, broker_url=vhost_url, database_url=db_url, host=f"chaos-{name[-8:]}",
+                        sandbox_capacity=capacity, reap_interval_s=reap_interval_s)
     for label, cmd, url in (("rabbitmq", rabbitmq_restart, broker), ("postgres", postgres_restart, db_url)):
         if cmd in (DEFAULT_RABBITMQ_RESTART, DEFAULT_POSTGRES_RESTART) and not is_local(url):
             faults.notes.append(f"{label} is not on this machine: its default restart command would restart "
                                 "the wrong server; pass one")
+    interval = kill_interval(kill_every_s)
     try:
         upgrade(db_url)
-        figures = _run(settings, episodes, kill_every_s, sandbox, rabbitmq_restart, postgres_restart, timeout_s,
-                       resume, rng, faults)
+        figures = _run(settings, episodes, interval, sandbox, rabbitmq_restart, postgres_restart, timeout_s,
+                       resume, rng, seed, faults, opts)
     finally:
         if not keep:
             drop_vhost and drop_vhost()
             drop_db and drop_db()
             shutil.rmtree(data_dir, ignore_errors=True)
-    figures.update(seed=seed, kill_every_s=kill_every_s, sandbox=sandbox, notes=faults.notes)
+    figures.update(seed=seed, kill_every_s=str(kill_every_s), kill_interval_s=list(interval), sandbox=sandbox,
+                   notes=faults.notes)
+    figures["targets"] = targets(figures)
     return figures
 
 
-def _run(settings: Settings, episodes: int, kill_every_s: float, sandbox: str, rabbitmq_restart, postgres_restart,
-         timeout_s: float, resume: bool, rng: random.Random, faults: FaultLog) -> dict:
+def _run(settings: Settings, episodes: int, interval, sandbox: str, rabbitmq_restart, postgres_restart,
+         timeout_s: float, resume: bool, rng: random.Random, seed: int, faults: FaultLog, opts: dict) -> dict:
     client = Client(settings)
 
     def make_worker(pool: str, n: int) -> WorkerProcess:
         return WorkerProcess(pool, settings, name=f"chaos-{pool}-{n}")
 
     workers = {pool: make_worker(pool, 0).start() for pool in ("model", "agent", "env")}
-    killer = Killer(workers, make_worker, kill_every_s, faults, rng)
+    killer = Killer(workers, make_worker, interval, faults, rng)
+    watcher = SandboxWatcher(sandbox, settings.host, settings.data_dir)
+    watcher.start()
     try:
-        return _drive(client, settings, workers, killer, episodes, sandbox, rabbitmq_restart, postgres_restart,
-                      timeout_s, resume, faults)
+        spec = chaos_spec(episodes, sandbox=sandbox, seed=seed)
+        return _drive(client, settings, workers, killer, watcher, spec, rabbitmq_restart, postgres_restart,
+                      timeout_s, resume, faults, opts)
     finally:
         killer.stop()
+        watcher.stop()
         for w in workers.values():
             w.stop()
 
 
-def _drive(client: Client, settings: Settings, workers: dict, killer: Killer, episodes: int, sandbox: str,
-           rabbitmq_restart, postgres_restart, timeout_s: float, resume: bool, faults: FaultLog) -> dict:
+def _drive(client: Client, settings: Settings, workers: dict, killer: Killer, watcher: SandboxWatcher, spec: dict,
+           rabbitmq_restart, postgres_restart, timeout_s: float, resume: bool, faults: FaultLog, opts: dict) -> dict:
+    episodes = len(spec["tasks"]) * spec["rollouts"]
     skip = {n.split(" ", 1)[0] for n in faults.notes}
-    pending_restarts = [(0.3, "rabbitmq", rabbitmq_restart, amqp_ready(settings.broker_url)),
-                        (0.6, "postgres", postgres_restart, sql_ready(settings.database_url))]
+    pending_restarts = [(1 / 3, "rabbitmq", rabbitmq_restart, amqp_ready(settings.broker_url)),
+                        (2 / 3, "postgres", postgres_restart, sql_ready(settings.database_url))]
     for _, label, cmd, _ in pending_restarts:
         if not cmd:
             faults.notes.append(f"{label} restart skipped: no restart command given")
@@ -168,26 +239,32 @@ def _drive(client: Client, settings: Settings, workers: dict, killer: Killer, ep
     for w in workers.values():  # their queues (and megaflow.dead) are declared before anything is sent
         wait_for_worker(client.app, w.name)
     t0 = time.monotonic()
-    run_id = client.submit(chaos_spec(episodes, sandbox=sandbox))
+    run_id = client.submit(spec)
     killer.start()
     # Bad input alongside: specs that must be refused, raw messages that must be dead-lettered.
     refused = badinput.refuse_all(client)
     marker = settings.data_dir / "pickle-was-unpickled"
     malformed = badinput.malformed_messages(client.app, settings.host, marker)
     badinput.publish(settings.broker_url, malformed)
-    deadline = t0 + timeout_s
-    st = None
-    last_log = t0
+    deadline, stall_s = t0 + timeout_s, opts["stall_s"]
+    st, last_log, mark, changed_at, stalled = None, t0, None, t0, False
     try:
         while time.monotonic() < deadline:
-            st = _status(client, run_id) or st
+            st = checks.status(client, run_id) or st
             if st is not None and st["status"] == "finished":
                 break
+            now = time.monotonic()
+            moved = checks.progress(client, run_id)
+            if moved is not None and moved != mark:
+                mark, changed_at = moved, now
+            elif now - changed_at > stall_s and not checks.queued(settings.broker_url, settings.host):
+                stalled = True  # nothing moved for stall_s and nothing waits on a queue: what is left is lost
+                break
             ended = sum(n for s, n in (st or {"by_state": {}})["by_state"].items() if s in states.TERMINAL)
-            if time.monotonic() - last_log > 10:
-                last_log = time.monotonic()
-                log.info("chaos: %.0fs, %d of %d episodes ended, %s", last_log - t0, ended, episodes,
-                         (st or {}).get("by_state"))
+            if now - last_log > 10:
+                last_log = now
+                log.info("chaos: %.0fs, %d of %d episodes ended, %d sandboxes (peak %d), %s", now - t0, ended,
+                         episodes, watcher.current, watcher.peak, (st or {}).get("by_state"))
             if pending_restarts and ended >= pending_restarts[0][0] * episodes:
                 _, label, cmd, ready = pending_restarts.pop(0)
                 with killer.lock:  # no worker swap in the middle of a service restart
@@ -199,40 +276,32 @@ def _drive(client: Client, settings: Settings, workers: dict, killer: Killer, ep
     elapsed = time.monotonic() - t0
     for _, label, _, _ in pending_restarts:
         faults.notes.append(f"{label} restart not done: the run ended before its turn")
-    figures = _outcome(client, run_id, episodes, elapsed)
-    dead = _dead_letters(client.app, len(malformed))
+    figures = {"stalled": stalled, "timed_out": not stalled and time.monotonic() >= deadline}
+    figures.update(_outcome(client, run_id, episodes, elapsed, faults, settings))
+    figures["capacity"] = settings.sandbox_capacity
+    figures.update(checks.dead_letters(client.app, malformed))
     figures.update(bad_inputs_tried=len(badinput.BAD_SPECS) + len(malformed), bad_specs_refused=refused,
-                   malformed_messages_dead_lettered=len(dead), pickle_unpickled=marker.exists())
+                   pickle_unpickled=marker.exists())
     figures["faults_injected"] = faults.injected
     figures["kills"] = dict(faults.kills)
-    figures["service_restarts"] = faults.restarts
+    figures["service_restarts"] = [{k: r[k] for k in ("service", "ok", "seconds")} for r in faults.restarts]
+    # Leftovers once the workers' own reapers had their turn: no cleanup yet.
+    figures.update(checks.after_run(client, settings, watcher, run_id, opts["reap_wait_s"]))
+    figures.update(watcher.figures())
     if resume and figures["infra_failed"] and figures["episodes_lost"] == 0:
         figures.update(_resume(client, run_id))
     for w in workers.values():
         w.stop()
-    figures.update(_leaks(settings, client, run_id))
+    figures.update(checks.cleanup(settings, client, watcher))
     return figures
 
 
-def _dead_letters(app, expected: int, timeout_s: float = 60.0) -> list[str]:
-    """The messages dead-lettered by now (waiting a little for the last of `expected`)."""
-    deadline = time.monotonic() + timeout_s
-    with app.connection_for_write() as conn:
-        while conn.default_channel.queue_declare("megaflow.dead", passive=True)[1] < expected:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-    return badinput.dead_letters(app)
+_HOP_POOL = {"model": "model", "provision": "env", "exec": "env", "evaluate": "env", "release": "env"}
 
 
-def _status(client: Client, run_id: str) -> dict | None:
-    try:
-        return client.status(run_id)
-    except DBAPIError:  # the database is restarting
-        return None
-
-
-def _outcome(client: Client, run_id: str, episodes: int, elapsed: float) -> dict:
+def _outcome(client: Client, run_id: str, episodes: int, elapsed: float, faults: FaultLog,
+             settings: Settings) -> dict:
+    checks.settle_chords(client, run_id)
     with client.session() as s:
         current = s.execute(select(Episode).where(Episode.run_id == run_id, Episode.superseded_by.is_(None))
                             ).scalars().all()
@@ -242,47 +311,39 @@ def _outcome(client: Client, run_id: str, episodes: int, elapsed: float) -> dict
         poison = s.execute(select(func.count()).select_from(Event).where(Event.kind == "task.poison")).scalar()
         lost_outputs = s.execute(select(func.count()).select_from(Step).join(Episode, Episode.id == Step.episode_id)
                                  .where(Episode.run_id == run_id, Step.observation == LOST_OUTPUT)).scalar()
-        run_status = client.status(run_id)
+        exec_starts = dict(s.execute(select(Hop.subject_id, func.max(Hop.started_at)).where(
+            Hop.hop == "exec").group_by(Hop.subject_id)).all())
+        unclosed = checks.chords_unclosed(s, run_id)
+        run_status = s.get(Run, run_id).status
     by_ep: dict[str, list] = {}
     for eid, index, action, obs in steps:
         by_ep.setdefault(eid, []).append((index, action, obs))
-    duplicates = wrong = 0
-    for ep in current:
-        excess = _excess_runs(by_ep.get(ep.id, []))
-        duplicates += excess
-        if ep.state == states.SUCCEEDED and ep.reward != 1.0:
-            wrong += 1
-            duplicates += 0 if excess else 1  # the trace check failed on a command seen only there
     by_state: dict[str, int] = {}
     for ep in current:
         by_state[ep.state] = by_state.get(ep.state, 0) + 1
     lost = sum(n for st, n in by_state.items() if st not in states.TERMINAL)
+    failed = [{"id": ep.id, "exit_status": ep.exit_status, "error": ep.error, "started_at": ep.started_at,
+               "finished_at": ep.finished_at, "exec_started_at": exec_starts.get(ep.id),
+               "poison_hop": _HOP_POOL.get((ep.error or "").split(" ", 1)[0], "agent")}
+              for ep in current if ep.state == states.INFRA_FAILED]
+    classified = classify_infra_failures(failed, faults.kill_times, faults.restarts, settings.hop_max_deliveries)
     exits: dict[str, int] = {}
-    errors: list[str] = []
-    for ep in current:
-        if ep.state == states.INFRA_FAILED:
-            exits[ep.exit_status or "?"] = exits.get(ep.exit_status or "?", 0) + 1
-            errors.append(f"{ep.exit_status}: {(ep.error or '')[:200]}")
+    for c in classified:
+        key = f"{c['exit_status']} ({c['cause']})"
+        exits[key] = exits.get(key, 0) + 1
     return {
         "episodes": len(current), "episodes_lost": lost if len(current) == episodes else episodes - len(current) + lost,
-        "duplicate_steps": duplicates, "wrong_rewards": wrong, "infra_failed": by_state.get(states.INFRA_FAILED, 0),
-        "infra_failed_by_exit": exits, "infra_failed_errors": errors[:5], "by_state": by_state, "run_finished": run_status["status"] == "finished",
-        "all_terminal": lost == 0, "elapsed_s": round(elapsed, 1), "redelivered_messages": redeliveries,
-        "poison_messages": poison, "exec_outputs_lost": lost_outputs,
+        "lost_by_state": {st: n for st, n in by_state.items() if st not in states.TERMINAL},
+        "chords_unclosed": unclosed,
+        **sandbox_accounting(current, by_ep, N_COMMANDS),
+        "infra_failed": by_state.get(states.INFRA_FAILED, 0),
+        "infra_failed_self_made": sum(1 for c in classified if c["cause"] == "self-made"),
+        "infra_failed_injected": sum(1 for c in classified if c["cause"] == "injected"),
+        "infra_failed_by_exit": exits, "infra_failed_classified": classified,
+        "by_state": by_state, "run_finished": run_status == "finished", "all_terminal": lost == 0,
+        "elapsed_s": round(elapsed, 1), "redelivered_messages": redeliveries, "poison_messages": poison,
+        "exec_outputs_lost": lost_outputs,
     }
-
-
-def _excess_runs(steps: list) -> int:
-    """How many times commands ran beyond once, from the line counts they printed."""
-    excess = 0
-    for index, action, obs in steps:
-        if not action or action == "submit" or obs is None:
-            continue
-        try:
-            excess = max(excess, int(obs.strip().splitlines()[-1]) - (index + 1))
-        except (ValueError, IndexError):
-            continue
-    return max(excess, 0)
 
 
 def _resume(client: Client, run_id: str) -> dict:
@@ -293,22 +354,6 @@ def _resume(client: Client, run_id: str) -> dict:
         st = client.status(run_id)
     return {"resumed": report["rerun"], "infra_failed_after_resume": st["by_state"].get(states.INFRA_FAILED, 0),
             "by_state_after_resume": st["by_state"], "run_finished_after_resume": st["status"] == "finished"}
-
-
-def _leaks(settings: Settings, client: Client, run_id: str) -> dict:
-    """Sandboxes left after the workers stopped and a cleanup ran (rows, directories, processes)."""
-    from megaflow.reaper import reap
-
-    report = reap(settings, all_hosts=True, grace_s=0)
-    with client.session() as s:
-        rows = s.execute(select(func.count()).select_from(SandboxRow).where(SandboxRow.destroyed_at.is_(None))
-                         ).scalar()
-    dirs = len(list((settings.data_dir / "sandboxes").glob("mf-*")))
-    procs = subprocess.run(["pgrep", "-f", str(settings.data_dir / "sandboxes")], capture_output=True, text=True)
-    processes = len(procs.stdout.split())
-    return {"leaked_sandboxes": max(rows, dirs) + processes, "leaked_rows": rows, "leaked_dirs": dirs,
-            "leaked_processes": processes, "sandboxes_reaped_by_cleanup": len(report["destroyed"]),
-            "cleanup_errors": report["errors"][:5]}
 
 
 def _private_vhost(broker: str, name: str, faults: FaultLog):

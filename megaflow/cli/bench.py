@@ -99,8 +99,9 @@ def scale(
 
 @app.command()
 def chaos(
-    episodes: int = typer.Option(500, help="Episodes in the run."),
-    kill_every_s: float = typer.Option(10.0, help="Mean seconds between two worker SIGKILLs (each ±30%)."),
+    episodes: int = typer.Option(500, help="Episodes in each run."),
+    kill_every_s: str = typer.Option("10", help="Seconds between two worker SIGKILLs: N (N ±30%) or LO-HI (uniform), "
+                                     "e.g. 8 or 2-5."),
     sandbox: str = typer.Option("local", help="Sandbox backend: local (bubblewrap) or docker."),
     rabbitmq_restart: str = typer.Option(
         None, help="Command that restarts RabbitMQ once mid-run ('' to skip). Default: "
@@ -108,22 +109,47 @@ def chaos(
     postgres_restart: str = typer.Option(
         None, help="Command that restarts PostgreSQL once mid-run ('' to skip). Default: "
         "'pg_ctlcluster --skip-systemctl-redirect <version> main restart'."),
-    timeout_s: float = typer.Option(3600.0, help="Give up on the run after this long; what is unfinished is lost."),
+    timeout_s: float = typer.Option(3600.0, help="Give up on a run after this long; what is unfinished is lost."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Afterwards, `resume` the infra-failed episodes."),
-    seed: int = typer.Option(None, help="Seed of the fault schedule."),
+    seed: int = typer.Option(None, help="Seed of the fault schedule (one run)."),
+    seeds: str = typer.Option(None, help="Comma-separated seeds, e.g. 1,2,3: one run each, and a summary of "
+                              "which targets held in every run."),
+    capacity: int = typer.Option(None, help="The env host's sandbox capacity (default MEGAFLOW_SANDBOX_CAPACITY); "
+                                 "peak_sandboxes, counted from outside, is held against it."),
+    stall_s: float = typer.Option(180.0, help="A run in which nothing moved for this long, with nothing queued, "
+                                  "is over: its unfinished episodes are lost."),
+    reap_interval_s: float = typer.Option(10.0, help="The workers' own reaping interval."),
+    reap_wait_s: float = typer.Option(200.0, help="After the run, how long the workers may reap before leftovers "
+                                      "count as leaked (the reaper spares sandboxes for 120 s)."),
     keep: bool = typer.Option(False, help="Keep the private vhost, database and data directory."),
     private_services: bool = typer.Option(
         False, help="Start a RabbitMQ node and a PostgreSQL server of the bench's own and restart those, "
         "leaving the machine's services alone (needs root)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """A run under fire: random workers SIGKILLed, RabbitMQ and PostgreSQL restarted; lost, duplicated, leaked."""
-    from megaflow.bench.chaos import run_chaos_bench
+    """A run under fire: workers killed, RabbitMQ and PostgreSQL restarted; lost, duplicated, leaked, peak sandboxes."""
+    from megaflow.bench.chaos import run_chaos_bench, run_chaos_seeds
     from megaflow.bench.faults import DEFAULT_POSTGRES_RESTART, DEFAULT_RABBITMQ_RESTART
 
-    figures = run_chaos_bench(
+    kwargs = dict(
         episodes=episodes, kill_every_s=kill_every_s, sandbox=sandbox,
         rabbitmq_restart=DEFAULT_RABBITMQ_RESTART if rabbitmq_restart is None else rabbitmq_restart or None,
         postgres_restart=DEFAULT_POSTGRES_RESTART if postgres_restart is None else postgres_restart or None,
-        timeout_s=timeout_s, resume=resume, seed=seed, keep=keep, private_services=private_services)
+        timeout_s=timeout_s, resume=resume, keep=keep, private_services=private_services, capacity=capacity,
+        stall_s=stall_s, reap_interval_s=reap_interval_s, reap_wait_s=reap_wait_s)
+    if seeds:
+        figures = run_chaos_seeds([int(x) for x in seeds.split(",")], progress=lambda line: typer.echo(line, err=True),
+                                  **kwargs)
+        if as_json:
+            print(json.dumps(figures, default=str))
+            return
+        for row in figures["per_seed"]:
+            typer.echo(" ".join(f"{k}={v}" for k, v in row.items()))
+        for name, held in figures["targets_held"].items():
+            typer.echo(f"{name:32s} {'held in every run' if held else 'MISSED'}")
+        return
+    figures = run_chaos_bench(seed=seed, **kwargs)
+    if as_json:
+        print(json.dumps(figures, default=str))
+        return
     _print_figures(figures, as_json)
