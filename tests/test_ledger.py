@@ -63,16 +63,37 @@ def test_run_hop_drops_a_duplicate_while_the_first_is_working(tmp_path, sqlite_u
         run_hop(rt, SimpleNamespace(id="second", retries=0), ("e", 2, "generate"), lambda _ctx: ({}, None))
 
 
-def test_poison_hop_is_capped(tmp_path, sqlite_url):
+def test_the_ledger_sets_no_delivery_limit_of_its_own(tmp_path, sqlite_url):
+    """One count, one limit: `MegaFlowTask` stops poison messages; the ledger's attempts are bookkeeping.
+
+    (A second limit on the ledger's count tripped first and recorded a result the decision could not read.)
+    """
     rt = _rt(tmp_path, sqlite_url)
     req = SimpleNamespace(id="t", retries=0)
-    for _ in range(rt.settings.hop_max_deliveries):
+    for _ in range(rt.settings.hop_max_deliveries + 2):
         with session_scope(sqlite_url) as s:
             ledger.claim(s, "p", 0, "exec", "t")
-    result = run_hop(rt, req, ("p", 0, "exec"), lambda _ctx: pytest.fail("poison hop must not run again"))
-    assert result["kind"] == "infra" and "delivered" in result["error"]
+    result = run_hop(rt, req, ("p", 0, "exec"), lambda _ctx: ({"hop": "exec", "step": 0, "ran": True}, None))
+    assert result["ran"]
+
+
+def test_a_poisoned_hop_records_its_result_naming_the_hop(tmp_path, sqlite_url):
+    from megaflow.app import make_app
+
+    task = make_app(Settings(data_dir=tmp_path, database_url=sqlite_url)).tasks["megaflow.hop.exec"]
+    task.push_request(id="t1")
     with session_scope(sqlite_url) as s:
-        assert s.query(Event).filter_by(kind="hop.poison").count() == 1
+        ledger.claim(s, "ep", 3, "exec", "t1")
+    out = task._poisoned(6, 5, ("ep", 3), {})
+    assert (out["hop"], out["step"], out["exit_status"], out["kind"]) == ("exec", 3, "poison", "infra")
+    assert "exec hop" in out["error"]
+    with session_scope(sqlite_url) as s:
+        assert ledger.recorded(s, "ep", 3, "exec") == out
+        assert s.query(Event).filter_by(kind="task.poison").count() == 1
+    # A result recorded before (the worker died before its acknowledgement) wins over poison.
+    with session_scope(sqlite_url) as s:
+        ledger.record(s, "ep", 4, "exec", "t2", {"hop": "exec", "step": 4, "exit_code": 0})
+    assert task._poisoned(6, 5, ("ep", 4), {})["exit_code"] == 0
 
 
 def test_replayed_hop_with_inserts_does_not_collide(tmp_path, sqlite_url):

@@ -113,7 +113,7 @@ def test_openai_backend_against_the_real_server(cluster):
                                                           TaskInstance.instance_id == "long")).scalar_one()
         long_ep = by_task[long_id]
         hops = s.execute(select(Hop).where(Hop.subject_id == long_ep.id, Hop.hop == "generate")).scalars().all()
-        poison = s.execute(select(Event).where(Event.kind == "hop.poison")).scalars().all()
+        poison = s.execute(select(Event).where(Event.kind == "task.poison")).scalars().all()
     assert (long_ep.state, long_ep.exit_status) == ("failed", "context_length")
     assert "maximum context length is 512 tokens" in long_ep.error
     # The step's model call was tried once, recorded once with its error: no retry loop.
