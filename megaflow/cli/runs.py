@@ -184,20 +184,21 @@ def status_table(st: dict) -> Table:
     """A run's `Client.status` as a table: one row per episode state, then steps, reward and summary."""
     from megaflow.ops.stats import STATE_ORDER
 
-    table = Table(title=f"run {st['run_id']} · {st['name']} · {st['status']}", show_header=True)
-    table.add_column("")
+    title = f"run {st['run_id']} · {st['name']} · {st['status']}"
+    table = Table(title=title, min_width=len(title) + 4, title_justify="left")
+    table.add_column("episodes by state")
     table.add_column("", justify="right")
     by_state = st["by_state"]
     for state in (*STATE_ORDER, *sorted(set(by_state) - set(STATE_ORDER))):
         if by_state.get(state):
             table.add_row(state, str(by_state[state]))
-    table.add_row("episodes", str(st["episodes"]), end_section=True)
+    table.add_row("total", str(st["episodes"]), end_section=True)
     table.add_row("steps", str(st["steps"]))
     table.add_row("mean reward", "" if st["mean_reward"] is None else f"{st['mean_reward']:.3f}")
     for reason, n in (st.get("waiting") or {}).items():
         table.add_row(f"waiting: {reason}", str(n))
     for key, value in (st.get("summary") or {}).items():
-        if not isinstance(value, (dict, list)):
+        if key not in ("episodes", "mean_reward") and not isinstance(value, (dict, list)):
             table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     return table
 
