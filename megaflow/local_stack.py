@@ -18,6 +18,7 @@ from pathlib import Path
 
 from megaflow.config import Settings
 from megaflow.db.schema import upgrade
+from megaflow.kombu_sqlite import restore_unacked
 from queues.topology import POOLS
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class LocalStack:
         in_main = threading.current_thread() is threading.main_thread()
         self.workers = stack_workers(self.settings, "", pools, die_with_parent=in_main)
         self.unfinished: list[dict] = []
+        self.restored = 0  # messages of an earlier stack delivered again (embedded transport)
         self._handlers: dict[int, object] = {}
         self._pid_file = self.settings.data_dir / "stacks" / f"{os.getpid()}.pid"
 
@@ -182,7 +184,10 @@ class LocalStack:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(self.settings.resolved_database_url())
         if self.settings.embedded and not self._others_alive():
-            # No other stack on this directory: a run still marked running has nothing to run it.
+            # No other stack on this directory: messages the earlier stack's workers took
+            # and never acknowledged have no consumer left; they are delivered again
+            # (flagged redelivered, so the ledger and the delivery limit see them).
+            self.restored = restore_unacked(self.settings.resolved_broker_url())
             self.unfinished = unfinished_runs(self.settings.resolved_database_url())
         self._pid_file.parent.mkdir(exist_ok=True)
         self._pid_file.write_text(str(os.getpid()))

@@ -49,3 +49,51 @@ def test_waits_rate_limits_and_chord_bodies_arrive_on_the_embedded_transport(tmp
     kinds = _events(client, run_id)
     assert kinds.count("episode.waiting") >= 4, kinds
     assert "run.done" in kinds and kinds.count("group.done") == 2, kinds
+
+
+def _taken(broker_url: str, queue: str) -> int:
+    """Messages of `queue` a consumer took and has not acknowledged, read from the broker's own table."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(broker_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+                                     "WHERE q.name = :q AND NOT m.visible"), {"q": queue}).scalar()
+    finally:
+        engine.dispose()
+
+
+def test_a_message_held_by_a_killed_worker_is_delivered_by_the_next_stack(tmp_path):
+    """RabbitMQ redelivers what a dead consumer held; the embedded transport does it when the next stack
+    starts on the same data directory (the stock transport hid such a message for good)."""
+    import shutil
+    import signal
+    import time
+
+    from megaflow import Client, Settings
+    from megaflow.local_stack import LocalStack
+
+    need("bubblewrap", shutil.which("bwrap") is not None)
+    settings = Settings(data_dir=tmp_path / "data")
+    spec = {"name": "embedded-redelivery", "rollouts": 2,
+            "model": {"type": "scripted", "latency_s": 4.0, "replies": ["```bash\nsubmit\n```"]},
+            "sandbox": {"type": "local"},  # on disk: it outlives the stack (a memory sandbox dies with it)
+            "tasks": [{"instance_id": "t", "instruction": "x", "check": "true"}]}
+    first = LocalStack(settings).start()
+    try:
+        client = Client(settings)
+        run_id = client.submit(spec)
+        deadline = time.monotonic() + 60
+        while _taken(settings.resolved_broker_url(), "model") == 0:
+            assert time.monotonic() < deadline, "the model worker never took a call"
+            time.sleep(0.1)
+        [model] = [w for w in first.workers if w.pool == "model"]
+        model.kill(signal.SIGKILL)  # dies holding a model call
+    finally:
+        first.stop()
+    assert client.status(run_id)["by_state"] != {"succeeded": 2}
+    with LocalStack(settings) as second:
+        assert second.restored >= 1
+        st = client.wait(run_id, timeout=120)
+    assert st["by_state"] == {"succeeded": 2}, (st, client.results(run_id))
