@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian machine, then run it.
 #   bash tests/run.sh [pytest args]
-# Services missing under CI=true fail the run (the tests themselves enforce it too).
+# Python packages go into the project virtualenv .venv (created when missing, reused
+# otherwise; MEGAFLOW_VENV names another), never into the system Python: Debian 12
+# refuses that (externally-managed-environment). PYTHON=/path/to/python uses that
+# interpreter as it is instead. Services missing under CI=true fail the run (the tests
+# themselves enforce it too). pytest collecting nothing (exit 5) is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,13 +21,35 @@ have dockerd || need_apt+=(docker.io)
 # Flower and the run report are checked in a real headless browser; `status --watch` in a terminal.
 have chromium || need_apt+=(chromium)
 have tmux || need_apt+=(tmux)
+# `python3 -m venv` needs ensurepip, which Debian ships separately.
+VENV=${MEGAFLOW_VENV:-.venv}
+if [ -z "${PYTHON:-}" ] && [ ! -x "$VENV/bin/python" ]; then
+  have python3 || need_apt+=(python3)
+  python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 
-log "python packages"
-PY=${PYTHON:-python3}
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+else
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "virtualenv $VENV"
+    rm -rf "$VENV"  # a half-made one (venv failed before pip was in) is not reused
+    python3 -m venv "$VENV" || {
+      rm -rf "$VENV"
+      $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+      python3 -m venv "$VENV"
+    }
+  fi
+  PY=$VENV/bin/python
+  # Tests and the workers they start find `megaflow` and `celery` of the venv first.
+  export PATH="$PWD/$VENV/bin:$PATH" VIRTUAL_ENV="$PWD/$VENV"
+fi
+
+log "python packages ($PY)"
 $PY -m pip install -q --disable-pip-version-check -e '.[test]'
 if [ "${MEGAFLOW_SKIP_MODEL:-0}" != 1 ]; then
   # The CPU torch wheel (a bare `torch` would pull a multi-GB CUDA build), then
