@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import typer
 
@@ -22,7 +23,8 @@ sched.register(app)
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO.")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+    level = "INFO" if verbose else os.environ.get("MEGAFLOW_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from megaflow.redact import install_log_redaction
 
