@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 HOST_LABEL = "megaflow.host"
 CREATED_LABEL = "megaflow.created"
+EPISODE_LABEL = "megaflow.episode"
 #: Width of the ``megaflow.created`` buckets, in seconds.
 CREATED_BUCKET_S = 60
 #: Default time an ended episode's sandbox, or an unrecorded one, is left alone.
@@ -55,7 +56,7 @@ def sandbox_labels(host: str, run_id: str | None = None, episode_id: str | None 
     if run_id:
         labels["megaflow.run"] = run_id
     if episode_id:
-        labels["megaflow.episode"] = episode_id
+        labels[EPISODE_LABEL] = episode_id
     return labels
 
 
@@ -135,10 +136,15 @@ def _claim(rt: Runtime, row: SandboxRow) -> bool:
     return claimed
 
 
+#: Id prefix of a row claimed before its sandbox was created (`megaflow.hops.env_sandbox.CLAIM_PREFIX`).
+_CLAIM_PREFIX = "claim-"
+
+
 def _destroy(rt: Runtime, kind: str, sandbox_id: str, report: dict) -> bool:
     rt.forget_sandbox(sandbox_id)
     try:
-        rt.backend(kind).destroy(sandbox_id)
+        if not sandbox_id.startswith(_CLAIM_PREFIX):  # a claim whose create never finished holds no sandbox
+            rt.backend(kind).destroy(sandbox_id)
     except (SandboxError, ValueError) as exc:
         report["errors"].append(f"destroy {kind}:{sandbox_id[:12]}: {exc}")
         return False
@@ -207,7 +213,9 @@ class ReaperThread(threading.Thread):
 
     Args:
         rt: The env worker's runtime (its pool is the one whose leases are renewed).
-        interval_s: Seconds between two rounds; the first round runs after one interval.
+        interval_s: Seconds between two rounds. The first round runs at once: a worker
+            restarted after a crash (often, under a chaos run's kills) must not wait a
+            full interval to clean up what its previous life left, or it never does.
     """
 
     def __init__(self, rt: Runtime, interval_s: float):
@@ -216,12 +224,14 @@ class ReaperThread(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
+        while not self._stop_event.is_set():
             try:
                 renew_idle_leases(self.rt)
                 reap(self.rt)
             except Exception:  # a failed round (database down) must not end the timer
                 log.warning("reaper round failed; next in %.0fs", self.interval_s, exc_info=True)
+            if self._stop_event.wait(self.interval_s):
+                break
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop after the current round; wait up to `timeout` for it."""

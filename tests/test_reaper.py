@@ -85,7 +85,8 @@ def spec(kind: str) -> dict:
 
 def live_rows(client: Client, run_id: str) -> list[SandboxRow]:
     with client.session() as s:
-        return list(s.execute(select(SandboxRow).where(SandboxRow.run_id == run_id,
+        # Not the claims of sandboxes still being created (state `creating`): they hold none yet.
+        return list(s.execute(select(SandboxRow).where(SandboxRow.run_id == run_id, SandboxRow.state != "creating",
                                                        SandboxRow.destroyed_at.is_(None))).scalars())
 
 

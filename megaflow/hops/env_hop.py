@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 import random
 import time
+from types import SimpleNamespace
 
 from sqlalchemy import bindparam, select, update
 
+from megaflow.db import states
 from megaflow.db.models import Episode, Step
 from megaflow.db.sql import prepared, update_where
 from megaflow.envs import swe
 from megaflow.envs.swe import SetupError
-from megaflow.errors import SandboxError
+from megaflow.errors import SandboxError, SandboxNotFoundError
 from megaflow.redact import redact_text
 from megaflow.deadlines import Budget, remaining_s
 from megaflow.hops import exec_journal
@@ -133,15 +135,11 @@ def exec_task(self, episode_id: str, step: int):
         ep, action, plan = ctx
         spec = rt.spec(ep.run_id)
         journaled = exec_journal.applies(spec.sandbox.type)
-        rebuilt = None
+        # A command may not outlive its episode's deadline (the next decision ends the episode).
+        timeout = remaining_s(ep.deadline_at, spec.limits.exec_timeout_s)
         try:
-            if plan is not None:
-                sb, rebuilt = rebuild(rt, ep, plan, rt.settings.host)
-            else:
-                sb = rt.open_sandbox(ep.sandbox_id, spec.sandbox)
-            # A command may not outlive its episode's deadline (the next decision ends the episode).
-            timeout = remaining_s(ep.deadline_at, spec.limits.exec_timeout_s)
-            result = sb.exec(exec_journal.wrap(action, str(step)) if journaled else action, timeout=timeout)
+            result, rebuilt = with_sandbox(rt, ep, plan, lambda sb: sb.exec(
+                exec_journal.wrap(action, str(step)) if journaled else action, timeout=timeout))
         except SandboxError as exc:
             return _infra("exec", step, exc, "sandbox_lost")
         except (SetupError, OSError, TimeoutError) as exc:  # rebuilding the sandbox failed
@@ -198,20 +196,17 @@ def evaluate_task(self, episode_id: str, step: int):
     def work(ctx):
         ep, plan = ctx
         spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)
-        rebuilt = None
         try:
-            if plan is not None:  # re-homed here from a dead host
-                sb, rebuilt = rebuild(rt, ep, plan, rt.settings.host)
-            else:
-                sb = rt.open_sandbox(ep.sandbox_id, spec.sandbox)
             # eval_timeout_s bounds the whole evaluation (swe.evaluate shares it between its commands).
-            reward, patch = evaluate(sb, task, spec.limits.eval_timeout_s)
+            (reward, patch), rebuilt = with_sandbox(rt, ep, plan,
+                                                    lambda sb: evaluate(sb, task, spec.limits.eval_timeout_s))
         except SandboxError as exc:
-            destroy(rt, ep.sandbox_id, spec.sandbox.type)
             return _infra("evaluate", step, exc, "evaluation_failed")
         except (SetupError, OSError, TimeoutError) as exc:  # rebuilding the sandbox failed
             return _infra("evaluate", step, exc, "rebuild_failed")
-        finish(rt, ep)
+        # The sandbox is not destroyed here but once the reward is recorded (below):
+        # a worker lost in between would otherwise throw a computed reward away, and
+        # the redelivered evaluate would meet no sandbox.
 
         def write(s):
             update_where(s.connection(), Episode.__table__, {"id": episode_id},
@@ -221,8 +216,62 @@ def evaluate_task(self, episode_id: str, step: int):
 
         return {"hop": "evaluate", "step": step, "reward": reward, "host": rt.settings.host}, write
 
-    return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "evaluate"), work,
-                                                         load=load))
+    def run():
+        result = run_hop(rt, self.request, (episode_id, step, "evaluate"), work, load=load)
+        # Recorded (now, or by an earlier delivery that died before its acknowledgement):
+        # the episode is done with its sandbox. Idempotent, so a redelivery does it again.
+        finish_quietly(rt, episode_id)
+        return result
+
+    return on_host(self, rt, episode_id, run)
+
+
+def with_sandbox(rt, ep, plan, use):
+    """`use(sandbox)` on the episode's sandbox; returns its result and what `record_rebuild` records (or None).
+
+    The sandbox is rebuilt on this host (setup, then the episode's recorded commands
+    replayed) when the episode was re-homed here (`plan` given), and also when its
+    sandbox is gone (a redelivered hop whose earlier delivery's sandbox was lost,
+    destroyed or reaped): such a hop gets a rebuilt sandbox, never a
+    `SandboxNotFoundError`. Only once: a sandbox lost again is an infra failure.
+
+    Raises:
+        SandboxError, SetupError, OSError, TimeoutError: no sandbox could be had.
+    """
+    host = rt.settings.host
+    if plan is not None:  # re-homed here from a dead host
+        sb, rebuilt = rebuild(rt, ep, plan, host)
+        return use(sb), rebuilt
+    spec = rt.spec(ep.run_id)
+    try:
+        return use(rt.open_sandbox(ep.sandbox_id, spec.sandbox)), None
+    except SandboxNotFoundError as exc:
+        if ep.state in states.TERMINAL:  # a stale hop of an ended episode: nothing to rebuild for
+            raise
+        gone = ep.sandbox_id
+        log.warning("episode %s: its sandbox %s is gone (%s); rebuilding it", ep.id, gone, exc)
+    rt.forget_sandbox(gone)
+    with rt.session(readonly=True) as s:
+        plan = replay_plan(s, ep.id)
+    ep.sandbox_id = None
+    sb, rebuilt = rebuild(rt, ep, plan, host)
+    rebuilt["replaces"] = gone
+    return use(sb), rebuilt
+
+
+def finish_quietly(rt, episode_id: str) -> None:
+    """`finish` the episode's sandbox as it is recorded now; a failure is left to the reaper.
+
+    After a hop's result is recorded nothing may fail the task: its continuation
+    would never be sent and the episode would stay where it is.
+    """
+    try:
+        with rt.session(readonly=True) as s:
+            row = s.execute(select(Episode.__table__).where(Episode.id == episode_id)).first()
+        if row is not None:
+            finish(rt, SimpleNamespace(**row._mapping))
+    except Exception:  # noqa: BLE001 - see above
+        log.warning("episode %s: its sandbox was not given back; the reaper will", episode_id, exc_info=True)
 
 
 def release_task(self, episode_id: str, step: int):

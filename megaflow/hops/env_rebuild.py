@@ -25,9 +25,9 @@ import uuid
 from types import SimpleNamespace
 
 from celery.exceptions import Ignore
-from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 
-from megaflow.db.models import Episode, Hop, Step
+from megaflow.db.models import Episode, Hop, SandboxRow, Step, utcnow
 from megaflow.db.sql import prepared
 from megaflow.events import emit
 from megaflow.hops import ledger
@@ -125,9 +125,17 @@ def rebuild(rt, ep: Episode, plan: list[tuple[int, str, int | None]], host: str)
 
 
 def record_rebuild(s, ep: Episode, info: dict) -> None:
-    """In the hop's recording transaction: the episode's new sandbox, and an event."""
-    s.execute(update(Episode).where(Episode.id == ep.id, Episode.sandbox_id.is_(None))
-              .values(sandbox_id=info["sandbox"]))
+    """In the hop's recording transaction: the episode's new sandbox, and an event.
+
+    ``info["replaces"]``: the sandbox that was gone (`env_hop.with_sandbox`); its row is closed.
+    """
+    gone = info.get("replaces")
+    was = Episode.sandbox_id.is_(None) if gone is None else or_(Episode.sandbox_id.is_(None),
+                                                                 Episode.sandbox_id == gone)
+    s.execute(update(Episode).where(Episode.id == ep.id, was).values(sandbox_id=info["sandbox"]))
+    if gone is not None:
+        s.execute(update(SandboxRow).where(SandboxRow.id == gone, SandboxRow.destroyed_at.is_(None))
+                  .values(state="destroyed", destroyed_at=utcnow()))
     emit(s, "episode.rebuilt", ep.run_id, ep.id, info)
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import uuid
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from megaflow.db.models import SandboxRow, utcnow
 from megaflow.envs.swe import sandbox_config
 from megaflow.errors import SandboxError, SandboxNotFoundError
-from megaflow.reaper import idle_lease_s, sandbox_labels
+from megaflow.reaper import EPISODE_LABEL, HOST_LABEL, idle_lease_s, sandbox_labels
 from megaflow.runtime import Runtime
 from megaflow.sandbox.base import Sandbox, SandboxConfig
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Attempts at taking a pooled sandbox whose row a reaper claims at the same moment.
 _ACQUIRE_TRIES = 3
+#: Id prefix of a sandbox row claimed before its sandbox exists (state ``creating``).
+CLAIM_PREFIX = "claim-"  # the reaper knows it too
 
 
 def lease_until(rt: Runtime, run_id: str) -> dt.datetime:
@@ -40,8 +43,14 @@ def config_for(rt: Runtime, ep) -> SandboxConfig:
 def obtain(rt: Runtime, ep, host: str) -> tuple[Sandbox, SandboxConfig]:
     """Create (ephemeral) or acquire (persistent) the episode's sandbox and record its row.
 
-    The row is written before any setup runs, so a crash from here on leaves a row
-    for the reaper; a crash inside ``create`` leaves a labelled sandbox it finds.
+    One sandbox per episode per host, so never more sandboxes than the host's
+    slots, even under redelivered provisions: first, whatever an earlier delivery
+    of this episode left here (a killed provision or rebuild) is destroyed — the
+    rows it recorded and the sandboxes labelled with the episode, recorded or
+    not (`clear_earlier`). Then an ephemeral sandbox's row is claimed (state
+    ``creating``, a placeholder id) *before* the container is created, and given
+    the sandbox's id once it exists; a crash in between leaves that row and a
+    labelled sandbox, both found by the next delivery (or the reaper).
 
     Raises:
         SandboxError: the backend failed.
@@ -49,12 +58,20 @@ def obtain(rt: Runtime, ep, host: str) -> tuple[Sandbox, SandboxConfig]:
     config = config_for(rt, ep)
     values = {"run_id": ep.run_id, "episode_id": ep.id, "state": "in_use",
               "lease_expires_at": lease_until(rt, ep.run_id), "heartbeat_at": utcnow()}
+    clear_earlier(rt, ep.id, host, config.type)
     if config.mode == "ephemeral":
-        sb = rt.backend(config.type).create(config, sandbox_labels(host, ep.run_id, ep.id))
+        claim = f"{CLAIM_PREFIX}{uuid.uuid4().hex}"
+        with rt.session() as s:
+            s.add(SandboxRow(id=claim, backend=config.type, host=host, image=config.image, mode=config.mode,
+                             **{**values, "state": "creating"}))
+        try:
+            sb = rt.backend(config.type).create(config, sandbox_labels(host, ep.run_id, ep.id))
+        except BaseException:
+            _close_rows(rt, [claim])
+            raise
         try:
             with rt.session() as s:
-                s.add(SandboxRow(id=sb.id, backend=config.type, host=host, image=config.image, mode=config.mode,
-                                 **values))
+                s.execute(update(SandboxRow).where(SandboxRow.id == claim).values(id=sb.id, state="in_use"))
         except BaseException:
             # Unrecorded (the database is down): the hop's retry makes another, so do not leave this one behind.
             _destroy_quietly(rt, sb.id, config.type)
@@ -77,6 +94,45 @@ def obtain(rt: Runtime, ep, host: str) -> tuple[Sandbox, SandboxConfig]:
             return sb, config
         log.info("pooled sandbox %s is being reaped; taking another", sb.id)
     raise SandboxError(f"no usable pooled sandbox after {_ACQUIRE_TRIES} tries")
+
+
+def clear_earlier(rt: Runtime, episode_id: str, host: str, kind: str) -> list[str]:
+    """Destroy what earlier deliveries of this episode left on this host; returns the sandbox ids destroyed.
+
+    Called before the episode gets a sandbox here, when it has none in use (its
+    recorded ``sandbox_id`` is unset or gone): any sandbox of the episode still
+    around is a leftover of a delivery that died (nobody else uses it), whether its
+    row says ``creating`` or ``in_use`` or it has no row at all (killed between
+    create and record).
+    """
+    with rt.session() as s:
+        rows = s.execute(select(SandboxRow.id, SandboxRow.state).where(
+            SandboxRow.episode_id == episode_id, SandboxRow.host == host, SandboxRow.destroyed_at.is_(None),
+            SandboxRow.state.in_(("creating", "in_use", "releasing")))).all()
+    claims = [sid for sid, state in rows if state == "creating" or sid.startswith(CLAIM_PREFIX)]
+    ids = {sid for sid, _ in rows if sid not in claims}
+    try:
+        ids |= set(rt.backend(kind).list_ids({HOST_LABEL: host, EPISODE_LABEL: episode_id}))
+    except SandboxError:
+        log.warning("could not list the sandboxes of episode %s; the reaper will find any left", episode_id,
+                    exc_info=True)
+    for sandbox_id in sorted(ids):
+        log.warning("episode %s: destroying sandbox %s left by an earlier delivery", episode_id, sandbox_id)
+        destroy(rt, sandbox_id, kind)
+    _close_rows(rt, claims)
+    return sorted(ids)
+
+
+def _close_rows(rt: Runtime, ids: list[str]) -> None:
+    """Mark rows destroyed that hold no sandbox (claims whose create never finished)."""
+    if not ids:
+        return
+    try:
+        with rt.session() as s:
+            s.execute(update(SandboxRow).where(SandboxRow.id.in_(ids), SandboxRow.destroyed_at.is_(None))
+                      .values(state="destroyed", destroyed_at=utcnow()))
+    except Exception:  # noqa: BLE001 - a claim row left open expires with its lease; the reaper closes it
+        log.warning("could not close sandbox claims %s", ids, exc_info=True)
 
 
 def finish(rt: Runtime, ep) -> None:
