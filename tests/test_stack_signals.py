@@ -134,8 +134,8 @@ def test_a_stack_names_the_runs_an_earlier_one_left_unfinished(tmp_path):
     mf = Megaflow(["up"], settings.data_dir)
     try:
         mf.wait_for("stack up")
-        assert f"run {run_id} (long) was left unfinished by an earlier stack (0/1 episodes ended): " \
-               f"`megaflow resume {run_id}` continues it" in mf.output.replace("\n", " ")
+        assert f"run {run_id} (long) was left unfinished by an earlier stack (0/1 episodes ended): its queued " \
+               f"work goes on here; if it makes no progress, `megaflow resume {run_id}` runs" in mf.output
         mf.proc.send_signal(signal.SIGTERM)
         assert mf.proc.wait(timeout=60) == 0
     finally:

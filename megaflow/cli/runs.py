@@ -27,10 +27,15 @@ def _client():
 
 
 def _load(spec_path: Path):
+    """The spec, fully checked as input (deadlines too) before any backend is: a bad spec exits 2."""
+    from megaflow.config import Settings
+    from megaflow.deadlines import check_spec
     from megaflow.spec import RunSpec
 
     try:
-        return RunSpec.load(spec_path)
+        spec = RunSpec.load(spec_path)
+        check_spec(spec, Settings())
+        return spec
     except SpecError as exc:
         console.print(f"[red]spec refused, nothing queued:[/red] {exc}")
         raise typer.Exit(2)
@@ -99,10 +104,15 @@ def _preflight(spec, settings) -> None:
 
 
 def tell_unfinished(runs: list[dict]) -> None:
-    """Say which runs an earlier stack on this data directory left unfinished, and how to go on."""
+    """Say which runs an earlier stack on this data directory left unfinished, and how to go on.
+
+    Their queued messages (and those the earlier workers held) are delivered to this
+    stack, so they usually just go on; one whose messages are gone needs `resume`.
+    """
     for r in runs:
         console.print(f"[yellow]run {r['id']} ({r['name']}) was left unfinished by an earlier stack "
-                      f"({r['ended']}/{r['episodes']} episodes ended): `megaflow resume {r['id']}` continues it, "
+                      f"({r['ended']}/{r['episodes']} episodes ended): its queued work goes on here; if it makes "
+                      f"no progress, `megaflow resume {r['id']}` runs its unfinished episodes again, "
                       f"`megaflow cancel {r['id']}` drops it[/yellow]", highlight=False, soft_wrap=True)
 
 
