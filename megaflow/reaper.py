@@ -111,7 +111,7 @@ def _hosts(rt: Runtime) -> list[str]:
 
 def _expired_rows(rt: Runtime, host: str | None, now: dt.datetime, grace_s: float) -> list[SandboxRow]:
     ended_before = now - dt.timedelta(seconds=grace_s)
-    ended = and_(SandboxRow.state.in_(("in_use", "releasing", "reaping")),
+    ended = and_(SandboxRow.state.in_(("creating", "in_use", "releasing", "reaping")),
                  or_(Episode.id.is_(None), and_(Episode.state.in_(states.TERMINAL),
                                                  Episode.finished_at < ended_before)))
     stmt = (select(SandboxRow).outerjoin(Episode, Episode.id == SandboxRow.episode_id)

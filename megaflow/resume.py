@@ -87,8 +87,11 @@ def resume(client, run_id: str) -> dict:
                 infra_failed += 1
             else:
                 interrupted += 1
-                states.move(s, ep.id, states.INFRA_FAILED, exit_status="interrupted",
-                            error=f"interrupted; re-run as a new attempt by resume (generation {generation})")
+                error = f"interrupted; re-run as a new attempt by resume (generation {generation})"
+                if states.move(s, ep.id, states.INFRA_FAILED, exit_status="interrupted", error=error):
+                    # As every other ending: followers and exports count endings by this event.
+                    emit(s, "episode.ended", run_id, ep.id,
+                         {"state": states.INFRA_FAILED, "exit_status": "interrupted", "error": error})
                 admitted += _release_admission(s, client.settings, ep.id)
             new = Episode(id=new_id(), seq=seq, run_id=run_id, group_id=ep.group_id,
                           task_instance_id=ep.task_instance_id, sample_index=ep.sample_index,

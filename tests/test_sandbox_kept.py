@@ -137,3 +137,14 @@ def test_a_redelivered_provision_leaves_one_sandbox(world):
     ep = SimpleNamespace(id=w.eid, run_id=w.run_id, task_instance_id=episode(w).task_instance_id)
     sb, _ = obtain(w.rt, ep, HOST)
     assert backend.list_ids({"megaflow.host": HOST}) == [sb.id] and live(w) == [sb.id]
+
+
+def test_the_release_of_an_episode_that_never_recorded_a_sandbox_clears_its_leftovers(world):
+    """Its provision's deliveries were killed, then it was poisoned: what they made must not outlive its slot."""
+    w = world
+    backend = w.rt.backend("local")
+    ghost = backend.create(SandboxConfig(type="local"), sandbox_labels(HOST, w.run_id, w.eid)).id
+    with session_scope(w.url) as s:
+        s.execute(update(Episode).where(Episode.id == w.eid).values(sandbox_id=None, state=states.INFRA_FAILED))
+    call(w, "release", 0, "r0")
+    assert backend.list_ids({"megaflow.host": HOST}) == [] and ghost not in live(w)

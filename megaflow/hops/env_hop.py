@@ -28,7 +28,7 @@ from megaflow.deadlines import Budget, remaining_s
 from megaflow.hops import exec_journal
 from megaflow.hops.base import run_hop
 from megaflow.hops.env_rebuild import fenced_episode, on_host, rebuild, record_rebuild, replay_plan
-from megaflow.hops.env_sandbox import destroy, finish, obtain
+from megaflow.hops.env_sandbox import clear_earlier, config_for, destroy, finish, obtain
 from megaflow.runtime import get_runtime
 from megaflow.sandbox.base import Sandbox, SandboxConfig
 from megaflow.sanitize import storable
@@ -279,6 +279,9 @@ def release_task(self, episode_id: str, step: int):
 
     def work(ep):
         finish(rt, ep)
+        if not ep.sandbox_id:
+            # Ended before its provision recorded a sandbox: clear what killed deliveries left.
+            clear_earlier(rt, episode_id, rt.settings.host, config_for(rt, ep).type)
         return {"hop": "release", "step": step, "host": rt.settings.host}, None
 
     return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "release"), work,

@@ -220,9 +220,18 @@ class Driver:
             emit(self.s, "episode.ended", self.ep.run_id, self.ep.id,
                  {"state": state, "exit_status": exit_status, "error": error})
         self.reload()
-        if self.ep.sandbox_id:
+        if self.ep.sandbox_id or self.left_sandboxes():
             return self.go("release", step)
         return self.final()
+
+    def left_sandboxes(self) -> bool:
+        """Whether an episode ending without a sandbox may have left some on its host.
+
+        Its provision began but never recorded one (killed deliveries, then poison):
+        the release hop clears them before the episode's slot is given back, so
+        they never count beyond the host's capacity. Rare, so one more read is fine.
+        """
+        return bool(self.ep.host) and ledger.exists(self.s, self.ep.id, 0, "provision")
 
     # -- the decision ---------------------------------------------------------
 

@@ -25,10 +25,13 @@ STATE_ORDER = (states.PENDING, states.WAITING, states.PROVISIONING, states.RUNNI
 
 
 def failures_by_kind(session: Session, run_id: str) -> dict[str, int]:
-    """Failed and infra-failed episodes of a run, counted by exit status (most frequent first)."""
+    """Failed and infra-failed episodes of a run, counted by exit status (most frequent first).
+
+    Current attempts only: one that `megaflow resume` re-ran is history, not a failure of the run.
+    """
     rows = session.execute(
         select(func.coalesce(Episode.exit_status, "unknown"), func.count())
-        .where(Episode.run_id == run_id, Episode.state.in_(FAILED_STATES))
+        .where(Episode.run_id == run_id, Episode.state.in_(FAILED_STATES), Episode.superseded_by.is_(None))
         .group_by(Episode.exit_status)
     ).all()
     return dict(sorted(rows, key=lambda r: (-r[1], r[0])))
