@@ -19,6 +19,8 @@ from megaflow.sandbox.base import SandboxConfig
 
 #: How long a Docker engine or a model endpoint may take to answer a check.
 ANSWER_TIMEOUT_S = 3.0
+#: The Dockerfiles `megaflow env build-base` builds on megaflow/base (one image per directory).
+IMAGES_DIR = Path(__file__).resolve().parent.parent / "docker" / "images"
 #: Label of the throw-away sandbox a local check makes (the reaper may find a leaked one).
 PROBE_LABELS = {"megaflow.preflight": "1"}
 
@@ -78,11 +80,21 @@ def check_docker(images: Iterable[str] = ()) -> None:
         if client is not None:
             client.close()
     if missing:
-        # Images are never pulled: they are built on this host (`megaflow.sandbox.images`).
-        how = "`megaflow env build-base`" + (" and `megaflow env build SPEC`"
-                                             if any(m.startswith("megaflow/repo-") for m in missing) else "")
         raise PreflightError(f"sandbox.type docker: image {', '.join(missing)} not on the engine at {url}: "
-                             f"build it with {how}")
+                             f"{_how_to_build(missing)}")
+
+
+def _how_to_build(images: list[str]) -> str:
+    """How to get the missing images: they are built on this host, never pulled (`megaflow.sandbox.images`)."""
+    shipped = {"megaflow/base", *(f"megaflow/{p.name}" for p in IMAGES_DIR.glob("*") if (p / "Dockerfile").exists())}
+    ways = []
+    if any(i.partition(":")[0] in shipped and i.partition(":")[2] in ("", "latest") for i in images):
+        ways.append("`megaflow env build-base`")
+    if any(i.startswith("megaflow/repo-") for i in images):
+        ways.append("`megaflow env build SPEC` (one image per task repo)")
+    if not ways:
+        return "build or load it into that engine (images are never pulled)"
+    return "build it with " + " and ".join(ways)
 
 
 def check_sandbox(settings: Settings, config: SandboxConfig, images: Iterable[str] = ()) -> None:

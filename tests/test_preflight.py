@@ -74,8 +74,17 @@ def test_docker_check_names_a_missing_image_and_how_to_build_it():
 
     url = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     need("a Docker engine", daemon_answers(url), url)
-    with pytest.raises(PreflightError, match=r"image megaflow/no-such-image:0 not on the engine.*env build-base"):
-        check_docker(["megaflow/no-such-image:0"])
+    with pytest.raises(PreflightError, match=r"image megaflow/repo-none:0 not on the engine.*`megaflow env build SPEC`"):
+        check_docker(["megaflow/base", "megaflow/repo-none:0"])
+
+
+def test_a_missing_image_is_named_with_how_to_build_it():
+    from megaflow.preflight import _how_to_build
+
+    assert _how_to_build(["megaflow/base"]) == "build it with `megaflow env build-base`"
+    assert _how_to_build(["megaflow/python:latest"]) == "build it with `megaflow env build-base`"
+    assert "`megaflow env build SPEC`" in _how_to_build(["megaflow/repo-tiny:abc"])
+    assert "never pulled" in _how_to_build(["megaflow/python:v9", "ubuntu"])
 
 
 # -- models ----------------------------------------------------------------------------
