@@ -45,7 +45,8 @@ def test_local_check_names_the_package_when_bubblewrap_is_missing(tmp_path, monk
     import megaflow.sandbox.local as local
 
     real = local.shutil.which
-    monkeypatch.setattr(local.shutil, "which", lambda name, path=None: None if name == "bwrap" else real(name, path=path))
+    monkeypatch.setattr(local.shutil, "which",
+                        lambda name, path=None: None if name == "bwrap" else real(name, path=path))
     with pytest.raises(PreflightError) as info:
         check_local(Settings(data_dir=tmp_path))
     msg = str(info.value)
@@ -74,7 +75,7 @@ def test_docker_check_names_a_missing_image_and_how_to_build_it():
 
     url = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     need("a Docker engine", daemon_answers(url), url)
-    with pytest.raises(PreflightError, match=r"image megaflow/repo-none:0 not on the engine.*`megaflow env build SPEC`"):
+    with pytest.raises(PreflightError, match=r"image megaflow/repo-none:0 not on the engine.*env build SPEC"):
         check_docker(["megaflow/base", "megaflow/repo-none:0"])
 
 
