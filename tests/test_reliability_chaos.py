@@ -80,9 +80,11 @@ def test_infra_failures_are_injected_only_when_a_fault_explains_them():
     restarts = [{"service": "postgres", "start": at + 100, "end": at + 102}]
     kills = [(at + 5, "env"), (at + 50, "model")]
     failed = [
-        {"id": "a", "exit_status": "exec_interrupted", "started_at": t, "exec_started_at": t + dt.timedelta(seconds=4),
+        {"id": "a", "exit_status": "exec_interrupted", "started_at": t, "exec_decided_at": t + dt.timedelta(seconds=4),
+         "exec_attempts": 2,
          "finished_at": t + dt.timedelta(seconds=8)},
-        {"id": "b", "exit_status": "exec_interrupted", "started_at": t, "exec_started_at": t + dt.timedelta(seconds=20),
+        {"id": "b", "exit_status": "exec_interrupted", "started_at": t, "exec_decided_at": t + dt.timedelta(seconds=20),
+         "exec_attempts": 2,
          "finished_at": t + dt.timedelta(seconds=30)},
         {"id": "c", "exit_status": "evaluation_failed", "error": "SandboxNotFoundError: No such container",
          "started_at": t, "finished_at": t + dt.timedelta(seconds=6)},

@@ -237,7 +237,10 @@ def _drive(client: Client, settings: Settings, workers: dict, killer: Killer, wa
             faults.notes.append(f"{label} restart skipped: no restart command given")
     pending_restarts = [r for r in pending_restarts if r[1] not in skip and r[2]]
     for w in workers.values():  # their queues (and megaflow.dead) are declared before anything is sent
-        wait_for_worker(client.app, w.name)
+        try:
+            wait_for_worker(client.app, w.name, timeout=120)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; alive: {w.alive()}; its log ends: {w.last_line()}") from exc
     t0 = time.monotonic()
     run_id = client.submit(spec)
     killer.start()
@@ -311,8 +314,13 @@ def _outcome(client: Client, run_id: str, episodes: int, elapsed: float, faults:
         poison = s.execute(select(func.count()).select_from(Event).where(Event.kind == "task.poison")).scalar()
         lost_outputs = s.execute(select(func.count()).select_from(Step).join(Episode, Episode.id == Step.episode_id)
                                  .where(Episode.run_id == run_id, Step.observation == LOST_OUTPUT)).scalar()
-        exec_starts = dict(s.execute(select(Hop.subject_id, func.max(Hop.started_at)).where(
-            Hop.hop == "exec").group_by(Hop.subject_id)).all())
+        failed_ids = [ep.id for ep in current if ep.state == states.INFRA_FAILED]
+        # The last command of each failed episode: when it was decided, and how often its exec hop was delivered.
+        last_exec = {eid: (step, attempts) for eid, step, attempts in s.execute(
+            select(Hop.subject_id, Hop.step_index, Hop.attempts).where(
+                Hop.hop == "exec", Hop.subject_id.in_(failed_ids)).order_by(Hop.step_index)).all()}
+        decided = {(eid, i): at for eid, i, at in s.execute(select(Step.episode_id, Step.index, Step.created_at)
+                                                           .where(Step.episode_id.in_(failed_ids))).all()}
         unclosed = checks.chords_unclosed(s, run_id)
         run_status = s.get(Run, run_id).status
     by_ep: dict[str, list] = {}
@@ -323,7 +331,8 @@ def _outcome(client: Client, run_id: str, episodes: int, elapsed: float, faults:
         by_state[ep.state] = by_state.get(ep.state, 0) + 1
     lost = sum(n for st, n in by_state.items() if st not in states.TERMINAL)
     failed = [{"id": ep.id, "exit_status": ep.exit_status, "error": ep.error, "started_at": ep.started_at,
-               "finished_at": ep.finished_at, "exec_started_at": exec_starts.get(ep.id),
+               "finished_at": ep.finished_at, "exec_decided_at": decided.get((ep.id, last_exec.get(ep.id, (None,))[0])),
+               "exec_attempts": last_exec.get(ep.id, (None, 0))[1],
                "poison_hop": _HOP_POOL.get((ep.error or "").split(" ", 1)[0], "agent")}
               for ep in current if ep.state == states.INFRA_FAILED]
     classified = classify_infra_failures(failed, faults.kill_times, faults.restarts, settings.hop_max_deliveries)

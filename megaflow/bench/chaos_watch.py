@@ -185,9 +185,9 @@ def classify_infra_failures(failed: list[dict], kill_times: list[tuple[float, st
     Rule (one of these, else self-made):
 
     * ``exec_interrupted`` is injected iff an env worker was SIGKILLed while that command
-      could have been running (from its exec hop's first start − 1 s to the episode's end):
-      the platform promises never to run a command twice, so a command cut mid-way
-      ends its episode.
+      could have been running (from the moment it was decided, its step's row, − 1 s, to
+      the episode's end) and its exec hop was delivered more than once: the platform
+      promises never to run a command twice, so a command cut mid-way ends its episode.
     * ``poison`` is injected iff the pool of the poisoned hop was SIGKILLed at least
       ``max_deliveries`` times during the episode (each delivery can have died with a kill).
     * any exit whose error names an unreachable database or broker is injected iff it
@@ -201,7 +201,8 @@ def classify_infra_failures(failed: list[dict], kill_times: list[tuple[float, st
 
     Args:
         failed: dicts with ``id``, ``exit_status``, ``error``, ``started_at``, ``finished_at``,
-            ``exec_started_at`` (the first start of the episode's last exec hop, or None)
+            ``exec_decided_at`` (when the episode's last command was decided, or None),
+            ``exec_attempts`` (deliveries of its exec hop)
             and ``poison_hop`` (pool of the poisoned hop, or None).
     """
     out = []
@@ -211,12 +212,17 @@ def classify_infra_failures(failed: list[dict], kill_times: list[tuple[float, st
         begin = _ts(ep.get("started_at")) or 0.0
         cause, why = "self-made", f"{status} is not something an injected fault explains"
         if status in KILL_CAUSED:
-            since = (_ts(ep.get("exec_started_at")) or begin) - 1.0
+            since = (_ts(ep.get("exec_decided_at")) or begin) - 1.0
             kills = [t for t, pool in kill_times if pool == KILL_CAUSED[status] and since <= t <= end + 1.0]
-            if kills:
-                cause, why = "injected", f"env worker SIGKILLed {end - kills[-1]:.1f}s before the episode ended"
+            before = [end - t for t, pool in kill_times if pool == KILL_CAUSED[status] and t <= end + 1.0]
+            if kills and (ep.get("exec_attempts") or 2) > 1:
+                cause, why = "injected", (f"env worker SIGKILLed {kills[-1] - since - 1.0:.1f}s after the command "
+                                          f"was decided, {end - kills[-1]:.1f}s before the episode ended")
+            elif kills:
+                why = "an env worker was killed, but the command's exec hop was delivered only once"
             else:
-                why = "no env worker was killed while the command ran"
+                why = (f"no env worker was killed between the command's decision and the episode's end "
+                       f"(last env kill {min(before):.1f}s before the end)" if before else "no env worker was killed")
         elif status == "poison":
             pool = ep.get("poison_hop") or "env"
             kills = [t for t, p in kill_times if p == pool and begin - 1.0 <= t <= end + 1.0]
