@@ -161,3 +161,24 @@ def test_an_env_worker_that_cannot_work_exits_at_start_with_the_reason(tmp_path)
     assert time.monotonic() - start < 30
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "megaflow env worker cannot start: sandbox.type docker: the Docker engine at" in proc.stderr
+
+
+@pytest.mark.timeout(240)
+def test_a_provision_that_fails_later_ends_infra_failed_with_the_reason_shown(tmp_path):
+    """Unchecked (--no-check), the engine missing: each provision is retried, every retry is recorded with its
+    error, and the episodes end infra_failed with the reason, in the live view and under the results."""
+    from sqlalchemy import func, select
+
+    from megaflow.db.engine import session_scope
+    from megaflow.db.models import Event
+
+    data = tmp_path / "data"
+    proc = run_megaflow(["run", str(_docker_spec(tmp_path)), "--no-check", "--timeout", "180"], data, timeout=220,
+                        extra_env={"DOCKER_HOST": DEAD_DOCKER})
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "infra_failed=6" in out and "failures: provision_failed=6 | last error: " in out, out[-3000:]
+    assert "6 × provision_failed: SandboxError: docker engine failed" in out, out[-3000:]
+    with session_scope(Settings(data_dir=data).resolved_database_url()) as s:
+        retries = s.execute(select(func.count()).where(Event.kind == "hop.retry")).scalar()
+    assert retries >= 6, "every provision is retried before it fails, and each retry is recorded"

@@ -223,6 +223,7 @@ def follow(client, run_id: str, console: Console, timeout: float | None = None,
         span = run_span_s(s, run_id)
     # Over the whole run, not this watch: it may have started late or after the end.
     overall = st["steps"] / span if span else rate.add(time.monotonic(), st["steps"])
-    console.print(f"run {run_id} {st['status']}: {info_line(st, failures, overall)}", highlight=False,
+    last = f" | last error: {error}" if failures and error else ""
+    console.print(f"run {run_id} {st['status']}: {info_line(st, failures, overall)}{last}", highlight=False,
                   soft_wrap=True)
     return st

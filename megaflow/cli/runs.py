@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -68,9 +69,9 @@ def run(
     if settings.embedded:
         from megaflow.local_stack import LocalStack
 
-        # The env worker checks the run's backend again at its start (and exits if it cannot work).
-        required = sorted({*settings.required_sandboxes(), spec.sandbox.type})
-        settings = settings.model_copy(update={"sandbox_backends": ",".join(required)})
+        if check:  # the env worker checks the run's backend again at its start (and exits if it cannot work)
+            required = sorted({*settings.required_sandboxes(), spec.sandbox.type})
+            settings = settings.model_copy(update={"sandbox_backends": ",".join(required)})
         console.print(f"[dim]embedded stack: state in {settings.data_dir}, worker logs in "
                       f"{settings.data_dir / 'logs'}[/dim]")
         try:
@@ -311,5 +312,9 @@ def print_results(client, run_id: str) -> None:
     console.print(table)
     if len(rows) > 200:
         console.print(f"... and {len(rows) - 200} more episodes")
+    # Why episodes failed, once per distinct reason (the table has no room for it).
+    reasons = Counter((r["exit_status"] or r["state"], " ".join(r["error"].split())[:300]) for r in rows if r["error"])
+    for (kind, error), n in reasons.most_common(5):
+        console.print(f"[red]{n} × {kind}:[/red] {error}", highlight=False, soft_wrap=True)
     summary = client.status(run_id)["summary"] or {}
     console.print(f"summary: {json.dumps(summary)}")
