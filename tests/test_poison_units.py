@@ -36,3 +36,34 @@ def test_a_result_without_hop_or_step_ends_the_episode_infra_failed(tmp_path, sq
         decision = driver.decide({"error": "hop delivered 6 times", "kind": "infra"})
         driver.save()
     assert decision["final"] and decision["summary"]["state"] == states.INFRA_FAILED
+
+
+def test_an_episode_task_that_fails_after_its_decision_ends_the_episode(tmp_path, sqlite_url, monkeypatch):
+    """E.g. the next hop could not be sent (the broker stayed down past the publish retries)."""
+    from megaflow.app import make_app
+    from megaflow.db.models import Step
+    from megaflow.hops import episode as episode_mod
+
+    settings = Settings(data_dir=tmp_path, database_url=sqlite_url)
+    app = make_app(settings)
+    spec = {"name": "p", "model": {"type": "scripted", "replies": ["x"]}, "sandbox": {"type": "memory"},
+            "tasks": [{"instance_id": "t", "instruction": "i", "check": "true"}]}
+    run_id, _ = Client(settings)._record(RunSpec.parse(spec))
+    with session_scope(sqlite_url) as s:
+        eid = s.execute(select(Episode.id).where(Episode.run_id == run_id)).scalar_one()
+        s.execute(update(Episode).where(Episode.id == eid).values(state=states.RUNNING))
+        s.add(Step(episode_id=eid, index=0, messages_in=[], completion="```bash\necho hi\n```"))
+
+    def broker_gone(task, sig):
+        raise ConnectionError("broker unreachable after every publish retry")
+
+    monkeypatch.setattr(episode_mod, "continue_with", broker_gone)
+    task = app.tasks["megaflow.episode"]
+    task.push_request(id="t1", chord={"task": "megaflow.group.done"})
+    try:
+        summary = task.run({"hop": "generate", "step": 0}, eid)
+    finally:
+        task.pop_request()
+    assert summary["state"] == states.INFRA_FAILED and summary["exit_status"] == "agent_crashed"
+    with session_scope(sqlite_url) as s:
+        assert "broker unreachable" in s.get(Episode, eid).error

@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import time
 
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -25,6 +26,7 @@ from megaflow.hops import ledger
 from megaflow.hops.base import run_hop
 from megaflow.hops.delay import delayed_options
 from megaflow.model.base import Message
+from megaflow.redact import redact_text
 from megaflow.runtime import Runtime, get_runtime
 from megaflow.scheduler import admission
 from megaflow.scheduler.admission import parking_of
@@ -46,7 +48,42 @@ HOST_BOUND = frozenset({"exec", "evaluate", "release"})
 
 
 def episode_task(self, prev, episode_id):
-    """Celery task body for ``megaflow.episode``."""
+    """Celery task body for ``megaflow.episode``.
+
+    Nothing unexpected escapes it: a failed episode task would leave its episode
+    in flight with no message to move it, and its chord member returned as a
+    failure. Anything raised outside the decision's own crash handling (sending
+    the next hop after the broker's retries, a bug) ends the episode
+    ``infra_failed`` (``agent_crashed``) and returns it to its chord.
+    """
+    try:
+        return _episode_step(self, prev, episode_id)
+    except (Retry, Ignore, OperationalError, InterfaceError, SoftTimeLimitExceeded):
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.error("episode %s: its task failed after %s; ending the episode", episode_id,
+                  normalized(prev)["hop"], exc_info=True)
+        return _end_crashed(self, episode_id, normalized(prev)["step"], exc)
+
+
+def _end_crashed(task, episode_id: str, step: int, exc: Exception):
+    """End the episode ``infra_failed`` in a transaction of its own; its summary for the chord (or the release)."""
+    rt = get_runtime(task.app)
+    error = redact_text(f"{type(exc).__name__}: {exc}")[:2000]
+    rt.warm(episode_id)
+    with rt.session() as s:
+        driver = Driver(rt, s, episode_id)
+        decision = driver.end(states.INFRA_FAILED, "agent_crashed", step, error=error)
+        driver.save()
+    if decision.get("final"):
+        send_admitted(task.app, admission.after_end(rt, episode_id))
+        return decision["summary"]
+    if task.request.chord is None:  # handed to a continuation already: it returns to the chord
+        return None
+    return continue_with(task, next_signature(task.app, episode_id, decision["next"]))
+
+
+def _episode_step(self, prev, episode_id):
     rt = get_runtime(self.app)
     prev = normalized(prev)
     key = (episode_id, prev["step"], f"agent.{prev['hop']}")
@@ -88,8 +125,6 @@ def episode_task(self, prev, episode_id):
         nxt = decision["next"]
         with rt.session() as s:
             if ledger.exists(s, episode_id, nxt["step"], nxt["hop"]):
-                from celery.exceptions import Ignore
-
                 raise Ignore()
     if decision.get("admit"):
         # Recorded by earlier versions: waiters the end let in, inside the decision.
