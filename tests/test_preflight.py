@@ -182,3 +182,18 @@ def test_a_provision_that_fails_later_ends_infra_failed_with_the_reason_shown(tm
     with session_scope(Settings(data_dir=data).resolved_database_url()) as s:
         retries = s.execute(select(func.count()).where(Event.kind == "hop.retry")).scalar()
     assert retries >= 6, "every provision is retried before it fails, and each retry is recorded"
+
+
+def test_resume_checks_the_runs_backends_first(tmp_path):
+    from megaflow import Client
+    from megaflow.db.schema import upgrade
+
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.data_dir.mkdir()
+    upgrade(settings.resolved_database_url())
+    run_id = Client(settings).submit(RunSpec.load(_docker_spec(tmp_path)))
+    proc = run_megaflow(["resume", run_id], settings.data_dir, timeout=60, extra_env={"DOCKER_HOST": DEAD_DOCKER})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("cannot run, nothing queued: sandbox.type docker"), proc.stdout
+    proc = run_megaflow(["resume", "nosuchrun"], settings.data_dir, timeout=60)
+    assert proc.returncode == 1 and "no run nosuchrun" in proc.stdout

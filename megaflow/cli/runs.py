@@ -220,12 +220,16 @@ def resume(
                                     help="Follow to the end (default: yes on the embedded stack, no on a cluster)."),
     timeout: float = typer.Option(None, help="Give up following after this many seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print what was resumed as JSON."),
+    check: bool = typer.Option(True, "--check/--no-check",
+                               help="Check first that the run's sandbox and model backends can work."),
 ) -> None:
     """Continue a run after a full stop: unfinished and infra-failed episodes run again as new attempts."""
     from megaflow.config import Settings
     from megaflow.resume import ResumeError
 
     settings = Settings()
+    if check:
+        _preflight(_stored_spec(settings, run_id), settings)
 
     def go(stack=None) -> None:
         client = _client()
@@ -259,6 +263,24 @@ def resume(
 
         upgrade(settings.resolved_database_url())
         go()
+
+
+def _stored_spec(settings, run_id: str):
+    """The spec a run was submitted with (exit 1 when there is no such run)."""
+    from megaflow.db.engine import session_scope
+    from megaflow.db.models import Run
+    from megaflow.db.schema import upgrade
+    from megaflow.spec import RunSpec
+
+    if settings.embedded:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url())
+    with session_scope(settings.resolved_database_url()) as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            console.print(f"[red]no run {run_id}[/red]")
+            raise typer.Exit(1)
+        return RunSpec.model_validate(run.spec)
 
 
 def cancel(run_id: str) -> None:
