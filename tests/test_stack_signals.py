@@ -155,3 +155,19 @@ def test_a_second_stack_on_the_same_directory_does_not_call_the_first_ones_runs_
     assert not (tmp_path / "stacks" / "999999999.pid").exists()
     (tmp_path / "stacks" / f"{os.getppid()}.pid").unlink()
     assert not stack._others_alive()
+
+
+@pytest.mark.timeout(180)
+def test_run_timeout_says_what_it_does_and_stops_the_workers(tmp_path):
+    spec = tmp_path / "long.yaml"
+    spec.write_text(LONG_SPEC)
+    mf = Megaflow(["run", str(spec), "--timeout", "4"], tmp_path / "data")
+    try:
+        workers = mf.workers()
+        rc = mf.proc.wait(timeout=90)
+        out = " ".join(mf.output.split())
+        assert rc == 4, out
+        assert "still running after 4s" in out and "workers stopped; the run stays unfinished: `megaflow resume " in out
+        assert not _gone(workers)
+    finally:
+        mf.kill()
