@@ -110,6 +110,10 @@ def dead_letters(app, malformed: list, timeout_s: float = 60.0) -> dict:
 def after_run(client: Client, settings: Settings, watcher: SandboxWatcher, run_id: str, wait_s: float) -> dict:
     """Sandboxes left once the live workers' reapers had up to `wait_s` (no cleanup of the bench's)."""
     t0 = time.monotonic()
+    try:
+        at_end = watcher.count()
+    except Exception:  # the engine is busy
+        at_end = None
     while time.monotonic() - t0 < wait_s:
         try:
             if watcher.count() == 0 and not live_rows(client):
@@ -119,8 +123,8 @@ def after_run(client: Client, settings: Settings, watcher: SandboxWatcher, run_i
         time.sleep(2.0)
     rows = live_rows(client)
     count, procs = watcher.count(), watcher.processes()
-    return {"leaked_after_run": max(count, rows) + procs, "leaked_after_run_sandboxes": count,
-            "leaked_after_run_rows": rows, "leaked_after_run_processes": procs,
+    return {"sandboxes_at_run_end": at_end, "leaked_after_run": max(count, rows) + procs,
+            "leaked_after_run_sandboxes": count, "leaked_after_run_rows": rows, "leaked_after_run_processes": procs,
             "reap_wait_s": round(time.monotonic() - t0, 1)}
 
 
