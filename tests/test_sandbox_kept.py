@@ -1,13 +1,16 @@
 """Env hops under redelivery: a computed reward is kept, a lost sandbox is rebuilt, one sandbox per episode.
 
-The env hops' task bodies run in-process on SQLite and the local sandbox; a
+The env hops' task bodies run in-process on SQLite and the local and docker sandboxes; a
 "worker death" is an exception thrown where the worker would have died, and the
 redelivery is the same task id run again (as RabbitMQ redelivers it).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
+import uuid
 from types import SimpleNamespace
 
 import pytest
@@ -19,36 +22,63 @@ from megaflow.app import make_app
 from megaflow.db import states
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, Hop, SandboxRow, Step
+from megaflow.errors import SandboxError
 from megaflow.hops import base, ledger
 from megaflow.hops.env_sandbox import obtain
 from megaflow.reaper import sandbox_labels
 from megaflow.runtime import get_runtime
 from megaflow.sandbox.base import SandboxConfig
 
-HOST = "kept-host"
+HOST = f"kept-{uuid.uuid4().hex[:8]}"  # its own: never another test's sandboxes
 
 
 class WorkerDied(BaseException):
     """Where a SIGKILL would have hit."""
 
 
+@pytest.fixture(params=["local", "docker"])
+def kind(request, monkeypatch):
+    if request.param == "local":
+        need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
+        return "local"
+    from megaflow.sandbox.dockerd import ensure_dockerd
+    from megaflow.sandbox.images import build_base
+
+    data_dir = os.environ.get("MEGAFLOW_DOCKERD_DIR", os.path.join(tempfile.gettempdir(), "megaflow-dockerd"))
+    try:
+        url = ensure_dockerd(data_dir)
+        import docker
+
+        client = docker.DockerClient(base_url=url)
+        build_base(client)
+        client.close()
+    except SandboxError as exc:
+        need("a Docker engine with megaflow/base", False, str(exc))
+    monkeypatch.setenv("DOCKER_HOST", url)
+    return "docker"
+
+
 @pytest.fixture
-def world(tmp_path, sqlite_url):
+def world(tmp_path, sqlite_url, kind):
     settings = Settings(data_dir=tmp_path, database_url=sqlite_url, host=HOST)
     app = make_app(settings)
-    need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
-    spec = {"name": "kept", "model": {"type": "scripted", "replies": ["x"]}, "sandbox": {"type": "local"},
+    spec = {"name": "kept", "model": {"type": "scripted", "replies": ["x"]}, "sandbox": {"type": kind},
             "tasks": [{"instance_id": "t", "instruction": "i", "check": "grep -q hi f.txt"}]}
     run_id, _ = Client(settings)._record(RunSpec.parse(spec))
     with session_scope(sqlite_url) as s:
         eid = s.execute(select(Episode.id).where(Episode.run_id == run_id)).scalar_one()
-    w = SimpleNamespace(app=app, rt=get_runtime(app), url=sqlite_url, eid=eid, run_id=run_id)
-    assert call(w, "provision", 0, "p0")["host"] == HOST
-    with session_scope(sqlite_url) as s:
-        s.execute(update(Episode).where(Episode.id == eid).values(state=states.RUNNING))
-        for i, action in enumerate(("echo hi > f.txt", "cat f.txt")):
-            s.add(Step(episode_id=eid, index=i, messages_in=[], action=action))
-    return w
+    w = SimpleNamespace(app=app, rt=get_runtime(app), url=sqlite_url, eid=eid, run_id=run_id, kind=kind)
+    backend = w.rt.backend(kind)
+    try:
+        assert call(w, "provision", 0, "p0")["host"] == HOST
+        with session_scope(sqlite_url) as s:
+            s.execute(update(Episode).where(Episode.id == eid).values(state=states.RUNNING))
+            for i, action in enumerate(("echo hi > f.txt", "cat f.txt")):
+                s.add(Step(episode_id=eid, index=i, messages_in=[], action=action))
+        yield w
+    finally:
+        for sandbox_id in backend.list_ids({"megaflow.host": HOST}):  # never leak, even on failure
+            backend.destroy(sandbox_id)
 
 
 def call(w, hop: str, step: int, task_id: str) -> dict:
@@ -102,7 +132,7 @@ def test_a_hop_whose_sandbox_is_gone_gets_a_rebuilt_one(world):
     w = world
     assert call(w, "exec", 0, "x0")["exit_code"] == 0
     gone = episode(w).sandbox_id
-    w.rt.backend("local").destroy(gone)  # lost: reaped, released by a racing hop, the engine restarted
+    w.rt.backend(w.kind).destroy(gone)  # lost: reaped, released by a racing hop, the engine restarted
     w.rt.forget_sandbox(gone)
     result = call(w, "exec", 1, "x1")
     assert result.get("exit_code") == 0 and "error" not in result, result
@@ -114,18 +144,18 @@ def test_a_hop_whose_sandbox_is_gone_gets_a_rebuilt_one(world):
     assert live(w) == [episode(w).sandbox_id] != [gone]
     with session_scope(w.url) as s:
         s.execute(update(Episode).where(Episode.id == w.eid).values(state=states.EVALUATING))
-    w.rt.backend("local").destroy(episode(w).sandbox_id)
+    w.rt.backend(w.kind).destroy(episode(w).sandbox_id)
     assert call(w, "evaluate", 2, "ev")["reward"] == 1.0
 
 
 def test_a_redelivered_provision_leaves_one_sandbox(world):
     """What a killed provision left (a recorded sandbox, a claim row, an unrecorded one) goes first."""
     w = world
-    backend = w.rt.backend("local")
+    backend = w.rt.backend(w.kind)
     first = episode(w).sandbox_id
-    ghost = backend.create(SandboxConfig(type="local"), sandbox_labels(HOST, w.run_id, w.eid)).id
+    ghost = backend.create(SandboxConfig(type=w.kind), sandbox_labels(HOST, w.run_id, w.eid)).id
     with session_scope(w.url) as s:
-        s.add(SandboxRow(id="claim-dead", backend="local", host=HOST, episode_id=w.eid, state="creating"))
+        s.add(SandboxRow(id="claim-dead", backend=w.kind, host=HOST, episode_id=w.eid, state="creating"))
         s.execute(update(Episode).where(Episode.id == w.eid).values(sandbox_id=None))
         s.execute(update(Hop).where(Hop.subject_id == w.eid, Hop.hop == "provision").values(status="started"))
     call(w, "provision", 0, "p0")  # the redelivery
@@ -142,8 +172,8 @@ def test_a_redelivered_provision_leaves_one_sandbox(world):
 def test_the_release_of_an_episode_that_never_recorded_a_sandbox_clears_its_leftovers(world):
     """Its provision's deliveries were killed, then it was poisoned: what they made must not outlive its slot."""
     w = world
-    backend = w.rt.backend("local")
-    ghost = backend.create(SandboxConfig(type="local"), sandbox_labels(HOST, w.run_id, w.eid)).id
+    backend = w.rt.backend(w.kind)
+    ghost = backend.create(SandboxConfig(type=w.kind), sandbox_labels(HOST, w.run_id, w.eid)).id
     with session_scope(w.url) as s:
         s.execute(update(Episode).where(Episode.id == w.eid).values(sandbox_id=None, state=states.INFRA_FAILED))
     call(w, "release", 0, "r0")
