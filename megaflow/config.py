@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     sandbox_backends: str = Field(
         default="", description="Comma-separated sandbox backends this env host must run (local, docker): its "
         "worker checks them at start and exits non-zero, with the reason, if one cannot work. Empty: no check.")
+    model_backends: str = Field(
+        default="", description="Comma-separated model backends this model worker must load (transformers, vllm): "
+        "their packages are checked at its start, which fails (exit 3) with the reason. Empty: no check.")
     reap_interval_s: float = Field(
         default=60.0, gt=0, description="How often an env worker reaps leaked sandboxes of its host (seconds)."
     )
@@ -55,6 +58,10 @@ class Settings(BaseSettings):
     def required_sandboxes(self) -> list[str]:
         """`sandbox_backends` as a list."""
         return [t.strip() for t in self.sandbox_backends.split(",") if t.strip()]
+
+    def required_models(self) -> list[str]:
+        """`model_backends` as a list."""
+        return [t.strip() for t in self.model_backends.split(",") if t.strip()]
 
     @property
     def embedded(self) -> bool:

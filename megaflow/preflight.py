@@ -141,6 +141,17 @@ def check_model(config) -> None:
         _need_packages("vllm", ("vllm",), "pip install vllm (GPU hosts only)")
 
 
+def check_model_types(types: Iterable[str]) -> None:
+    """What a model worker can check at start without a run's config: each backend's packages."""
+    for kind in types:
+        if kind == "transformers":
+            _need_packages("transformers", ("torch", "transformers"), "pip install 'megaflow[model]'")
+        elif kind == "vllm":
+            _need_packages("vllm", ("vllm",), "pip install vllm (GPU hosts only)")
+        elif kind not in ("scripted", "openai"):
+            raise PreflightError(f"MEGAFLOW_MODEL_BACKENDS names {kind!r}; known: scripted, transformers, openai, vllm")
+
+
 def _need_packages(kind: str, packages: tuple[str, ...], fix: str) -> None:
     missing = [p for p in packages if importlib.util.find_spec(p) is None]
     if missing:

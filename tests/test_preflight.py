@@ -151,16 +151,31 @@ def test_a_run_that_cannot_work_is_refused_in_one_line_and_nothing_is_queued(tmp
     assert not data.exists(), "nothing may be recorded or queued"
 
 
-def test_an_env_worker_that_cannot_work_exits_at_start_with_the_reason(tmp_path):
+@pytest.mark.parametrize("pool, variable, value, reason", [
+    ("env", "MEGAFLOW_SANDBOX_BACKENDS", "docker", "sandbox.type docker: the Docker engine at"),
+    ("model", "MEGAFLOW_MODEL_BACKENDS", "scripted,llama", "MEGAFLOW_MODEL_BACKENDS names 'llama'"),
+])
+def test_a_worker_that_cannot_work_exits_at_start_with_the_reason(tmp_path, pool, variable, value, reason):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEGAFLOW_")}
-    env.update(MEGAFLOW_DATA_DIR=str(tmp_path), MEGAFLOW_SANDBOX_BACKENDS="docker", DOCKER_HOST=DEAD_DOCKER,
-               PYTHONPATH=str(ROOT))
+    env.update({"MEGAFLOW_DATA_DIR": str(tmp_path), variable: value, "DOCKER_HOST": DEAD_DOCKER,
+                "PYTHONPATH": str(ROOT)})
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "megaflow", "worker", "env"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "megaflow", "worker", pool], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert time.monotonic() - start < 30
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "megaflow env worker cannot start: sandbox.type docker: the Docker engine at" in proc.stderr
+    assert f"megaflow {pool} worker cannot start: {reason}" in proc.stderr
+
+
+def test_model_worker_start_check_wants_the_packages():
+    from megaflow.preflight import check_model_types
+
+    check_model_types(["scripted", "openai"])
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(PreflightError, match="package vllm not installed"):
+            check_model_types(["vllm"])
 
 
 @pytest.mark.timeout(240)

@@ -53,8 +53,9 @@ def make_worker_app(pool: str, settings: Settings | None = None):
         _declare_dead_letters(app)
         log.info("%s worker on host %s consuming %s", pool, settings.host, [q.name for q in own])
 
+    if pool in ("env", "model"):
+        _check_at_start(app, settings, pool)
     if pool == "env":
-        _check_at_start(app, settings)
         _reap_periodically(app, settings)
         _register_host(app, settings)
     _record_retries(app)
@@ -62,23 +63,27 @@ def make_worker_app(pool: str, settings: Settings | None = None):
     return app
 
 
-def _check_at_start(app, settings: Settings) -> None:
-    """An env worker whose required sandbox backends cannot work exits at once, non-zero, with the reason.
+def _check_at_start(app, settings: Settings, pool: str) -> None:
+    """A worker whose required backends cannot work exits at once, code 3, with the reason on stderr.
 
-    Otherwise it would take provisions and retry them until their episodes fail.
+    Otherwise it would take hops and retry them until their episodes fail. Env
+    workers check ``MEGAFLOW_SANDBOX_BACKENDS``, model workers ``MEGAFLOW_MODEL_BACKENDS``.
     """
 
     @signals.worker_init.connect(weak=False)
     def _preflight(sender=None, **kwargs):
-        if getattr(sender, "app", app) is not app or not settings.required_sandboxes():
+        if getattr(sender, "app", app) is not app:
             return
-        from megaflow.preflight import PreflightError, check_sandbox_types
+        from megaflow.preflight import PreflightError, check_model_types, check_sandbox_types
 
         try:
-            check_sandbox_types(settings, settings.required_sandboxes())
+            if pool == "env":
+                check_sandbox_types(settings, settings.required_sandboxes())
+            else:
+                check_model_types(settings.required_models())
         except PreflightError as exc:
             # One line on stderr (the worker's log), then out before consuming anything.
-            print(f"megaflow env worker cannot start: {exc}", file=sys.stderr, flush=True)
+            print(f"megaflow {pool} worker cannot start: {exc}", file=sys.stderr, flush=True)
             os._exit(3)
 
 

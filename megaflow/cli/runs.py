@@ -69,9 +69,11 @@ def run(
     if settings.embedded:
         from megaflow.local_stack import LocalStack
 
-        if check:  # the env worker checks the run's backend again at its start (and exits if it cannot work)
-            required = sorted({*settings.required_sandboxes(), spec.sandbox.type})
-            settings = settings.model_copy(update={"sandbox_backends": ",".join(required)})
+        if check:  # the env and model workers check the run's backends again at their start
+            sandboxes = sorted({*settings.required_sandboxes(), spec.sandbox.type})
+            models = sorted({*settings.required_models(), spec.model.type})
+            settings = settings.model_copy(update={"sandbox_backends": ",".join(sandboxes),
+                                                   "model_backends": ",".join(models)})
         console.print(f"[dim]embedded stack: state in {settings.data_dir}, worker logs in "
                       f"{settings.data_dir / 'logs'}[/dim]")
         try:
