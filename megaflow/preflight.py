@@ -80,7 +80,8 @@ def check_docker(images: Iterable[str] = ()) -> None:
         if client is not None:
             client.close()
     if missing:
-        raise PreflightError(f"sandbox.type docker: image {', '.join(missing)} not on the engine at {url}: "
+        names = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise PreflightError(f"sandbox.type docker: image {names} not on the engine at {url}: "
                              f"{_how_to_build(missing)}")
 
 
@@ -91,7 +92,7 @@ def _how_to_build(images: list[str]) -> str:
     if any(i.partition(":")[0] in shipped and i.partition(":")[2] in ("", "latest") for i in images):
         ways.append("`megaflow env build-base`")
     if any(i.startswith("megaflow/repo-") for i in images):
-        ways.append("`megaflow env build SPEC` (one image per task repo)")
+        ways.append("`megaflow env build SPEC` (an image per task repo)")
     if not ways:
         return "build or load it into that engine (images are never pulled)"
     return "build it with " + " and ".join(ways)
