@@ -103,13 +103,19 @@ def _close(session_factory, found: dict) -> bool:
                            .with_for_update(skip_locked=True)).scalar()
         if locked is None or locked in ENDED_RUNS:
             return False
+        # A body that arrives meanwhile records under the same key: whichever commits
+        # second finds the row (its insert does nothing) and rolls back whole.
         for gid in found["groups"]:
-            if ledger.recorded(s, gid, generation, "group.done") is None:
-                ledger.record(s, gid, generation, "group.done", "repair", close_group(s, gid, generation))
+            if ledger.recorded(s, gid, generation, "group.done") is None and not ledger.record(
+                    s, gid, generation, "group.done", "repair", close_group(s, gid, generation)):
+                s.rollback()
+                return False
         if ledger.recorded(s, run_id, generation, "run.done") is not None:
             return False  # recorded but not ended: cannot happen (one transaction); leave it be
         summary = close_run(s, run_id, generation)
-        ledger.record(s, run_id, generation, "run.done", "repair", summary)
+        if not ledger.record(s, run_id, generation, "run.done", "repair", summary):
+            s.rollback()
+            return False
         emit(s, "chord.repaired", run_id, run_id, {"generation": generation, "groups": found["groups"],
                                                     "last_ended": str(found["last_ended"])})
     log.warning("run %s: every episode ended by %s but its chord never closed; closed it (%d groups)",
