@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from types import SimpleNamespace
 
+import pytest
 from celery import Celery
 from sqlalchemy import select, update
 
@@ -68,7 +69,13 @@ def _run_with_ended_episodes(tmp_path, sqlite_url, ended_ago_s: float) -> tuple[
     return settings, run_id
 
 
-def test_a_run_whose_episodes_all_ended_is_flagged_then_closed_by_the_repair(tmp_path, sqlite_url):
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_a_run_whose_episodes_all_ended_is_flagged_then_closed_by_the_repair(db, request, tmp_path):
+    if db == "sqlite":
+        sqlite_url = request.getfixturevalue("sqlite_url")
+    else:
+        sqlite_url = request.getfixturevalue("pg_url")
+        upgrade(sqlite_url)
     settings, run_id = _run_with_ended_episodes(tmp_path, sqlite_url, ended_ago_s=chords.STALE_S + 60)
     rt = Runtime(settings)
     with session_scope(sqlite_url) as s:
