@@ -82,6 +82,8 @@ def run(
                 _run_and_follow(spec, timeout, stack)
         except KeyboardInterrupt as exc:
             _stopped(exc)
+        except typer.Exit:  # a RuntimeError too
+            raise
         except RuntimeError as exc:  # a worker died at start (its log's last line says why)
             console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
@@ -263,6 +265,8 @@ def resume(
         except KeyboardInterrupt as exc:
             exc.run_id = run_id
             _stopped(exc)
+        except typer.Exit:  # a RuntimeError too
+            raise
         except RuntimeError as exc:  # a worker died at start (its log's last line says why)
             console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
