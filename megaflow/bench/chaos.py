@@ -47,6 +47,7 @@ The bench uses a private RabbitMQ vhost and PostgreSQL database (or, with
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -121,6 +122,12 @@ def chaos_spec(episodes: int, steps: int = N_COMMANDS, rollouts: int = 4, sandbo
     }
 
 
+#: What each seed's progress line shows beside its targets.
+_SEED_KEYS = ("episodes_lost", "lost_by_state", "stalled", "chords_unclosed", "duplicate_commands", "commands_lost",
+              "infra_failed_by_exit", "peak_sandboxes", "capacity", "sandboxes_at_run_end", "leaked_after_run",
+              "sandboxes_reaped_by_cleanup", "dead_lettered_platform", "elapsed_s", "kills", "notes")
+
+
 def run_chaos_seeds(seeds: list[int], progress=None, **kwargs) -> dict:
     """`run_chaos_bench` once per seed; every run's figures and which targets held in each."""
     runs = []
@@ -130,6 +137,7 @@ def run_chaos_seeds(seeds: list[int], progress=None, **kwargs) -> dict:
         if progress:
             held = ', '.join(f"{k}={'held' if v else 'MISSED'}" for k, v in fig['targets'].items())
             progress(f'seed {seed}: {held}')
+            progress(json.dumps({k: fig.get(k) for k in _SEED_KEYS}, default=str))
     keys = ("episodes_lost", "chords_unclosed", "duplicate_commands", "commands_lost", "infra_failed",
             "infra_failed_self_made", "infra_failed_injected", "peak_sandboxes", "capacity", "leaked_after_run",
             "sandboxes_reaped_by_cleanup", "dead_lettered_platform", "elapsed_s", "faults_injected")
