@@ -67,14 +67,25 @@ class SWETask(_Strict):
     files: TaskFiles = Field(default_factory=dict, description="Repo files written into the work dir (small repos).")
     setup: list[str] = Field(default_factory=list)
     test_command: str = Field(
-        default="python -m pytest -q",
+        default="python3 -m pytest -rA -p no:cacheprovider",
         description="Command that runs tests; test ids appended. `python3 .megaflow_runtests.py` runs pytest "
         "node ids without pytest (megaflow.envs.runtests; images carry python3 only).",
     )
     FAIL_TO_PASS: list[str] = Field(default_factory=list)
     PASS_TO_PASS: list[str] = Field(default_factory=list)
     patch: str = Field(default="", description="Gold patch.")
+    protected_files: list[str] = Field(
+        default_factory=list,
+        description="More files restored to their pristine state before grading (tests' files, conftest.py "
+        "files and test configuration always are).")
     test_patch: str = Field(default="", description="Patch adding the tests, applied before evaluation.")
+
+    @field_validator("protected_files")
+    @classmethod
+    def _protected_relative(cls, value: list[str]) -> list[str]:
+        for path in value:
+            _relative_file(path)
+        return value
 
     @field_validator("repo")
     @classmethod

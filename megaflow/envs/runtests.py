@@ -11,11 +11,13 @@ and ``path/test_x.py`` (every ``test*`` function and method of the file). Test
 functions are plain functions with ``assert`` (the only fixture offered is
 ``tmp_path``) or methods of `unittest.TestCase` subclasses or of plain ``Test*``
 classes (``setup_method``/``teardown_method`` are called). A skipped test
-(`unittest.SkipTest`) counts as passed. Parametrized ids (``test_x[1]``), fixtures
+(`unittest.SkipTest`) is reported ``SKIPPED`` (grading counts it as not passed, as the
+official harness does for FAIL_TO_PASS tests). Parametrized ids (``test_x[1]``), fixtures
 other than ``tmp_path`` and conftest files are not supported: use pytest for those.
 
-Prints one line per test (``PASSED id`` / ``FAILED id`` / ``ERROR id``, a traceback
-after failures) and ``N passed, N failed``; exits 0 iff at least one test ran and
+Prints one line per test (``PASSED id`` / ``FAILED id`` / ``ERROR id`` / ``SKIPPED id``:
+pytest's ``-rA`` summary format, which grading parses with the ``swebench`` pytest
+parser; a traceback after failures) and ``N passed, N failed``; exits 0 iff at least one test ran and
 every test passed.
 """
 
@@ -30,7 +32,7 @@ import traceback
 import unittest
 from pathlib import Path
 
-PASSED, FAILED, ERROR = "PASSED", "FAILED", "ERROR"
+PASSED, FAILED, ERROR, SKIPPED = "PASSED", "FAILED", "ERROR", "SKIPPED"
 
 
 def load_module(path: Path):
@@ -70,7 +72,7 @@ def run_case(cls, method: str) -> tuple[str, str]:
         problems = result.errors + result.failures + [(t, "unexpected success") for t in result.unexpectedSuccesses]
         if problems:
             return FAILED, "\n".join(text for _, text in problems)
-        return PASSED, ""
+        return (SKIPPED, "") if result.skipped else (PASSED, "")
     instance = cls()
     if hasattr(instance, "setup_method"):
         instance.setup_method(getattr(instance, method))
@@ -92,7 +94,7 @@ def run_one(module, parts: list[str]) -> tuple[str, str]:
             return PASSED, ""
         return run_case(getattr(module, parts[0]), parts[1])
     except unittest.SkipTest:
-        return PASSED, ""
+        return SKIPPED, ""
     except Exception:  # noqa: BLE001 - any exception is the test's failure
         return FAILED, traceback.format_exc()
 
@@ -139,11 +141,11 @@ def main(argv: list[str]) -> int:
                 status, detail = run_one(module, parts)
             except Exception:  # noqa: BLE001 - reported as an error of this test
                 status, detail = ERROR, traceback.format_exc()
-            print(f"{status} {node_id}")
             if detail and status != PASSED:
                 print(detail.rstrip())
-            passed += status == PASSED
-            failed += status != PASSED
+            print(f"{status} {node_id}")
+            passed += status in (PASSED, SKIPPED)
+            failed += status not in (PASSED, SKIPPED)
     print(f"{passed} passed, {failed} failed")
     return 0 if passed and not failed else 1
 

@@ -3,10 +3,13 @@
 The shape is SWE-bench's: a repo snapshot, a problem statement, a gold ``patch``, a
 ``test_patch`` adding the tests, and two lists of test ids. Reward is 1 iff every
 FAIL_TO_PASS and PASS_TO_PASS test passes once the test patch is applied on top of
-the agent's work.
+the agent's work, every file that could change that verdict restored first
+(`megaflow.envs.pristine`), graded per test id as the official harness does
+(`megaflow.envs.grading`).
 
 Test ids are pytest node ids. ``test_command`` receives them as arguments: the
-default ``python -m pytest -q`` for images that have pytest, or
+default ``python3 -m pytest -rA -p no:cacheprovider`` (``-rA``: a status line per
+test, which grading parses) for images that have pytest, or
 ``python3 .megaflow_runtests.py`` (`RUNNER_COMMAND`) for the pytest-free runner that
 evaluation copies into the sandbox (see `megaflow.envs.runtests`). The example tasks
 use the latter, since sandbox images carry python3 but no pytest.
@@ -20,6 +23,7 @@ import shlex
 from pathlib import Path
 
 from megaflow.deadlines import Budget
+from megaflow.envs.pristine import BASE_REF, GIT
 from megaflow.envs.repos import GIT_BASELINE, fetch, image_tag, iter_files
 from megaflow.sandbox.base import Sandbox, SandboxConfig
 
@@ -37,6 +41,8 @@ _COMMIT_SETUP = (
     "-c user.email=megaflow@localhost -c commit.gpgsign=false commit -q -m 'task setup'; }; "
     f"else {GIT_BASELINE}; fi"
 )
+#: Marks what setup left as the baseline grading restores from (`megaflow.envs.pristine`).
+_MARK_BASELINE = f"git update-ref {BASE_REF} HEAD"
 
 
 class SetupError(RuntimeError):
@@ -67,7 +73,7 @@ def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout:
             sb.write_file(rel, path.read_bytes())
     for path, content in task.files.items():
         sb.write_file(path, content.encode())
-    for cmd in [*task.setup, _COMMIT_SETUP]:
+    for cmd in [*task.setup, _COMMIT_SETUP, _MARK_BASELINE]:
         if budget.exhausted:
             raise SetupError(budget.message())
         r = sb.exec(cmd, timeout=budget.left())
@@ -98,12 +104,12 @@ def apply_test_patch(sb: Sandbox, task, timeout: float) -> bool:
     """
     if not task.test_patch:
         return True
-    restore = [f"{{ git checkout -q HEAD -- {shlex.quote(p)} 2>/dev/null || rm -f -- {shlex.quote(p)}; }}"
+    restore = [f"{{ {GIT} checkout -q {BASE_REF} -- {shlex.quote(p)} 2>/dev/null || rm -f -- {shlex.quote(p)}; }}"
                for p in patch_paths(task.test_patch)]
     if restore:
         sb.exec(" ; ".join(restore), timeout=timeout)
     sb.write_file(TEST_PATCH_FILE, task.test_patch.encode())
-    r = sb.exec(f"git apply {TEST_PATCH_FILE} || patch -p1 --forward < {TEST_PATCH_FILE}", timeout=timeout)
+    r = sb.exec(f"{GIT} apply {TEST_PATCH_FILE} || patch -p1 --forward < {TEST_PATCH_FILE}", timeout=timeout)
     if r.exit_code != 0:
         log.info("test patch of %s does not apply: %s", task.instance_id, (r.stderr or r.stdout)[-300:])
         return False
@@ -119,15 +125,12 @@ def install_runner(sb: Sandbox, task) -> None:
 def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str]:
     """Reward 1.0 iff every FAIL_TO_PASS and PASS_TO_PASS test passes; and the agent's patch.
 
+    The whole grading, with its evidence, is `megaflow.envs.grading.evaluate`.
+
     Raises:
         SandboxError: the sandbox failed (an infra failure, not a reward of 0).
     """
-    budget = Budget(timeout, "evaluation")  # `timeout` bounds the whole evaluation
-    patch = sb.exec("git add -A >/dev/null 2>&1; git diff --cached", timeout=budget.left()).stdout
-    if not apply_test_patch(sb, task, budget.left()):
-        return 0.0, patch
-    install_runner(sb, task)
-    result = sb.exec(tests_command(task, [*task.FAIL_TO_PASS, *task.PASS_TO_PASS]), timeout=budget.left())
-    if result.exit_code != 0:
-        log.debug("%s: tests failed:\n%s", task.instance_id, result.stdout[-2000:])
-    return (1.0 if result.exit_code == 0 else 0.0), patch
+    from megaflow.envs import grading
+
+    result = grading.evaluate(sb, task, timeout)
+    return result.reward, result.patch

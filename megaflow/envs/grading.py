@@ -1,0 +1,138 @@
+"""Grade an episode as the official SWE-bench harness does: a status per test, then the verdict.
+
+`evaluate` takes the agent's patch, restores every file that could change the
+verdict (`megaflow.envs.pristine`), applies the test patch, runs the task's tests
+into a log file, parses the log into a status per test id (PASSED / FAILED /
+ERROR / SKIPPED / XFAIL) with the ``swebench`` package's log parser, and grades
+those statuses with ``swebench``'s own grading (`tests_report`,
+``get_resolution_status``). The reward is 1.0 iff the instance is resolved
+(``RESOLVED_FULL``): it never comes from an exit code.
+
+The result (`Evaluation`) keeps the evidence: FAIL_TO_PASS / PASS_TO_PASS success
+and failure lists, ``resolved``, whether the test patch applied, the per-test
+statuses and the test log (capped, redacted), stored per episode.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from megaflow.deadlines import Budget
+from megaflow.envs import pristine
+
+log = logging.getLogger(__name__)
+
+#: Where the test command's output goes in the sandbox (read back whole, then capped).
+LOG_FILE = ".megaflow_test.log"
+#: The part of a test log kept per episode: head and tail of this many characters.
+LOG_KEEP_CHARS = 64_000
+#: A log larger than this is parsed only in its last part (a runaway test printing forever).
+LOG_PARSE_CHARS = 32 << 20
+#: Where a parsed status map is cut in the stored record (ids of the task's lists always kept).
+STATUS_KEEP = 2_000
+
+
+@dataclass
+class Evaluation:
+    """What grading one episode found."""
+
+    reward: float
+    patch: str | None = None
+    resolved: bool = False
+    patch_applied: bool = True
+    tests_status: dict | None = None
+    statuses: dict[str, str] = field(default_factory=dict)
+    test_log: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+
+    def record(self) -> dict:
+        """The JSON kept per episode (``episodes.grading``); the log is kept apart."""
+        return {"resolved": self.resolved, "patch_applied": self.patch_applied, "tests_status": self.tests_status,
+                "statuses": self.statuses, "exit_code": self.exit_code, "error": self.error}
+
+
+def parse_log(text: str, task) -> dict[str, str]:
+    """Test id → status, by the ``swebench`` parser for the task's repository (pytest's by default).
+
+    The pytest-free runner prints pytest's ``-rA`` summary lines (``PASSED id``), so
+    one parser reads both.
+    """
+    from swebench.harness.log_parsers.python import MAP_REPO_TO_PARSER_PY, parse_log_pytest
+
+    parser = MAP_REPO_TO_PARSER_PY.get(getattr(task, "swebench_repo", None) or "", parse_log_pytest)
+    return parser(text[-LOG_PARSE_CHARS:], None)
+
+
+def tests_report(statuses: dict[str, str], task) -> tuple[dict, bool]:
+    """(``tests_status`` as in the harness's report.json, resolved) by ``swebench``'s grading."""
+    from swebench.harness.constants import FAIL_TO_PASS, PASS_TO_PASS, ResolvedStatus
+    from swebench.harness.grading import get_eval_tests_report, get_resolution_status
+
+    gold = {"instance_id": task.instance_id, FAIL_TO_PASS: list(task.FAIL_TO_PASS),
+            PASS_TO_PASS: list(task.PASS_TO_PASS)}
+    report = get_eval_tests_report(statuses, gold)
+    return report, get_resolution_status(report) == ResolvedStatus.FULL.value
+
+
+def cap_log(text: str, limit: int = LOG_KEEP_CHARS) -> str:
+    """Secrets redacted, then head and tail of `text` kept (the tail holds pytest's summary)."""
+    from megaflow.redact import redact_text
+    from megaflow.sanitize import storable
+
+    text = redact_text(text)
+    if len(text) > limit:
+        head = limit // 4
+        omitted = len(text) - limit
+        text = f"{text[:head]}\n[... {omitted} characters omitted by megaflow ...]\n{text[-(limit - head):]}"
+    return storable(text)
+
+
+def _kept_statuses(statuses: dict[str, str], task) -> dict[str, str]:
+    wanted = {*task.FAIL_TO_PASS, *task.PASS_TO_PASS}
+    kept = {k: v for k, v in statuses.items() if k in wanted}
+    for k, v in statuses.items():
+        if len(kept) >= STATUS_KEEP:
+            break
+        kept.setdefault(k, v)
+    return kept
+
+
+def evaluate(sb, task, timeout: float) -> Evaluation:
+    """Grade the agent's work in `sb`; see the module docstring.
+
+    Raises:
+        SandboxError: the sandbox failed (an infra failure, not a reward of 0).
+    """
+    from megaflow.envs import swe
+
+    budget = Budget(timeout, "evaluation")  # `timeout` bounds the whole evaluation
+    g = pristine.GIT
+    diff_cmd = f"{g} diff --cached --binary --no-ext-diff --no-textconv"
+    diff = sb.exec(f"{g} add -A >/dev/null 2>&1; {diff_cmd} {pristine.BASE_REF} 2>/dev/null || {diff_cmd}",
+                   timeout=budget.left())
+    patch = diff.stdout
+    try:
+        pristine.restore(sb, task, budget.left())
+    except pristine.BaselineMissing as exc:
+        return Evaluation(0.0, patch, patch_applied=False, error=str(exc))
+    if not swe.apply_test_patch(sb, task, budget.left()):
+        return Evaluation(0.0, patch, patch_applied=False, error="the test patch does not apply")
+    swe.install_runner(sb, task)
+    command = swe.tests_command(task, [*task.FAIL_TO_PASS, *task.PASS_TO_PASS])
+    run = sb.exec(f"PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1 {command} > {LOG_FILE} 2>&1; echo $?",
+                  timeout=budget.left())
+    code = run.stdout.strip().rsplit("\n", 1)[-1]
+    try:
+        text = sb.read_file(LOG_FILE).decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - no log (the command never ran): graded on nothing
+        text = run.output
+    statuses = parse_log(text, task)
+    report, resolved = tests_report(statuses, task)
+    if not resolved:
+        log.debug("%s: not resolved: %s", task.instance_id, report)
+    return Evaluation(1.0 if resolved else 0.0, patch, resolved=resolved, tests_status=report,
+                      statuses=_kept_statuses(statuses, task), test_log=cap_log(text),
+                      exit_code=int(code) if code.lstrip("-").isdigit() else None,
+                      error="the tests timed out" if run.timed_out else None)
