@@ -123,7 +123,7 @@ def chaos_spec(episodes: int, steps: int = N_COMMANDS, rollouts: int = 4, sandbo
 
 
 #: What each seed's progress line shows beside its targets.
-_SEED_KEYS = ("episodes_lost", "lost_by_state", "stalled", "chords_unclosed", "duplicate_commands", "commands_lost",
+_SEED_KEYS = ("episodes_lost", "lost_by_state", "lost_episodes", "stalled", "chords_unclosed", "duplicate_commands", "commands_lost",
               "infra_failed_by_exit", "peak_sandboxes", "capacity", "sandboxes_at_run_end", "leaked_after_run",
               "sandboxes_reaped_by_cleanup", "dead_lettered_platform", "elapsed_s", "kills", "notes")
 
@@ -330,6 +330,7 @@ def _outcome(client: Client, run_id: str, episodes: int, elapsed: float, faults:
         decided = {(eid, i): at for eid, i, at in s.execute(select(Step.episode_id, Step.index, Step.created_at)
                                                            .where(Step.episode_id.in_(failed_ids))).all()}
         unclosed = checks.chords_unclosed(s, run_id)
+        lost_detail = [_lost_detail(s, ep) for ep in current if ep.state not in states.TERMINAL][:10]
         run_status = s.get(Run, run_id).status
     by_ep: dict[str, list] = {}
     for eid, index, action, obs in steps:
@@ -351,7 +352,7 @@ def _outcome(client: Client, run_id: str, episodes: int, elapsed: float, faults:
     return {
         "episodes": len(current), "episodes_lost": lost if len(current) == episodes else episodes - len(current) + lost,
         "lost_by_state": {st: n for st, n in by_state.items() if st not in states.TERMINAL},
-        "chords_unclosed": unclosed,
+        "lost_episodes": lost_detail, "chords_unclosed": unclosed,
         **sandbox_accounting(current, by_ep, N_COMMANDS),
         "infra_failed": by_state.get(states.INFRA_FAILED, 0),
         "infra_failed_self_made": sum(1 for c in classified if c["cause"] == "self-made"),
@@ -361,6 +362,16 @@ def _outcome(client: Client, run_id: str, episodes: int, elapsed: float, faults:
         "elapsed_s": round(elapsed, 1), "redelivered_messages": redeliveries, "poison_messages": poison,
         "exec_outputs_lost": lost_outputs,
     }
+
+
+def _lost_detail(s, ep) -> dict:
+    """What the ledger says of an episode left unfinished: where it stopped, for the bug report."""
+    hops = s.execute(select(Hop.step_index, Hop.hop, Hop.status, Hop.attempts).where(Hop.subject_id == ep.id)
+                     .order_by(Hop.started_at)).all()
+    events = s.execute(select(Event.kind).where(Event.subject_id == ep.id).order_by(Event.id)).scalars().all()
+    return {"episode": ep.id, "state": ep.state, "wait_reason": ep.wait_reason, "n_steps": ep.n_steps,
+            "sandbox": ep.sandbox_id, "created_at": str(ep.created_at), "started_at": str(ep.started_at),
+            "hops": [f"{i}:{h}:{st}x{n}" for i, h, st, n in hops][-8:], "events": events[-8:]}
 
 
 def _resume(client: Client, run_id: str) -> dict:
