@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Restart commands that work on a Debian machine running the services itself.
 DEFAULT_RABBITMQ_RESTART = "rabbitmqctl shutdown && rabbitmq-server -detached"
-DEFAULT_POSTGRES_RESTART = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -1) main restart"
+DEFAULT_POSTGRES_RESTART = ("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -1) "
+                            "main restart")
 
 
 @dataclass
