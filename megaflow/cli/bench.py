@@ -116,8 +116,8 @@ def chaos(
                               "which targets held in every run."),
     capacity: int = typer.Option(None, help="The env host's sandbox capacity (default MEGAFLOW_SANDBOX_CAPACITY); "
                                  "peak_sandboxes, counted from outside, is held against it."),
-    stall_s: float = typer.Option(180.0, help="A run in which nothing moved for this long, with nothing queued, "
-                                  "is over: its unfinished episodes are lost."),
+    stall_s: float = typer.Option(420.0, help="A run in which nothing moved for this long, with nothing queued, "
+                                  "is over: its unfinished episodes are lost (outlasts the scheduler's 300 s repair)."),
     reap_interval_s: float = typer.Option(10.0, help="The workers' own reaping interval."),
     reap_wait_s: float = typer.Option(200.0, help="After the run, how long the workers may reap before leftovers "
                                       "count as leaked (the reaper spares sandboxes for 120 s)."),
