@@ -126,10 +126,10 @@ def chaos_spec(episodes: int, steps: int = N_COMMANDS, rollouts: int = 4, sandbo
 
 
 #: What each seed's progress line shows beside its targets.
-_SEED_KEYS = ("episodes_lost", "lost_by_state", "lost_episodes", "stalled", "longest_stall_s", "chords_unclosed", "duplicate_commands",
-              "commands_lost", "infra_failed_by_exit", "peak_sandboxes", "capacity", "sandboxes_at_run_end",
-              "leaked_after_run", "sandboxes_reaped_by_cleanup", "dead_lettered_platform", "elapsed_s",
-              "kills", "notes")
+_SEED_KEYS = ("episodes_lost", "lost_by_state", "lost_episodes", "stalled", "longest_stall_s", "chords_unclosed",
+              "duplicate_commands", "commands_lost", "infra_failed_by_exit", "peak_sandboxes", "capacity",
+              "sandboxes_at_run_end", "leaked_after_run", "sandboxes_reaped_by_cleanup", "dead_lettered_platform",
+              "elapsed_s", "kills", "notes")
 
 
 def run_chaos_seeds(seeds: list[int], progress=None, **kwargs) -> dict:
