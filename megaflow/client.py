@@ -140,7 +140,9 @@ class Client:
         return n + len(parked)
 
     def results(self, run_id: str) -> list[dict]:
-        """One dict per episode: ids, state, exit status, reward, advantage, steps."""
+        """One dict per episode: ids, state, exit status, reward, advantage, steps, grading summary."""
+        from megaflow.swebench_report import grading_summary
+
         with self.session() as s:
             rows = s.execute(
                 select(Episode, TaskInstance.instance_id).join(TaskInstance, TaskInstance.id == Episode.task_instance_id)
@@ -148,7 +150,8 @@ class Client:
             ).all()
             return [{"episode_id": e.id, "instance_id": iid, "sample": e.sample_index, "state": e.state,
                      "exit_status": e.exit_status, "reward": e.reward, "advantage": e.advantage,
-                     "steps": e.n_steps, "error": e.error, "attempt": e.attempt} for e, iid in rows]
+                     "steps": e.n_steps, "error": e.error, "attempt": e.attempt,
+                     **grading_summary(e.grading)} for e, iid in rows]
 
     def resume(self, run_id: str) -> dict:
         """Re-run a run's unfinished and infra-failed episodes as new attempts (`megaflow.resume`).

@@ -8,6 +8,11 @@
 * ``swebench``: SWE-bench predictions JSONL (``instance_id``, ``model_name_or_path``,
   ``model_patch``), one per task instance.
 * ``minisweagent``: a directory of mini-swe-agent ``*.traj.json`` trajectories.
+* ``swebench-report``: a directory of the official harness's ``report.json`` per
+  instance (`megaflow.swebench_report`).
+
+Every format carries the grading evidence: ``resolved`` and the FAIL_TO_PASS /
+PASS_TO_PASS results (JSONL also the per-test statuses and the test log).
 
 Episodes are read in batches, so a run of any size exports in bounded memory.
 """
@@ -29,10 +34,11 @@ from megaflow.agent import transcript
 from megaflow.db import states
 from megaflow.db.models import Episode, Run, Step, TaskInstance
 from megaflow.redact import redact
+from megaflow.swebench_report import grading_summary
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "parquet", "swebench", "minisweagent")
+FORMATS = ("jsonl", "parquet", "swebench", "minisweagent", "swebench-report")
 #: Episodes read per database round trip (their steps come in one more).
 BATCH = 256
 _STEP_FIELDS = ("index", "action", "exit_code", "observation", "finish_reason", "model", "model_version",
@@ -121,7 +127,7 @@ def export_run(session: Session, run_id: str, fmt: str, path: str | Path, *,
     if session.get(Run, run_id) is None:
         raise LookupError(f"no run {run_id}")
     path = Path(path)
-    if fmt == "minisweagent":
+    if fmt in ("minisweagent", "swebench-report"):
         path.mkdir(parents=True, exist_ok=True)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +138,10 @@ def export_run(session: Session, run_id: str, fmt: str, path: str | Path, *,
         return write_parquet(path, (trainer_row(*e, tokenizer=tokenizer) for e in episodes))
     if fmt == "swebench":
         return _write_lines(path, swebench_predictions(episodes, model_name))
+    if fmt == "swebench-report":
+        from megaflow.swebench_report import write_reports
+
+        return write_reports(path, episodes)
     return write_trajectories(path, episodes, model_name)
 
 
@@ -170,6 +180,7 @@ def episode_record(ep: Episode, ti: TaskInstance, steps: list) -> dict:
         "task_kind": ti.kind, "sample_index": ep.sample_index, "state": ep.state, "exit_status": ep.exit_status,
         "error": ep.error, "reward": ep.reward, "advantage": ep.advantage, "n_steps": ep.n_steps,
         "format_errors": ep.format_errors, "tokens": ep.tokens, "patch": ep.patch,
+        "grading": ep.grading, "test_log": ep.test_log,
         "started_at": _iso(ep.started_at), "finished_at": _iso(ep.finished_at),
         "messages": transcript(steps),
         "steps": [{f: getattr(s, f) for f in _STEP_FIELDS} for s in steps],
@@ -211,6 +222,7 @@ def trainer_row(ep: Episode, ti: TaskInstance, steps: list, tokenizer: ChatToken
         "episode_id": ep.id, "run_id": ep.run_id, "group_id": ep.group_id, "instance_id": ti.instance_id,
         "sample_index": ep.sample_index, "state": ep.state, "exit_status": ep.exit_status,
         "reward": ep.reward, "advantage": ep.advantage, "n_turns": len(turns),
+        **grading_summary(ep.grading),
         "messages": _masked(transcript(steps)),
         "prompt_token_ids": prompt_ids, "completion_token_ids": completion_ids,
         "completion_logprobs": [list(s.logprobs) if s.logprobs is not None else None for s in turns],
@@ -225,7 +237,8 @@ def _parquet_schema(pa):
         ("episode_id", pa.string()), ("run_id", pa.string()), ("group_id", pa.string()),
         ("instance_id", pa.string()), ("sample_index", pa.int64()), ("state", pa.string()),
         ("exit_status", pa.string()), ("reward", pa.float64()), ("advantage", pa.float64()),
-        ("n_turns", pa.int64()),
+        ("n_turns", pa.int64()), ("resolved", pa.bool_()), ("patch_applied", pa.bool_()),
+        ("f2p_failure", pa.list_(pa.string())), ("p2p_failure", pa.list_(pa.string())),
         ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
         ("prompt_token_ids", pa.list_(ints)), ("completion_token_ids", pa.list_(ints)),
         ("completion_logprobs", pa.list_(pa.list_(pa.float64()))), ("model_version", pa.list_(pa.string())),
@@ -290,6 +303,7 @@ def write_trajectories(out_dir: Path, episodes, model_name: str | None = None) -
         target.parent.mkdir(parents=True, exist_ok=True)
         traj = to_minisweagent_trajectory(ep, steps, instance_id=ti.instance_id,
                                           model_name=_model_name(steps, model_name))
+        traj.setdefault("info", {})["megaflow_grading"] = ep.grading
         target.write_text(json.dumps(_masked(traj), indent=2))
         n += 1
     return n

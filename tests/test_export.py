@@ -33,7 +33,7 @@ class CharTokenizer:
 def _rows():
     ep = SimpleNamespace(id="e1", run_id="r1", group_id="g1", sample_index=0, state="succeeded",
                          exit_status="submitted", reward=1.0, advantage=0.5, error=None, n_steps=2, format_errors=0,
-                         tokens=9, patch=None, started_at=None, finished_at=None)
+                         tokens=9, patch=None, started_at=None, finished_at=None, grading=None, test_log=None)
     ti = SimpleNamespace(instance_id="i1", kind="terminal")
     fields = {"action": None, "exit_code": None, "observation": None, "finish_reason": "stop", "model": "m",
               "model_version": "v1", "prompt_tokens": 1, "completion_tokens": 2, "model_s": 0.1, "exec_s": None,

@@ -1,4 +1,4 @@
-"""`megaflow export RUN --format jsonl|parquet|swebench|minisweagent --out PATH`."""
+"""`megaflow export RUN --format jsonl|parquet|swebench|minisweagent|swebench-report --out PATH`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class Format(str, Enum):
     parquet = "parquet"
     swebench = "swebench"
     minisweagent = "minisweagent"
+    swebench_report = "swebench-report"
 
 
 def register(app: typer.Typer) -> None:
@@ -27,11 +28,11 @@ def register(app: typer.Typer) -> None:
 def export(
     run_id: str = typer.Argument(..., help="The run to export."),
     fmt: Format = typer.Option(Format.jsonl, "--format", "-f", help="Output format."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output file (a directory for minisweagent)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file (a directory for minisweagent and swebench-report)."),
     tokenizer: str = typer.Option(None, help="Parquet: Hugging Face tokenizer for prompt token ids and loss masks."),
     model_name: str = typer.Option(None, help="swebench/minisweagent: model name (default: as the backend reported)."),
 ) -> None:
-    """Export a run's episodes: JSONL or Parquet for trainers, SWE-bench predictions, mini-swe-agent trajectories."""
+    """Export a run's episodes: JSONL or Parquet for trainers, SWE-bench predictions, mini-swe-agent trajectories, SWE-bench report.json per instance."""
     from megaflow.client import Client
     from megaflow.export import HFChatTokenizer
 

@@ -101,6 +101,10 @@ class Episode(Base):
     sandbox_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
     host: Mapped[str | None] = mapped_column(String(200), nullable=True)
     patch: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Grading evidence (megaflow.envs.grading.Evaluation.record): per-test statuses,
+    # FAIL_TO_PASS / PASS_TO_PASS success and failure lists, resolved, patch applied.
+    grading: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    test_log: Mapped[str | None] = mapped_column(Text, nullable=True)  # capped, redacted
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)

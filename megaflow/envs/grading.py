@@ -4,9 +4,11 @@
 verdict (`megaflow.envs.pristine`), applies the test patch, runs the task's tests
 into a log file, parses the log into a status per test id (PASSED / FAILED /
 ERROR / SKIPPED / XFAIL) with the ``swebench`` package's log parser, and grades
-those statuses with ``swebench``'s own grading (`tests_report`,
-``get_resolution_status``). The reward is 1.0 iff the instance is resolved
-(``RESOLVED_FULL``): it never comes from an exit code.
+those statuses with ``swebench``'s own grading: the log is framed as the harness's
+eval script frames it and handed to ``get_logs_eval`` and ``get_eval_report``
+(`harness_report`), which also refuse a log whose exit code contradicts it. The reward is 1.0 iff the instance is resolved
+(``RESOLVED_FULL``): it never comes from an exit code, except for a task that
+names no test ids at all, whose test command is then its whole check.
 
 The result (`Evaluation`) keeps the evidence: FAIL_TO_PASS / PASS_TO_PASS success
 and failure lists, ``resolved``, whether the test patch applied, the per-test
@@ -53,27 +55,51 @@ class Evaluation:
                 "statuses": self.statuses, "exit_code": self.exit_code, "error": self.error}
 
 
-def parse_log(text: str, task) -> dict[str, str]:
-    """Test id → status, by the ``swebench`` parser for the task's repository (pytest's by default).
+def log_parser_name(task) -> str:
+    """The ``swebench`` parser (a ``PARSER_REGISTRY`` key) for the task's repository: pytest's by default.
 
     The pytest-free runner prints pytest's ``-rA`` summary lines (``PASSED id``), so
-    one parser reads both.
+    pytest's parser reads both.
     """
-    from swebench.harness.log_parsers.python import MAP_REPO_TO_PARSER_PY, parse_log_pytest
+    from swebench.harness.log_parsers.python import MAP_REPO_TO_PARSER_PY
 
-    parser = MAP_REPO_TO_PARSER_PY.get(getattr(task, "swebench_repo", None) or "", parse_log_pytest)
-    return parser(text[-LOG_PARSE_CHARS:], None)
+    parser = MAP_REPO_TO_PARSER_PY.get(getattr(task, "swebench_repo", None) or "")
+    return parser.__name__ if parser is not None else "parse_log_pytest"
 
 
-def tests_report(statuses: dict[str, str], task) -> tuple[dict, bool]:
-    """(``tests_status`` as in the harness's report.json, resolved) by ``swebench``'s grading."""
-    from swebench.harness.constants import FAIL_TO_PASS, PASS_TO_PASS, ResolvedStatus
-    from swebench.harness.grading import get_eval_tests_report, get_resolution_status
+def harness_log(text: str, exit_code: int | None) -> str:
+    """`text` framed as the harness's eval script frames its test output.
 
-    gold = {"instance_id": task.instance_id, FAIL_TO_PASS: list(task.FAIL_TO_PASS),
-            PASS_TO_PASS: list(task.PASS_TO_PASS)}
-    report = get_eval_tests_report(statuses, gold)
-    return report, get_resolution_status(report) == ResolvedStatus.FULL.value
+    The exit code goes first: ``swebench`` reads the first exit-code marker, so one
+    printed by the tests themselves cannot stand in for it.
+    """
+    from swebench.harness.constants import END_TEST_OUTPUT, START_TEST_OUTPUT, TEST_EXIT_CODE
+
+    head = f"{TEST_EXIT_CODE}: {exit_code}\n" if exit_code is not None else ""
+    return f"{head}{START_TEST_OUTPUT}\n{text[-LOG_PARSE_CHARS:]}\n{END_TEST_OUTPUT}\n"
+
+
+def harness_report(text: str, exit_code: int | None, task, patch: str | None) -> tuple[dict, dict[str, str]]:
+    """(the instance's entry of ``swebench``'s ``get_eval_report``, the parsed status per test id).
+
+    The very functions the official harness grades with, on the log framed as its
+    eval script writes it: the verdict is the harness's, by construction.
+    """
+    import tempfile
+
+    from swebench.harness.grading import get_eval_report, get_logs_eval
+    from swebench.types import TestSpec
+
+    spec = TestSpec(instance_id=task.instance_id, image="", eval_script_list=[], repo=getattr(task, "swebench_repo",
+                    None) or "", version="", FAIL_TO_PASS=list(task.FAIL_TO_PASS), PASS_TO_PASS=list(task.PASS_TO_PASS),
+                    log_parser=log_parser_name(task), eval_type="pass_and_fail")
+    with tempfile.NamedTemporaryFile("w", suffix=".log", prefix="megaflow-eval-") as f:
+        f.write(harness_log(text, exit_code))
+        f.flush()
+        statuses, _found = get_logs_eval(spec, f.name)
+        prediction = {"instance_id": task.instance_id, "model_name_or_path": "megaflow", "model_patch": patch or ""}
+        report = get_eval_report(spec, prediction, f.name, include_tests_status=True)[task.instance_id]
+    return report, statuses
 
 
 def cap_log(text: str, limit: int = LOG_KEEP_CHARS) -> str:
@@ -128,11 +154,29 @@ def evaluate(sb, task, timeout: float) -> Evaluation:
         text = sb.read_file(LOG_FILE).decode("utf-8", "replace")
     except Exception:  # noqa: BLE001 - no log (the command never ran): graded on nothing
         text = run.output
-    statuses = parse_log(text, task)
-    report, resolved = tests_report(statuses, task)
+    exit_code = int(code) if code.lstrip("-").isdigit() else None
+    report, statuses = harness_report(text, exit_code, task, patch)
+    resolved = bool(report.get("resolved"))
+    if not task.FAIL_TO_PASS and not task.PASS_TO_PASS:
+        # No test ids to grade: the test command is the whole check, its exit code the verdict.
+        resolved = exit_code == 0
     if not resolved:
         log.debug("%s: not resolved: %s", task.instance_id, report)
-    return Evaluation(1.0 if resolved else 0.0, patch, resolved=resolved, tests_status=report,
-                      statuses=_kept_statuses(statuses, task), test_log=cap_log(text),
-                      exit_code=int(code) if code.lstrip("-").isdigit() else None,
-                      error="the tests timed out" if run.timed_out else None)
+    return Evaluation(1.0 if resolved else 0.0, patch, resolved=resolved, tests_status=report.get("tests_status"),
+                      statuses=_kept_statuses(statuses, task), test_log=cap_log(text), exit_code=exit_code,
+                      error="the tests timed out" if run.timed_out else report.get("infra_failure_reason"))
+
+
+def evaluate_task(sb, task, timeout: float, check_file: str = ".megaflow_check.sh") -> Evaluation:
+    """Grade any task: SWE tasks by `evaluate`; terminal tasks by their check script's exit code.
+
+    Raises:
+        SandboxError: the sandbox failed.
+    """
+    if task.kind != "terminal":
+        return evaluate(sb, task, timeout)
+    sb.write_file(check_file, task.check.encode())
+    r = sb.exec(f"bash {check_file}", timeout=timeout)
+    ok = r.exit_code == 0
+    return Evaluation(1.0 if ok else 0.0, None, resolved=ok, test_log=cap_log(r.output), exit_code=r.exit_code,
+                      error="the check timed out" if r.timed_out else None)

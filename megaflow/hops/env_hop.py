@@ -20,7 +20,7 @@ from sqlalchemy import bindparam, select, update
 from megaflow.db import states
 from megaflow.db.models import Episode, Step
 from megaflow.db.sql import prepared, update_where
-from megaflow.envs import swe
+from megaflow.envs import grading, swe
 from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError, SandboxNotFoundError
 from megaflow.redact import redact_text
@@ -179,11 +179,9 @@ def exec_task(self, episode_id: str, step: int):
 
 
 def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str | None]:
-    """Reward 1.0 iff the task's checks pass; also the agent's patch for SWE tasks."""
-    if task.kind == "terminal":
-        sb.write_file(CHECK_FILE, task.check.encode())
-        return (1.0 if sb.exec(f"bash {CHECK_FILE}", timeout=timeout).exit_code == 0 else 0.0), None
-    return swe.evaluate(sb, task, timeout)
+    """Reward 1.0 iff the task's checks pass; also the agent's patch for SWE tasks (`grading.evaluate_task`)."""
+    result = grading.evaluate_task(sb, task, timeout, CHECK_FILE)
+    return result.reward, result.patch
 
 
 def evaluate_task(self, episode_id: str, step: int):
@@ -198,8 +196,9 @@ def evaluate_task(self, episode_id: str, step: int):
         spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)
         try:
             # eval_timeout_s bounds the whole evaluation (swe.evaluate shares it between its commands).
-            (reward, patch), rebuilt = with_sandbox(rt, ep, plan,
-                                                    lambda sb: evaluate(sb, task, spec.limits.eval_timeout_s))
+            graded, rebuilt = with_sandbox(rt, ep, plan, lambda sb: grading.evaluate_task(
+                sb, task, spec.limits.eval_timeout_s, CHECK_FILE))
+            reward = graded.reward
         except SandboxError as exc:
             return _infra("evaluate", step, exc, "evaluation_failed")
         except (SetupError, OSError, TimeoutError) as exc:  # rebuilding the sandbox failed
@@ -210,7 +209,8 @@ def evaluate_task(self, episode_id: str, step: int):
 
         def write(s):
             update_where(s.connection(), Episode.__table__, {"id": episode_id},
-                         {"reward": reward, "patch": storable(patch)})
+                         {"reward": reward, "patch": storable(graded.patch), "grading": graded.record(),
+                          "test_log": graded.test_log})
             if rebuilt:
                 record_rebuild(s, ep, rebuilt)
 

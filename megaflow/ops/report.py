@@ -172,6 +172,10 @@ th{background:#f6f6f6} img{max-width:100%;display:block;margin:.5em 0} .muted{co
 """
 
 
+#: Graded episodes listed in the report's grading table.
+GRADED_ROWS = 500
+
+
 def render_html(data: RunData, generated_at: dt.datetime | None = None) -> str:
     """The report of `data` as one HTML document with every image inline."""
     generated_at = generated_at or dt.datetime.now(dt.UTC)
@@ -200,6 +204,18 @@ def render_html(data: RunData, generated_at: dt.datetime | None = None) -> str:
                                 _hop_rows(data)))
         if title == "Failures by kind" and data.failures():
             parts.append(_table(("exit status", "episodes"), list(data.failures().items())))
+    graded = [e for e in data.episodes if e.grading and e.grading.get("tests_status")]
+    if graded:
+        from megaflow.swebench_report import grading_summary
+
+        rows = []
+        for e in graded[:GRADED_ROWS]:
+            g = grading_summary(e.grading)
+            rows.append((e.instance_id, "" if e.reward is None else f"{e.reward:g}", g["resolved"],
+                         g["patch_applied"], " ".join(g["f2p_failure"])[:300] or "-",
+                         " ".join(g["p2p_failure"])[:300] or "-"))
+        parts += ["<h2>Grading</h2>", _table(("instance", "reward", "resolved", "test patch applied",
+                                               "FAIL_TO_PASS failing", "PASS_TO_PASS failing"), rows)]
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -122,6 +122,8 @@ class EpisodeRow:
     created_at: dt.datetime | None
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    #: Grading evidence (`megaflow.envs.grading.Evaluation.record`), None before evaluation.
+    grading: dict | None = None
 
 
 @dataclass
@@ -166,7 +168,7 @@ def load_run(session: Session, run_id: str) -> RunData:
     data = RunData(run.id, run.name, run.status, run.created_at, run.finished_at, run.summary)
     rows = session.execute(
         select(TaskInstance.instance_id, Episode.state, Episode.exit_status, Episode.reward, Episode.n_steps,
-               Episode.tokens, Episode.created_at, Episode.started_at, Episode.finished_at)
+               Episode.tokens, Episode.created_at, Episode.started_at, Episode.finished_at, Episode.grading)
         .join(TaskInstance, TaskInstance.id == Episode.task_instance_id)
         .where(Episode.run_id == run_id).order_by(Episode.seq)
     ).all()
