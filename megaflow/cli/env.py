@@ -9,9 +9,6 @@ import typer
 
 app = typer.Typer(no_args_is_help=True, help="Sandbox images and task environments.")
 
-#: Dockerfile directories built on top of megaflow/base by `build-base`.
-IMAGES_DIR = Path(__file__).resolve().parents[2] / "docker" / "images"
-
 
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="env")
@@ -37,15 +34,16 @@ def _fail(exc: Exception) -> None:
 
 @app.command("build-base")
 def build_base(force: bool = typer.Option(False, "--force", help="Rebuild even when cached.")) -> None:
-    """Build megaflow/base (debootstrap) and the images of docker/images/ on it (megaflow/python); cached."""
+    """Build megaflow/base (debootstrap) and the shipped images on it (megaflow/python); cached."""
     from megaflow.errors import SandboxError
     from megaflow.sandbox.images import build_base as do_build_base
+    from megaflow.sandbox.contexts import shipped
     from megaflow.sandbox.images import build_image
 
     try:
         client = _docker_client()
         typer.echo(f"megaflow/base {do_build_base(client, force=force)[:19]}")
-        for context in sorted(p for p in IMAGES_DIR.iterdir() if (p / "Dockerfile").exists()):
+        for context in shipped():
             tag = f"megaflow/{context.name}"
             typer.echo(f"{tag} {build_image(client, context, tag, force=force)[:19]}")
     except SandboxError as exc:
@@ -62,13 +60,14 @@ def build(
     from megaflow.envs.repos import REPO_BASE_IMAGE, build_repo_image
     from megaflow.envs.validate import load_task_set
     from megaflow.errors import SandboxError, SpecError
+    from megaflow.sandbox.contexts import context_dir
     from megaflow.sandbox.images import build_image
 
     try:
         task_list = load_task_set(tasks)
         sources = sorted({t.repo for t in task_list if t.kind == "swe" and t.repo and not t.image})
         client = _docker_client()
-        build_image(client, IMAGES_DIR / REPO_BASE_IMAGE.split("/", 1)[1], REPO_BASE_IMAGE)
+        build_image(client, context_dir(REPO_BASE_IMAGE.split("/", 1)[1]), REPO_BASE_IMAGE)
         for source in sources:
             typer.echo(f"{build_repo_image(client, source, Settings().data_dir, force=force)}  <- {source}")
     except (SandboxError, SpecError) as exc:
@@ -79,26 +78,31 @@ def build(
 @app.command()
 def validate(
     tasks: Path = typer.Argument(..., help="Tasks file, directory of tasks files, or run spec."),
-    sandbox: str = typer.Option("local", "--sandbox", help="Backend: local | docker."),
+    sandbox: str = typer.Option(None, "--sandbox", help="Backend: local | docker (default: the run spec's, or local)."),
+    spec: Path = typer.Option(None, "--spec", help="Run spec whose sandbox settings to use (default: TASKS if a spec)."),
     timeout: float = typer.Option(300.0, help="Per-command timeout (seconds)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per task."),
 ) -> None:
-    """Prove each task: gold solution earns 1, no change earns 0. Exits 1 if any task fails."""
+    """Prove each task: gold solution earns 1, no change earns 0. Exits 1 if any task fails.
+
+    Sandboxes get the configuration a run would give them (the run spec's ``sandbox``
+    section). A failed check shows the command it ran, its exit code and its output's tail.
+    """
     from rich.console import Console
     from rich.table import Table
 
     from megaflow.config import Settings
-    from megaflow.envs.validate import load_task_set
+    from megaflow.envs.validate import load_task_set, sandbox_for
     from megaflow.envs.validate import validate as do_validate
     from megaflow.errors import SandboxError, SpecError
-    from megaflow.sandbox.base import SandboxConfig
     from megaflow.sandbox.registry import make_backend
 
     settings = Settings()
     try:
         task_list = load_task_set(tasks)
-        backend = make_backend(sandbox, **({"root": settings.data_dir} if sandbox == "local" else {}))
-        reports = do_validate(task_list, backend, SandboxConfig(type=sandbox), settings.data_dir, timeout)
+        config = sandbox_for(tasks, sandbox, spec)
+        backend = make_backend(config.type, **({"root": settings.data_dir} if config.type == "local" else {}))
+        reports = do_validate(task_list, backend, config, settings.data_dir, timeout)
     except (SandboxError, SpecError, ValueError) as exc:
         _fail(exc)
     if as_json:
@@ -106,13 +110,16 @@ def validate(
             print(json.dumps({"instance_id": r.instance_id, "kind": r.kind, "ok": r.ok, "gold": r.gold,
                               "empty": r.empty, "problems": r.problems, "seconds": round(r.seconds, 2)}))
     else:
-        table = Table(title=f"{tasks} on {sandbox}")
-        for col in ("instance", "kind", "gold", "no change", "ok", "s", "problems"):
+        table = Table(title=f"{tasks} on {config.type}")
+        for col in ("instance", "kind", "gold", "no change", "ok", "s"):
             table.add_column(col)
         for r in reports:
             table.add_row(r.instance_id, r.kind, str(r.gold), str(r.empty), "yes" if r.ok else "NO",
-                          f"{r.seconds:.1f}", "; ".join(r.problems)[:300])
+                          f"{r.seconds:.1f}")
         Console().print(table)
+        for r in reports:
+            for problem in r.problems:
+                typer.secho(f"{r.instance_id}: {problem}", fg="red", err=True)
     bad = [r for r in reports if not r.ok]
     typer.echo(f"{len(reports) - len(bad)} passed, {len(bad)} failed")
     if bad:

@@ -35,7 +35,7 @@ from megaflow.errors import SandboxError
 
 log = logging.getLogger(__name__)
 
-#: Image every generated repo image starts FROM (docker/images/python).
+#: Image every generated repo image starts FROM (shipped context megaflow/sandbox/dockerfiles/python).
 REPO_BASE_IMAGE = "megaflow/python"
 #: Turns the work directory into a git repo with one commit, so that the agent's
 #: change is `git diff` against it and evaluation can restore test files.

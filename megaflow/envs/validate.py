@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from megaflow.agent.oracle import solution_commands
-from megaflow.envs import swe
+from megaflow.envs import grading, swe
 from megaflow.errors import SandboxError, SpecError
 from megaflow.sandbox.base import SandboxBackend, SandboxConfig
 from megaflow.spec import RunSpec, TaskSpec, format_errors, load_tasks
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Label on validation sandboxes (no host label: the reaper leaves them to us).
 VALIDATE_LABEL = "megaflow.validate"
+#: Characters of a failed command's output a problem shows.
+TAIL_CHARS = 1500
 
 
 @dataclass
@@ -72,7 +74,7 @@ def load_task_set(path: str | Path) -> list:
 def validate_task(backend: SandboxBackend, base: SandboxConfig, task, cache_root: Path,
                   timeout: float = 300.0) -> TaskReport:
     """Run one task with its gold solution and with no change; see the module docstring."""
-    from megaflow.hops.env_hop import evaluate, setup
+    from megaflow.hops.env_hop import CHECK_FILE, setup
 
     report = TaskReport(task.instance_id, task.kind)
     started = time.monotonic()
@@ -82,17 +84,20 @@ def validate_task(backend: SandboxBackend, base: SandboxConfig, task, cache_root
     except SandboxError as exc:
         report.problems.append(f"sandbox: {exc}")
         return report
+    gold = empty = None
     try:
         setup(sb, task, timeout, config=config, cache_root=cache_root)
         for cmd in solution_commands(task):
             r = sb.exec(cmd, timeout=timeout)
             if r.exit_code != 0:
-                report.problems.append(f"gold command exited {r.exit_code}: {(r.stderr or r.stdout)[-300:]}")
-        report.gold, _ = evaluate(sb, task, timeout)
+                report.problems.append(failure(f"gold command {cmd!r}", cmd, r.exit_code, r.output))
+        gold = grading.evaluate_task(sb, task, timeout, CHECK_FILE)
+        report.gold = gold.reward
         # The same sandbox again, reset: validation exercises `reset` as pools do.
         sb.reset()
         setup(sb, task, timeout, config=config, cache_root=cache_root)
-        report.empty, _ = evaluate(sb, task, timeout)
+        empty = grading.evaluate_task(sb, task, timeout, CHECK_FILE)
+        report.empty = empty.reward
         if task.kind == "swe":
             _check_tests(sb, task, timeout, report)
     except (SandboxError, swe.SetupError, OSError) as exc:
@@ -101,10 +106,32 @@ def validate_task(backend: SandboxBackend, base: SandboxConfig, task, cache_root
         sb.close()
         report.seconds = time.monotonic() - started
     if report.gold != 1.0:
-        report.problems.append(f"gold solution earns {report.gold}, expected 1")
+        report.problems.append(_verdict(f"gold solution earns {report.gold}, expected 1", task, gold))
     if report.empty != 0.0:
-        report.problems.append(f"no change earns {report.empty}, expected 0")
+        report.problems.append(_verdict(f"no change earns {report.empty}, expected 0", task, empty))
     return report
+
+
+def failure(what: str, command: str, exit_code: int | None, output: str, tail: int = TAIL_CHARS) -> str:
+    """A failed check as a user needs it: what failed, the command, its exit code, its output's tail."""
+    text = (output or "").rstrip()
+    cut = f"[... {len(text) - tail} characters before ...]\n" if len(text) > tail else ""
+    return f"{what}\n  $ {command}\n  exit code {exit_code}\n  output (tail):\n{cut}{text[-tail:] or '(none)'}"
+
+
+def _verdict(what: str, task, result) -> str:
+    if result is None:
+        return what
+    if task.kind == "terminal":
+        return failure(what, f"bash {task.check[:200]!r}", result.exit_code, result.test_log or "")
+    status = result.tests_status or {}
+    failing = [f"{k} failing: {', '.join(v['failure'])}" for k, v in status.items()
+               if k in ("FAIL_TO_PASS", "PASS_TO_PASS") and v.get("failure")]
+    if result.error:
+        failing.append(result.error)
+    what = "; ".join([what, *failing])
+    return failure(what, swe.tests_command(task, [*task.FAIL_TO_PASS, *task.PASS_TO_PASS]), result.exit_code,
+                   result.test_log or "")
 
 
 def _check_tests(sb, task, timeout: float, report: TaskReport) -> None:
@@ -112,12 +139,36 @@ def _check_tests(sb, task, timeout: float, report: TaskReport) -> None:
     if not task.FAIL_TO_PASS:
         report.problems.append("no FAIL_TO_PASS tests")
     for test in task.FAIL_TO_PASS:
-        if sb.exec(swe.tests_command(task, [test]), timeout=timeout).exit_code == 0:
-            report.problems.append(f"FAIL_TO_PASS test passes without the fix: {test}")
+        cmd = swe.tests_command(task, [test])
+        r = sb.exec(cmd, timeout=timeout)
+        if r.exit_code == 0:
+            report.problems.append(failure(f"FAIL_TO_PASS test passes without the fix: {test}", cmd, r.exit_code,
+                                           r.output))
     if task.PASS_TO_PASS:
-        r = sb.exec(swe.tests_command(task, task.PASS_TO_PASS), timeout=timeout)
+        cmd = swe.tests_command(task, task.PASS_TO_PASS)
+        r = sb.exec(cmd, timeout=timeout)
         if r.exit_code != 0:
-            report.problems.append(f"PASS_TO_PASS tests fail without any change:\n{r.stdout[-800:]}")
+            report.problems.append(failure("PASS_TO_PASS tests fail without any change", cmd, r.exit_code, r.output))
+
+
+def sandbox_for(tasks_path: str | Path, backend: str | None, spec: str | Path | None = None) -> SandboxConfig:
+    """The sandbox configuration a run would use: the run spec's (`spec`, or `tasks_path` when it is one).
+
+    `backend` (``--sandbox``) overrides the spec's backend type; without a spec the
+    defaults of `SandboxConfig` apply (local backend).
+    """
+    source = Path(spec) if spec else Path(tasks_path)
+    config = SandboxConfig()
+    if source.is_file() and source.suffix in (".yaml", ".yml", ".json"):
+        from megaflow.spec import _read_structured
+
+        try:
+            raw = _read_structured(source)
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot read {source}: {exc}") from exc
+        if isinstance(raw, dict) and ("tasks_file" in raw or "model" in raw or "agent" in raw or spec):
+            config = RunSpec.load(source).sandbox
+    return config.model_copy(update={"type": backend}) if backend else config
 
 
 def validate(tasks: list, backend: SandboxBackend, base: SandboxConfig, cache_root: Path,

@@ -2,7 +2,7 @@
 
 `build_base` makes ``megaflow/base`` from scratch with ``debootstrap`` against the
 Debian mirror this host's apt already uses, then ``docker import``. `build_image`
-builds a Dockerfile directory (``docker/images/*``) on top of it. Both are cached:
+builds a Dockerfile directory (the shipped ones: `megaflow.sandbox.contexts`) on top of it. Both are cached:
 an image whose ``megaflow.content-hash`` label matches what would be built is kept,
 so the second call costs one API round trip.
 """

@@ -1,0 +1,31 @@
+"""The Docker build contexts MegaFlow ships, as package data.
+
+Each directory of ``megaflow/sandbox/dockerfiles/`` (a ``Dockerfile`` and its
+context) becomes ``megaflow/<name>`` on top of ``megaflow/base``. They live inside
+the package, so ``megaflow env build-base`` and ``env build`` work from an
+installed wheel as from a source tree (``docker/images`` links here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Where the shipped build contexts are, installed or not.
+DOCKERFILES = Path(__file__).resolve().parent / "dockerfiles"
+
+
+def context_dir(name: str) -> Path:
+    """The build context of the shipped image ``megaflow/<name>``.
+
+    Raises:
+        FileNotFoundError: no such shipped image (or a broken install).
+    """
+    path = DOCKERFILES / name
+    if not (path / "Dockerfile").is_file():
+        raise FileNotFoundError(f"no shipped image context {name!r} in {DOCKERFILES}")
+    return path
+
+
+def shipped() -> list[Path]:
+    """Every shipped build context, by name."""
+    return sorted(p for p in DOCKERFILES.iterdir() if (p / "Dockerfile").is_file()) if DOCKERFILES.is_dir() else []
