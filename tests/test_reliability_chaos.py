@@ -139,7 +139,7 @@ def test_small_chaos_run_loses_duplicates_and_leaks_nothing():
     need("a private RabbitMQ node and PostgreSQL server", why is None, why or "")
     need("bubblewrap", subprocess.run(["which", "bwrap"], capture_output=True).returncode == 0)
     figures = run_chaos_bench(episodes=80, kill_every_s="2-5", private_services=True, seed=7, timeout_s=600,
-                              capacity=24, stall_s=90, reap_wait_s=200)
+                              capacity=24, reap_wait_s=200)
     _assert_targets(figures, 80)
     # Both services really went down and came back, and workers really died.
     assert [r["service"] for r in figures["service_restarts"]] == ["rabbitmq", "postgres"], figures["notes"]
@@ -173,5 +173,5 @@ def test_small_chaos_run_on_docker(monkeypatch):
         need("a Docker engine with megaflow/base", False, str(exc))
     monkeypatch.setenv("DOCKER_HOST", url)
     figures = run_chaos_bench(episodes=24, kill_every_s="2-5", sandbox="docker", private_services=True, seed=3,
-                              timeout_s=400, capacity=8, stall_s=60, reap_wait_s=200)
+                              timeout_s=400, capacity=8, reap_wait_s=200)
     _assert_targets(figures, 24)

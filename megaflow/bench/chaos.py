@@ -17,11 +17,13 @@ sandboxes and the rewards, not the ledger (`megaflow.bench.chaos_watch`):
   create/destroy events; the sandbox directories for the local backend), against
   ``capacity`` (the env host's ``MEGAFLOW_SANDBOX_CAPACITY``, or ``--capacity``);
 * ``episodes_lost``: current episodes not terminal once the run is over — finished,
-  or no progress (no hop, no state change) for ``stall_s`` with nothing ready on a
-  queue — measured before any resume. ``stall_s`` (420 s) outlasts the platform's
-  own safety net (`megaflow.scheduler.admission.repair` re-sends an admitted
-  episode's lost start message after 300 s, from a chore run every minute), so what
-  that net recovers is late, not lost: ``longest_stall_s`` shows such a wait;
+  or no progress (no hop, no state change) for ``stall_s`` (120 s: longer than any
+  retry countdown) with nothing ready on a queue, i.e. nothing in flight — measured
+  before any resume; ``lost_episodes`` says where each stopped. Then the kills stop
+  and the bench waits up to ``recover_s`` (420 s) for the platform's own safety nets
+  (`megaflow.scheduler.admission.repair` re-sends an admitted episode's lost start
+  message once it is 300 s old, from an env worker's once-a-minute chores):
+  ``episodes_lost_after_recovery_wait``;
 * ``chords_unclosed``: groups whose members are all terminal but whose callback never
   ran (plus 1 if every group closed but the run's own callback did not);
 * ``duplicate_commands`` / ``commands_lost``: commands that ran twice / never, from
@@ -54,15 +56,12 @@ import json
 import logging
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import DBAPIError
 
 from megaflow.bench import badinput
 from megaflow.bench import chaos_checks as checks
@@ -126,7 +125,8 @@ def chaos_spec(episodes: int, steps: int = N_COMMANDS, rollouts: int = 4, sandbo
 
 
 #: What each seed's progress line shows beside its targets.
-_SEED_KEYS = ("episodes_lost", "lost_by_state", "lost_episodes", "stalled", "longest_stall_s", "chords_unclosed",
+_SEED_KEYS = ("episodes_lost", "lost_by_state", "lost_episodes", "stalled", "longest_stall_s",
+              "episodes_lost_after_recovery_wait", "chords_unclosed",
               "duplicate_commands", "commands_lost", "infra_failed_by_exit", "peak_sandboxes", "capacity",
               "sandboxes_at_run_end", "leaked_after_run", "sandboxes_reaped_by_cleanup", "dead_lettered_platform",
               "elapsed_s", "kills", "notes")
@@ -160,13 +160,15 @@ def run_chaos_bench(episodes: int = 500, kill_every_s: float | str = 10.0, sandb
                     broker_url: str | None = None, database_url: str | None = None,
                     admin_database_url: str | None = None, keep: bool = False,
                     private_services: bool = False, private_vhost: bool = True, capacity: int | None = None,
-                    stall_s: float = 420.0, reap_interval_s: float = 10.0, reap_wait_s: float = 200.0) -> dict:
+                    stall_s: float = 120.0, recover_s: float = 420.0, reap_interval_s: float = 10.0,
+                    reap_wait_s: float = 200.0) -> dict:
     """Run the chaos benchmark once; returns its figures (see the module docstring).
 
     With `private_services`, RabbitMQ and PostgreSQL are a node and a server of the
     bench's own (`megaflow.bench.services`), and the default restart commands restart those.
     """
-    opts = {"capacity": capacity, "stall_s": stall_s, "reap_interval_s": reap_interval_s, "reap_wait_s": reap_wait_s}
+    opts = {"capacity": capacity, "stall_s": stall_s, "recover_s": recover_s, "reap_interval_s": reap_interval_s,
+            "reap_wait_s": reap_wait_s}
     if private_services:
         from megaflow.bench.services import PrivateServices
 
@@ -189,8 +191,8 @@ def run_chaos_bench(episodes: int = 500, kill_every_s: float | str = 10.0, sandb
         raise SystemExit("bench chaos needs RabbitMQ and PostgreSQL (MEGAFLOW_BROKER_URL, MEGAFLOW_DATABASE_URL)")
     faults = FaultLog()
     name = f"megaflow_chaos_{uuid.uuid4().hex[:8]}"
-    vhost_url, drop_vhost = _private_vhost(broker, name, faults) if private_vhost else (broker, None)
-    db_url, drop_db = (database_url, None) if database_url else _private_database(admin, name)
+    vhost_url, drop_vhost = checks.private_vhost(broker, name, faults) if private_vhost else (broker, None)
+    db_url, drop_db = (database_url, None) if database_url else checks.private_database(admin, name)
     data_dir = Path(tempfile.mkdtemp(prefix="megaflow-chaos-"))
     capacity = capacity or base.sandbox_capacity
     # A host name of the run's own: the outside count filters the engine's containers on it.
@@ -294,7 +296,21 @@ def _drive(client: Client, settings: Settings, workers: dict, killer: Killer, wa
         faults.notes.append(f"{label} restart not done: the run ended before its turn")
     figures = {"longest_stall_s": round(max(longest, time.monotonic() - changed_at if stalled else 0.0), 1),
                "stalled": stalled, "timed_out": not stalled and time.monotonic() >= deadline}
+    lost = checks.lost_now(client, run_id) if stalled else None
+    if lost:
+        # Lost by the definition (nothing in flight). With the kills over, do the platform's own
+        # safety nets (the scheduler's repair, the chord sweep) still finish them?
+        t1 = time.monotonic()
+        while time.monotonic() - t1 < opts["recover_s"]:
+            st = checks.status(client, run_id)
+            if st is not None and st["status"] == "finished":
+                break
+            time.sleep(2.0)
+        figures["recovery_wait_s"] = round(time.monotonic() - t1, 1)
     figures.update(_outcome(client, run_id, episodes, elapsed, faults, settings))
+    if lost:
+        figures["episodes_lost_after_recovery_wait"] = figures["episodes_lost"]
+        figures.update(lost)
     figures["capacity"] = settings.sandbox_capacity
     figures.update(checks.dead_letters(client.app, malformed))
     figures.update(bad_inputs_tried=len(badinput.BAD_SPECS) + len(malformed), bad_specs_refused=refused,
@@ -336,7 +352,7 @@ def _outcome(client: Client, run_id: str, episodes: int, elapsed: float, faults:
         decided = {(eid, i): at for eid, i, at in s.execute(select(Step.episode_id, Step.index, Step.created_at)
                                                            .where(Step.episode_id.in_(failed_ids))).all()}
         unclosed = checks.chords_unclosed(s, run_id)
-        lost_detail = [_lost_detail(s, ep) for ep in current if ep.state not in states.TERMINAL][:10]
+        lost_detail = [checks.lost_detail(s, ep) for ep in current if ep.state not in states.TERMINAL][:10]
         run_status = s.get(Run, run_id).status
     by_ep: dict[str, list] = {}
     for eid, index, action, obs in steps:
@@ -370,16 +386,6 @@ def _outcome(client: Client, run_id: str, episodes: int, elapsed: float, faults:
     }
 
 
-def _lost_detail(s, ep) -> dict:
-    """What the ledger says of an episode left unfinished: where it stopped, for the bug report."""
-    hops = s.execute(select(Hop.step_index, Hop.hop, Hop.status, Hop.attempts).where(Hop.subject_id == ep.id)
-                     .order_by(Hop.started_at)).all()
-    events = s.execute(select(Event.kind).where(Event.subject_id == ep.id).order_by(Event.id)).scalars().all()
-    return {"episode": ep.id, "state": ep.state, "wait_reason": ep.wait_reason, "n_steps": ep.n_steps,
-            "sandbox": ep.sandbox_id, "created_at": str(ep.created_at), "started_at": str(ep.started_at),
-            "hops": [f"{i}:{h}:{st}x{n}" for i, h, st, n in hops][-8:], "events": events[-8:]}
-
-
 def _resume(client: Client, run_id: str) -> dict:
     report = client.resume(run_id)
     try:
@@ -388,39 +394,3 @@ def _resume(client: Client, run_id: str) -> dict:
         st = client.status(run_id)
     return {"resumed": report["rerun"], "infra_failed_after_resume": st["by_state"].get(states.INFRA_FAILED, 0),
             "by_state_after_resume": st["by_state"], "run_finished_after_resume": st["status"] == "finished"}
-
-
-def _private_vhost(broker: str, name: str, faults: FaultLog):
-    ctl = shutil.which("rabbitmqctl")
-    parts = urlsplit(broker)
-    if ctl is None or not is_local(broker):
-        faults.notes.append("no private vhost (rabbitmqctl not here): the bench shares the broker's vhost")
-        return broker, None
-    user = parts.username or "guest"
-    subprocess.run([ctl, "add_vhost", name], check=True, capture_output=True)
-    subprocess.run([ctl, "set_permissions", "-p", name, user, ".*", ".*", ".*"], check=True, capture_output=True)
-    url = urlunsplit((parts.scheme, parts.netloc, "/" + name, "", ""))
-    return url, lambda: subprocess.run([ctl, "delete_vhost", name], capture_output=True)
-
-
-def _private_database(admin_url: str, name: str):
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-
-    def drop() -> None:
-        from megaflow.db.engine import dispose_all
-
-        dispose_all()
-        for _ in range(30):  # the server may still be coming back from its restart
-            try:
-                with admin.connect() as conn:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                break
-            except DBAPIError:
-                time.sleep(1)
-        admin.dispose()
-    return url, drop

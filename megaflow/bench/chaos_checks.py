@@ -1,22 +1,27 @@
 """What `megaflow bench chaos` reads from the database and the broker once a run is over.
 
-Progress (to tell a stalled run from a slow one), messages still queued, chords that
-never closed, dead letters (the bench's own malformed messages apart from the
-platform's), and the sandboxes left after the workers' reaping and after a cleanup.
+Progress (to tell a stalled run from a slow one), messages still queued, lost episodes
+and where they stopped, chords that never closed, dead letters (the bench's own
+malformed messages apart from the platform's), the sandboxes left after the workers'
+reaping and after a cleanup; and the private vhost and database a run uses.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
 from megaflow.bench.chaos_watch import SandboxWatcher
+from megaflow.bench.faults import FaultLog, is_local
 from megaflow.client import Client
 from megaflow.config import Settings
 from megaflow.db import states
-from megaflow.db.models import Episode, Hop, RolloutGroup, Run, SandboxRow
+from megaflow.db.models import Episode, Event, Hop, RolloutGroup, Run, SandboxRow
 
 
 def status(client: Client, run_id: str) -> dict | None:
@@ -143,3 +148,61 @@ def cleanup(settings: Settings, client: Client, watcher: SandboxWatcher) -> dict
     count, procs = watcher.count(), watcher.processes()
     return {"sandboxes_reaped_by_cleanup": len(report["destroyed"]), "cleanup_errors": report["errors"][:5],
             "leaked_after_cleanup": max(rows, count) + procs}
+
+
+def lost_now(client: Client, run_id: str) -> dict:
+    """Current episodes not terminal now, and what the ledger says of them."""
+    with client.session() as s:
+        eps = s.execute(select(Episode).where(Episode.run_id == run_id, Episode.superseded_by.is_(None),
+                                              Episode.state.not_in(states.TERMINAL))).scalars().all()
+        by_state: dict[str, int] = {}
+        for ep in eps:
+            by_state[ep.state] = by_state.get(ep.state, 0) + 1
+        return {"episodes_lost": len(eps), "lost_by_state": by_state,
+                "lost_episodes": [lost_detail(s, ep) for ep in eps[:10]]} if eps else {}
+
+
+def lost_detail(s, ep) -> dict:
+    """What the ledger says of an episode left unfinished: where it stopped, for the bug report."""
+    hops = s.execute(select(Hop.step_index, Hop.hop, Hop.status, Hop.attempts).where(Hop.subject_id == ep.id)
+                     .order_by(Hop.started_at)).all()
+    events = s.execute(select(Event.kind).where(Event.subject_id == ep.id).order_by(Event.id)).scalars().all()
+    return {"episode": ep.id, "state": ep.state, "wait_reason": ep.wait_reason, "n_steps": ep.n_steps,
+            "sandbox": ep.sandbox_id, "created_at": str(ep.created_at), "started_at": str(ep.started_at),
+            "hops": [f"{i}:{h}:{st}x{n}" for i, h, st, n in hops][-8:], "events": events[-8:]}
+
+
+def private_vhost(broker: str, name: str, faults: FaultLog):
+    ctl = shutil.which("rabbitmqctl")
+    parts = urlsplit(broker)
+    if ctl is None or not is_local(broker):
+        faults.notes.append("no private vhost (rabbitmqctl not here): the bench shares the broker's vhost")
+        return broker, None
+    user = parts.username or "guest"
+    subprocess.run([ctl, "add_vhost", name], check=True, capture_output=True)
+    subprocess.run([ctl, "set_permissions", "-p", name, user, ".*", ".*", ".*"], check=True, capture_output=True)
+    url = urlunsplit((parts.scheme, parts.netloc, "/" + name, "", ""))
+    return url, lambda: subprocess.run([ctl, "delete_vhost", name], capture_output=True)
+
+
+def private_database(admin_url: str, name: str):
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+    def drop() -> None:
+        from megaflow.db.engine import dispose_all
+
+        dispose_all()
+        for _ in range(30):  # the server may still be coming back from its restart
+            try:
+                with admin.connect() as conn:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                break
+            except DBAPIError:
+                time.sleep(1)
+        admin.dispose()
+    return url, drop

@@ -116,8 +116,10 @@ def chaos(
                               "which targets held in every run."),
     capacity: int = typer.Option(None, help="The env host's sandbox capacity (default MEGAFLOW_SANDBOX_CAPACITY); "
                                  "peak_sandboxes, counted from outside, is held against it."),
-    stall_s: float = typer.Option(420.0, help="A run in which nothing moved for this long, with nothing queued, "
-                                  "is over: its unfinished episodes are lost (outlasts the scheduler's 300 s repair)."),
+    stall_s: float = typer.Option(120.0, help="A run in which nothing moved for this long, with nothing queued, "
+                                  "is over: its unfinished episodes are lost."),
+    recover_s: float = typer.Option(420.0, help="After a stall, with the kills stopped, how long to wait for the "
+                                    "platform's own repairs to finish the lost episodes (reported apart)."),
     reap_interval_s: float = typer.Option(10.0, help="The workers' own reaping interval."),
     reap_wait_s: float = typer.Option(200.0, help="After the run, how long the workers may reap before leftovers "
                                       "count as leaked (the reaper spares sandboxes for 120 s)."),
@@ -136,7 +138,7 @@ def chaos(
         rabbitmq_restart=DEFAULT_RABBITMQ_RESTART if rabbitmq_restart is None else rabbitmq_restart or None,
         postgres_restart=DEFAULT_POSTGRES_RESTART if postgres_restart is None else postgres_restart or None,
         timeout_s=timeout_s, resume=resume, keep=keep, private_services=private_services, capacity=capacity,
-        stall_s=stall_s, reap_interval_s=reap_interval_s, reap_wait_s=reap_wait_s)
+        stall_s=stall_s, recover_s=recover_s, reap_interval_s=reap_interval_s, reap_wait_s=reap_wait_s)
     if seeds:
         figures = run_chaos_seeds([int(x) for x in seeds.split(",")], progress=lambda line: typer.echo(line, err=True),
                                   **kwargs)
