@@ -73,6 +73,13 @@ class SWETask(_Strict):
     )
     FAIL_TO_PASS: list[str] = Field(default_factory=list)
     PASS_TO_PASS: list[str] = Field(default_factory=list)
+    test_args: list[str] | None = Field(
+        default=None, description="Arguments appended to test_command instead of the test ids ([]: none), "
+        "e.g. for a command taken from the SWE-bench harness's eval script.")
+    workdir: str | None = Field(default=None, description="Work directory in the task's image (SWE-bench: /testbed).")
+    swebench: dict[str, str] = Field(
+        default_factory=dict, description="What a published SWE-bench record said: repo, version, base_commit, "
+        "environment_setup_commit, log_parser (the swebench parser grading uses)...")
     patch: str = Field(default="", description="Gold patch.")
     protected_files: list[str] = Field(
         default_factory=list,
@@ -263,8 +270,17 @@ class RunSpec(_Strict):
         if not isinstance(data, dict):
             raise SpecError(f"spec {path} must be a mapping, got {type(data).__name__}")
         tasks_file = data.pop("tasks_file", None)
+        select = data.pop("tasks_select", None)
+        if select is not None and tasks_file is None:
+            raise SpecError(f"spec {path}: tasks_select needs tasks_file")
         if tasks_file is not None:
-            data["tasks"] = load_tasks(path.parent / tasks_file)
+            from megaflow.envs.swebench_data import Selection
+
+            try:
+                selection = Selection.model_validate(select) if select is not None else None
+            except ValidationError as exc:
+                raise SpecError(f"invalid tasks_select in {path}:\n{format_errors(exc)}") from exc
+            data["tasks"] = load_tasks(path.parent / tasks_file, selection)
         elif isinstance(data.get("tasks"), list):
             resolve_repo_paths(data["tasks"], path.parent)
         return cls.parse(data, source=str(path))
@@ -286,28 +302,43 @@ def format_errors(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_tasks(path: Path) -> list[dict]:
-    """Tasks from a JSONL, JSON or YAML file, or from every such file of a directory.
+def load_tasks(path: Path, selection=None) -> list[dict]:
+    """Tasks from a JSONL, JSON, YAML or Parquet file, a saved Hugging Face dataset, or a directory of files.
 
-    Relative local-directory ``repo`` sources of SWE tasks are made absolute against
-    the file's directory, so that the stored task means the same to every worker.
+    Records in the published SWE-bench shape (SWE-bench, SWE-Gym, SWE-rebench) become
+    SWE tasks (`megaflow.envs.swebench_data`); `selection` (a ``Selection``) picks
+    instances. Relative local-directory ``repo`` sources of SWE tasks are made
+    absolute against the file's directory, so that the stored task means the same
+    to every worker.
     """
+    from megaflow.envs import swebench_data
+
     path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".yaml", ".yml"))
-        return [task for f in files for task in load_tasks(f)]
     try:
-        if path.suffix == ".jsonl":
-            return resolve_repo_paths([json.loads(line) for line in path.read_text().splitlines() if line.strip()],
-                                      path.parent)
-        data = _read_structured(path)
-    except (OSError, ValueError) as exc:
+        records = swebench_data.read_records(path, selection.split if selection else None)
+    except (OSError, ValueError, ImportError) as exc:
         raise SpecError(f"cannot read tasks {path}: {exc}") from exc
-    if isinstance(data, dict) and "tasks" in data:
-        data = data["tasks"]
-    if not isinstance(data, list):
+    if records is None and path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".yaml", ".yml", ".parquet"))
+        records = [task for f in files for task in load_tasks(f)]
+    if records is None:
+        try:
+            if path.suffix == ".jsonl":
+                records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            else:
+                records = _read_structured(path)
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot read tasks {path}: {exc}") from exc
+        if isinstance(records, dict) and "tasks" in records:
+            records = records["tasks"]
+    if not isinstance(records, list):
         raise SpecError(f"tasks file {path} must hold a list of tasks")
-    return resolve_repo_paths(data, path.parent)
+    try:
+        records = swebench_data.select(records, selection)
+    except (ValueError, TypeError) as exc:  # a bad id list or regular expression
+        raise SpecError(f"tasks_select on {path}: {exc}") from exc
+    records = [swebench_data.convert(r, selection) if swebench_data.is_published(r) else r for r in records]
+    return resolve_repo_paths(records, path.parent)
 
 
 def resolve_repo_paths(tasks: list, base: Path) -> list:

@@ -61,9 +61,13 @@ def log_parser_name(task) -> str:
     The pytest-free runner prints pytest's ``-rA`` summary lines (``PASSED id``), so
     pytest's parser reads both.
     """
+    from swebench.harness.log_parsers import PARSER_REGISTRY
     from swebench.harness.log_parsers.python import MAP_REPO_TO_PARSER_PY
 
-    parser = MAP_REPO_TO_PARSER_PY.get(getattr(task, "swebench_repo", None) or "")
+    info = getattr(task, "swebench", None) or {}
+    if info.get("log_parser") in PARSER_REGISTRY:
+        return info["log_parser"]
+    parser = MAP_REPO_TO_PARSER_PY.get(info.get("repo", ""))
     return parser.__name__ if parser is not None else "parse_log_pytest"
 
 
@@ -90,9 +94,10 @@ def harness_report(text: str, exit_code: int | None, task, patch: str | None) ->
     from swebench.harness.grading import get_eval_report, get_logs_eval
     from swebench.types import TestSpec
 
-    spec = TestSpec(instance_id=task.instance_id, image="", eval_script_list=[], repo=getattr(task, "swebench_repo",
-                    None) or "", version="", FAIL_TO_PASS=list(task.FAIL_TO_PASS), PASS_TO_PASS=list(task.PASS_TO_PASS),
-                    log_parser=log_parser_name(task), eval_type="pass_and_fail")
+    info = getattr(task, "swebench", None) or {}
+    spec = TestSpec(instance_id=task.instance_id, image="", eval_script_list=[], repo=info.get("repo", ""),
+                    version=info.get("version", ""), FAIL_TO_PASS=list(task.FAIL_TO_PASS),
+                    PASS_TO_PASS=list(task.PASS_TO_PASS), log_parser=log_parser_name(task), eval_type="pass_and_fail")
     with tempfile.NamedTemporaryFile("w", suffix=".log", prefix="megaflow-eval-") as f:
         f.write(harness_log(text, exit_code))
         f.flush()

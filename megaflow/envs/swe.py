@@ -51,10 +51,14 @@ class SetupError(RuntimeError):
 
 def sandbox_config(base: SandboxConfig, task) -> SandboxConfig:
     """The sandbox a task needs: the run's config, with the repo's image on docker."""
-    if task.kind != "swe" or base.type != "docker":
+    if task.kind != "swe":
         return base
-    image = task.image or (image_tag(task.repo) if task.repo else None)
-    return base.model_copy(update={"image": image}) if image else base
+    update = {"workdir": task.workdir} if task.workdir else {}
+    if base.type == "docker":
+        image = task.image or (image_tag(task.repo) if task.repo else None)
+        if image:
+            update["image"] = image
+    return base.model_copy(update=update) if update else base
 
 
 def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout: float) -> None:
@@ -93,7 +97,9 @@ def patch_paths(patch: str) -> list[str]:
 
 
 def tests_command(task, ids: list[str]) -> str:
-    return " ".join([task.test_command, *(shlex.quote(t) for t in ids)])
+    """`test_command` with the test ids appended (or the task's own `test_args`, when it names them)."""
+    args = ids if getattr(task, "test_args", None) is None else task.test_args
+    return " ".join([task.test_command, *(shlex.quote(t) for t in args)])
 
 
 def apply_test_patch(sb: Sandbox, task, timeout: float) -> bool:
