@@ -103,3 +103,24 @@ def test_a_run_still_finishing_is_not_flagged(tmp_path, sqlite_url):
         eid = s.execute(select(Episode.id).where(Episode.run_id == run_id)).scalars().first()
         s.execute(update(Episode).where(Episode.id == eid).values(state=states.RUNNING))
         assert not chords.chord_unclosed(s, run_id, stale_s=0)
+
+
+def test_the_repair_chores_run_at_the_first_heartbeat():
+    """Not a minute after the env worker starts: one restarted every few seconds would never run them."""
+    import contextlib
+    import threading
+
+    ran = threading.Event()
+
+    @contextlib.contextmanager
+    def no_db():
+        yield SimpleNamespace(execute=lambda *a, **kw: SimpleNamespace(rowcount=1))
+
+    from megaflow.scheduler.hosts import HeartbeatThread
+
+    beat = HeartbeatThread(no_db, "h", 0.05, chores=ran.set, every=1000)
+    beat.start()
+    try:
+        assert ran.wait(5.0)
+    finally:
+        beat.stop()

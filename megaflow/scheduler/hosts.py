@@ -76,7 +76,10 @@ def candidates(hosts: list[dict], image: str | None) -> list[str]:
 class HeartbeatThread(threading.Thread):
     """Renews this host's heartbeat; the images it reports come from `images()`.
 
-    Every `every` beats it also calls `chores()` (the scheduler's repair).
+    At its first beat, then every `every` beats, it also calls `chores()` (the
+    scheduler's repair). The first beat, not the `every`-th: an env worker restarted
+    often (crashes, a chaos run's kills) would otherwise never get that far, and
+    what the repair recovers (a lost admission, a jammed chord) would wait forever.
     """
 
     def __init__(self, session_factory, name: str, interval_s: float, images=None, chores=None,
@@ -95,7 +98,7 @@ class HeartbeatThread(threading.Thread):
                 imgs = self.images() if self.images and beats % self.every == 1 else None
                 with self.session_factory() as s:
                     heartbeat(s, self.host, imgs)
-                if self.chores and beats % self.every == 0:
+                if self.chores and (beats - 1) % self.every == 0:
                     self.chores()
             except Exception:
                 # A missed beat is harmless unless they all fail; keep trying.
