@@ -56,6 +56,24 @@ class TerminalTask(_Strict):
     solution: list[str] = Field(default_factory=list, description="Gold commands (used by the oracle agent).")
 
 
+class Environment(_Strict):
+    """How a task's environment is made: built once per distinct environment, cached by content.
+
+    Docker: an image ``megaflow/env-<hash>`` FROM `base_image` with the apt packages,
+    a virtualenv at ``/opt/megaflow-env`` holding the pip requirements, and the
+    install commands run; the task's repository image is built on it. Local
+    (bubblewrap): the same virtualenv built once on the host and bound read-only.
+    Either way the virtualenv comes first on PATH, so ``python`` resolves.
+    """
+
+    base_image: str | None = Field(default=None, description="Docker base image (default megaflow/python).")
+    python: str | None = Field(default=None, pattern=r"^3\.[0-9]{1,2}$",
+                               description="Python version of the virtualenv (python3.X must be in the base).")
+    apt: list[str] = Field(default_factory=list, description="Debian packages (docker; checked present on local).")
+    pip: list[str] = Field(default_factory=list, description="pip requirements installed into the virtualenv.")
+    install: list[str] = Field(default_factory=list, description="Commands run at build time, virtualenv active.")
+
+
 class SWETask(_Strict):
     """A repository task in the SWE-bench instance shape."""
 
@@ -64,6 +82,7 @@ class SWETask(_Strict):
     problem_statement: str = Field(min_length=1)
     repo: str = Field(default="", description="Repo source: local dir, git URL or pypi:NAME==VER (built into the image).")
     image: str | None = Field(default=None, description="Docker image holding the repo at /work.")
+    environment: Environment | None = Field(default=None, description="How the task's environment is built.")
     files: TaskFiles = Field(default_factory=dict, description="Repo files written into the work dir (small repos).")
     setup: list[str] = Field(default_factory=list)
     test_command: str = Field(
@@ -330,7 +349,11 @@ def load_tasks(path: Path, selection=None) -> list[dict]:
         except (OSError, ValueError) as exc:
             raise SpecError(f"cannot read tasks {path}: {exc}") from exc
         if isinstance(records, dict) and "tasks" in records:
+            # A task file's `defaults` apply to each of its tasks (a task's own fields win).
+            defaults = records.get("defaults") or {}
             records = records["tasks"]
+            if isinstance(defaults, dict) and isinstance(records, list):
+                records = [{**defaults, **r} if isinstance(r, dict) else r for r in records]
     if not isinstance(records, list):
         raise SpecError(f"tasks file {path} must hold a list of tasks")
     try:

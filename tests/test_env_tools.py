@@ -125,4 +125,4 @@ def test_installed_wheel_builds_the_images(installed, tmp_path):
     build = subprocess.run([*megaflow, "env", "build", str(TASKS / "swe.yaml")], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=1800)
     assert build.returncode == 0, build.stdout + build.stderr
-    assert "repo images ready" in build.stdout
+    assert "repo images, 0 environments ready" in build.stdout

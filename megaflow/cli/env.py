@@ -54,25 +54,43 @@ def build_base(force: bool = typer.Option(False, "--force", help="Rebuild even w
 def build(
     tasks: Path = typer.Argument(..., help="Tasks file, directory of tasks files, or run spec."),
     force: bool = typer.Option(False, "--force", help="Rebuild even when cached."),
+    find_links: Path = typer.Option(None, "--find-links", help="Wheelhouse for environments' pip requirements "
+                                    "(offline hosts); default $MEGAFLOW_WHEELHOUSE, else the package registries."),
+    local: bool = typer.Option(False, "--local", help="Also build the environments' virtualenvs for the local "
+                               "backend on this host."),
 ) -> None:
-    """Prebuild every Docker image a task set needs: one per SWE repo source (cached)."""
+    """Prebuild every Docker image a task set needs: one per environment and per repo source (cached)."""
     from megaflow.config import Settings
+    from megaflow.envs.environments import build_env_image, digest, ensure_venv
     from megaflow.envs.repos import REPO_BASE_IMAGE, build_repo_image
     from megaflow.envs.validate import load_task_set
     from megaflow.errors import SandboxError, SpecError
     from megaflow.sandbox.contexts import context_dir
     from megaflow.sandbox.images import build_image
 
+    settings = Settings()
     try:
-        task_list = load_task_set(tasks)
-        sources = sorted({t.repo for t in task_list if t.kind == "swe" and t.repo and not t.image})
+        task_list = [t for t in load_task_set(tasks) if t.kind == "swe"]
         client = _docker_client()
         build_image(client, context_dir(REPO_BASE_IMAGE.split("/", 1)[1]), REPO_BASE_IMAGE)
-        for source in sources:
-            typer.echo(f"{build_repo_image(client, source, Settings().data_dir, force=force)}  <- {source}")
+        envs = {digest(t.environment): t.environment for t in task_list if t.environment is not None}
+        for env in envs.values():
+            typer.echo(f"{build_env_image(client, env, find_links, force=force)}  <- environment")
+            if local:
+                typer.echo(f"{ensure_venv(env, settings.data_dir, find_links)}  <- environment (local)")
+        built = set()
+        for t in task_list:
+            if not t.repo or t.image:
+                continue
+            key = (t.repo, digest(t.environment) if t.environment else None)
+            if key not in built:
+                built.add(key)
+                tag = build_repo_image(client, t.repo, settings.data_dir, force=force, env=t.environment,
+                                       find_links=find_links)
+                typer.echo(f"{tag}  <- {t.repo}")
     except (SandboxError, SpecError) as exc:
         _fail(exc)
-    typer.echo(f"{len(sources)} repo images ready")
+    typer.echo(f"{len(built)} repo images, {len(envs)} environments ready")
 
 
 @app.command()

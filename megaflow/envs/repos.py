@@ -95,10 +95,14 @@ class RepoSource:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def image_tag(source: str) -> str:
-    """The image a repo source is built into (same source, same tag)."""
+def image_tag(source: str, env=None) -> str:
+    """The image a repo source is built into (same source and environment, same tag)."""
     src = RepoSource.parse(source)
-    return f"megaflow/repo-{src.slug}:{src.digest}"
+    if env is None:
+        return f"megaflow/repo-{src.slug}:{src.digest}"
+    from megaflow.envs.environments import digest
+
+    return f"megaflow/repo-{src.slug}:{src.digest}-{digest(env)[:8]}"
 
 
 def fetch(source: str, cache_root: Path) -> Path:
@@ -201,7 +205,8 @@ def build_context(repo_dir: Path, context: Path, base: str = REPO_BASE_IMAGE) ->
     )
 
 
-def build_repo_image(client, source: str, cache_root: Path, *, force: bool = False) -> str:
+def build_repo_image(client, source: str, cache_root: Path, *, force: bool = False, env=None,
+                     find_links=None) -> str:
     """Build (or find cached) the image of one repo source; returns its tag.
 
     Args:
@@ -209,6 +214,8 @@ def build_repo_image(client, source: str, cache_root: Path, *, force: bool = Fal
         source: The repo source.
         cache_root: Where remote sources are fetched (``Settings.data_dir``).
         force: Rebuild even when the cached image matches.
+        env: The task's `Environment`: the repo is built on its image (built first).
+        find_links: Wheelhouse for the environment's pip requirements (offline hosts).
 
     Raises:
         SandboxError: the fetch or the build failed (``megaflow/python`` missing:
@@ -216,9 +223,14 @@ def build_repo_image(client, source: str, cache_root: Path, *, force: bool = Fal
     """
     from megaflow.sandbox.images import build_image
 
-    tag = image_tag(source)
+    tag = image_tag(source, env)
+    base = REPO_BASE_IMAGE
+    if env is not None:
+        from megaflow.envs.environments import build_env_image
+
+        base = build_env_image(client, env, find_links, force=force)
     repo_dir = fetch(source, cache_root)
     with tempfile.TemporaryDirectory(prefix="megaflow-repo-") as tmp:
-        build_context(repo_dir, Path(tmp))
+        build_context(repo_dir, Path(tmp), base)
         build_image(client, tmp, tag, force=force)
     return tag

@@ -23,6 +23,7 @@ import shlex
 from pathlib import Path
 
 from megaflow.deadlines import Budget
+from megaflow.envs import environments
 from megaflow.envs.pristine import BASE_REF, GIT
 from megaflow.envs.repos import GIT_BASELINE, fetch, image_tag, iter_files
 from megaflow.sandbox.base import Sandbox, SandboxConfig
@@ -54,10 +55,15 @@ def sandbox_config(base: SandboxConfig, task) -> SandboxConfig:
     if task.kind != "swe":
         return base
     update = {"workdir": task.workdir} if task.workdir else {}
+    env = task.environment
     if base.type == "docker":
-        image = task.image or (image_tag(task.repo) if task.repo else None)
+        image = task.image or (image_tag(task.repo, env) if task.repo else None)
+        if image is None and env is not None:
+            image = environments.image_tag(env)
         if image:
             update["image"] = image
+    elif env is not None and base.type == "local":
+        update.update(environments.venv_config(env, base))
     return base.model_copy(update=update) if update else base
 
 
@@ -72,6 +78,8 @@ def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout:
         SandboxError: the sandbox failed, or the repo could not be fetched.
     """
     budget = Budget(timeout, "provisioning")  # one deadline for the whole preparation
+    if task.environment is not None and config.type == "local":
+        environments.ensure_venv(task.environment, environments.default_root())  # once per host and environment
     if task.repo and config.type != "docker":
         for rel, path in iter_files(fetch(task.repo, cache_root)):
             sb.write_file(rel, path.read_bytes())

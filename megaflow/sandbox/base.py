@@ -61,6 +61,10 @@ class SandboxConfig(BaseModel):
     network: bool = Field(default=False, description="Allow network access. Off by default.")
     max_output_bytes: int = Field(default=65_536, ge=256, le=64 << 20,
                                   description="Cap per stream; beyond it output is cut.")
+    ro_binds: list[str] = Field(
+        default_factory=list,
+        description="Host directories bound read-only at the same path (local backend; a task environment's "
+        "virtualenv). A missing one is skipped.")
     mode: Literal["ephemeral", "persistent"] = Field(
         default="ephemeral", description="Ephemeral: destroyed when the episode ends; persistent: reset and reused."
     )
@@ -82,6 +86,16 @@ class SandboxConfig(BaseModel):
         if any(norm == p or norm.startswith(p + "/") for p in _SYSTEM_PATHS):
             raise ValueError(f"workdir {value!r} would shadow the sandbox's system directories")
         return norm
+
+    @field_validator("ro_binds")
+    @classmethod
+    def _ro_binds(cls, value: list[str]) -> list[str]:
+        for path in value:
+            norm = posixpath.normpath(path)
+            if not path.startswith("/") or norm != path.rstrip("/") or any(
+                    norm == p or norm.startswith(p + "/") for p in _SYSTEM_PATHS if p != "/var/lib"):
+                raise ValueError(f"ro_binds path {path!r} must be absolute, normalised, outside system directories")
+        return value
 
     @field_validator("env")
     @classmethod

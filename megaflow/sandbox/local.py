@@ -218,6 +218,10 @@ class LocalBackend:
         args += ["--perms", "1777", "--size", str(_SHM_MB << 20), "--tmpfs", "/dev/shm"]
         for parent in reversed(PurePosixPath(config.workdir).parents[:-1]):
             args += ["--perms", "0755", "--dir", str(parent)]
+        for path in config.ro_binds:  # task environments (megaflow.envs.environments), same path inside
+            for parent in reversed(PurePosixPath(path).parents[:-1]):
+                args += ["--perms", "0755", "--dir", str(parent)]
+            args += ["--ro-bind-try", path, path]
         args += ["--bind", str(sandbox_dir / "work"), config.workdir]
         # Run unprivileged, the sandbox user owns the tmpfs root and /dev: make them
         # read-only so that only the work dir, /tmp and /dev/shm take writes.
