@@ -337,14 +337,21 @@ def follow(client, run_id: str, timeout: float | None = None, stack=None, poll: 
 def print_results(client, run_id: str) -> None:
     rows = client.results(run_id)
     table = Table(title=f"run {run_id}")
-    for col in ("instance", "sample", "state", "exit", "reward", "resolved", "F2P / P2P failing", "steps"):
+    # Per-test columns only where there are per-test results (SWE tasks): a terminal
+    # task's check has none, and the narrow table would cut the states instead.
+    graded = any(r.get("f2p_success") or r.get("f2p_failure") or r.get("p2p_success") or r.get("p2p_failure")
+                 for r in rows)
+    cols = ("instance", "sample", "state", "exit", "reward", *(("resolved", "F2P / P2P failing") if graded else ()),
+            "steps")
+    for col in cols:
         table.add_column(col)
     for r in rows[:200]:
         reward = "" if r["reward"] is None else f"{r['reward']:g}"
-        resolved = "" if r.get("resolved") is None else ("yes" if r["resolved"] else "no")
-        failing = "" if r.get("resolved") is None else f"{len(r['f2p_failure'])} / {len(r['p2p_failure'])}"
-        table.add_row(r["instance_id"], str(r["sample"]), r["state"], r["exit_status"] or "", reward,
-                      resolved, failing, str(r["steps"]))
+        cells = [r["instance_id"], str(r["sample"]), r["state"], r["exit_status"] or "", reward]
+        if graded:
+            cells += ["" if r.get("resolved") is None else ("yes" if r["resolved"] else "no"),
+                      "" if r.get("resolved") is None else f"{len(r['f2p_failure'])} / {len(r['p2p_failure'])}"]
+        table.add_row(*cells, str(r["steps"]))
     console.print(table)
     if len(rows) > 200:
         console.print(f"... and {len(rows) - 200} more episodes")
