@@ -26,6 +26,7 @@ def grading_summary(grading: dict | None) -> dict:
         "patch_applied": grading.get("patch_applied"),
         "f2p_failure": (status.get("FAIL_TO_PASS") or _EMPTY)["failure"],
         "p2p_failure": (status.get("PASS_TO_PASS") or _EMPTY)["failure"],
+        "per_test": bool(status),  # False for a terminal task's check: no test ids to show
     }
 
 

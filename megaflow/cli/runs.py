@@ -339,8 +339,7 @@ def print_results(client, run_id: str) -> None:
     table = Table(title=f"run {run_id}")
     # Per-test columns only where there are per-test results (SWE tasks): a terminal
     # task's check has none, and the narrow table would cut the states instead.
-    graded = any(r.get("f2p_success") or r.get("f2p_failure") or r.get("p2p_success") or r.get("p2p_failure")
-                 for r in rows)
+    graded = any(r.get("per_test") for r in rows)
     cols = ("instance", "sample", "state", "exit", "reward", *(("resolved", "F2P / P2P failing") if graded else ()),
             "steps")
     for col in cols:
