@@ -81,6 +81,21 @@ def env(
 
 
 @app.command()
+def swe(
+    tasks: str = typer.Option("examples/tasks/swe.yaml", help="SWE tasks (their images are built if missing)."),
+    concurrency: int = typer.Option(4, help="Instances at once, for MegaFlow and the plain harness alike."),
+    repeat: int = typer.Option(1, help="Grade each instance this many times (rollouts)."),
+    find_links: str = typer.Option(None, "--find-links", help="Wheelhouse for task environments (offline hosts)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """SWE instances graded per hour on Docker vs a plain docker-run/git-apply/test script, and phase p50s."""
+    from megaflow.bench.swe import run_swe_bench
+
+    figures = run_swe_bench(tasks, concurrency=concurrency, repeat=repeat, find_links=find_links)
+    _print_figures(figures, as_json)
+
+
+@app.command()
 def scale(
     sizes: str = typer.Option("1,10,100,1000,10000", help="Episode counts N, comma-separated, run in this order "
                               "(makespan each; steady-state figures from the largest)."),
