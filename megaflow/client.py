@@ -18,6 +18,7 @@ from megaflow.deadlines import check_spec as check_deadlines
 from megaflow.errors import SpecError
 from megaflow.events import emit
 from megaflow.scheduler import admission
+from megaflow.scheduler.chords import chord_unclosed
 from megaflow.spec import RunSpec
 
 
@@ -99,9 +100,12 @@ class Client:
                 Episode.run_id == run_id, Episode.state.in_(states.DONE))).scalar()
             waiting = dict(s.execute(select(Episode.wait_reason, func.count()).where(
                 Episode.run_id == run_id, Episode.state == states.WAITING).group_by(Episode.wait_reason)).all())
+            # Every episode ended long ago, yet the run's chord never closed: the repair
+            # sweep closes it; until then a user must see why the run is still running.
+            unclosed = run.status == "running" and chord_unclosed(s, run_id)
             return {"run_id": run_id, "name": run.name, "status": run.status, "episodes": run.n_episodes,
                     "by_state": by_state, "steps": steps, "mean_reward": mean, "waiting": waiting,
-                    "summary": run.summary}
+                    "summary": run.summary, "chord_unclosed": unclosed}
 
     def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.25) -> dict:
         """Block until the run is finished or cancelled; returns `status`.

@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 
 from megaflow import Client, RunSpec, Settings
 from megaflow.chord_backend import SQLChordBackend
+from megaflow.cli.runs import status_table
 from megaflow.db import states
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, Hop, RolloutGroup, Run, utcnow
@@ -69,6 +70,14 @@ def _run_with_ended_episodes(tmp_path, sqlite_url, ended_ago_s: float) -> tuple[
     return settings, run_id
 
 
+def _render(table) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(table)
+    return console.export_text()
+
+
 @pytest.mark.parametrize("db", ["sqlite", "postgres"])
 def test_a_run_whose_episodes_all_ended_is_flagged_then_closed_by_the_repair(db, request, tmp_path):
     if db == "sqlite":
@@ -81,6 +90,9 @@ def test_a_run_whose_episodes_all_ended_is_flagged_then_closed_by_the_repair(db,
     with session_scope(sqlite_url) as s:
         assert chords.chord_unclosed(s, run_id)
         [found] = chords.unclosed_runs(s)
+    shown = Client(settings).status(run_id)
+    assert shown["chord_unclosed"] is True
+    assert "chord not closed" in _render(status_table(shown))
     assert found["run_id"] == run_id and len(found["groups"]) == 2
     assert chords.close_unclosed(rt.session) == [run_id]
     with session_scope(sqlite_url) as s:
@@ -94,6 +106,7 @@ def test_a_run_whose_episodes_all_ended_is_flagged_then_closed_by_the_repair(db,
         assert s.execute(select(Hop).where(Hop.hop == "group.done")).scalars().all().__len__() == 2
         assert s.execute(select(Event).where(Event.kind == "chord.repaired")).scalars().all()
     assert chords.close_unclosed(rt.session) == []
+    assert Client(settings).status(run_id)["chord_unclosed"] is False
 
 
 def test_a_run_still_finishing_is_not_flagged(tmp_path, sqlite_url):

@@ -215,6 +215,9 @@ def status_table(st: dict) -> Table:
     table.add_row("mean reward", "" if st["mean_reward"] is None else f"{st['mean_reward']:.3f}")
     for reason, n in (st.get("waiting") or {}).items():
         table.add_row(f"waiting: {reason}", str(n))
+    if st.get("chord_unclosed"):
+        table.add_row("[red]chord not closed[/red]", "every episode ended, the run did not: an env worker's "
+                      "repair sweep closes it within a minute")
     for key, value in (st.get("summary") or {}).items():
         if key not in ("episodes", "mean_reward") and not isinstance(value, (dict, list)):
             table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
