@@ -98,3 +98,28 @@ def run_megaflow(args: list[str], data_dir, timeout: float, extra_env: dict | No
     root = Path(__file__).resolve().parent.parent
     return subprocess.run([sys.executable, "-m", "megaflow", *args], cwd=root, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def docker_engine(monkeypatch) -> str:
+    """A Docker engine with `megaflow/base` built (started here if need be); sets DOCKER_HOST; returns its URL.
+
+    Skips on a laptop without one, fails under CI=true (`need`).
+    """
+    import tempfile
+
+    from megaflow.errors import SandboxError
+    from megaflow.sandbox.dockerd import ensure_dockerd
+    from megaflow.sandbox.images import build_base
+
+    data_dir = os.environ.get("MEGAFLOW_DOCKERD_DIR", os.path.join(tempfile.gettempdir(), "megaflow-dockerd"))
+    try:
+        url = ensure_dockerd(data_dir)
+        import docker
+
+        client = docker.DockerClient(base_url=url)
+        build_base(client)
+        client.close()
+    except SandboxError as exc:
+        need("a Docker engine with megaflow/base", False, str(exc))
+    monkeypatch.setenv("DOCKER_HOST", url)
+    return url

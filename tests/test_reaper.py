@@ -7,22 +7,19 @@ docker backend. Skips without the services, fails under CI=true.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import signal
-import tempfile
 import time
 import uuid
 
 import pytest
-from conftest import need
+from conftest import docker_engine, need
 from sqlalchemy import select, update
 
 from megaflow import Client, Settings
 from megaflow.db import states
 from megaflow.db.models import Episode, SandboxRow, utcnow
 from megaflow.db.schema import upgrade
-from megaflow.errors import SandboxError
 from megaflow.local_stack import WorkerProcess
 from megaflow.reaper import CREATED_BUCKET_S, CREATED_LABEL, reap, sandbox_labels
 from megaflow.sandbox.base import SandboxConfig
@@ -38,20 +35,7 @@ def kind(request, monkeypatch):
     if request.param == "local":
         need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
         return "local", {}
-    from megaflow.sandbox.dockerd import ensure_dockerd
-    from megaflow.sandbox.images import build_base
-
-    data_dir = os.environ.get("MEGAFLOW_DOCKERD_DIR", os.path.join(tempfile.gettempdir(), "megaflow-dockerd"))
-    try:
-        url = ensure_dockerd(data_dir)
-        import docker
-
-        client = docker.DockerClient(base_url=url)
-        build_base(client)
-        client.close()
-    except SandboxError as exc:
-        need("a Docker engine with megaflow/base", False, str(exc))
-    monkeypatch.setenv("DOCKER_HOST", url)
+    url = docker_engine(monkeypatch)
     return "docker", {"DOCKER_HOST": url}
 
 

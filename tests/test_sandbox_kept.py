@@ -7,14 +7,12 @@ redelivery is the same task id run again (as RabbitMQ redelivers it).
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import uuid
 from types import SimpleNamespace
 
 import pytest
-from conftest import need
+from conftest import docker_engine, need
 from sqlalchemy import select, update
 
 from megaflow import Client, RunSpec, Settings
@@ -22,7 +20,6 @@ from megaflow.app import make_app
 from megaflow.db import states
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, Hop, SandboxRow, Step
-from megaflow.errors import SandboxError
 from megaflow.hops import base, ledger
 from megaflow.hops.env_sandbox import obtain
 from megaflow.reaper import sandbox_labels
@@ -41,20 +38,7 @@ def kind(request, monkeypatch):
     if request.param == "local":
         need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
         return "local"
-    from megaflow.sandbox.dockerd import ensure_dockerd
-    from megaflow.sandbox.images import build_base
-
-    data_dir = os.environ.get("MEGAFLOW_DOCKERD_DIR", os.path.join(tempfile.gettempdir(), "megaflow-dockerd"))
-    try:
-        url = ensure_dockerd(data_dir)
-        import docker
-
-        client = docker.DockerClient(base_url=url)
-        build_base(client)
-        client.close()
-    except SandboxError as exc:
-        need("a Docker engine with megaflow/base", False, str(exc))
-    monkeypatch.setenv("DOCKER_HOST", url)
+    docker_engine(monkeypatch)
     return "docker"
 
 
