@@ -18,6 +18,7 @@ statuses and the test log (capped, redacted), stored per episode.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from megaflow.deadlines import Budget
@@ -53,6 +54,32 @@ class Evaluation:
         """The JSON kept per episode (``episodes.grading``); the log is kept apart."""
         return {"resolved": self.resolved, "patch_applied": self.patch_applied, "tests_status": self.tests_status,
                 "statuses": self.statuses, "exit_code": self.exit_code, "error": self.error}
+
+
+_warm = threading.Lock()
+_warmed = False
+
+
+def warm_up() -> None:
+    """Import ``swebench`` in a background thread, once per process.
+
+    Its import costs a second or more (it pulls in ``datasets``): started when a SWE
+    sandbox is prepared, it is done before that episode's evaluation needs it.
+    """
+    global _warmed
+    with _warm:
+        if _warmed:
+            return
+        _warmed = True
+
+    def load() -> None:
+        try:
+            import swebench.harness.grading  # noqa: F401
+            import swebench.harness.log_parsers  # noqa: F401
+        except Exception:  # noqa: BLE001 - the evaluation imports it again and reports
+            log.debug("warming swebench failed", exc_info=True)
+
+    threading.Thread(target=load, name="megaflow-swebench-import", daemon=True).start()
 
 
 def log_parser_name(task) -> str:

@@ -78,6 +78,9 @@ def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout:
         SandboxError: the sandbox failed, or the repo could not be fetched.
     """
     budget = Budget(timeout, "provisioning")  # one deadline for the whole preparation
+    from megaflow.envs.grading import warm_up
+
+    warm_up()  # the evaluation's swebench import, done while the agent works
     if task.environment is not None and config.type == "local":
         environments.ensure_venv(task.environment, environments.default_root())  # once per host and environment
     if task.repo and config.type != "docker":
