@@ -11,7 +11,7 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
-from conftest import need
+from conftest import docker_engine, need
 
 from megaflow.bench.chaos import COMMAND, N_COMMANDS, REPORT, chaos_spec, run_chaos_bench
 from megaflow.bench.chaos_watch import classify_infra_failures, sandbox_accounting, targets
@@ -151,27 +151,11 @@ def test_small_chaos_run_loses_duplicates_and_leaks_nothing():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_small_chaos_run_on_docker(monkeypatch):
-    import os
-    import tempfile
-
     from megaflow.bench.services import missing
-    from megaflow.errors import SandboxError
-    from megaflow.sandbox.dockerd import ensure_dockerd
-    from megaflow.sandbox.images import build_base
 
     why = missing()
     need("a private RabbitMQ node and PostgreSQL server", why is None, why or "")
-    data_dir = os.environ.get("MEGAFLOW_DOCKERD_DIR", os.path.join(tempfile.gettempdir(), "megaflow-dockerd"))
-    try:
-        url = ensure_dockerd(data_dir)
-        import docker
-
-        client = docker.DockerClient(base_url=url)
-        build_base(client)
-        client.close()
-    except SandboxError as exc:
-        need("a Docker engine with megaflow/base", False, str(exc))
-    monkeypatch.setenv("DOCKER_HOST", url)
+    docker_engine(monkeypatch)
     figures = run_chaos_bench(episodes=24, kill_every_s="2-5", sandbox="docker", private_services=True, seed=3,
                               timeout_s=400, capacity=8, reap_wait_s=200)
     _assert_targets(figures, 24)
