@@ -76,22 +76,32 @@ def run(
                                                    "model_backends": ",".join(models)})
         console.print(f"[dim]embedded stack: state in {settings.data_dir}, worker logs in "
                       f"{settings.data_dir / 'logs'}[/dim]")
-        try:
-            with LocalStack(settings) as stack:
-                tell_unfinished(stack.unfinished)
-                _run_and_follow(spec, timeout, stack)
-        except KeyboardInterrupt as exc:
-            _stopped(exc)
-        except typer.Exit:  # a RuntimeError too
-            raise
-        except RuntimeError as exc:  # a worker died at start (its log's last line says why)
-            console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+        def go(stack) -> None:
+            tell_unfinished(stack.unfinished)
+            _run_and_follow(spec, timeout, stack)
+
+        _in_stack(LocalStack(settings), go)
     else:
         from megaflow.db.schema import upgrade
 
         upgrade(settings.resolved_database_url())
         _run_and_follow(spec, timeout, None)
+
+
+def _in_stack(stack, go, run_id: str | None = None) -> None:
+    """`go(stack)` with the embedded stack running; a stop signal or a worker dead at start ends the command."""
+    try:
+        with stack:
+            go(stack)
+    except KeyboardInterrupt as exc:
+        if run_id is not None:
+            exc.run_id = run_id
+        _stopped(exc)
+    except typer.Exit:  # a RuntimeError too
+        raise
+    except RuntimeError as exc:  # a worker died at start (its log's last line says why)
+        console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def _preflight(spec, settings) -> None:
@@ -262,17 +272,7 @@ def resume(
     if settings.embedded and follow_run is not False:
         from megaflow.local_stack import LocalStack
 
-        try:
-            with LocalStack(settings) as stack:
-                go(stack)
-        except KeyboardInterrupt as exc:
-            exc.run_id = run_id
-            _stopped(exc)
-        except typer.Exit:  # a RuntimeError too
-            raise
-        except RuntimeError as exc:  # a worker died at start (its log's last line says why)
-            console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+        _in_stack(LocalStack(settings), go, run_id)
     else:
         from megaflow.db.schema import upgrade
 
