@@ -19,8 +19,6 @@ from megaflow.sandbox.base import SandboxConfig
 
 #: How long a Docker engine or a model endpoint may take to answer a check.
 ANSWER_TIMEOUT_S = 3.0
-#: The Dockerfiles `megaflow env build-base` builds on megaflow/base (one image per directory).
-IMAGES_DIR = Path(__file__).resolve().parent.parent / "docker" / "images"
 #: Label of the throw-away sandbox a local check makes (the reaper may find a leaked one).
 PROBE_LABELS = {"megaflow.preflight": "1"}
 
@@ -87,7 +85,9 @@ def check_docker(images: Iterable[str] = ()) -> None:
 
 def _how_to_build(images: list[str]) -> str:
     """How to get the missing images: they are built on this host, never pulled (`megaflow.sandbox.images`)."""
-    shipped = {"megaflow/base", *(f"megaflow/{p.name}" for p in IMAGES_DIR.glob("*") if (p / "Dockerfile").exists())}
+    from megaflow.sandbox.contexts import shipped as contexts
+
+    shipped = {"megaflow/base", *(f"megaflow/{p.name}" for p in contexts())}
     ways = []
     if any(i.partition(":")[0] in shipped and i.partition(":")[2] in ("", "latest") for i in images):
         ways.append("`megaflow env build-base`")
