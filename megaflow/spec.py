@@ -86,9 +86,10 @@ class SWETask(_Strict):
     files: TaskFiles = Field(default_factory=dict, description="Repo files written into the work dir (small repos).")
     setup: list[str] = Field(default_factory=list)
     test_command: str = Field(
-        default="python3 -m pytest -rA -p no:cacheprovider",
-        description="Command that runs tests; test ids appended. `python3 .megaflow_runtests.py` runs pytest "
-        "node ids without pytest (megaflow.envs.runtests; images carry python3 only).",
+        default="python3 .megaflow_runtests.py",
+        description="Command that runs tests; test ids appended. The default, `python3 .megaflow_runtests.py`, is "
+        "`python3 -m pytest -rA -p no:cacheprovider` where pytest imports, else a pytest-free fallback for plain "
+        "node ids (megaflow.envs.runtests).",
     )
     FAIL_TO_PASS: list[str] = Field(default_factory=list)
     PASS_TO_PASS: list[str] = Field(default_factory=list)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import swe_tamper
-from conftest import need
+from conftest import docker_engine, need
 
 from megaflow.envs import environments, grading
 from megaflow.errors import SandboxError
@@ -140,3 +140,59 @@ def test_same_task_on_docker(task, wheels, tmp_path):
         _check(DockerBackend(client), SandboxConfig(type="docker", memory_mb=512), task, tmp_path)
     finally:
         client.close()
+
+
+PARAM_TESTS = """\
+import pytest
+
+
+@pytest.mark.parametrize("a,b", [(1, 2), (2, 2)])
+def test_lt(a, b):
+    assert a < b
+
+
+def test_plain():
+    assert True
+"""
+
+
+def test_python_resolves_in_local_sandbox(tmp_path):
+    from megaflow.sandbox.local import LocalBackend
+
+    need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
+    sb = LocalBackend(tmp_path / "sb").create(SandboxConfig(type="local"), {"megaflow.test": "python"})
+    try:
+        r = sb.exec("python --version", timeout=60)
+        assert r.exit_code == 0 and "Python 3" in r.stdout + r.stderr, r
+    finally:
+        sb.close()
+
+
+@pytest.mark.integration
+def test_python_resolves_in_megaflow_base(monkeypatch):
+    import docker
+
+    client = docker.DockerClient(base_url=docker_engine(monkeypatch))
+    try:
+        out = client.containers.run("megaflow/base", ["python", "--version"], remove=True, network_mode="none")
+    finally:
+        client.close()
+    assert out.decode().startswith("Python 3")
+
+
+def test_parametrized_ids_graded_through_pytest(wheels, tmp_path, tmp_path_factory, monkeypatch):
+    from megaflow.sandbox.local import LocalBackend
+
+    need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
+    monkeypatch.setenv("MEGAFLOW_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MEGAFLOW_WHEELHOUSE", str(wheels))
+    repo = tmp_path_factory.mktemp("param-repo")
+    (repo / "tests").mkdir()
+    (repo / "tests" / "test_p.py").write_text(PARAM_TESTS)
+    rewards = {}
+    for case in ("1-2", "2-2"):  # the default test_command: the runner, which is pytest here
+        task = SWETask(instance_id=f"param-{case}", problem_statement="p", repo=str(repo), environment=ENV,
+                       FAIL_TO_PASS=[f"tests/test_p.py::test_lt[{case}]"], PASS_TO_PASS=["tests/test_p.py::test_plain"])
+        result = _grade(LocalBackend(tmp_path / "sb"), SandboxConfig(type="local"), task, "noop", tmp_path)
+        rewards[case] = (result.reward, result.statuses)
+    assert rewards["1-2"][0] == 1.0 and rewards["2-2"][0] == 0.0, rewards

@@ -107,7 +107,7 @@ def venv_dir(env, root: Path) -> Path:
 
 
 #: PATH of a local sandbox, the virtualenv's bin put first.
-_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/megaflow/bin"
 
 
 def default_root() -> Path:

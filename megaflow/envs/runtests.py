@@ -1,19 +1,24 @@
-"""Run tests by pytest node id, without pytest: the runner SWE tasks use in sandboxes.
+"""Run tests by pytest node id: with pytest where it is installed, else without it.
 
-Sandbox images carry python3 but not pytest, and sandboxes have no network to
-install it. Evaluation copies this file (standard library only) into the work
-directory as ``.megaflow_runtests.py``; a task whose ``test_command`` is
-``python3 .megaflow_runtests.py`` has its FAIL_TO_PASS and PASS_TO_PASS ids
-appended, exactly as they would be for ``python -m pytest``.
+SWE tasks' default ``test_command`` is ``python3 .megaflow_runtests.py``; evaluation
+copies this file (standard library only) into the work directory and appends the
+FAIL_TO_PASS and PASS_TO_PASS ids, exactly as it would for ``python -m pytest``.
 
-Understood ids: ``path/test_x.py::test_func``, ``path/test_x.py::TestClass::test_method``
+Where ``pytest`` imports (an image or a task ``environment`` that has it), the runner
+becomes ``python -m pytest -rA -p no:cacheprovider ARGS...``: every node id
+(parametrized ones such as ``tests/test_x.py::test_y[a-b]`` included) and option is
+pytest's. Only where pytest is absent (sandboxes have no network to install it) does
+the fallback below run, and it refuses what it cannot do (options, parametrized ids)
+with a message naming the fix: an ``environment`` with ``pip: [pytest]``.
+
+Fallback ids: ``path/test_x.py::test_func``, ``path/test_x.py::TestClass::test_method``
 and ``path/test_x.py`` (every ``test*`` function and method of the file). Test
 functions are plain functions with ``assert`` (the only fixture offered is
 ``tmp_path``) or methods of `unittest.TestCase` subclasses or of plain ``Test*``
 classes (``setup_method``/``teardown_method`` are called). A skipped test
 (`unittest.SkipTest`) is reported ``SKIPPED`` (grading counts it as not passed, as the
-official harness does for FAIL_TO_PASS tests). Parametrized ids (``test_x[1]``), fixtures
-other than ``tmp_path`` and conftest files are not supported: use pytest for those.
+official harness does for FAIL_TO_PASS tests). Fixtures other than ``tmp_path`` and
+conftest files are not supported.
 
 Prints one line per test (``PASSED id`` / ``FAILED id`` / ``ERROR id`` / ``SKIPPED id``:
 pytest's ``-rA`` summary format, which grading parses with the ``swebench`` pytest
@@ -33,6 +38,13 @@ import unittest
 from pathlib import Path
 
 PASSED, FAILED, ERROR, SKIPPED = "PASSED", "FAILED", "ERROR", "SKIPPED"
+#: pytest's arguments ahead of the task's: a status line per test, no cache written.
+PYTEST_ARGS = ("-rA", "-p", "no:cacheprovider")
+#: Set (to anything) to use the fallback even where pytest imports (tests of the fallback).
+NO_PYTEST_ENV = "MEGAFLOW_RUNTESTS_NO_PYTEST"
+#: Exit status of a refused command line (pytest's own usage-error status).
+USAGE_ERROR = 4
+_GET_PYTEST = "give the task an `environment` with `pip: [pytest]` (or an image that has pytest)"
 
 
 def load_module(path: Path):
@@ -122,10 +134,32 @@ def expand(node_id: str) -> list[str]:
     return ids
 
 
+def has_pytest() -> bool:
+    """Whether this interpreter can import pytest (and the fallback is not forced)."""
+    return not os.environ.get(NO_PYTEST_ENV) and importlib.util.find_spec("pytest") is not None
+
+
+def refusal(argv: list[str]) -> str | None:
+    """Why the fallback cannot run `argv` (options, parametrized ids), or None."""
+    options = [a for a in argv if a.startswith("-")]
+    if options:
+        return f"pytest options {options} need pytest, which is not installed: {_GET_PYTEST}"
+    params = [a for a in argv if "[" in a.split("::")[-1]]
+    if params:
+        return f"parametrized test ids {params[:3]} need pytest, which is not installed: {_GET_PYTEST}"
+    return None
+
+
 def main(argv: list[str]) -> int:
+    if has_pytest():
+        # exec, not a child: pytest's output and exit status are the runner's.
+        os.execv(sys.executable, [sys.executable, "-m", "pytest", *PYTEST_ARGS, *argv])
     if not argv:
         print("usage: runtests.py NODE_ID...", file=sys.stderr)
         return 2
+    if why := refusal(argv):
+        print(f"ERROR: {why}", file=sys.stderr)
+        return USAGE_ERROR
     passed = failed = 0
     for arg in argv:
         try:

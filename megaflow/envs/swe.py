@@ -8,11 +8,11 @@ the agent's work, every file that could change that verdict restored first
 (`megaflow.envs.grading`).
 
 Test ids are pytest node ids. ``test_command`` receives them as arguments: the
-default ``python3 -m pytest -rA -p no:cacheprovider`` (``-rA``: a status line per
-test, which grading parses) for images that have pytest, or
-``python3 .megaflow_runtests.py`` (`RUNNER_COMMAND`) for the pytest-free runner that
-evaluation copies into the sandbox (see `megaflow.envs.runtests`). The example tasks
-use the latter, since sandbox images carry python3 but no pytest.
+default ``python3 .megaflow_runtests.py`` (`RUNNER_COMMAND`; evaluation copies the
+runner into the sandbox, see `megaflow.envs.runtests`) runs
+``python3 -m pytest -rA -p no:cacheprovider`` where pytest imports (``-rA``: a status
+line per test, which grading parses) and a pytest-free fallback for plain node ids
+where it does not (images carry python3 but no pytest).
 """
 
 from __future__ import annotations

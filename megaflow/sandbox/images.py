@@ -49,8 +49,8 @@ def build_base(
     """Build the base image with debootstrap and import it, unless it is cached.
 
     The root filesystem is Debian `suite` (minbase variant) plus `packages`, with an
-    unprivileged user ``agent`` (uid 1000, home ``/home/agent``) and ``/work`` owned
-    by it, so the image works as a sandbox without any further layer.
+    unprivileged user ``agent`` (uid 1000, home ``/home/agent``), ``/work`` owned
+    by it and ``python`` linked to ``python3``, so the image works as a sandbox without any further layer.
 
     Args:
         client: Docker client of the engine that will run the sandboxes.
@@ -69,7 +69,8 @@ def build_base(
     Raises:
         SandboxError: debootstrap or the import failed.
     """
-    digest = _digest([suite, *sorted(packages), f"uid={AGENT_UID}", "v1"])
+    # v2: /usr/bin/python links to python3 (task commands say `python`, #15 point 3).
+    digest = _digest([suite, *sorted(packages), f"uid={AGENT_UID}", "v2"])
     if not force and (image_id := _cached(client, tag, digest)):
         logger.info("image %s is cached (%s)", tag, image_id[:19])
         return image_id
@@ -81,6 +82,7 @@ def build_base(
             _prepare_rootfs_dir(workdir, marker)
             _debootstrap(workdir, suite, packages, mirror or debian_mirror())
             _add_agent(workdir)
+            _link_python(workdir)
             marker.write_text(digest)
         changes = [
             "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -233,6 +235,13 @@ def _add_agent(rootfs: Path) -> None:
     work = rootfs / "work"
     work.mkdir(exist_ok=True)
     os.chown(work, AGENT_UID, AGENT_UID)
+
+
+def _link_python(rootfs: Path) -> None:
+    """Make ``python`` resolve to ``python3``, as Debian's python-is-python3 does."""
+    link = rootfs / "usr" / "bin" / "python"
+    if (rootfs / "usr" / "bin" / "python3").exists() and not os.path.lexists(link):
+        link.symlink_to("python3")
 
 
 def _import(client: docker.DockerClient, rootfs: Path, tag: str, changes: list[str]) -> str:

@@ -47,7 +47,10 @@ logger = logging.getLogger(__name__)
 SANDBOX_UID = 1000
 
 _ID_RE = re.compile(r"^mf-[0-9a-f]{12}$")
-_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Holds ``python`` -> the host's ``/usr/bin/python3`` (hosts often ship no ``python``,
+#: task commands say ``python``: #15 point 3); last on PATH, so a real one wins.
+PYTHON_LINK_DIR = "/opt/megaflow/bin"
+_PATH = f"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:{PYTHON_LINK_DIR}"
 _SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # Only what programs need to start and find libraries, certificates and time zones:
 # the rest of the host's /etc (shadow, credentials, service configs) stays out.
@@ -206,6 +209,9 @@ class LocalBackend:
                 args += ["--symlink", os.readlink(host), str(host)]
             elif host.is_dir():
                 args += ["--ro-bind", str(host), str(host)]
+        if Path("/usr/bin/python3").exists():
+            args += ["--perms", "0755", "--dir", PYTHON_LINK_DIR]
+            args += ["--symlink", "/usr/bin/python3", f"{PYTHON_LINK_DIR}/python"]
         args += ["--perms", "0755", "--dir", "/etc"]
         patterns = _ETC_PATTERNS + (_NETWORK_ETC if config.network else ())
         for name in sorted(os.listdir("/etc")):
