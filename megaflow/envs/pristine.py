@@ -95,8 +95,12 @@ def _restore_one(var: str) -> str:
             f'else rm -rf -- "${var}"; fi')
 
 
-def restore_command(paths: list[str]) -> str:
-    """Shell: stop stray processes, clear bytecode, restore `paths` and every conftest.py from the baseline."""
+def restore_command(paths: list[str], then: str = "exit 0") -> str:
+    """Shell: stop stray processes, clear bytecode, restore `paths` and every conftest.py from the baseline.
+
+    `then` runs last (the exit status is its own): evaluation appends what it asks
+    next, since every sandbox round trip is a ``docker exec`` (#15 point 7).
+    """
     quoted = " ".join(shlex.quote(p) for p in paths)
     return "; ".join([
         _KILL_STRAYS,
@@ -106,8 +110,12 @@ def restore_command(paths: list[str]) -> str:
         f"{{ {GIT} ls-tree -r --name-only {BASE_REF} | grep -E '(^|/)conftest\\.py$'; "
         "find . -path ./.git -prune -o -name conftest.py -print | sed 's|^\\./||'; } | sort -u | "
         f"while IFS= read -r p; do {_restore_one('p')}; done",
-        "exit 0",
+        then,
     ])
+
+
+#: Printed between the restore's output and the root listing's.
+_ADDED_MARK = "megaflow-added-root-names:"
 
 
 def added_root_names_command() -> str:
@@ -154,18 +162,24 @@ def restore(sb, task, timeout: float) -> None:
         SandboxError: the sandbox failed.
     """
     whole, pyprojects = protected_paths(task)
-    r = sb.exec(restore_command(whole), timeout=timeout)
+    # One exec for the restore and the root listing; the marker parts their output.
+    r = sb.exec(restore_command(whole, then=f"echo {_ADDED_MARK}; {added_root_names_command()}"), timeout=timeout)
     if r.exit_code == 3:
         raise BaselineMissing(f"{BASE_REF} is missing: the repository's history was tampered with")
-    added = sb.exec(added_root_names_command(), timeout=timeout).stdout.split()
+    if f"{_ADDED_MARK}\n" in r.stdout:
+        added = r.stdout.rsplit(f"{_ADDED_MARK}\n", 1)[1].split()
+    else:  # not expected: ask on its own rather than skip the check
+        added = sb.exec(added_root_names_command(), timeout=timeout).stdout.split()
     bad = shadowing(added)
     if bad:
         sb.exec("rm -rf -- " + " ".join(shlex.quote(n) for n in bad), timeout=timeout)
     for path in pyprojects:
         q = shlex.quote(path)
-        shown = sb.exec(f"{GIT} show {BASE_REF}:{q} 2>/dev/null", timeout=timeout)
-        pristine = shown.stdout if shown.exit_code == 0 else None
-        exists = sb.exec(f"test -f {q}", timeout=timeout).exit_code == 0
+        # Exit status 10 * exists + shown; stdout is the baseline's file when shown.
+        shown = sb.exec(f"e=0; test -f {q} && e=1; {GIT} show {BASE_REF}:{q} 2>/dev/null; "
+                        "exit $((e * 10 + ($? == 0)))", timeout=timeout)
+        pristine = shown.stdout if shown.exit_code in (1, 11) else None
+        exists = shown.exit_code in (10, 11)
         if not exists and pristine is None:
             continue
         current = sb.read_file(path).decode("utf-8", "replace") if exists else ""

@@ -123,10 +123,10 @@ def apply_test_patch(sb: Sandbox, task, timeout: float) -> bool:
         return True
     restore = [f"{{ {GIT} checkout -q {BASE_REF} -- {shlex.quote(p)} 2>/dev/null || rm -f -- {shlex.quote(p)}; }}"
                for p in patch_paths(task.test_patch)]
-    if restore:
-        sb.exec(" ; ".join(restore), timeout=timeout)
     sb.write_file(TEST_PATCH_FILE, task.test_patch.encode())
-    r = sb.exec(f"{GIT} apply {TEST_PATCH_FILE} || patch -p1 --forward < {TEST_PATCH_FILE}", timeout=timeout)
+    # Restore and apply in one exec: each is a docker exec round trip (#15 point 7).
+    apply = f"{{ {GIT} apply {TEST_PATCH_FILE} || patch -p1 --forward < {TEST_PATCH_FILE}; }}"
+    r = sb.exec(" ; ".join([*restore, apply]), timeout=timeout)
     if r.exit_code != 0:
         log.info("test patch of %s does not apply: %s", task.instance_id, (r.stderr or r.stdout)[-300:])
         return False
