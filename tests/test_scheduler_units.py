@@ -195,3 +195,29 @@ def test_repair_frees_lost_slots_and_resends_unsent_admissions(three_runs, sqlit
         s.execute(Episode.__table__.update().where(Episode.id == e2.id).values(
             admitted_at=utcnow() - dt.timedelta(hours=1)))
         assert [a["episode_id"] for a in admission.repair(s, settings, stale_s=60)] == [e2.id]
+
+
+def test_a_replayed_end_resends_the_starts_its_first_delivery_admitted(three_runs, sqlite_url):
+    """The ending decision commits the admission, then sends: a worker killed between leaves an admitted
+    episode with no start message. The decision's redelivery (a replay) sends it again, at once."""
+    from megaflow.db.models import Hop
+
+    client, (r1, _, _) = three_runs
+    settings = client.settings
+    with session_scope(sqlite_url) as s:
+        hosts.register(s, "h", 1)
+        e1, e2, e3 = _episodes(s, r1)
+        assert _start(s, settings, e1, "alice")[0]
+        assert not _start(s, settings, e2, "alice")[0] and not _start(s, settings, e3, "alice")[0]
+        s.execute(Episode.__table__.update().where(Episode.id == e1.id).values(
+            state=states.SUCCEEDED, finished_at=utcnow()))
+        # First delivery: e2 admitted into e1's slot; the worker dies before sending it.
+        assert [a["episode_id"] for a in admission.on_end(s, settings, e1.id)] == [e2.id]
+        # A plain second end finds nothing new (e3 still has no room) and sends nothing.
+        assert admission.on_end(s, settings, e1.id) == []
+        # The replayed decision sends e2's start again.
+        assert [a["episode_id"] for a in admission.on_end(s, settings, e1.id, replay=True)] == [e2.id]
+        # Once e2's start has run, a replay leaves it alone.
+        s.add(Hop(subject_id=e2.id, step_index=0, hop="agent.admit", task_id=e2.id, status="done", result={}))
+        s.flush()
+        assert admission.on_end(s, settings, e1.id, replay=True) == []

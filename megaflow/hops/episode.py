@@ -133,7 +133,7 @@ def _episode_step(self, prev, episode_id):
         # The end is committed: give the slots back, and send the waiters they let in
         # (again on a replay: nothing to give back then, and their ledger drops doubles).
         try:
-            admitted = admission.after_end(rt, episode_id)
+            admitted = admission.after_end(rt, episode_id, replay=decision is not fresh)
         except Exception:  # noqa: BLE001 - the episode has ended; its chord must still hear of it
             log.error("episode %s ended but its slots were not given back; the scheduler's repair "
                       "sweep will", episode_id, exc_info=True)

@@ -146,21 +146,51 @@ def admit_waiting(s: Session, settings: Settings, rounds: int = 1) -> list[dict]
     return admitted
 
 
-def on_end(s: Session, settings: Settings, episode_id: str) -> list[dict]:
-    """An episode is done: give its slots back and admit who fits now."""
+#: A replayed end re-sends the starts of episodes admitted this long after it ended.
+REPLAY_WINDOW_S = 60.0
+
+
+def on_end(s: Session, settings: Settings, episode_id: str, replay: bool = False) -> list[dict]:
+    """An episode is done: give its slots back and admit who fits now.
+
+    Args:
+        replay: the ending decision is being replayed (its first delivery's worker
+            died): the waiters that first delivery admitted may never have been sent
+            — it commits the admission, then sends — so admitted episodes that have
+            not started, from just after this end, are sent again. A start that was
+            only queued, not lost, then arrives twice; its ledger drops the second.
+    """
+    resend = []
+    if replay:
+        ended = s.execute(select(Episode.finished_at).where(Episode.id == episode_id)).scalar()
+        if ended is not None:
+            resend = unsent(s, Episode.admitted_at >= ended,
+                            Episode.admitted_at <= ended + dt.timedelta(seconds=REPLAY_WINDOW_S))
     semaphores.release_all(s, episode_id)
-    return admit_waiting(s, settings)
+    return resend + admit_waiting(s, settings)
 
 
-def after_end(rt, episode_id: str) -> list[dict]:
+def after_end(rt, episode_id: str, replay: bool = False) -> list[dict]:
     """`on_end` once the episode's end has committed; returns the start messages to send.
 
     Not inside the deciding transaction: there it held the semaphore rows every
     admission needs until its commit. A worker lost between the two leaves the slots
-    held by an ended episode: `repair` gives them back.
+    held by an ended episode (`repair` gives them back) and admitted episodes unsent
+    (the replayed decision sends them, see `on_end`).
     """
     with rt.session() as s:
-        return on_end(s, rt.settings, episode_id)
+        return on_end(s, rt.settings, episode_id, replay)
+
+
+def unsent(s: Session, *where) -> list[dict]:
+    """Admitted episodes whose start message has not run (no ``agent.admit`` hop), as messages to send."""
+    from megaflow.db.models import Hop
+
+    rows = s.execute(select(Episode.id, Episode.parked).where(
+        Episode.state == states.PENDING, Episode.parked.is_not(None), Episode.admitted_at.is_not(None), *where,
+        ~select(Hop.subject_id).where(Hop.subject_id == Episode.id, Hop.step_index == 0,
+                                      Hop.hop == "agent.admit").exists())).all()
+    return [{"episode_id": eid, "task": parked["task"]} for eid, parked in rows]
 
 
 def unpark_cancelled(s: Session, run_id: str) -> list[dict]:
@@ -200,7 +230,7 @@ def repair(s: Session, settings: Settings, stale_s: float = 300.0) -> list[dict]
     Returns:
         Start messages to send: those re-sent and those admitted into freed room.
     """
-    from megaflow.db.models import Hop, SemaphoreHolder
+    from megaflow.db.models import SemaphoreHolder
 
     old = utcnow() - dt.timedelta(seconds=stale_s)
     lost = set(semaphores.expired_holders(s))
@@ -208,11 +238,7 @@ def repair(s: Session, settings: Settings, stale_s: float = 300.0) -> list[dict]
                           .where(Episode.state.in_(states.TERMINAL), Episode.finished_at < old)).scalars())
     for holder in sorted(lost):
         semaphores.release_all(s, holder)
-    unsent = s.execute(select(Episode.id, Episode.parked).where(
-        Episode.state == states.PENDING, Episode.admitted_at < old, Episode.parked.is_not(None),
-        ~select(Hop.subject_id).where(Hop.subject_id == Episode.id, Hop.step_index == 0,
-                                      Hop.hop == "agent.admit").exists())).all()
-    resend = [{"episode_id": eid, "task": parked["task"]} for eid, parked in unsent]
+    resend = unsent(s, Episode.admitted_at < old)
     if lost or resend:
         log.warning("scheduler repair: %d lost slot holders released, %d admitted episodes re-sent",
                     len(lost), len(resend))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from megaflow.db.models import Episode
 from megaflow.scheduler import admission, chords, hosts
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ def join(app, rt) -> hosts.HeartbeatThread:
     with rt.session() as s:
         hosts.register(s, settings.host, settings.sandbox_capacity, host_images())
     with rt.session() as s:
-        admitted = admission.admit_waiting(s, settings, rounds=max(1, settings.sandbox_capacity // admission.ROUND + 1))
+        # Episodes this host's previous worker admitted and died before sending: again now.
+        admitted = admission.unsent(s, Episode.host == settings.host)
+        admitted += admission.admit_waiting(s, settings, rounds=max(1, settings.sandbox_capacity // admission.ROUND + 1))
     admission.send(app, admitted)
     log.info("env host %s joined (capacity %d); admitted %d waiting episodes",
              settings.host, settings.sandbox_capacity, len(admitted))
