@@ -380,7 +380,9 @@ def test_exec_hops_run_on_their_host_and_a_killed_host_recovers(cluster):
     with client.session() as s:
         wait_for(lambda: not s.execute(select(SandboxRow.id).where(SandboxRow.destroyed_at.is_(None))).first(),
                  30, "ns1's lost sandboxes to be reaped", cluster, poll=0.2)
-        assert s.execute(select(Host.state).where(Host.name == "ns1")).scalar() == "up"
+        # The reaper's first round runs as the worker starts, before it joins: wait for the join too.
+        wait_for(lambda: s.execute(select(Host.state).where(Host.name == "ns1")).scalar() == "up",
+                 30, "ns1 to join again", cluster, poll=0.2)
     for host in HOSTS:
         root = cluster.settings.data_dir / host / "sandboxes"
         left = [p.name for p in root.iterdir() if p.name.startswith("mf-")] if root.exists() else []
