@@ -168,6 +168,8 @@ class SQLChordBackend(KeyValueStoreBackend):
         # a chord left open by one is closed by the scheduler's repair sweep
         # (`megaflow.scheduler.chords`).
         try:
+            if state != states.SUCCESS:
+                _retrying(lambda: self._end_failed_episode(request, result), f"chord {gid} member {tid}")
             encoded = self._text(self.encode({"result": self.encode_result(result, state)}))
             # The member has finished and its message is about to be acknowledged: a
             # database restart now must not lose its count (the chord would never close).
@@ -177,6 +179,34 @@ class SQLChordBackend(KeyValueStoreBackend):
         except Exception as exc:  # noqa: BLE001 - see above
             log.error("chord %s: join of member %s failed", gid, tid, exc_info=True)
             self._record_error(gid, request.chord, {"member": tid, "error": f"{type(exc).__name__}: {exc}"})
+
+    def _end_failed_episode(self, request, result) -> None:
+        """End, ``infra_failed``, the episode of a member whose task failed past every containment.
+
+        The member returns to its chord (below) and the chord closes: its episode must not
+        stay ``running`` behind a closed run, with nothing in flight. A chaos run found one:
+        a hop whose message was given up (dead-lettered) while its episode was mid-way.
+        An episode already terminal is left as it is (a compare-and-set).
+        """
+        from sqlalchemy.orm import Session
+
+        from megaflow.db import states as episode_states
+        from megaflow.db.models import Episode
+        from megaflow.events import emit
+        from megaflow.redact import redact_text
+
+        ids = [a for a in (getattr(request, "args", None) or ()) if isinstance(a, str) and len(a) == 32]
+        if not ids:
+            return
+        what = getattr(request, "task", None) or "a task"
+        error = redact_text(f"{what} failed and was given up: {type(result).__name__}: {result}")[:2000]
+        with Session(self.engine) as s, s.begin():
+            run_id = s.execute(select(Episode.run_id).where(Episode.id == ids[-1])).scalar()
+            if run_id and episode_states.move(s, ids[-1], episode_states.INFRA_FAILED, exit_status="hop_crashed",
+                                              error=error):
+                emit(s, "episode.ended", run_id, ids[-1], {"state": episode_states.INFRA_FAILED,
+                                                            "exit_status": "hop_crashed", "error": error})
+                log.error("episode %s ended infra_failed: %s", ids[-1], error)
 
     def _count(self, request, gid: str, tid: str, state, encoded: str) -> bool:
         """Count the member once; True when the chord is closed and its body not yet sent."""

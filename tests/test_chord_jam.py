@@ -52,6 +52,37 @@ def test_a_failed_member_still_fires_the_body_and_is_recorded(sqlite_url):
         assert event.subject_id == "grp" and event.data["member"] == "m1"
 
 
+def test_a_failed_member_ends_its_episode_before_the_chord_closes(tmp_path, sqlite_url):
+    """A hop given up past every containment: its episode must not stay running behind a closed run."""
+    upgrade(sqlite_url)
+    client = Client(Settings(data_dir=tmp_path, database_url=sqlite_url))
+    spec = {"name": "failed-member", "model": {"type": "scripted", "replies": ["x"]}, "sandbox": {"type": "memory"},
+            "tasks": [{"instance_id": "t", "instruction": "i", "check": "true"}]}
+    run_id, _ = client._record(RunSpec.parse(spec))
+    with session_scope(sqlite_url) as s:
+        [eid] = s.execute(select(Episode.id).where(Episode.run_id == run_id)).scalars().all()
+        s.execute(update(Episode).where(Episode.id == eid).values(state=states.RUNNING))
+    app = Celery("t", broker="memory://")
+    app.conf.task_always_eager = True
+    fired = []
+
+    @app.task(name="megaflow.group.done", shared=False)
+    def body(results, group_id):
+        fired.append(results)
+
+    backend = SQLChordBackend(app=app, url=sqlite_url)
+    backend.set_chord_size("g1", 1)
+    req = SimpleNamespace(group="g1", id="m0", group_index=0, args=(eid,), task="megaflow.episode",
+                          chord=dict(app.signature("megaflow.group.done", args=("grp",))))
+    backend.on_chord_part_return(req, "FAILURE", OSError("publish failed"))
+    assert len(fired) == 1
+    with session_scope(sqlite_url) as s:
+        ep = s.get(Episode, eid)
+        assert (ep.state, ep.exit_status) == (states.INFRA_FAILED, "hop_crashed")
+        assert "megaflow.episode failed" in ep.error and ep.finished_at is not None
+        assert s.execute(select(Event).where(Event.kind == "episode.ended", Event.subject_id == eid)).scalar()
+
+
 def _run_with_ended_episodes(tmp_path, sqlite_url, ended_ago_s: float) -> tuple[Settings, str]:
     settings = Settings(data_dir=tmp_path, database_url=sqlite_url, host="h")
     client = Client(settings)
