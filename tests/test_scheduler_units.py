@@ -99,6 +99,16 @@ def _start(s, settings, ep, user):
                                                            "group_index": None, "root_id": None})
 
 
+def _one_running_two_waiting(s, settings, run_id):
+    """One host with one slot: the run's first episode admitted, the other two parked behind it."""
+    hosts.register(s, "h", 1)
+    e1, e2, e3 = _episodes(s, run_id)
+    assert _start(s, settings, e1, "alice")[0]
+    assert not _start(s, settings, e2, "alice")[0]
+    assert not _start(s, settings, e3, "alice")[0]
+    return e1, e2, e3
+
+
 def test_fifo_admission_across_runs(three_runs, sqlite_url):
     client, (r1, r2, r3) = three_runs
     settings = client.settings
@@ -153,11 +163,7 @@ def test_cancel_releases_waiting_episodes(three_runs, sqlite_url):
     client, (r1, r2, r3) = three_runs
     settings = client.settings
     with session_scope(sqlite_url) as s:
-        hosts.register(s, "h", 1)
-        e1, e2, e3 = _episodes(s, r1)
-        assert _start(s, settings, e1, "alice")[0]
-        assert not _start(s, settings, e2, "alice")[0]
-        assert not _start(s, settings, e3, "alice")[0]
+        e1, e2, e3 = _one_running_two_waiting(s, settings, r1)
         out = admission.unpark_cancelled(s, r1)
         assert sorted(o["episode_id"] for o in out) == sorted([e2.id, e3.id])
         for e in (e2, e3):
@@ -205,10 +211,7 @@ def test_a_replayed_end_resends_the_starts_its_first_delivery_admitted(three_run
     client, (r1, _, _) = three_runs
     settings = client.settings
     with session_scope(sqlite_url) as s:
-        hosts.register(s, "h", 1)
-        e1, e2, e3 = _episodes(s, r1)
-        assert _start(s, settings, e1, "alice")[0]
-        assert not _start(s, settings, e2, "alice")[0] and not _start(s, settings, e3, "alice")[0]
+        e1, e2, e3 = _one_running_two_waiting(s, settings, r1)
         s.execute(Episode.__table__.update().where(Episode.id == e1.id).values(
             state=states.SUCCEEDED, finished_at=utcnow()))
         # First delivery: e2 admitted into e1's slot; the worker dies before sending it.
