@@ -123,3 +123,19 @@ def docker_engine(monkeypatch) -> str:
         need("a Docker engine with megaflow/base", False, str(exc))
     monkeypatch.setenv("DOCKER_HOST", url)
     return url
+
+
+#: A test file with a parametrized test (one case passes, one fails) and a plain one: the ids the
+#: SWE test runner must pass through to pytest.
+PARAMETRIZED_TESTS = """\
+import pytest
+
+
+@pytest.mark.parametrize("a,b", [(1, 2), (2, 2)])
+def test_lt(a, b):
+    assert a < b
+
+
+def test_plain():
+    assert True
+"""

@@ -7,26 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import PARAMETRIZED_TESTS
+
 from megaflow.envs import runtests
 
 RUNNER = Path(runtests.__file__)
-TESTS = """\
-import pytest
-
-
-@pytest.mark.parametrize("a,b", [(1, 2), (2, 2)])
-def test_lt(a, b):
-    assert a < b
-
-
-def test_plain():
-    assert True
-"""
 
 
 def _run(tmp_path: Path, *args: str, fallback: bool = False) -> subprocess.CompletedProcess:
     (tmp_path / "tests").mkdir(exist_ok=True)
-    (tmp_path / "tests" / "test_p.py").write_text(TESTS)
+    (tmp_path / "tests" / "test_p.py").write_text(PARAMETRIZED_TESTS)
     env = {k: v for k, v in os.environ.items() if k != runtests.NO_PYTEST_ENV}
     if fallback:
         env[runtests.NO_PYTEST_ENV] = "1"

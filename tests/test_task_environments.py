@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import swe_tamper
-from conftest import docker_engine, need
+from conftest import PARAMETRIZED_TESTS, docker_engine, need
 
 from megaflow.envs import environments, grading
 from megaflow.errors import SandboxError
@@ -142,20 +142,6 @@ def test_same_task_on_docker(task, wheels, tmp_path):
         client.close()
 
 
-PARAM_TESTS = """\
-import pytest
-
-
-@pytest.mark.parametrize("a,b", [(1, 2), (2, 2)])
-def test_lt(a, b):
-    assert a < b
-
-
-def test_plain():
-    assert True
-"""
-
-
 def test_python_resolves_in_local_sandbox(tmp_path):
     from megaflow.sandbox.local import LocalBackend
 
@@ -188,7 +174,7 @@ def test_parametrized_ids_graded_through_pytest(wheels, tmp_path, tmp_path_facto
     monkeypatch.setenv("MEGAFLOW_WHEELHOUSE", str(wheels))
     repo = tmp_path_factory.mktemp("param-repo")
     (repo / "tests").mkdir()
-    (repo / "tests" / "test_p.py").write_text(PARAM_TESTS)
+    (repo / "tests" / "test_p.py").write_text(PARAMETRIZED_TESTS)
     rewards = {}
     for case in ("1-2", "2-2"):  # the default test_command: the runner, which is pytest here
         task = SWETask(instance_id=f"param-{case}", problem_statement="p", repo=str(repo), environment=ENV,
