@@ -150,7 +150,7 @@ class MegaFlowTask(Task):
         (it died before its acknowledgement) is kept and handed on instead. Best
         effort: the database being down must not turn the poison path into a loss.
         """
-        from megaflow.hops import ledger
+        from megaflow.db import ledger
 
         if not isinstance(episode_id, str):
             return result

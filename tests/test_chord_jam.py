@@ -20,7 +20,7 @@ from megaflow.db import states
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, Hop, RolloutGroup, Run, utcnow
 from megaflow.db.schema import upgrade
-from megaflow.hops import ledger
+from megaflow.db import ledger
 from megaflow.runtime import Runtime
 from megaflow.scheduler import chords
 

@@ -10,7 +10,7 @@ from celery.exceptions import Ignore
 from megaflow.config import Settings
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Event
-from megaflow.hops import ledger
+from megaflow.db import ledger
 from megaflow.hops.base import run_hop
 from megaflow.runtime import Runtime
 

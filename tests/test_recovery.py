@@ -16,7 +16,7 @@ from megaflow import Client, RunSpec, Settings
 from megaflow.db import states
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, Hop, Host, SandboxRow, utcnow
-from megaflow.hops import ledger
+from megaflow.db import ledger
 from megaflow.hops.base import run_hop
 from megaflow.hops.env_rebuild import Rehomed, fenced_episode, replay_plan
 from megaflow.runtime import Runtime

@@ -20,7 +20,8 @@ from megaflow.app import make_app
 from megaflow.db import states
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, Hop, SandboxRow, Step
-from megaflow.hops import base, ledger
+from megaflow.db import ledger
+from megaflow.hops import base
 from megaflow.hops.env_sandbox import obtain
 from megaflow.reaper import sandbox_labels
 from megaflow.runtime import get_runtime

@@ -11,7 +11,7 @@ from celery.exceptions import Ignore, Retry
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from megaflow.hops import ledger
+from megaflow.db import ledger
 from megaflow.redact import redact_text
 from megaflow.runtime import Runtime
 

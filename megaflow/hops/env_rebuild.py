@@ -30,7 +30,7 @@ from sqlalchemy import and_, bindparam, or_, select, update
 from megaflow.db.models import Episode, Hop, SandboxRow, Step, utcnow
 from megaflow.db.sql import prepared
 from megaflow.events import emit
-from megaflow.hops import ledger
+from megaflow.db import ledger
 from queues import topology
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from megaflow.db import states
 from megaflow.db.models import Episode, Run, Step, utcnow
 from megaflow.db.sql import prepared, update_where
 from megaflow.events import emit
-from megaflow.hops import ledger
+from megaflow.db import ledger
 from megaflow.hops.base import run_hop
 from megaflow.hops.delay import delayed_options
 from megaflow.model.base import Message

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from megaflow.db import states
 from megaflow.db.models import Episode, RolloutGroup, Run, utcnow
 from megaflow.events import emit
-from megaflow.hops import ledger
+from megaflow.db import ledger
 
 log = logging.getLogger(__name__)
 

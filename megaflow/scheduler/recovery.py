@@ -55,7 +55,7 @@ from sqlalchemy.orm import Session
 from megaflow.db import states
 from megaflow.db.models import Episode, Host, SandboxRow, SemaphoreHolder, utcnow
 from megaflow.events import emit
-from megaflow.hops import ledger
+from megaflow.db import ledger
 from megaflow.scheduler import hosts, semaphores
 from queues import topology
 
