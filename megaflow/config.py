@@ -10,12 +10,17 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Where MegaFlow finds its broker, database and result backend."""
+    """Every ``MEGAFLOW_*`` setting: broker, database, workers, sandboxes, logging.
+
+    Read once at an entry point (``Settings()``: the CLI, a worker, a test) and
+    passed down; library code does not read ``MEGAFLOW_*`` from the environment.
+    `env` hands a settings object to a child process.
+    """
 
     model_config = SettingsConfigDict(env_prefix="MEGAFLOW_", extra="ignore")
 
@@ -54,6 +59,52 @@ class Settings(BaseSettings):
     reap_interval_s: float = Field(
         default=60.0, gt=0, description="How often an env worker reaps leaked sandboxes of its host (seconds)."
     )
+    log_level: str = Field(
+        default="WARNING", description="Log level of the `megaflow` command (`-v`: INFO) and of the workers a "
+        "local stack starts: DEBUG, INFO, WARNING or ERROR.")
+    worker_pool: str | None = Field(
+        default=None, description="Celery pool type of a worker (threads, prefork, solo). Default: its pool's "
+        "own (workers.common.POOL_DEFAULTS).")
+    worker_concurrency: int | None = Field(
+        default=None, description="Tasks a worker runs at once. Default: its pool's own (one for the agent pool "
+        "on SQLite, which takes one writer at a time).")
+    worker_queues: str = Field(
+        default="", description="Comma-separated queues a worker consumes instead of its pool's own (benchmarks "
+        "use a private queue). Empty: the pool's own.")
+    agent_processes: int = Field(
+        default=0, ge=0, description="Agent worker processes of a one-machine stack on a server database; "
+        "0: one per core. Always one when embedded (SQLite).")
+    sandbox_uid: int = Field(
+        default=65534, description="Host uid that local (bubblewrap) sandboxes run as when MegaFlow runs as "
+        "root; 65534 is nobody, a dedicated uid is better (files in work dirs belong to it). Must not be 0.")
+    debian_mirror: str | None = Field(
+        default=None, description="Debian mirror url that sandbox base images are bootstrapped from. Default: "
+        "the one this host's apt sources name.")
+    wheelhouse: Path | None = Field(
+        default=None, description="Directory of wheels that environments' pip requirements install from "
+        "(offline hosts; `--find-links` wins). Default: none, the package registries.")
+    flower_basic_auth: SecretStr | None = Field(
+        default=None, description="user:password (several separated by commas) that `megaflow flower` asks "
+        "for; required to bind anything but loopback.")
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that make a child process (a worker, a CLI) see these settings.
+
+        Unset (None) fields are left out, so the child keeps whatever it inherits.
+        """
+        prefix = self.model_config["env_prefix"]
+        out = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if value is not None:
+                out[f"{prefix}{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
+
+    def worker_queue_names(self) -> list[str]:
+        """`worker_queues` as a list."""
+        return [t.strip() for t in self.worker_queues.split(",") if t.strip()]
 
     def required_sandboxes(self) -> list[str]:
         """`sandbox_backends` as a list."""

@@ -49,13 +49,8 @@ def _die_with_parent() -> None:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment variables that make a child process see `settings`."""
-    env = {}
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"MEGAFLOW_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
+    """Environment variables that make a child process see `settings` (`Settings.env`)."""
+    return settings.env()
 
 
 class WorkerProcess:
@@ -80,7 +75,7 @@ class WorkerProcess:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         cmd = [*self.prefix, sys.executable, "-m", "celery", "-A", f"workers.{self.pool}", "worker",
-               "-n", f"{self.name}@%h", "--loglevel", os.environ.get("MEGAFLOW_LOG_LEVEL", "WARNING"),
+               "-n", f"{self.name}@%h", "--loglevel", self.settings.log_level,
                "--without-gossip", "--without-mingle", *self.extra_args]
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -145,12 +140,12 @@ def agent_processes(settings: Settings) -> int:
     """How many agent worker processes a one-machine stack runs.
 
     The agent pool runs threads, and a Python process runs on one core at a time:
-    one process per core (``MEGAFLOW_AGENT_PROCESSES`` overrides). One on SQLite,
+    one process per core (``Settings.agent_processes`` overrides). One on SQLite,
     which takes one writer at a time.
     """
     if settings.embedded:
         return 1
-    return max(1, int(os.environ.get("MEGAFLOW_AGENT_PROCESSES", 0)) or os.cpu_count() or 1)
+    return max(1, settings.agent_processes or os.cpu_count() or 1)
 
 
 def stack_workers(settings: Settings, prefix: str, pools: tuple[str, ...] = POOLS,

@@ -10,21 +10,11 @@ from celery import signals
 
 from megaflow.app import make_app
 from megaflow.config import Settings
+from megaflow.bench import tasks as bench_tasks
 from queues import topology
+from queues.topology import POOL_DEFAULTS
 
 log = logging.getLogger(__name__)
-
-#: Pool type and default concurrency per service. Model calls and commands wait
-#: on I/O (a server, a sandbox), so threads. Agent decisions are short CPU work
-#: between database round trips: threads too — prefork's hand-off of every message
-#: and result between parent and child cost more than the decision (the pipeline
-#: ran 27 % faster, `megaflow bench pipeline`). One process uses one core at most:
-#: scale the agent pool with processes (replicas), as every pool.
-POOL_DEFAULTS = {
-    "model": ("threads", 16),
-    "agent": ("threads", 8),
-    "env": ("threads", 16),
-}
 
 
 def make_worker_app(pool: str, settings: Settings | None = None):
@@ -35,12 +25,14 @@ def make_worker_app(pool: str, settings: Settings | None = None):
     if settings.embedded and pool == "agent":
         # SQLite allows one writer at a time; more decisions at once only queue on its lock.
         concurrency = 1
-    app.conf.worker_pool = os.environ.get("MEGAFLOW_WORKER_POOL", pool_type)
-    app.conf.worker_concurrency = int(os.environ.get("MEGAFLOW_WORKER_CONCURRENCY", concurrency))
+    app.conf.worker_pool = settings.worker_pool or pool_type
+    if settings.worker_concurrency is not None:
+        concurrency = settings.worker_concurrency
+    app.conf.worker_concurrency = concurrency
     own = topology.pool_queues(pool, settings.host)
-    if os.environ.get("MEGAFLOW_WORKER_QUEUES"):
+    if settings.worker_queue_names():
         # An explicit list (benchmarks use a private queue) replaces the pool's own.
-        own = [topology.make_queue(q) for q in os.environ["MEGAFLOW_WORKER_QUEUES"].split(",")]
+        own = [topology.make_queue(q) for q in settings.worker_queue_names()]
 
     @signals.celeryd_after_setup.connect(weak=False)
     def _consume_own_queues(sender, instance, **kwargs):
@@ -60,6 +52,8 @@ def make_worker_app(pool: str, settings: Settings | None = None):
         _register_host(app, settings)
     _record_retries(app)
     _guard(app, settings)
+    # The benchmarks time their floors on the pipeline's own workers; the library does not know them.
+    bench_tasks.register(app)
     return app
 
 

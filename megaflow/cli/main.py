@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import typer
+from pydantic import ValidationError
 
 from megaflow.cli import bench, db, env, export, ops, runs, sched, workers
 
@@ -23,12 +23,22 @@ sched.register(app)
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO.")) -> None:
-    level = "INFO" if verbose else os.environ.get("MEGAFLOW_LOG_LEVEL", "WARNING").upper()
+    level = "INFO" if verbose else _log_level()
     logging.basicConfig(level=getattr(logging, level, logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from megaflow.redact import install_log_redaction
 
     install_log_redaction()
+
+
+def _log_level() -> str:
+    from megaflow.config import Settings
+
+    try:
+        return Settings().log_level.upper()
+    except ValidationError:
+        # A malformed MEGAFLOW_* variable: the command itself reports it, once its logging is set up.
+        return "WARNING"
 
 
 def main() -> None:

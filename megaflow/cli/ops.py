@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -28,9 +27,11 @@ def flower(
 
     Other Flower options are read from FLOWER_* environment variables.
     """
-    from megaflow.ops.flower import AUTH_ENV, FlowerAuthError, run_flower, users
+    from megaflow.config import Settings
+    from megaflow.ops.flower import FlowerAuthError, run_flower, users
 
-    auth = os.environ.get(AUTH_ENV) or None
+    secret = Settings().flower_basic_auth
+    auth = secret.get_secret_value() if secret else None
     # Only user names are ever printed: the password stays in the environment.
     if auth:
         console.print(f"[dim]Flower asks for credentials (users: {', '.join(users(auth))})[/dim]")

@@ -48,8 +48,10 @@ def image_tag(env) -> str:
 
 
 def wheelhouse(find_links: str | os.PathLike | None = None) -> Path | None:
-    """The wheelhouse to install from: `find_links`, else ``$MEGAFLOW_WHEELHOUSE``, else none (registries)."""
-    value = find_links or os.environ.get("MEGAFLOW_WHEELHOUSE")
+    """The wheelhouse to install from: `find_links`, else ``Settings.wheelhouse``, else none (registries)."""
+    from megaflow.config import Settings
+
+    value = find_links or Settings().wheelhouse
     return Path(value).resolve() if value else None
 
 

@@ -41,6 +41,8 @@ PASSED, FAILED, ERROR, SKIPPED = "PASSED", "FAILED", "ERROR", "SKIPPED"
 #: pytest's arguments ahead of the task's: a status line per test, no cache written.
 PYTEST_ARGS = ("-rA", "-p", "no:cacheprovider")
 #: Set (to anything) to use the fallback even where pytest imports (tests of the fallback).
+#: Read from the environment, not `Settings`: this file runs alone (standard library
+#: only) inside sandboxes, where neither MegaFlow nor pydantic is importable.
 NO_PYTEST_ENV = "MEGAFLOW_RUNTESTS_NO_PYTEST"
 #: Exit status of a refused command line (pytest's own usage-error status).
 USAGE_ERROR = 4

@@ -60,7 +60,7 @@ def build_base(
         force: Rebuild even if an image with the same content hash exists.
         suite: Debian release to bootstrap.
         packages: Extra packages to include.
-        mirror: Debian mirror url; default ``$MEGAFLOW_DEBIAN_MIRROR`` or the one in
+        mirror: Debian mirror url; default ``Settings.debian_mirror`` or the one in
             this host's apt sources.
 
     Returns:
@@ -157,7 +157,7 @@ def build_image(
 
 
 def debian_mirror(apt_dir: Path = _APT_SOURCES) -> str:
-    """Return the Debian mirror this host's apt uses (``$MEGAFLOW_DEBIAN_MIRROR`` wins).
+    """Return the Debian mirror this host's apt uses (``Settings.debian_mirror`` wins).
 
     Reads one-line ``sources.list`` files and deb822 ``*.sources`` files and returns
     the first ``deb`` url serving a release suite (not ``-security``/``-updates``).
@@ -165,8 +165,10 @@ def debian_mirror(apt_dir: Path = _APT_SOURCES) -> str:
     Raises:
         SandboxError: no usable entry was found.
     """
-    if env := os.environ.get("MEGAFLOW_DEBIAN_MIRROR"):
-        return env
+    from megaflow.config import Settings
+
+    if configured := Settings().debian_mirror:
+        return configured
     files = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*"))]
     for path in files:
         try:

@@ -37,6 +37,7 @@ import subprocess
 import time
 from pathlib import Path, PurePosixPath
 
+from megaflow.config import Settings
 from megaflow.errors import SandboxClosedError, SandboxError, SandboxNotFoundError
 from megaflow.sandbox.base import ExecResult, SandboxConfig
 from megaflow.sandbox.common import OutputCap, exec_result, kill_group, pump, workdir_relpath
@@ -68,9 +69,9 @@ class LocalBackend:
     """Creates bubblewrap sandboxes under ``<root>/sandboxes``.
 
     Args:
-        root: Data directory; default ``$MEGAFLOW_DATA_DIR`` or ``~/.megaflow``.
+        root: Data directory; default ``Settings.data_dir`` (``~/.megaflow``).
         host_uid: Host uid the sandboxed processes run as when MegaFlow runs as root;
-            default ``$MEGAFLOW_SANDBOX_UID`` or 65534 (nobody); a dedicated uid is
+            default ``Settings.sandbox_uid`` (65534, nobody); a dedicated uid is
             better, since files in work dirs belong to it. Ignored when not root.
         max_file_mb: Largest file a sandboxed process may write (``RLIMIT_FSIZE``).
     """
@@ -78,12 +79,12 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, root: Path | None = None, *, host_uid: int | None = None, max_file_mb: int = 1024):
-        data_dir = root if root is not None else Path(os.environ.get("MEGAFLOW_DATA_DIR") or Path.home() / ".megaflow")
-        self.root = Path(data_dir) / "sandboxes"
+        settings = Settings() if root is None or host_uid is None else None
+        self.root = Path(root if root is not None else settings.data_dir) / "sandboxes"
         self.privileged = os.geteuid() == 0
         self.host_uid = os.geteuid()
         if self.privileged:
-            self.host_uid = host_uid if host_uid is not None else int(os.environ.get("MEGAFLOW_SANDBOX_UID", "65534"))
+            self.host_uid = host_uid if host_uid is not None else settings.sandbox_uid
             if self.host_uid == 0:
                 raise ValueError("host_uid must not be 0: pids limits do not apply to root")
         self.max_file_mb = max_file_mb
