@@ -12,6 +12,7 @@ from sqlalchemy import func, select, update
 from megaflow.app import make_app
 from megaflow.config import Settings
 from megaflow.db import states
+from megaflow.db.states import ExitStatus
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, RolloutGroup, Run, Step, TaskInstance, new_id
 from megaflow.deadlines import check_spec as check_deadlines
@@ -136,7 +137,7 @@ class Client:
         with self.session() as s:
             s.execute(update(Run).where(Run.id == run_id).values(cancel_requested=True))
             n = s.execute(update(Episode).where(Episode.run_id == run_id, Episode.state == states.PENDING)
-                          .values(state=states.CANCELLED, exit_status="cancelled")).rowcount
+                          .values(state=states.CANCELLED, exit_status=ExitStatus.CANCELLED)).rowcount
             # Waiting episodes' start messages are parked: send them so their chords close.
             parked = admission.unpark_cancelled(s, run_id)
             emit(s, "run.cancel", run_id, run_id, {"pending_cancelled": n, "waiting_cancelled": len(parked)})

@@ -31,9 +31,11 @@ from celery.worker.consumer import Consumer
 from sqlalchemy import select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from megaflow.contract import failure
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Delivery, utcnow
 from megaflow.db.sql import insert_ignore
+from megaflow.db.states import ExitStatus
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,8 @@ def poison_result(hop: str, step, count: int, what: str | None = None) -> dict:
     except (TypeError, ValueError):
         step = 0
     what = what or f"{hop} hop"
-    return {"hop": hop, "step": step, "kind": "infra", "exit_status": "poison",
-            "error": f"{what} (step {step}) delivered {count} times without finishing: given up (poison)"}
+    return failure(hop, step, f"{what} (step {step}) delivered {count} times without finishing: given up (poison)",
+                   ExitStatus.POISON).wire()
 
 
 class MegaFlowTask(Task):

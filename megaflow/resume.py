@@ -34,6 +34,7 @@ from celery import chord
 from sqlalchemy import func, select, update
 
 from megaflow.db import states
+from megaflow.db.states import ExitStatus
 from megaflow.db.models import Episode, RolloutGroup, Run, new_id
 from megaflow.events import emit
 
@@ -88,10 +89,10 @@ def resume(client, run_id: str) -> dict:
             else:
                 interrupted += 1
                 error = f"interrupted; re-run as a new attempt by resume (generation {generation})"
-                if states.move(s, ep.id, states.INFRA_FAILED, exit_status="interrupted", error=error):
+                if states.move(s, ep.id, states.INFRA_FAILED, exit_status=ExitStatus.INTERRUPTED, error=error):
                     # As every other ending: followers and exports count endings by this event.
                     emit(s, "episode.ended", run_id, ep.id,
-                         {"state": states.INFRA_FAILED, "exit_status": "interrupted", "error": error})
+                         {"state": states.INFRA_FAILED, "exit_status": ExitStatus.INTERRUPTED, "error": error})
                 admitted += _release_admission(s, client.settings, ep.id)
             new = Episode(id=new_id(), seq=seq, run_id=run_id, group_id=ep.group_id,
                           task_instance_id=ep.task_instance_id, sample_index=ep.sample_index,

@@ -8,17 +8,21 @@ from megaflow import Client, RunSpec, Settings
 from megaflow.db import states
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode
-from megaflow.hops.episode import Driver, normalized
+from megaflow.contract import HopResult
+from megaflow.hops.episode import driver_for
 from megaflow.runtime import Runtime
 
 
-def test_normalized_fills_in_hop_and_step():
-    assert normalized(None) == {"hop": "start", "step": 0}
-    assert normalized({"hop": "exec", "step": "3", "x": 1}) == {"hop": "exec", "step": 3, "x": 1}
+def test_a_received_result_always_has_a_hop_and_a_step():
+    assert HopResult.received(None) == HopResult(hop="start", step=0)
+    assert HopResult.received({"hop": "exec", "step": "3"}) == HopResult(hop="exec", step=3)
     # What the ledger's own poison check used to record: the decision raised KeyError('step') on it.
-    old = {"error": "hop delivered 6 times", "kind": "infra"}
-    assert normalized(old) == {**old, "hop": "unknown", "step": 0}
-    assert normalized({"hop": "exec", "step": None})["step"] == 0
+    old = HopResult.received({"error": "hop delivered 6 times", "kind": "infra"})
+    assert (old.hop, old.step, old.error, old.exit_status) == ("unknown", 0, "hop delivered 6 times", "hop_crashed")
+    assert HopResult.received({"hop": "exec", "step": None}).step == 0
+    # Anything else malformed is a failed hop the decision ends the episode on, not a crash.
+    odd = HopResult.received({"hop": "teleport", "step": "x"})
+    assert odd.failed and odd.hop == "unknown" and "malformed hop result" in odd.error
 
 
 def test_a_result_without_hop_or_step_ends_the_episode_infra_failed(tmp_path, sqlite_url):
@@ -32,10 +36,10 @@ def test_a_result_without_hop_or_step_ends_the_episode_infra_failed(tmp_path, sq
         s.execute(update(Episode).where(Episode.id == eid).values(state=states.RUNNING))
     rt.warm(eid)  # spec and task cached first, as the episode task does (SQLite: one writer)
     with rt.session() as s:
-        driver = Driver(rt, s, eid)
-        decision = driver.decide({"error": "hop delivered 6 times", "kind": "infra"})
-        driver.save()
-    assert decision["final"] and decision["summary"]["state"] == states.INFRA_FAILED
+        driver = driver_for(rt, s, eid)
+        decision = driver.decide(HopResult.received({"error": "hop delivered 6 times", "kind": "infra"}))
+        driver.rows.save()
+    assert decision.final is not None and decision.final.state == states.INFRA_FAILED
 
 
 def test_an_episode_task_that_fails_after_its_decision_ends_the_episode(tmp_path, sqlite_url, monkeypatch):

@@ -15,6 +15,7 @@ import re
 
 from megaflow.agent.base import Action, Command, FormatError, Submit, transcript
 from megaflow.agent.bash import task_statement
+from megaflow.db.states import ExitStatus
 from megaflow.model.base import Message
 from megaflow.sandbox.base import ExecResult
 
@@ -262,7 +263,7 @@ def to_minisweagent_trajectory(episode, steps, instance_id: str | None = None,
     steps = list(steps)
     messages = transcript(steps)
     submission = None
-    if episode.exit_status == "submitted":
+    if episode.exit_status == ExitStatus.SUBMITTED:
         last = steps[-1] if steps else None
         if last is not None and last.action != "submit":
             submission = submission_of(last.observation or "")

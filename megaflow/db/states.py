@@ -11,6 +11,8 @@ never move an episode twice.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from sqlalchemy import bindparam, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
@@ -26,6 +28,55 @@ SUCCEEDED, FAILED, INFRA_FAILED, CANCELLED = "succeeded", "failed", "infra_faile
 TERMINAL = frozenset({SUCCEEDED, FAILED, INFRA_FAILED, CANCELLED})
 #: Terminal states that count as done for statistics and resume.
 DONE = frozenset({SUCCEEDED, FAILED})
+
+
+class ExitStatus(StrEnum):
+    """Why an episode ended (``episodes.exit_status``); every value any module writes is here.
+
+    A `StrEnum`: members are the strings stored and sent, so rows, JSON and
+    comparisons with plain strings all agree.
+    """
+
+    #: The agent submitted; evaluation graded it (state ``succeeded``, any reward).
+    SUBMITTED = "submitted"
+    CANCELLED = "cancelled"
+    # The agent's limits (state ``failed``, the run's no-submit penalty as reward).
+    TIME_LIMIT = "time_limit"
+    STEP_LIMIT = "step_limit"
+    TOKEN_LIMIT = "token_limit"
+    FORMAT_ERRORS = "format_errors"
+    CONTEXT_LENGTH = "context_length"
+    MODEL_ERROR = "model_error"
+    # Infrastructure (state ``infra_failed``, no reward; `megaflow resume` runs it again).
+    MODEL_UNAVAILABLE = "model_unavailable"
+    PROVISION_FAILED = "provision_failed"
+    SETUP_FAILED = "setup_failed"
+    SANDBOX_LOST = "sandbox_lost"
+    REBUILD_FAILED = "rebuild_failed"
+    EXEC_INTERRUPTED = "exec_interrupted"
+    EVALUATION_FAILED = "evaluation_failed"
+    #: A message delivered more often than ``hop_max_deliveries`` without finishing.
+    POISON = "poison"
+    #: A chord member (one hop's task) failed outside every handler.
+    HOP_CRASHED = "hop_crashed"
+    #: The decision itself raised (a scaffold or driver bug).
+    AGENT_CRASHED = "agent_crashed"
+    #: A hop's work raised something unforeseen (`megaflow.hops.base.guarded`).
+    PROVISION_CRASHED = "provision_crashed"
+    GENERATE_CRASHED = "generate_crashed"
+    EXEC_CRASHED = "exec_crashed"
+    EVALUATE_CRASHED = "evaluate_crashed"
+    RELEASE_CRASHED = "release_crashed"
+    #: The run was stopped with the episode in flight and then resumed (`megaflow resume`).
+    INTERRUPTED = "interrupted"
+
+    @classmethod
+    def crashed(cls, hop: str) -> ExitStatus:
+        """The status of hop `hop` crashing (`HOP_CRASHED` for a name with none of its own)."""
+        try:
+            return cls(f"{hop}_crashed")
+        except ValueError:
+            return cls.HOP_CRASHED
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     PENDING: frozenset({WAITING, PROVISIONING, CANCELLED, INFRA_FAILED, FAILED}),

@@ -12,7 +12,8 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from megaflow.db import ledger
-from megaflow.redact import redact_text
+from megaflow.db.states import ExitStatus
+from megaflow.contract import failure
 from megaflow.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,4 @@ def guarded(work: Work, ctx, key: tuple[str, int, str]):
         raise
     except Exception as exc:
         log.exception("hop %s crashed", key)
-        error = redact_text(f"{type(exc).__name__}: {exc}")[:2000]  # an error may quote a credential
-        return {"hop": key[2], "step": key[1], "error": error, "kind": "infra",
-                "exit_status": f"{key[2]}_crashed"}, None
+        return failure(key[2], key[1], exc, ExitStatus.crashed(key[2])).wire(), None

@@ -18,15 +18,16 @@ from types import SimpleNamespace
 from sqlalchemy import bindparam, select, update
 
 from megaflow.db import states
+from megaflow.db.states import ExitStatus
 from megaflow.db.models import Episode, Step
 from megaflow.db.sql import prepared, update_where
 from megaflow.envs import grading, swe
 from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError, SandboxNotFoundError
-from megaflow.redact import redact_text
 from megaflow.deadlines import Budget, remaining_s
 from megaflow.hops import exec_journal
 from megaflow.hops.base import run_hop
+from megaflow.contract import HopResult, failure
 from megaflow.hops.env_rebuild import fenced_episode, on_host, rebuild, record_rebuild, replay_plan
 from megaflow.hops.env_sandbox import clear_earlier, config_for, destroy, finish, obtain
 from megaflow.runtime import get_runtime
@@ -55,13 +56,11 @@ def _select_action(conn):
     return select(t.c.action).where(t.c.episode_id == bindparam("k_episode_id"), t.c.index == bindparam("k_index"))
 
 
-def _infra(hop: str, step: int, exc: Exception | str, exit_status: str) -> tuple[dict, None]:
-    error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-    return {"hop": hop, "step": step, "error": redact_text(error)[:2000], "kind": "infra",
-            "exit_status": exit_status}, None
+def _infra(hop: str, step: int, exc: Exception | str, exit_status: ExitStatus) -> tuple[dict, None]:
+    return failure(hop, step, exc, exit_status).wire(), None
 
 
-def _retry_or_fail(task, hop: str, step: int, exc: Exception, exit_status: str):
+def _retry_or_fail(task, hop: str, step: int, exc: Exception, exit_status: ExitStatus):
     if task.request.retries < MAX_RETRIES:
         raise task.retry(exc=exc, countdown=min(30.0, 2 ** task.request.retries) * (0.5 + random.random()))
     return _infra(hop, step, exc, exit_status)
@@ -79,7 +78,7 @@ def provision_task(self, episode_id: str, step: int = 0):
             # Ephemeral: created; persistent: from the warm pool. Recorded either way.
             sb, config = obtain(rt, ep, host)
         except SandboxError as exc:
-            return _retry_or_fail(self, "provision", step, exc, "provision_failed")
+            return _retry_or_fail(self, "provision", step, exc, ExitStatus.PROVISION_FAILED)
         try:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -88,12 +87,12 @@ def provision_task(self, episode_id: str, step: int = 0):
             setup(sb, task, left, config=config, cache_root=rt.settings.data_dir)
         except (SandboxError, SetupError, OSError, TimeoutError) as exc:
             destroy(rt, sb.id, config.type)
-            return _infra("provision", step, exc, "setup_failed")
+            return _infra("provision", step, exc, ExitStatus.SETUP_FAILED)
 
         def write(s):
             update_where(s.connection(), Episode.__table__, {"id": episode_id}, {"sandbox_id": sb.id, "host": host})
 
-        return {"hop": "provision", "step": step, "host": host}, write
+        return HopResult(hop="provision", step=step, host=host).wire(), write
 
     return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "provision"), work,
                                                          load=lambda s: _episode(s, episode_id, host)))
@@ -141,9 +140,9 @@ def exec_task(self, episode_id: str, step: int):
             result, rebuilt = with_sandbox(rt, ep, plan, lambda sb: sb.exec(
                 exec_journal.wrap(action, str(step)) if journaled else action, timeout=timeout))
         except SandboxError as exc:
-            return _infra("exec", step, exc, "sandbox_lost")
+            return _infra("exec", step, exc, ExitStatus.SANDBOX_LOST)
         except (SetupError, OSError, TimeoutError) as exc:  # rebuilding the sandbox failed
-            return _infra("exec", step, exc, "rebuild_failed")
+            return _infra("exec", step, exc, ExitStatus.REBUILD_FAILED)
         cache = exec_journal.results_cache(rt)
         replay = exec_journal.replay_of(result) if journaled else None
         if replay is not None:
@@ -155,7 +154,7 @@ def exec_task(self, episode_id: str, step: int):
                             "finished" if what == "done" else "was cut off in")
                 if what != "done":
                     return _infra("exec", step, "the command was cut off by a worker failure; it may have partly "
-                                  "run", "exec_interrupted")
+                                  "run", ExitStatus.EXEC_INTERRUPTED)
                 # It ran once, to the end: the episode goes on, told that the output is gone.
                 result = exec_journal.lost_output(code)
         else:
@@ -172,7 +171,7 @@ def exec_task(self, episode_id: str, step: int):
             if rebuilt:
                 record_rebuild(s, ep, rebuilt)
 
-        return {"hop": "exec", "step": step, "exit_code": result.exit_code, "host": rt.settings.host}, write
+        return HopResult(hop="exec", step=step, exit_code=result.exit_code, host=rt.settings.host).wire(), write
 
     return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "exec"), work,
                                                          load=load))
@@ -200,9 +199,9 @@ def evaluate_task(self, episode_id: str, step: int):
                 sb, task, spec.limits.eval_timeout_s, CHECK_FILE))
             reward = graded.reward
         except SandboxError as exc:
-            return _infra("evaluate", step, exc, "evaluation_failed")
+            return _infra("evaluate", step, exc, ExitStatus.EVALUATION_FAILED)
         except (SetupError, OSError, TimeoutError) as exc:  # rebuilding the sandbox failed
-            return _infra("evaluate", step, exc, "rebuild_failed")
+            return _infra("evaluate", step, exc, ExitStatus.REBUILD_FAILED)
         # The sandbox is not destroyed here but once the reward is recorded (below):
         # a worker lost in between would otherwise throw a computed reward away, and
         # the redelivered evaluate would meet no sandbox.
@@ -214,7 +213,7 @@ def evaluate_task(self, episode_id: str, step: int):
             if rebuilt:
                 record_rebuild(s, ep, rebuilt)
 
-        return {"hop": "evaluate", "step": step, "reward": reward, "host": rt.settings.host}, write
+        return HopResult(hop="evaluate", step=step, reward=reward, host=rt.settings.host).wire(), write
 
     def run():
         result = run_hop(rt, self.request, (episode_id, step, "evaluate"), work, load=load)
@@ -282,7 +281,7 @@ def release_task(self, episode_id: str, step: int):
         if not ep.sandbox_id:
             # Ended before its provision recorded a sandbox: clear what killed deliveries left.
             clear_earlier(rt, episode_id, rt.settings.host, config_for(rt, ep).type)
-        return {"hop": "release", "step": step, "host": rt.settings.host}, None
+        return HopResult(hop="release", step=step, host=rt.settings.host).wire(), None
 
     return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "release"), work,
                                                          load=lambda s: _episode(s, episode_id,

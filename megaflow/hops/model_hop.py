@@ -10,10 +10,11 @@ from sqlalchemy import bindparam, select, update
 from megaflow.db.models import Episode, Step
 from megaflow.db.sql import prepared
 from megaflow.errors import AgentError, InfraError, RateLimitedError
+from megaflow.db.states import ExitStatus
 from megaflow.hops.base import run_hop
+from megaflow.contract import HopResult, failure
 from megaflow.hops.throttle import model_slot, requeue
 from megaflow.model.base import Message, ModelRequest
-from megaflow.redact import redact_text
 from megaflow.runtime import get_runtime
 from megaflow.sanitize import storable
 
@@ -67,15 +68,14 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
         except RateLimitedError as exc:
             raise requeue(self, exc, waits) from exc
         except AgentError as exc:
-            return {"hop": "generate", "step": step, "error": redact_text(str(exc))[:2000], "kind": "agent",
-                    "exit_status": "context_length" if isinstance(exc, ValueError) else "model_error"}, None
+            status = ExitStatus.CONTEXT_LENGTH if isinstance(exc, ValueError) else ExitStatus.MODEL_ERROR
+            return failure("generate", step, str(exc), status, kind="agent").wire(), None
         except InfraError as exc:
             if self.request.retries < spec.limits.model_retries:
                 backoff = spec.limits.model_retry_backoff_s * 2 ** self.request.retries
                 countdown = min(MAX_BACKOFF_S, getattr(exc, "retry_after", None) or backoff)
                 raise self.retry(exc=exc, countdown=countdown * (0.5 + random.random()))
-            return {"hop": "generate", "step": step, "error": redact_text(str(exc))[:2000], "kind": "infra",
-                    "exit_status": "model_unavailable"}, None
+            return failure("generate", step, str(exc), ExitStatus.MODEL_UNAVAILABLE).wire(), None
 
         def write(s):
             conn = s.connection()
@@ -92,7 +92,7 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
                                   .values(tokens=_E.c.tokens + bindparam("v_used", type_=_E.c.tokens.type))),
                          {"k_id": episode_id, "v_used": used})
 
-        return {"hop": "generate", "step": step}, write
+        return HopResult(hop="generate", step=step).wire(), write
 
     return run_hop(rt, self.request, (episode_id, step, "generate"), work, side_effects=False, load=load)
 

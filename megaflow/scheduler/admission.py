@@ -23,7 +23,9 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.config import Settings
+from megaflow.contract import HopResult
 from megaflow.db import states
+from megaflow.db.states import ExitStatus
 from megaflow.db.models import Episode, utcnow
 from megaflow.db.sql import prepared
 from megaflow.events import emit
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 CAPACITY = "capacity"
 #: Waiters looked at per admission round.
 ROUND = 16
+#: The start message of an admitted episode says it follows its admission, not its submission.
+ADMIT = HopResult(hop="admit").wire()
 
 
 def claim_of(rt, ep) -> dict:
@@ -199,7 +203,7 @@ def unpark_cancelled(s: Session, run_id: str) -> list[dict]:
         Episode.run_id == run_id, Episode.state == states.WAITING).with_for_update(skip_locked=True)).all()
     out = []
     for eid, parked in rows:
-        if states.move(s, eid, states.CANCELLED, exit_status="cancelled", wait_reason=None):
+        if states.move(s, eid, states.CANCELLED, exit_status=ExitStatus.CANCELLED, wait_reason=None):
             out.append({"episode_id": eid, "task": parked["task"]})
     return out
 
@@ -213,7 +217,7 @@ def send(app, admitted: list[dict]) -> None:
     """Send the parked start messages of admitted (or cancelled) episodes."""
     for a in admitted:
         t = a["task"]
-        sig = app.signature("megaflow.episode", args=({"hop": "admit", "step": 0}, a["episode_id"]))
+        sig = app.signature("megaflow.episode", args=(ADMIT, a["episode_id"]))
         sig.freeze(t["id"])
         sig.set(chord=t["chord"], group_id=t["group"], group_index=t["group_index"], root_id=t["root_id"])
         sig.apply_async()
