@@ -31,7 +31,7 @@ from celery.worker.consumer import Consumer
 from sqlalchemy import select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from megaflow.contract import failure
+from megaflow.contract import HopResult, failure
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Delivery, utcnow
 from megaflow.db.sql import insert_ignore
@@ -134,9 +134,8 @@ class MegaFlowTask(Task):
             raise Reject(f"poison: delivered {count} times", requeue=False)
         if self.name == _EPISODE:
             prev, episode_id = (list(args) + [None, None])[:2]
-            prev = prev if isinstance(prev, dict) else {}
-            hop = prev.get("hop") or "start"
-            return self.run(poison_result(hop, prev.get("step"), count, what=f"decision after the {hop} hop"),
+            prev = HopResult.received(prev)
+            return self.run(poison_result(prev.hop, prev.step, count, what=f"decision after the {prev.hop} hop"),
                             episode_id, **kwargs)
         hop = self.name.removeprefix(_HOP_PREFIX)
         step = args[1] if len(args) > 1 else kwargs.get("step", 0)
@@ -156,7 +155,7 @@ class MegaFlowTask(Task):
 
         if not isinstance(episode_id, str):
             return result
-        key = (episode_id, int(result["step"]), hop)
+        key = (episode_id, HopResult.received(result).step, hop)
         try:
             with session_scope(self.app.megaflow_settings.resolved_database_url()) as s:
                 done = ledger.recorded(s, *key)
