@@ -11,80 +11,43 @@ re-queued every second). This backend joins at Celery's
   counts it; the member that reaches ``size`` sends the body at once.
 
 Select it with ``result_backend = "megaflow.chord_backend:SQLChordBackend+<sqlalchemy url>"``.
+Its tables (`megaflow.db.tables`) come with migration 0007: the database must be
+upgraded (``megaflow db upgrade``; the embedded stack does it) before it is used.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 import time
 
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from celery.canvas import maybe_signature
-from sqlalchemy import (
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    delete,
-    select,
-    update,
-)
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy import delete, inspect, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from megaflow.db.engine import get_engine
 from megaflow.db.sql import dialect_insert, insert_ignore, upsert
+from megaflow.db.tables import chords_table, parts_table, results_table
 
 log = logging.getLogger(__name__)
 
-metadata = MetaData()
-
-results_table = Table(
-    "megaflow_results",
-    metadata,
-    Column("key", String(255), primary_key=True),
-    Column("value", Text, nullable=False),
-    Column("expires_at", DateTime(timezone=True), nullable=True, index=True),
-)
-chords_table = Table(
-    "megaflow_chords",
-    metadata,
-    Column("group_id", String(64), primary_key=True),
-    Column("size", Integer, nullable=True),
-    Column("done", Integer, nullable=False, default=0),
-    Column("closed_at", DateTime(timezone=True), nullable=True),
-    Column("fired_at", DateTime(timezone=True), nullable=True),
-)
-parts_table = Table(
-    "megaflow_chord_parts",
-    metadata,
-    Column("group_id", String(64), primary_key=True),
-    Column("task_id", String(64), primary_key=True),
-    Column("idx", Integer, nullable=True),
-    Column("state", String(20), nullable=False),
-    Column("result", Text, nullable=False),
-)
+class SchemaMissing(RuntimeError):
+    """The result backend's tables are not in the database: its schema was never upgraded."""
 
 
-_create_lock = threading.Lock()
+def check_tables(engine) -> None:
+    """Raise `SchemaMissing` unless the backend's tables exist (migration 0007 makes them).
 
-
-def create_tables(engine) -> None:
-    """Create the backend's tables if missing (``megaflow db upgrade`` does it too).
-
-    Several processes may race to create them on a fresh database; the loser's
-    error just means the tables now exist.
+    Raises:
+        SchemaMissing: with the one command that fixes it.
     """
-    with _create_lock:
-        try:
-            metadata.create_all(engine, checkfirst=True)
-        except (IntegrityError, ProgrammingError, OperationalError):
-            metadata.create_all(engine, checkfirst=True)
+    names = (results_table.name, chords_table.name, parts_table.name)
+    missing = [n for n in names if not inspect(engine).has_table(n)]
+    if missing:
+        raise SchemaMissing(f"result backend tables {', '.join(missing)} missing from {engine.url!r}: "
+                            "run `megaflow db upgrade`")
 
 
 def _now() -> dt.datetime:
@@ -111,7 +74,7 @@ class SQLChordBackend(KeyValueStoreBackend):
     def engine(self):
         engine = get_engine(self.dburl)
         if not self._tables_ready:
-            create_tables(engine)
+            check_tables(engine)  # the schema is Alembic's (`megaflow db upgrade`), never made here
             self._tables_ready = True
         return engine
 

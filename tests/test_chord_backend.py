@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 from celery import Celery
 
-from megaflow.chord_backend import SQLChordBackend
+from megaflow.chord_backend import SchemaMissing, SQLChordBackend
+from megaflow.db.schema import upgrade
 
 
 class RecordingBackend(SQLChordBackend):
@@ -20,7 +21,12 @@ class RecordingBackend(SQLChordBackend):
         self.fired.append(gid)
 
 
+#: PostgreSQL is a real service: its cases are integration tests.
+DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.integration)]
+
+
 def _backend(url: str) -> RecordingBackend:
+    upgrade(url)  # the backend's tables are the schema's (migration 0007)
     app = Celery("t", broker="memory://")
     return RecordingBackend(app=app, url=url)
 
@@ -47,7 +53,7 @@ def _members(backend, gid: str, n: int, duplicates: int, threads: int = 8):
     backend.on_chord_part_return(reqs[-1], "SUCCESS", n - 1)
 
 
-@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+@pytest.mark.parametrize("db", DATABASES)
 def test_chord_closes_exactly_once_under_concurrency_and_duplicates(db, request, tmp_path):
     url = f"sqlite:///{tmp_path / 'r.sqlite'}" if db == "sqlite" else request.getfixturevalue("pg_url")
     backend = _backend(url)
@@ -75,3 +81,50 @@ def test_results_round_trip(tmp_path):
     assert backend.get_task_meta("tid")["result"] == {"x": 1}
     backend.forget("tid")
     assert backend.get_task_meta("tid")["status"] == "PENDING"
+
+
+BACKEND_TABLES = {"megaflow_results", "megaflow_chords", "megaflow_chord_parts"}
+
+
+@pytest.mark.parametrize("db", DATABASES)
+def test_the_schema_has_the_backend_tables_and_alembic_sees_no_difference(db, request, tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import inspect
+
+    from megaflow.db.engine import make_engine
+    from megaflow.db.tables import metadata
+
+    url = f"sqlite:///{tmp_path / 'r.sqlite'}" if db == "sqlite" else request.getfixturevalue("pg_url")
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        assert BACKEND_TABLES <= set(inspect(engine).get_table_names())
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert [d for d in diff if d[0] in ("add_table", "remove_table", "add_column", "remove_column")] == []
+    finally:
+        engine.dispose()
+
+
+def test_tables_made_earlier_by_create_all_upgrade_cleanly(tmp_path):
+    from sqlalchemy import MetaData
+
+    from megaflow.db.engine import make_engine
+    from megaflow.db.tables import chords_table, parts_table, results_table
+
+    url = f"sqlite:///{tmp_path / 'r.sqlite'}"
+    upgrade(url, "0006")
+    engine = make_engine(url)
+    old = MetaData()
+    for table in (results_table, chords_table, parts_table):
+        table.to_metadata(old)
+    old.create_all(engine)  # what the backend itself did before migration 0007
+    engine.dispose()
+    _backend(url).store_result("tid", {"x": 1}, "SUCCESS")
+
+
+def test_a_database_never_upgraded_is_refused_with_the_fix(tmp_path):
+    backend = RecordingBackend(app=Celery("t", broker="memory://"), url=f"sqlite:///{tmp_path / 'r.sqlite'}")
+    with pytest.raises(SchemaMissing, match="megaflow db upgrade"):
+        backend.get("k")

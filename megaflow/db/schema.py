@@ -17,12 +17,7 @@ def alembic_config(url: str):
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at `url` to `revision`."""
+    """Bring the database at `url` to `revision`: every table, the result backend's too."""
     from alembic import command
 
-    from megaflow.chord_backend import create_tables
-    from megaflow.db.engine import get_engine
-
     command.upgrade(alembic_config(url), revision)
-    # The default result backend keeps its tables in the same database.
-    create_tables(get_engine(url))

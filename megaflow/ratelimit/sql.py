@@ -7,19 +7,19 @@ database's clock is the one clock every model host shares, so hosts' clock skew
 cannot loosen a limit. Each key is one locked row, so one key admits some hundreds
 of calls a second: far above what any model server serves.
 
-The tables come with migration 0002; `megaflow db upgrade` makes them.
+The tables (`megaflow.db.tables`) come with migration 0002; `megaflow db upgrade` makes them.
 """
 
 from __future__ import annotations
 
 import logging
 
-from sqlalchemy import Float, String, cast, delete, func, select, update
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import Float, cast, delete, func, select, update
+from sqlalchemy.orm import Session
 
 from megaflow.db.engine import session_scope
-from megaflow.db.models import Base
 from megaflow.db.sql import insert_ignore, upsert
+from megaflow.db.tables import ModelBucket, ModelSlot
 from megaflow.errors import RateLimitedError
 from megaflow.ratelimit.base import Bucket, Lease, admit, full_bucket, reservation, settle
 from megaflow.spec import ModelLimits
@@ -28,31 +28,6 @@ log = logging.getLogger(__name__)
 
 #: Days between the Julian epoch SQLite counts from and the Unix epoch.
 _UNIX_EPOCH_JULIAN_DAY = 2440587.5
-
-
-class ModelBucket(Base):
-    """The token buckets of one limit key (a run or a user)."""
-
-    __tablename__ = "model_buckets"
-
-    key: Mapped[str] = mapped_column(String(200), primary_key=True)
-    requests: Mapped[float] = mapped_column(Float)
-    tokens: Mapped[float] = mapped_column(Float)
-    # Seconds since the Unix epoch, on the database's clock.
-    updated: Mapped[float] = mapped_column(Float)
-    # Running mean of call durations: how long a caller waits for a free slot.
-    latency_s: Mapped[float] = mapped_column(Float)
-
-
-class ModelSlot(Base):
-    """One model call in flight, leased until `expires` (database clock)."""
-
-    __tablename__ = "model_slots"
-
-    key: Mapped[str] = mapped_column(String(200), primary_key=True)
-    holder: Mapped[str] = mapped_column(String(200), primary_key=True)
-    started: Mapped[float] = mapped_column(Float)
-    expires: Mapped[float] = mapped_column(Float)
 
 
 def db_clock(session: Session):
