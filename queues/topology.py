@@ -19,6 +19,18 @@ DEAD_QUEUE = "megaflow.dead"
 MODEL, AGENT, ENV = "model", "agent", "env"
 POOLS = (MODEL, AGENT, ENV)
 
+#: Pool type and default concurrency per service. Model calls and commands wait
+#: on I/O (a server, a sandbox), so threads. Agent decisions are short CPU work
+#: between database round trips: threads too — prefork's hand-off of every message
+#: and result between parent and child cost more than the decision (the pipeline
+#: ran 27 % faster, `megaflow bench pipeline`). One process uses one core at most:
+#: scale the agent pool with processes (replicas), as every pool.
+POOL_DEFAULTS = {
+    MODEL: ("threads", 16),
+    AGENT: ("threads", 8),
+    ENV: ("threads", 16),
+}
+
 #: Which queue each task goes to by default. env.<host> is chosen per message.
 TASK_QUEUES = {
     "megaflow.episode": AGENT,

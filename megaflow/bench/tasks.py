@@ -1,8 +1,14 @@
-"""Tiny tasks the benchmarks time. Registered on every app; they touch nothing else."""
+"""Tiny tasks the benchmarks time; they touch nothing else.
+
+The library does not know them: every pool's worker registers them (`register`, called by
+`workers.common`), so `megaflow bench` can time its floors on the same workers as the pipeline.
+"""
 
 from __future__ import annotations
 
 import time
+
+from celery import Celery
 
 from megaflow.events import emit
 from megaflow.runtime import get_runtime
@@ -34,3 +40,12 @@ def chord_body_task(self, results, key: str):
     with get_runtime(self.app).session() as s:
         emit(s, "bench.chord", subject_id=key, data={"close_s": close_s, "members": len(results)})
     return close_s
+
+
+def register(app: Celery) -> None:
+    """Register the benchmarks' tasks on `app` under their stable names."""
+    app.task(name="megaflow.noop", shared=False)(noop_task)
+    app.task(name="megaflow.bench.relay", bind=True, shared=False)(relay_task)
+    # Stock result backends join only stored results, so the bench chord stores them.
+    app.task(name="megaflow.bench.member", ignore_result=False, shared=False)(chord_member_task)
+    app.task(name="megaflow.bench.body", bind=True, shared=False)(chord_body_task)

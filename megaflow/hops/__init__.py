@@ -37,10 +37,3 @@ def register(app: Celery) -> None:
         app.task(name=name, bind=True, autoretry_for=(OperationalError, InterfaceError), retry_backoff=True,
                  retry_backoff_max=30, retry_jitter=True, max_retries=20, soft_time_limit=soft,
                  time_limit=hard, shared=False)(fn)
-    from megaflow.bench.tasks import chord_body_task, chord_member_task, noop_task, relay_task
-
-    app.task(name="megaflow.noop", shared=False)(noop_task)
-    app.task(name="megaflow.bench.relay", bind=True, shared=False)(relay_task)
-    # Stock result backends join only stored results, so the bench chord stores them.
-    app.task(name="megaflow.bench.member", ignore_result=False, shared=False)(chord_member_task)
-    app.task(name="megaflow.bench.body", bind=True, shared=False)(chord_body_task)

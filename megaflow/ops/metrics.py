@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from megaflow.config import Settings
 from megaflow.db.models import utcnow
 from megaflow.ops import stats
+from megaflow.scheduler.scale import queue_depths
 from queues import topology
 
 log = logging.getLogger(__name__)
@@ -152,34 +153,6 @@ class MegaFlowCollector(Collector):
 
             self._app = make_app(self.settings)
         return self._app
-
-
-def queue_depths(app, names: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """``{queue: (messages, consumers)}`` by a passive declare of each queue.
-
-    A passive declare reads a queue without creating it; a queue that does not
-    exist (an env host whose worker never started) is left out.
-
-    Raises:
-        kombu / amqp connection errors: the broker did not answer.
-    """
-    from amqp.exceptions import NotFound
-    from kombu.exceptions import ChannelError
-
-    out: dict[str, tuple[int, int]] = {}
-    with app.connection_for_read() as conn:
-        conn.connect()
-        for name in names:
-            # A failed passive declare closes its channel (AMQP 404): one channel per queue.
-            channel = conn.channel()
-            try:
-                ok = channel.queue_declare(queue=name, passive=True)
-                out[name] = (int(ok.message_count), int(ok.consumer_count))
-            except (NotFound, ChannelError):  # RabbitMQ's 404; kombu's virtual transports' own
-                continue
-            finally:
-                channel.close()  # a no-op on a channel the broker closed after its 404
-    return out
 
 
 def _le(bound: float) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -22,6 +23,7 @@ from megaflow.db import states
 from megaflow.db.models import Episode, Hop, utcnow
 from megaflow.scheduler import admission, hosts
 from queues import topology
+from queues.topology import POOL_DEFAULTS
 
 #: Hop names in the ledger -> the pool that runs them.
 HOP_POOLS = {"generate": topology.MODEL, "provision": topology.ENV, "exec": topology.ENV,
@@ -48,9 +50,7 @@ def busy_seconds(s: Session, window_s: float) -> dict[str, tuple[int, float]]:
 def report(settings: Settings, app=None, window_s: float = 120.0, drain_s: float = 60.0,
            slots: dict[str, int] | None = None) -> dict:
     """Backlog and recommended worker counts (see the module doc)."""
-    from workers.common import POOL_DEFAULTS
     from megaflow.db.engine import session_scope
-    from megaflow.ops.metrics import queue_depths
 
     slots = slots or {p: c for p, (_, c) in POOL_DEFAULTS.items()}
     with session_scope(settings.resolved_database_url()) as s:
@@ -81,3 +81,31 @@ def report(settings: Settings, app=None, window_s: float = 120.0, drain_s: float
     pools[topology.ENV]["recommended_hosts"] = max(1, math.ceil((in_use + capacity_waiters) / max(1, per_host)))
     return {"window_s": window_s, "queues": queues, "episodes_active": active, "waiting": waiting,
             "hosts": live, "pools": pools}
+
+
+def queue_depths(app, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """``{queue: (messages, consumers)}`` by a passive declare of each queue.
+
+    A passive declare reads a queue without creating it; a queue that does not
+    exist (an env host whose worker never started) is left out.
+
+    Raises:
+        kombu / amqp connection errors: the broker did not answer.
+    """
+    from amqp.exceptions import NotFound
+    from kombu.exceptions import ChannelError
+
+    out: dict[str, tuple[int, int]] = {}
+    with app.connection_for_read() as conn:
+        conn.connect()
+        for name in names:
+            # A failed passive declare closes its channel (AMQP 404): one channel per queue.
+            channel = conn.channel()
+            try:
+                ok = channel.queue_declare(queue=name, passive=True)
+                out[name] = (int(ok.message_count), int(ok.consumer_count))
+            except (NotFound, ChannelError):  # RabbitMQ's 404; kombu's virtual transports' own
+                continue
+            finally:
+                channel.close()  # a no-op on a channel the broker closed after its 404
+    return out
