@@ -15,6 +15,7 @@ from megaflow.db import states
 from megaflow.db.states import ExitStatus
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, RolloutGroup, Run, Step, TaskInstance, new_id
+from megaflow.db.run_stats import run_stats
 from megaflow.deadlines import check_spec as check_deadlines
 from megaflow.errors import SpecError
 from megaflow.events import emit
@@ -87,25 +88,22 @@ class Client:
     # -- following ----------------------------------------------------------------
 
     def status(self, run_id: str) -> dict:
-        """Counts of episodes by state, steps so far, mean reward of finished episodes."""
+        """Counts of episodes by state, steps so far, mean reward of finished episodes (`db.run_stats`)."""
         with self.session() as s:
             run = s.get(Run, run_id)
             if run is None:
                 raise LookupError(f"no run {run_id}")
             # Current episodes only: attempts that `resume` replaced are history.
-            by_state = dict(s.execute(select(Episode.state, func.count()).where(
-                Episode.run_id == run_id, Episode.superseded_by.is_(None)).group_by(Episode.state)).all())
+            stats = run_stats(s, run_id)
             steps = s.execute(select(func.count()).select_from(Step).join(Episode, Episode.id == Step.episode_id)
                               .where(Episode.run_id == run_id)).scalar()
-            mean = s.execute(select(func.avg(Episode.reward)).where(
-                Episode.run_id == run_id, Episode.state.in_(states.DONE))).scalar()
             waiting = dict(s.execute(select(Episode.wait_reason, func.count()).where(
                 Episode.run_id == run_id, Episode.state == states.WAITING).group_by(Episode.wait_reason)).all())
             # Every episode ended long ago, yet the run's chord never closed: the repair
             # sweep closes it; until then a user must see why the run is still running.
             unclosed = run.status == "running" and chord_unclosed(s, run_id)
             return {"run_id": run_id, "name": run.name, "status": run.status, "episodes": run.n_episodes,
-                    "by_state": by_state, "steps": steps, "mean_reward": mean, "waiting": waiting,
+                    "by_state": stats.by_state, "steps": steps, "mean_reward": stats.mean_reward, "waiting": waiting,
                     "summary": run.summary, "chord_unclosed": unclosed}
 
     def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.25) -> dict:

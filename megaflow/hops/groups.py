@@ -16,6 +16,7 @@ from sqlalchemy import bindparam, select, true, update
 
 from megaflow.db import states
 from megaflow.db.models import Episode, RolloutGroup, Run, utcnow
+from megaflow.db.run_stats import run_stats
 from megaflow.db.sql import prepared
 from megaflow.events import emit
 from megaflow.hops.base import run_hop
@@ -111,14 +112,8 @@ def group_done_task(self, results, group_id: str, generation: int = 0):
 
 
 def run_summary(s, run_id: str) -> dict:
-    """Counts and mean reward of the run's current episodes (not the attempts `resume` replaced)."""
-    rows = s.execute(select(Episode.state, Episode.reward).where(
-        Episode.run_id == run_id, Episode.superseded_by.is_(None))).all()
-    by_state = Counter(st for st, _ in rows)
-    done = [r if r is not None else 0.0 for st, r in rows if st in states.DONE]
-    return {"episodes": len(rows), "by_state": dict(by_state),
-            "mean_reward": (sum(done) / len(done)) if done else None,
-            "solved": sum(1 for st, r in rows if st == states.SUCCEEDED and (r or 0) >= 1.0)}
+    """Counts and mean reward of the run's current episodes (`megaflow.db.run_stats`)."""
+    return run_stats(s, run_id).summary()
 
 
 def close_run(s, run_id: str, generation: int = 0) -> dict:

@@ -96,8 +96,9 @@ def plot_hop_latency(data: RunData) -> str | None:
 
 
 def plot_rewards(data: RunData) -> str | None:
-    """Histogram of the rewards of episodes that have one."""
-    rewards = [e.reward for e in data.episodes if e.reward is not None]
+    """Histogram of the rewards the mean counts (`megaflow.db.run_stats.summarize`)."""
+    stats = data.stats()
+    rewards = list(stats.rewards)
     if not rewards:
         return None
     fig = _figure(6, 3)
@@ -107,7 +108,7 @@ def plot_rewards(data: RunData) -> str | None:
             color="#3182bd", edgecolor="white")
     ax.set_xlabel("reward")
     ax.set_ylabel("episodes")
-    ax.set_title(f"Rewards (n={len(rewards)}, mean {statistics.fmean(rewards):.3f})")
+    ax.set_title(f"Rewards (n={len(rewards)}, mean {stats.mean_reward:.3f})")
     ax.grid(alpha=0.3, axis="y")
     return _png(fig)
 
@@ -142,7 +143,7 @@ def _summary_rows(data: RunData) -> list[tuple[str, object]]:
     origin = _origin(data)
     ends = [e.finished_at for e in data.episodes if e.finished_at]
     span = _seconds(max(ends), origin) if origin and ends else None
-    rewards = [e.reward for e in data.episodes if e.reward is not None]
+    mean_reward = data.stats().mean_reward
     rows: list[tuple[str, object]] = [
         ("run", f"{data.name} ({data.run_id})"), ("status", data.status), ("episodes", len(data.episodes)),
         ("steps", data.steps), ("tokens", sum(e.tokens for e in data.episodes)),
@@ -150,8 +151,8 @@ def _summary_rows(data: RunData) -> list[tuple[str, object]]:
     if span:
         rows += [("wall time (first start to last end)", f"{span:.1f} s"),
                  ("episodes / s", f"{len(ends) / span:.2f}"), ("steps / s", f"{data.steps / span:.2f}")]
-    if rewards:
-        rows.append(("mean reward", f"{statistics.fmean(rewards):.3f}"))
+    if mean_reward is not None:
+        rows.append(("mean reward", f"{mean_reward:.3f}"))
     return rows
 
 
@@ -190,7 +191,7 @@ def render_html(data: RunData, generated_at: dt.datetime | None = None) -> str:
     sections = [
         ("Concurrency and throughput", plot_timeline(data), "no episode started"),
         ("Hop latency", plot_hop_latency(data), "no hop recorded"),
-        ("Rewards", plot_rewards(data), "no episode has a reward yet"),
+        ("Rewards", plot_rewards(data), "no episode has finished yet"),
         ("Failures by kind", plot_failures(data), "no failed episode"),
     ]
     for title, png, empty in sections:

@@ -15,6 +15,9 @@ from sqlalchemy.orm import Session
 
 from megaflow.db import states
 from megaflow.db.models import Episode, Hop, Run, SandboxRow, Step, TaskInstance, utcnow
+from megaflow.db.run_stats import RunStats, run_stats, summarize
+
+__all__ = ["RunStats", "run_stats", "summarize"]  # the one rule for run statistics, for operator tools too
 
 #: Episode states that count as failures, and whose exit status says of what kind.
 FAILED_STATES = (states.FAILED, states.INFRA_FAILED)
@@ -141,10 +144,12 @@ class RunData:
     hop_durations: dict[str, list[float]] = field(default_factory=dict)
     steps: int = 0
 
+    def stats(self) -> RunStats:
+        """Counts by state, mean reward, solved: `summarize`, the rule every view shares."""
+        return summarize((e.state, e.reward) for e in self.episodes)
+
     def by_state(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for e in self.episodes:
-            counts[e.state] = counts.get(e.state, 0) + 1
+        counts = self.stats().by_state
         return {s: counts[s] for s in (*STATE_ORDER, *sorted(counts)) if s in counts}
 
     def failures(self) -> dict[str, int]:
@@ -157,7 +162,7 @@ class RunData:
 
 
 def load_run(session: Session, run_id: str) -> RunData:
-    """Read a run's episodes and hop timings for a report.
+    """Read a run's current episodes (not the attempts `resume` replaced) and hop timings for a report.
 
     Raises:
         LookupError: no such run.
@@ -170,7 +175,7 @@ def load_run(session: Session, run_id: str) -> RunData:
         select(TaskInstance.instance_id, Episode.state, Episode.exit_status, Episode.reward, Episode.n_steps,
                Episode.tokens, Episode.created_at, Episode.started_at, Episode.finished_at, Episode.grading)
         .join(TaskInstance, TaskInstance.id == Episode.task_instance_id)
-        .where(Episode.run_id == run_id).order_by(Episode.seq)
+        .where(Episode.run_id == run_id, Episode.superseded_by.is_(None)).order_by(Episode.seq)
     ).all()
     data.episodes = [EpisodeRow(*r) for r in rows]
     ids = select(Episode.id).where(Episode.run_id == run_id)
