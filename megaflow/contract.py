@@ -97,9 +97,14 @@ def failure(hop: str, step: int, error: BaseException | str, exit_status: ExitSt
         exit_status: What the episode ends with.
         kind: ``infra`` (not the agent's doing) or ``agent``.
     """
+    return HopResult(hop=hop if hop in HopName.__args__ else "unknown", step=step, error=error_text(error),
+                     kind=kind, exit_status=exit_status, **fields)
+
+
+def error_text(error: BaseException | str) -> str:
+    """An error as an episode records it: ``Type: message``, redacted, capped at `ERROR_CHARS`."""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return HopResult(hop=hop if hop in HopName.__args__ else "unknown", step=step,
-                     error=redact_text(text)[:ERROR_CHARS], kind=kind, exit_status=exit_status, **fields)
+    return redact_text(text)[:ERROR_CHARS]
 
 
 class Next(_Wire):

@@ -18,11 +18,10 @@ from sqlalchemy.orm import Session
 from megaflow.db import ledger, states
 from megaflow.db.states import ExitStatus
 from megaflow.hops.base import run_hop
-from megaflow.contract import Decision, HopResult
+from megaflow.contract import Decision, HopResult, error_text
 from megaflow.hops.driver import Driver
 from megaflow.hops.routing import continue_with, next_signature
 from megaflow.hops.rows import SqlRows
-from megaflow.redact import redact_text
 from megaflow.runtime import Runtime, get_runtime
 from megaflow.scheduler import admission
 
@@ -61,7 +60,7 @@ def _end_crashed(task, episode_id: str, step: int, exc: Exception):
     rt.warm(episode_id)
     with rt.session() as s:
         driver = driver_for(rt, s, episode_id)
-        decision = driver.end(states.INFRA_FAILED, ExitStatus.AGENT_CRASHED, step, error=_error_text(exc))
+        decision = driver.end(states.INFRA_FAILED, ExitStatus.AGENT_CRASHED, step, error=error_text(exc))
         driver.rows.save()
     if decision.final is not None:
         admission.send(task.app, admission.after_end(rt, episode_id))
@@ -97,7 +96,7 @@ def _episode_step(self, prev: HopResult, episode_id: str):
         # The crashed decision's transaction is rolled back whole (ledger row too);
         # record the episode's end in a new one. No savepoint on the common path.
         log.error("decision for episode %s after %s crashed: %r", episode_id, prev.hop, crash.__cause__)
-        error = _error_text(crash.__cause__)
+        error = error_text(crash.__cause__)
 
         def crashed(_ctx):
             def write(s: Session):
@@ -137,10 +136,6 @@ def _carry_out(task, rt: Runtime, episode_id: str, decision: Decision, replayed:
         admission.send(task.app, admitted)
         return decision.final.wire()
     return continue_with(task, next_signature(task.app, episode_id, decision.next))
-
-
-def _error_text(exc: BaseException) -> str:
-    return redact_text(f"{type(exc).__name__}: {exc}")[:2000]
 
 
 class DecisionCrashed(Exception):

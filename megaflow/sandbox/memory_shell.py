@@ -279,6 +279,30 @@ class Shell:
     def _cmd_true(self, args: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
         return 0, b"", b""
 
+    def _cmd_bash(self, args: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
+        """``bash FILE`` or ``bash -c SCRIPT``: a child shell on the same files (how checks are run)."""
+        script = args[1] if args[:1] == ["-c"] else self._read(args[0], stdin).decode()
+        out, err = OutputCap(1 << 20), OutputCap(1 << 20)
+        child = Shell(self.files, self.dirs, self.cwd, self.env, out, err, self.deadline)
+        return child.run(script), out.data(), err.data()
+
+    _cmd_sh = _cmd_bash
+
+    def _cmd_test(self, args: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
+        """``test -f|-d|-e|-s PATH``, ``test A = B`` / ``!=``, ``test -n|-z S``, each optionally after ``!``."""
+        negate = args[:1] == ["!"]
+        args = args[1:] if negate else args
+        if len(args) == 2 and args[0] in ("-f", "-d", "-e", "-s", "-n", "-z"):
+            op, arg = args
+            path = self._path(arg)
+            ok = {"-f": path in self.files, "-d": path in self.dirs, "-e": path in self.files or path in self.dirs,
+                  "-s": bool(self.files.get(path)), "-n": arg != "", "-z": arg == ""}[op]
+        elif len(args) == 3 and args[1] in ("=", "==", "!="):
+            ok = (args[0] == args[2]) != (args[1] == "!=")
+        else:
+            raise ValueError(f"unsupported test expression {' '.join(args)!r}")
+        return (1 if ok == negate else 0), b"", b""
+
     def _cmd_false(self, args: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
         return 1, b"", b""
 
