@@ -156,3 +156,11 @@ def test_link_check_catches_a_broken_link(tmp_path):
     doc = tmp_path / "x.md"
     doc.write_text("[ok](x.md) [web](https://example.org/a) [anchor](#top) [gone](nowhere.md#part)")
     assert broken_links(doc) == ["nowhere.md#part"]
+
+
+def test_configuration_page_names_every_setting():
+    from megaflow.config import Settings
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [f"MEGAFLOW_{name.upper()}" for name in Settings.model_fields if f"`MEGAFLOW_{name.upper()}`" not in page]
+    assert missing == [], "docs/configuration.md lacks these settings"
