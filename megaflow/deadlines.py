@@ -69,13 +69,6 @@ def task_time_limits(settings: Settings) -> dict[str, tuple[float, float]]:
     return limits
 
 
-def check_settings(settings: Settings) -> None:
-    """Raise ValueError when the consumer timeout leaves no room for any phase."""
-    if max_phase_s(settings) < 10:
-        raise ValueError(f"consumer_timeout_s={settings.consumer_timeout_s:g} is too short: hops need at least "
-                         f"{BROKER_MARGIN_S + SOFT_GRACE_S + HOP_OVERHEAD_S + 10:g}s")
-
-
 def check_spec(spec, settings: Settings) -> None:
     """Refuse a spec whose phase deadlines could outlive their tasks on this broker.
 

@@ -94,16 +94,3 @@ CHECKS: tuple[Callable[[ModelClient], None], ...] = (
     check_max_tokens,
     check_context_overflow,
 )
-
-
-def run_conformance(client: ModelClient) -> dict[str, str | None]:
-    """Run every check; maps each check's name to its failure, or None if it passed."""
-    results: dict[str, str | None] = {}
-    for check in CHECKS:
-        try:
-            check(client)
-        except AssertionError as exc:
-            results[check.__name__] = str(exc)
-        else:
-            results[check.__name__] = None
-    return results
