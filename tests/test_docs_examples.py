@@ -127,6 +127,21 @@ def test_example_task_family_yields_tasks_that_grade_right(tiny_backend):
                 sandbox.close()
 
 
+def test_example_task_family_runs_through_the_platform_in_process(tmp_path):
+    """The generated tasks as a run: every hop's real task body, the Driver, SQLite; no broker."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap not installed (apt-get install bubblewrap)")
+    from megaflow.config import Settings
+    from megaflow.inprocess import InProcessRunner
+
+    tasks = [t.model_dump() for t in load("sum_tasks").sum_tasks(2, seed=3)]
+    runner = InProcessRunner(Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'state.sqlite'}"))
+    solved = runner.run({"tasks": tasks, "agent": {"type": "oracle"}, "sandbox": {"type": "local"}})
+    assert [(s.state, s.reward) for s in solved] == [("succeeded", 1.0)] * 2
+    untouched = runner.run({"tasks": tasks, "model": {"type": "scripted", "replies": ["```bash\nsubmit\n```"]},
+                            "sandbox": {"type": "local"}})
+    assert [(s.state, s.reward) for s in untouched] == [("succeeded", 0.0)] * 2
+
 #: A markdown link's target: `](target)`, without an optional title.
 LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
