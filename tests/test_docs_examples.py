@@ -167,6 +167,19 @@ def test_every_relative_link_resolves(doc):
     assert broken_links(doc) == []
 
 
+#: A repository path named in backticks, e.g. `megaflow/sandbox/base.py`.
+REPO_PATH = re.compile(r"`((?:megaflow|tests|docs|examples|docker|queues|migrations|workers)/[A-Za-z0-9_./-]*)`")
+#: Such names that are not files of the repository: an image tag, a file the user makes.
+NOT_FILES = {"megaflow/base", "docker/.env"}
+
+
+@pytest.mark.parametrize("doc", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_source_path_the_docs_name_exists(doc):
+    """Modules and tests move; the docs must follow (a renamed test file is the usual miss)."""
+    named = set(REPO_PATH.findall(doc.read_text())) - NOT_FILES
+    assert sorted(p for p in named if not (ROOT / p).exists()) == []
+
+
 def test_link_check_catches_a_broken_link(tmp_path):
     doc = tmp_path / "x.md"
     doc.write_text("[ok](x.md) [web](https://example.org/a) [anchor](#top) [gone](nowhere.md#part)")
