@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import pytest
 
@@ -15,7 +17,12 @@ REDIS_URL = os.environ.get("MEGAFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 def need(what: str, ok: bool, why: str = "") -> None:
-    """Skip when a service is missing — but fail when CI=true, where it must be there."""
+    """Skip when a service is missing — but fail when CI=true, where it must be there.
+
+    Either way the current test needs WHAT: unless it is marked `integration` it fails (see
+    `_charge_service`), so `pytest -m "not integration"` never waits on a service.
+    """
+    _charge_service(what)
     if ok:
         return
     msg = f"{what} not available{': ' + why if why else ''}"
@@ -38,23 +45,31 @@ def pg_server():
     return PG_ADMIN_URL
 
 
-@pytest.fixture
-def pg_url(pg_server):
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+@contextmanager
+def fresh_database(server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database on SERVER (an admin URL), dropped on exit."""
     from sqlalchemy import create_engine, text
 
     name = f"mf_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = pg_server.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    from megaflow.db.engine import dispose_all
+    try:
+        yield server.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        from megaflow.db.engine import dispose_all
 
-    dispose_all()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+        dispose_all()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    with fresh_database(pg_server) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +78,9 @@ def amqp_server():
     return AMQP_URL
 
 
-@pytest.fixture
-def amqp_vhost(amqp_server):
-    """A fresh RabbitMQ vhost for one test (isolated queues), deleted afterwards."""
+@contextmanager
+def fresh_vhost(server: str) -> Iterator[str]:
+    """A fresh RabbitMQ vhost on SERVER (isolated queues), deleted on exit."""
     import shutil
     import subprocess
 
@@ -74,8 +89,17 @@ def amqp_vhost(amqp_server):
     vhost = f"mf_{uuid.uuid4().hex[:8]}"
     subprocess.run([ctl, "add_vhost", vhost], check=True, capture_output=True)
     subprocess.run([ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True, capture_output=True)
-    yield amqp_server.rstrip("/") + "/" + vhost
-    subprocess.run([ctl, "delete_vhost", vhost], capture_output=True)
+    try:
+        yield server.rstrip("/") + "/" + vhost
+    finally:
+        subprocess.run([ctl, "delete_vhost", vhost], capture_output=True)
+
+
+@pytest.fixture
+def amqp_vhost(amqp_server):
+    """A fresh RabbitMQ vhost for one test (isolated queues), deleted afterwards."""
+    with fresh_vhost(amqp_server) as url:
+        yield url
 
 
 @pytest.fixture
@@ -111,6 +135,7 @@ def docker_engine(monkeypatch) -> str:
     from megaflow.sandbox.dockerd import ensure_dockerd
     from megaflow.sandbox.images import build_base
 
+    _charge_service("a Docker engine")
     data_dir = os.environ.get("MEGAFLOW_DOCKERD_DIR", os.path.join(tempfile.gettempdir(), "megaflow-dockerd"))
     try:
         url = ensure_dockerd(data_dir)
@@ -123,6 +148,156 @@ def docker_engine(monkeypatch) -> str:
         need("a Docker engine with megaflow/base", False, str(exc))
     monkeypatch.setenv("DOCKER_HOST", url)
     return url
+
+
+POOLS = ("model", "agent", "env")
+
+
+class Cluster:
+    """Real Celery workers (`celery worker` subprocesses) sharing one `Settings`.
+
+    `workers` maps a key (the pool, unless `start` is given another) to its `WorkerProcess`.
+    """
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.workers: dict = {}
+        self._client = None
+
+    def start(self, pool: str, name: str | None = None, env: dict | None = None,
+              extra_args: list[str] | None = None, key: str | None = None):
+        """Start one more worker of POOL (named NAME, default the pool) and return it."""
+        from megaflow.local_stack import WorkerProcess
+
+        worker = WorkerProcess(pool, self.settings, name=name or pool, extra_env=env, extra_args=extra_args)
+        self.workers[key or pool] = worker.start()
+        return worker
+
+    @property
+    def client(self):
+        """A `megaflow.Client` on these settings (made once)."""
+        if self._client is None:
+            from megaflow import Client
+
+            self._client = Client(self.settings)
+        return self._client
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+
+
+@contextmanager
+def running_cluster(settings, *, name: str = "", env: dict | None = None, extra_args: list[str] | None = None,
+                    pools=POOLS) -> Iterator[Cluster]:
+    """Migrate SETTINGS' database, start a worker per pool (named NAME + pool), stop them all on exit."""
+    from megaflow.db.schema import upgrade
+
+    upgrade(settings.resolved_database_url())
+    cluster = Cluster(settings)
+    try:
+        for pool in pools:
+            cluster.start(pool, name=f"{name}{pool}", env=env, extra_args=extra_args)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def make_cluster(request, tmp_path):
+    """A factory of clusters, all stopped at the end of the test (before their database and vhost go).
+
+    `make_cluster(host, *, stack="rabbitmq", name="", env=None, extra_args=None, pools=POOLS, **settings)`:
+    stack "rabbitmq" puts state in a fresh PostgreSQL database and queues in a fresh RabbitMQ vhost,
+    "embedded" uses the embedded defaults (SQLite state and transport) under the test's tmp_path;
+    ENV is extra environment for every worker; SETTINGS are more `Settings` fields.
+    """
+    from megaflow import Settings
+
+    with ExitStack() as exits:
+        def make(host: str, *, stack: str = "rabbitmq", name: str = "", env: dict | None = None,
+                 extra_args: list[str] | None = None, pools=POOLS, **settings) -> Cluster:
+            database = broker = None
+            if stack == "rabbitmq":
+                database = exits.enter_context(fresh_database(request.getfixturevalue("pg_server")))
+                broker = exits.enter_context(fresh_vhost(request.getfixturevalue("amqp_server")))
+            elif stack != "embedded":
+                raise ValueError(f"stack must be rabbitmq or embedded, not {stack!r}")
+            config = Settings(data_dir=tmp_path, database_url=database, broker_url=broker, host=host, **settings)
+            return exits.enter_context(running_cluster(config, name=name, env=env, extra_args=extra_args,
+                                                       pools=pools))
+
+        yield make
+
+
+@pytest.fixture
+def cluster(request, make_cluster) -> Cluster:
+    """Workers of the three pools on a fresh PostgreSQL database and RabbitMQ vhost.
+
+    What differs between tests is a `cluster` mark on the test or its module, whose keywords are
+    `make_cluster`'s (`pytestmark = pytest.mark.cluster(host="it-host", env={...})`); an indirect
+    parameter (a dict) updates them per case, e.g.
+    `@pytest.mark.parametrize("cluster", [{"stack": "embedded"}], indirect=True)`.
+    """
+    mark = request.node.get_closest_marker("cluster")
+    kwargs = {"host": "it-host", **(mark.kwargs if mark else {}), **getattr(request, "param", {})}
+    return make_cluster(**kwargs)
+
+
+# -- the rule: a test that needs a real service is marked `integration` ---------------------------
+
+#: Fixtures that reach a real service (PostgreSQL, RabbitMQ, Celery workers).
+SERVICE_FIXTURES = frozenset({"pg_server", "pg_url", "amqp_server", "amqp_vhost", "make_cluster", "cluster"})
+_unmarked_use = pytest.StashKey[list]()
+_current: list = [None]  # the test being set up or run: `need` and `docker_engine` charge it
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cluster(**kwargs): settings of the `cluster` fixture (see make_cluster)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Before `-m` selects: a test using a service fixture without the `integration` mark fails."""
+    for item in items:
+        used = sorted(SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if used and item.get_closest_marker("integration") is None:
+            item.stash[_unmarked_use] = [f"fixture {name}" for name in used]
+
+
+def _charge_service(what: str) -> None:
+    """Record that the current test needs WHAT; it fails if it is not marked `integration`."""
+    item = _current[0]
+    if item is not None and item.get_closest_marker("integration") is None:
+        item.stash.setdefault(_unmarked_use, []).append(what)
+
+
+def _check_marked(item) -> None:
+    used = item.stash.get(_unmarked_use, [])
+    if used:
+        pytest.fail(f"{item.nodeid} needs a real service ({', '.join(used)}) but is not marked integration: "
+                    "add `pytestmark = pytest.mark.integration` (or the mark on the test)", pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _current[0] = item
+    _check_marked(item)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    # Checked again here: a session fixture set up for this test (e.g. pg_server) calls `need` after
+    # setup began, and failing inside it would poison the fixture for every later test.
+    _check_marked(item)
+    try:
+        return (yield)
+    finally:
+        _check_marked(item)
+
+
+def pytest_runtest_logfinish():
+    _current[0] = None
 
 
 #: A test file with a parametrized test (one case passes, one fails) and a plain one: the ids the

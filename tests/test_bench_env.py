@@ -52,6 +52,7 @@ def test_percentile() -> None:
     assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
 
 
+@pytest.mark.integration
 def test_bench_env_json(docker_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     from megaflow.cli.main import app
 

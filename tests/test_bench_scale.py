@@ -1,22 +1,24 @@
 """`megaflow bench scale` in small: simulated latencies really delay hops on the broker
-(without holding workers), and the figures the issue names are all there."""
+(without holding workers), and the figures the issue names are all there; the arithmetic behind its
+makespan floor, on a hand-made ledger (no services)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 
 import pytest
 from typer.testing import CliRunner
 
+from megaflow.bench.scale import throughput_floor_inputs
 from megaflow.cli.main import app as cli
-
-pytestmark = pytest.mark.integration
 
 KEYS = ("inflight_episodes", "steps_per_s", "littles_law_steps_per_s", "ratio_to_littles_law", "hop_delay_p99_s",
         "worker_rss_mb", "makespan_s", "makespan_growth")
 
 
+@pytest.mark.integration
 def test_bench_scale_small(pg_url, amqp_vhost, monkeypatch, tmp_path):
     monkeypatch.setenv("MEGAFLOW_DATABASE_URL", pg_url)
     monkeypatch.setenv("MEGAFLOW_BROKER_URL", amqp_vhost)
@@ -54,6 +56,7 @@ def test_bench_scale_small(pg_url, amqp_vhost, monkeypatch, tmp_path):
     assert any(line.startswith("megaflow.delay.env.") and ".500" in line for line in out.splitlines())
 
 
+@pytest.mark.integration
 def test_bench_scale_refuses_a_database_with_unfinished_runs(pg_url, amqp_vhost, monkeypatch, tmp_path):
     """An interrupted earlier run's episodes would be admitted first (FIFO) and skew every figure."""
     from megaflow.client import Client
@@ -73,6 +76,7 @@ def test_bench_scale_refuses_a_database_with_unfinished_runs(pg_url, amqp_vhost,
     assert run_id in result.output and "megaflow cancel" in result.output
 
 
+@pytest.mark.integration
 def test_delayed_hops_declare_their_queue_now_and_then_not_per_message(amqp_vhost, monkeypatch, tmp_path):
     """kombu cannot cache the declaration of a queue with x-expires: without care every
     delayed hop would declare it again (three round trips). It is declared once, and
@@ -100,3 +104,27 @@ def test_delayed_hops_declare_their_queue_now_and_then_not_per_message(amqp_vhos
     assert declared == ["megaflow.delay.model.30000"] * 2
     with app.connection_for_write() as conn:
         assert conn.default_channel.queue_declare("megaflow.delay.model.30000", passive=True).message_count == 5
+
+
+# -- the arithmetic behind the makespan floor, on a hand-made ledger ---------------------------
+
+def at(s: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(1_000_000 + s, dt.UTC)
+
+
+def episode(eid: str, t0: float) -> list[tuple]:
+    names = ["agent.start", "provision", "agent.provision", "generate", "agent.generate", "exec", "agent.exec",
+             "generate", "agent.generate", "evaluate", "agent.evaluate"]
+    return [(eid, name, at(t0 + i * 0.5), 0.01) for i, name in enumerate(names)]
+
+
+def test_peak_rate_is_the_busiest_window_and_the_last_phase_starts_at_the_last_model_call():
+    hops = episode("a", 0.0) + episode("b", 0.2) + episode("c", 30.0)
+    hops.append(("d", "agent.start", None, None))  # unfinished rows do not count
+    figures = throughput_floor_inputs(hops, window_s=10.0)
+    # a and b finish all 22 of their hops in the first 10 s window.
+    assert figures == {"peak_hops_per_s": 2.2, "last_phase_hops": 4}
+
+
+def test_no_finished_hops_gives_no_floor():
+    assert throughput_floor_inputs([("a", "agent.start", None, None)]) == {}

@@ -1,4 +1,5 @@
-"""The SQL chord backend: an atomic, idempotent counter closes each chord exactly once."""
+"""The SQL chord backend: an atomic, idempotent counter closes each chord exactly once; its join retries
+through a database outage; chord ids are stable."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 from celery import Celery
+from sqlalchemy.exc import OperationalError
 
-from megaflow.chord_backend import SchemaMissing, SQLChordBackend
+from megaflow.chord_backend import SchemaMissing, SQLChordBackend, _retrying
 from megaflow.db.schema import upgrade
+from megaflow.hops.groups import stable_id
 
 
 class RecordingBackend(SQLChordBackend):
@@ -128,3 +131,22 @@ def test_a_database_never_upgraded_is_refused_with_the_fix(tmp_path):
     backend = RecordingBackend(app=Celery("t", broker="memory://"), url=f"sqlite:///{tmp_path / 'r.sqlite'}")
     with pytest.raises(SchemaMissing, match="megaflow db upgrade"):
         backend.get("k")
+
+
+def test_chord_join_retries_through_a_database_outage(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("insert", {}, Exception("server closed the connection unexpectedly"))
+        return True
+
+    assert _retrying(flaky, "test") is True and len(calls) == 3
+    with pytest.raises(OperationalError):
+        _retrying(lambda: (_ for _ in ()).throw(OperationalError("x", {}, Exception("down"))), "test", budget_s=0)
+
+
+def test_chord_ids_are_stable():
+    assert stable_id("chord", "g1", 0) == stable_id("chord", "g1", 0) != stable_id("chord", "g1", 1)

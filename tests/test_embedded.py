@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from conftest import need, run_megaflow
 
 
+@pytest.mark.integration
 def test_megaflow_run_on_embedded_defaults(tmp_path):
     need("bubblewrap", shutil.which("bwrap") is not None)
     proc = run_megaflow(["run", "examples/hello.yaml", "--timeout", "240"], tmp_path / "data", timeout=300)
@@ -27,6 +29,7 @@ def _events(client, run_id: str) -> list[str]:
         return list(s.execute(select(Event.kind).where(Event.run_id == run_id)).scalars())
 
 
+@pytest.mark.integration
 def test_waits_rate_limits_and_chord_bodies_arrive_on_the_embedded_transport(tmp_path):
     """Every message the pipeline re-sends for later — admission's re-sent waiters, rate-limit
     countdowns, group and run chord bodies — arrives on the SQLite transport (the stock one dropped
@@ -64,6 +67,7 @@ def _taken(broker_url: str, queue: str) -> int:
         engine.dispose()
 
 
+@pytest.mark.integration
 def test_a_message_held_by_a_killed_worker_is_delivered_by_the_next_stack(tmp_path):
     """RabbitMQ redelivers what a dead consumer held; the embedded transport does it when the next stack
     starts on the same data directory (the stock transport hid such a message for good)."""

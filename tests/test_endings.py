@@ -9,25 +9,13 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from megaflow import Client, Settings
+from megaflow import Client
 from megaflow.agent.miniswe import FORMAT_ERROR_TEMPLATE, render, to_minisweagent_trajectory
 from megaflow.db.models import Episode, Step
-from megaflow.db.schema import upgrade
-from megaflow.local_stack import WorkerProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.cluster(host="it-host")]
 
 ECHO = "```bash\necho {step}\n```"
-
-
-@pytest.fixture
-def cluster(tmp_path, pg_url, amqp_vhost):
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host="it-host")
-    upgrade(pg_url)
-    workers = {p: WorkerProcess(p, settings, name=p).start() for p in ("model", "agent", "env")}
-    yield settings
-    for w in workers.values():
-        w.stop()
 
 
 def spec(name: str, replies: list[str], limits: dict | None = None, agent: dict | None = None,
@@ -51,7 +39,7 @@ def episode_and_steps(client: Client, run_id: str) -> tuple[Episode, list[Step]]
 
 
 def test_limits_end_episodes_with_their_exit_status_and_the_penalty(cluster):
-    client = Client(cluster)
+    client = Client(cluster.settings)
     runs = {
         # Exit codes 0, 1, 2: each must reach the model in the next prompt.
         "step_limit": spec("steps", ["```bash\nexit {step}\n```"], {"max_steps": 3, "no_submit_penalty": -0.25}),
@@ -97,7 +85,7 @@ def test_limits_end_episodes_with_their_exit_status_and_the_penalty(cluster):
 
 
 def test_miniswe_scaffold_runs_an_episode_to_submission(cluster):
-    client = Client(cluster)
+    client = Client(cluster.settings)
     replies = [
         "THOUGHT: look first.\n\n```bash\nls nope\n```",
         "Two at once:\n```bash\nls\n```\n```bash\npwd\n```",

@@ -12,12 +12,10 @@ import pytest
 from conftest import need
 from sqlalchemy import select
 
-from megaflow import Client, Settings
+from megaflow import Client
 from megaflow.db.models import Episode, SandboxRow
-from megaflow.db.schema import upgrade
-from megaflow.local_stack import WorkerProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.cluster(host="pool-host")]
 
 #: Each episode appends two lines; the check fails if a reused sandbox kept the last episode's file.
 SCRIPT = ["```bash\necho {step} >> trace.txt\n```", "```bash\necho {step} >> trace.txt\n```", "```bash\nsubmit\n```"]
@@ -31,17 +29,6 @@ def spec(n: int, pool_size: int = 2) -> dict:
         "tasks": [{"instance_id": f"t{i}", "instruction": "append two lines",
                    "check": "test $(cat trace.txt | wc -l) -eq 2"} for i in range(n)],
     }
-
-
-@pytest.fixture
-def cluster(tmp_path, pg_url, amqp_vhost):
-    need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host="pool-host")
-    upgrade(pg_url)
-    workers = {p: WorkerProcess(p, settings, name=p).start() for p in ("model", "agent", "env")}
-    yield settings, workers
-    for w in workers.values():
-        w.stop()
 
 
 def sandbox_ids(client: Client, run_id: str) -> list[str]:
@@ -58,7 +45,8 @@ def rows_by_state(client: Client) -> dict[str, set[str]]:
 
 
 def test_persistent_sandboxes_are_reset_and_reused(cluster, tmp_path):
-    settings, workers = cluster
+    need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     first = client.submit(spec(4))
     assert client.wait(first, timeout=120)["by_state"] == {"succeeded": 4}

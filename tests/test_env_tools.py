@@ -35,6 +35,7 @@ def bwrap():
     need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
 
 
+@pytest.mark.integration
 def test_failed_check_shows_command_exit_code_and_output(bwrap, tmp_path):
     tasks = yaml.safe_load((TASKS / "swe.yaml").read_text())
     task = next(t for t in tasks if t["instance_id"] == "intervals-1")
@@ -50,6 +51,7 @@ def test_failed_check_shows_command_exit_code_and_output(bwrap, tmp_path):
     assert "PASS_TO_PASS failing: tests/test_intervals.py::TestMerge::test_no_such_test" in out
 
 
+@pytest.mark.integration
 def test_validate_uses_the_run_specs_sandbox(bwrap, tmp_path):
     task = {"instance_id": "env-1", "instruction": "make done", "solution": ["touch done"],
             "check": 'test "$MEGAFLOW_PROBE" = from-spec && test -f done'}

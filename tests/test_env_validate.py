@@ -44,12 +44,14 @@ def test_example_set_shape(tasks):
         assert t.files or Path(t.repo).is_dir(), "repo paths are resolved against the tasks file"
 
 
+@pytest.mark.integration
 def test_examples_validate_on_local(tasks, local, tmp_path):
     reports = validate(tasks, local, SandboxConfig(type="local"), tmp_path, timeout=60)
     assert [r.instance_id for r in reports if not r.ok] == [], [(r.instance_id, r.problems) for r in reports]
     assert local.list_ids({}) == []
 
 
+@pytest.mark.integration
 def test_examples_validate_on_docker(tasks, tmp_path, monkeypatch):
     from megaflow.envs.repos import build_repo_image
     from megaflow.sandbox.docker import DockerBackend
@@ -82,6 +84,7 @@ def _prepared(local, tmp_path, task):
     return sb
 
 
+@pytest.mark.integration
 def test_agent_cannot_pass_by_editing_the_tests(tasks, local, tmp_path):
     task = next(t for t in tasks if t.instance_id == "textkit-1")
     sb = _prepared(local, tmp_path, task)
@@ -95,6 +98,7 @@ def test_agent_cannot_pass_by_editing_the_tests(tasks, local, tmp_path):
         sb.close()
 
 
+@pytest.mark.integration
 def test_partial_fix_earns_nothing(tasks, local, tmp_path):
     task = next(t for t in tasks if t.instance_id == "textkit-1")
     sb = _prepared(local, tmp_path, task)
@@ -109,6 +113,7 @@ def test_partial_fix_earns_nothing(tasks, local, tmp_path):
         sb.close()
 
 
+@pytest.mark.integration
 def test_runner_reports_unknown_ids(tasks, local, tmp_path):
     task = next(t for t in tasks if t.instance_id == "intervals-1")
     sb = _prepared(local, tmp_path, task)
@@ -134,6 +139,7 @@ def test_repo_sources():
     assert docker_config.image == image_tag(load_task_set(TASKS)[0].repo)
 
 
+@pytest.mark.integration
 def test_git_source_is_fetched_and_copied(local, tmp_path):
     import subprocess
 
@@ -155,6 +161,7 @@ def test_git_source_is_fetched_and_copied(local, tmp_path):
         sb.close()
 
 
+@pytest.mark.integration
 def test_cli_validate(tmp_path, monkeypatch):
     need("bubblewrap", shutil.which("bwrap") is not None)
     from megaflow.cli.main import app

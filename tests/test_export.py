@@ -65,6 +65,7 @@ def test_trainer_row_without_tokenizer_leaves_prompt_ids_unknown():
     assert row["completion_token_ids"] == [[7, 8], None]
 
 
+@pytest.mark.integration
 def test_hf_chat_tokenizer_gives_each_turn_its_templated_prompt():
     for package in ("transformers", "gguf"):
         need(package, have(package), "pip install 'megaflow[model]'")

@@ -10,9 +10,8 @@ import pytest
 from browser import ARTIFACTS, chromium, chromium_binary, free_port, megaflow, stop, wait_http
 from conftest import need
 
-from megaflow import Client, Settings
-from megaflow.db.schema import upgrade
-from megaflow.local_stack import WorkerProcess, settings_env
+from megaflow import Client
+from megaflow.local_stack import settings_env
 from megaflow.ops.flower import AUTH_ENV, FlowerAuthError, check_auth, is_loopback
 
 SCRIPT = ["```bash\necho {step} >> trace.txt\n```", "```bash\nsubmit\n```"]
@@ -41,19 +40,6 @@ def test_loopback_and_auth_rules():
     assert "s3cret" not in str(err.value)
 
 
-@pytest.fixture
-def flower_cluster(tmp_path, pg_url, amqp_vhost):
-    """Three pools started with -E (task events), as `megaflow worker` starts them."""
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host="flower-host")
-    upgrade(pg_url)
-    light = {"MEGAFLOW_WORKER_CONCURRENCY": "2"}
-    workers = [WorkerProcess(p, settings, name=f"flw-{p}", extra_args=["-E"], extra_env=light).start()
-               for p in ("model", "agent", "env")]
-    yield settings, workers
-    for w in workers:
-        w.stop()
-
-
 def _wait_for(predicate, what: str, timeout: float = 30.0, every: float = 0.3):
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
@@ -68,9 +54,12 @@ def _datatable(base: str, search: str = "") -> list[dict]:
     return httpx.get(f"{base}/tasks/datatable", params=params, timeout=5).json()["data"]
 
 
-def test_flower_shows_workers_and_the_runs_tasks(flower_cluster, tmp_path):
+@pytest.mark.integration
+# Three pools started with -E (task events), as `megaflow worker` starts them.
+@pytest.mark.cluster(host="flower-host", name="flw-", env={"MEGAFLOW_WORKER_CONCURRENCY": "2"}, extra_args=["-E"])
+def test_flower_shows_workers_and_the_runs_tasks(cluster, tmp_path):
     need("chromium", chromium_binary() is not None, "apt-get install chromium")
-    settings, workers = flower_cluster
+    settings, workers = cluster.settings, list(cluster.workers.values())
     port = free_port()
     log = tmp_path / "flower.log"
     proc = megaflow(["flower", "--port", str(port)], settings_env(settings), log)
@@ -124,6 +113,7 @@ def test_flower_off_loopback_refuses_without_credentials(tmp_path):
     assert "refusing to serve Flower" in out and AUTH_ENV in out
 
 
+@pytest.mark.integration
 def test_flower_off_loopback_asks_for_credentials(tmp_path, amqp_vhost):
     port = free_port()
     log = tmp_path / "flower.log"

@@ -17,7 +17,7 @@ from megaflow.model.config import TransformersModelConfig
 from megaflow.model.conformance import CHECKS
 from megaflow.model.smollm import INSTALL_HINT, smollm2_available
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -116,12 +116,14 @@ def served_model():
         client.close()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_conformance_over_http(served_model, check):
     check(served_model)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_real_server_gives_tokens_logprobs_and_version(served_model):
     c = served_model.generate(_ask("Say hi.", max_tokens=4))

@@ -20,14 +20,12 @@ import pytest
 from conftest import need
 from sqlalchemy import select
 
-from megaflow import Client, Settings
+from megaflow import Client
 from megaflow.db.models import Episode, Event, Hop, Step
-from megaflow.db.schema import upgrade
-from megaflow.local_stack import WorkerProcess
 from megaflow.model.server import free_port
 from megaflow.model.smollm import GGUF_FILE, INSTALL_HINT, smollm2_available
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.cluster(host="mq-host")]
 
 TASK = {"instance_id": "hello", "instruction": "Print hello.", "check": "true"}
 
@@ -36,16 +34,6 @@ def need_smollm2() -> None:
     for package in ("torch", "transformers", "gguf"):
         need(package, importlib.util.find_spec(package) is not None, "install the model packages")
     need("SmolLM2 weights", smollm2_available(), INSTALL_HINT)
-
-
-@pytest.fixture
-def cluster(tmp_path, pg_url, amqp_vhost):
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host="mq-host")
-    upgrade(pg_url)
-    workers = {p: WorkerProcess(p, settings, name=p).start() for p in ("model", "agent", "env")}
-    yield Client(settings), workers
-    for w in workers.values():
-        w.stop()
 
 
 def spec(model: dict, tasks: list[dict], rollouts: int = 1, **limits) -> dict:
@@ -77,7 +65,7 @@ def assert_real_completions(steps: list[Step], max_tokens: int, version: str) ->
 
 def test_transformers_model_in_the_model_worker(cluster):
     need_smollm2()
-    client, _ = cluster
+    client = cluster.client
     model = {"type": "transformers", "max_batch_size": 4, "max_wait_ms": 200, "sampling": {"max_tokens": 6}}
     run_id = client.submit(spec(model, [TASK], rollouts=2))
     st = client.wait(run_id, timeout=300)
@@ -94,7 +82,7 @@ def test_openai_backend_against_the_real_server(cluster):
     need_smollm2()
     from megaflow.model.server import openai_server
 
-    client, workers = cluster
+    client, workers = cluster.client, cluster.workers
     with openai_server(context_tokens=512, version="smol-v1") as url:
         model = {"type": "openai", "model": "smollm2", "endpoints": [url], "max_retries": 1,
                  "sampling": {"max_tokens": 6}}
@@ -156,7 +144,7 @@ class _Failing:
 
 
 def test_unavailable_server_is_retried_then_infra_failed(cluster):
-    client, workers = cluster
+    client, workers = cluster.client, cluster.workers
     failing = _Failing()
     try:
         runs = {}

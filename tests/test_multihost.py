@@ -30,7 +30,7 @@ import uuid
 from collections import defaultdict
 
 import pytest
-from conftest import need
+from conftest import Cluster, need
 from sqlalchemy import select
 
 from megaflow import Client, Settings
@@ -182,13 +182,14 @@ def _netns_usable() -> tuple[bool, str]:
 
 # -- the cluster ---------------------------------------------------------------------------------
 
-class Cluster:
+class HostsCluster(Cluster):
+    """conftest's `Cluster`, whose env workers each run on a host of their own (a network namespace)."""
+
     def __init__(self, tmp_path, pg_url: str, amqp_url: str, net: Network):
+        super().__init__(Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_url, host="root",
+                                  sandbox_capacity=3, heartbeat_s=0.5, host_dead_after_s=2.5,
+                                  reap_interval_s=2.0))
         self.net = net
-        self.settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_url, host="root",
-                                 sandbox_capacity=3, heartbeat_s=0.5, host_dead_after_s=2.5,
-                                 reap_interval_s=2.0)
-        self.workers: dict[str, WorkerProcess] = {}
 
     def host_settings(self, host: str) -> Settings:
         s = self.settings
@@ -202,13 +203,12 @@ class Cluster:
         self.workers[w.name] = w
         return w
 
-    def start(self) -> Cluster:
+    def start_all(self) -> HostsCluster:
         for pool in ("model", "agent"):
-            self.workers[pool] = WorkerProcess(pool, self.settings, name=pool).start()
+            self.start(pool)
         for host in HOSTS:
             self.start_env(host)
-        client = Client(self.settings)
-        with client.session() as s:
+        with self.client.session() as s:
             wait_for(lambda: set(s.execute(select(Host.name).where(Host.state == "up")).scalars()) >= set(HOSTS),
                      60, "env hosts registering", self, poll=0.2)
         return self
@@ -227,7 +227,7 @@ class Cluster:
             w.stop()
 
 
-def wait_for(probe, timeout: float, what: str, cluster: Cluster | None = None, poll: float = 0.05):
+def wait_for(probe, timeout: float, what: str, cluster: HostsCluster | None = None, poll: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = probe()
@@ -241,14 +241,15 @@ def wait_for(probe, timeout: float, what: str, cluster: Cluster | None = None, p
 
 @pytest.fixture
 def cluster(tmp_path, pg_url, amqp_vhost):
+    """Replaces conftest's `cluster` here: env workers on three hosts, model and agent on the root one."""
     ok, why = _netns_usable()
     need("network namespaces (ip netns)", ok, why)
     need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
     upgrade(pg_url)
     net = Network(HOSTS).up()
-    c = Cluster(tmp_path, pg_url, amqp_vhost, net)
+    c = HostsCluster(tmp_path, pg_url, amqp_vhost, net)
     try:
-        yield c.start()
+        yield c.start_all()
     finally:
         c.stop()
         net.down()
@@ -274,7 +275,8 @@ def in_flight_exec(s, run_id: str, host: str) -> tuple[str, int, str] | None:
         Hop.step_index >= 2)).first()
 
 
-def freeze_mid_command(client: Client, run_id: str, host: str, cluster: Cluster) -> tuple[str, int, str]:
+def freeze_mid_command(client: Client, run_id: str, host: str,
+                      cluster: HostsCluster) -> tuple[str, int, str]:
     """SIGSTOP `host`'s env worker while one of its commands is claimed and not recorded: (episode, step, task)."""
     worker = cluster.workers[f"env-{host}"]
     for _ in range(20):

@@ -19,12 +19,11 @@ import uuid
 import httpx
 import pytest
 from browser import ARTIFACTS, ROOT, chromium, chromium_binary, free_port, megaflow, stop, wait_http
-from conftest import need
+from conftest import fresh_database, fresh_vhost, need, running_cluster
 from prometheus_client.parser import text_string_to_metric_families
 
 from megaflow import Client, Settings
-from megaflow.db.schema import upgrade
-from megaflow.local_stack import WorkerProcess, settings_env
+from megaflow.local_stack import settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -44,33 +43,12 @@ def mixed_spec(name: str, latency: float, ok: int = 4) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, pg_server, amqp_server):
-    from sqlalchemy import create_engine, text
-
-    ctl = shutil.which("rabbitmqctl")
-    need("rabbitmqctl", ctl is not None)
-    db = f"mf_test_{uuid.uuid4().hex[:10]}"
-    vhost = f"mf_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
-    subprocess.run([ctl, "add_vhost", vhost], check=True, capture_output=True)
-    subprocess.run([ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True, capture_output=True)
-    settings = Settings(data_dir=tmp_path_factory.mktemp("ops"), database_url=pg_server.rsplit("/", 1)[0] + f"/{db}",
-                        broker_url=amqp_server.rstrip("/") + "/" + vhost, host=HOST)
-    upgrade(settings.database_url)
-    light = {"MEGAFLOW_WORKER_CONCURRENCY": "2"}
-    workers = [WorkerProcess(p, settings, name=f"ops-{p}", extra_env=light).start() for p in ("model", "agent", "env")]
-    yield settings
-    for w in workers:
-        w.stop()
-    from megaflow.db.engine import dispose_all
-
-    dispose_all()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-    admin.dispose()
-    subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, check=False)
-
+    """The module's one cluster (conftest's `cluster` is per test); yields its `Settings`."""
+    with fresh_database(pg_server) as database, fresh_vhost(amqp_server) as broker:
+        settings = Settings(data_dir=tmp_path_factory.mktemp("ops"), database_url=database, broker_url=broker,
+                            host=HOST)
+        with running_cluster(settings, name="ops-", env={"MEGAFLOW_WORKER_CONCURRENCY": "2"}):
+            yield settings
 
 def _tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout

@@ -15,26 +15,14 @@ import time
 import pytest
 from sqlalchemy import select
 
-from megaflow import Client, Settings
+from megaflow import Client
 from megaflow.db.models import Episode, Event, Hop
-from megaflow.db.schema import upgrade
 from megaflow.local_stack import WorkerProcess
-
-pytestmark = pytest.mark.integration
 
 HOST = "poison-host"
 ENV = {"MEGAFLOW_HOP_MAX_DELIVERIES": "1", "MEGAFLOW_WORKER_CONCURRENCY": "2"}
 
-
-@pytest.fixture
-def cluster(tmp_path, pg_url, amqp_vhost):
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host=HOST)
-    upgrade(pg_url)
-    workers = {p: WorkerProcess(p, settings, name=f"poison-{p}", extra_env=ENV).start()
-               for p in ("model", "agent", "env")}
-    yield settings, workers
-    for w in workers.values():
-        w.stop()
+pytestmark = [pytest.mark.integration, pytest.mark.cluster(host=HOST, name="poison-", env=ENV)]
 
 
 def _dead_letters(app) -> int:
@@ -43,7 +31,7 @@ def _dead_letters(app) -> int:
 
 
 def test_a_hop_past_its_delivery_limit_ends_its_episode_and_the_run_closes(cluster):
-    settings, workers = cluster
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     run_id = client.submit({
         "name": "poison-exec", "sandbox": {"type": "local"},

@@ -53,6 +53,7 @@ def test_local_check_names_the_package_when_bubblewrap_is_missing(tmp_path, monk
     assert "\n" not in msg and "bwrap" in msg and "apt-get install bubblewrap" in msg
 
 
+@pytest.mark.integration
 def test_local_check_passes_and_leaves_no_sandbox(tmp_path):
     need("bubblewrap", shutil.which("bwrap") is not None)
     check_local(Settings(data_dir=tmp_path))
@@ -70,6 +71,7 @@ def test_docker_check_fails_fast_without_an_engine(monkeypatch):
         check_docker()
 
 
+@pytest.mark.integration
 def test_docker_check_names_a_missing_image_and_how_to_build_it():
     from megaflow.sandbox.dockerd import daemon_answers
 
@@ -178,6 +180,7 @@ def test_model_worker_start_check_wants_the_packages():
             check_model_types(["vllm"])
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_a_provision_that_fails_later_ends_infra_failed_with_the_reason_shown(tmp_path):
     """Unchecked (--no-check), the engine missing: each provision is retried, every retry is recorded with its

@@ -60,7 +60,9 @@ def test_limits_need_at_least_one_limit():
 # -- stores ----------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "redis"])
+#: PostgreSQL and Redis are real services: their cases are integration tests.
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration),
+                        pytest.param("redis", marks=pytest.mark.integration)])
 def limiter(request, tmp_path):
     if request.param == "sqlite":
         from megaflow.db.schema import upgrade
@@ -220,27 +222,19 @@ class CountingServer:
 
 
 @pytest.fixture
-def racing_cluster(tmp_path, pg_url, amqp_vhost):
+def racing_cluster(make_cluster):
     """Three model workers (8 threads each), one agent and one env worker."""
-    from megaflow import Settings
     from megaflow.bench.floors import wait_for_worker
-    from megaflow.db.schema import upgrade
-    from megaflow.local_stack import WorkerProcess
 
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host="rl-host")
-    upgrade(pg_url)
+    cluster = make_cluster("rl-host", pools=())
     threads = {"MEGAFLOW_WORKER_CONCURRENCY": "8"}
-    workers = [WorkerProcess("model", settings, name=f"model{i}", extra_env=threads).start() for i in range(3)]
-    workers += [WorkerProcess(p, settings, name=p).start() for p in ("agent", "env")]
-    from megaflow import Client
-
-    client = Client(settings)
-    for w in workers:
-        wait_for_worker(client.app, w.name)
-    yield client
-    for w in workers:
-        w.stop()
-
+    for i in range(3):
+        cluster.start("model", name=f"model{i}", env=threads, key=f"model{i}")
+    for pool in ("agent", "env"):
+        cluster.start(pool)
+    for w in cluster.workers.values():
+        wait_for_worker(cluster.client.app, w.name)
+    return cluster.client
 
 def _spec(url: str, episodes: int, limits: dict) -> dict:
     return {

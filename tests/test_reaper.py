@@ -16,10 +16,9 @@ import pytest
 from conftest import docker_engine, need
 from sqlalchemy import select, update
 
-from megaflow import Client, Settings
+from megaflow import Client
 from megaflow.db import states
 from megaflow.db.models import Episode, SandboxRow, utcnow
-from megaflow.db.schema import upgrade
 from megaflow.local_stack import WorkerProcess
 from megaflow.reaper import CREATED_BUCKET_S, CREATED_LABEL, reap, sandbox_labels
 from megaflow.sandbox.base import SandboxConfig
@@ -40,20 +39,16 @@ def kind(request, monkeypatch):
 
 
 @pytest.fixture
-def cluster(tmp_path, pg_url, amqp_vhost, kind):
+def reap_cluster(make_cluster, tmp_path, kind):
     backend_kind, env = kind
-    # A host name of its own: the reaper must never touch another test's sandboxes.
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host=f"reap-{uuid.uuid4().hex[:8]}")
-    upgrade(pg_url)
     quiet = {**env, "MEGAFLOW_REAP_INTERVAL_S": "3600"}  # this test reaps by hand
-    workers = {p: WorkerProcess(p, settings, name=p, extra_env=quiet).start() for p in ("model", "agent", "env")}
+    # A host name of its own: the reaper must never touch another test's sandboxes.
+    cluster = make_cluster(f"reap-{uuid.uuid4().hex[:8]}", env=quiet)
     backend = make_backend(backend_kind, **({"root": tmp_path} if backend_kind == "local" else {}))
-    yield settings, workers, backend_kind, backend, env
-    for w in workers.values():
-        w.stop()
-    for sandbox_id in backend.list_ids({"megaflow.host": settings.host}):  # never leak, even on failure
+    yield cluster.settings, cluster.workers, backend_kind, backend, env
+    cluster.stop()  # before the sweep below, so that no worker makes a sandbox after it
+    for sandbox_id in backend.list_ids({"megaflow.host": cluster.settings.host}):  # never leak, even on failure
         backend.destroy(sandbox_id)
-
 
 def spec(kind: str) -> dict:
     return {
@@ -81,8 +76,8 @@ def unrecorded(backend, settings, run_id: str, minutes_ago: float, kind: str) ->
     return backend.create(SandboxConfig(type=kind, memory_mb=256), labels).id
 
 
-def test_sigkilled_env_worker_leaks_no_sandbox(cluster):
-    settings, workers, kind, backend, _ = cluster
+def test_sigkilled_env_worker_leaks_no_sandbox(reap_cluster):
+    settings, workers, kind, backend, _ = reap_cluster
     client = Client(settings)
     run_id = client.submit(spec(kind))
     deadline = time.monotonic() + 90
@@ -123,8 +118,8 @@ def test_sigkilled_env_worker_leaks_no_sandbox(cluster):
         assert [p for p in (settings.data_dir / "sandboxes").iterdir() if p.name.startswith("mf-")] == []
 
 
-def test_env_worker_reaps_its_host_periodically(cluster):
-    settings, workers, kind, backend, env = cluster
+def test_env_worker_reaps_its_host_periodically(reap_cluster):
+    settings, workers, kind, backend, env = reap_cluster
     if kind != "local":
         pytest.skip("the timer is backend-independent; once is enough")
     workers["env"].stop()

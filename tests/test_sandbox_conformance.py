@@ -37,7 +37,7 @@ def backend(request, tmp_path):
     assert backend.list_ids({"conformance": "1"}) == [], "a check left sandboxes behind"
 
 
-@pytest.mark.parametrize("backend", ["memory", "local"], indirect=True)
+@pytest.mark.parametrize("backend", ["memory", pytest.param("local", marks=pytest.mark.integration)], indirect=True)
 @pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__)
 def test_conformance(backend, check):
     if backend.name == "memory" and getattr(check, "needs_processes", False):
@@ -45,6 +45,7 @@ def test_conformance(backend, check):
     check(backend, SandboxConfig(type=backend.name))
 
 
+@pytest.mark.integration
 def test_local_attach_and_destroy_from_another_process(tmp_path):
     need_bwrap()
     backend = LocalBackend(tmp_path)

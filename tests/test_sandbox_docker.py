@@ -35,6 +35,8 @@ from megaflow.sandbox.docker import DockerBackend, DockerSandbox, EtcHosts
 from megaflow.sandbox.dockerd import ensure_dockerd
 from megaflow.sandbox.images import build_base, build_image, debian_mirror
 
+pytestmark = pytest.mark.integration
+
 SESSION = uuid.uuid4().hex[:12]
 
 

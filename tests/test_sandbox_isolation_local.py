@@ -17,6 +17,8 @@ from conftest import need
 from megaflow.sandbox.base import SandboxConfig
 from megaflow.sandbox.local import LocalBackend
 
+pytestmark = pytest.mark.integration
+
 CONFIG = SandboxConfig(pids=64, memory_mb=512, max_output_bytes=4096)
 
 

@@ -27,6 +27,8 @@ from megaflow.reaper import sandbox_labels
 from megaflow.runtime import get_runtime
 from megaflow.sandbox.base import SandboxConfig
 
+pytestmark = pytest.mark.integration
+
 HOST = f"kept-{uuid.uuid4().hex[:8]}"  # its own: never another test's sandboxes
 
 

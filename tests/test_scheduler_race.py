@@ -6,9 +6,13 @@ import multiprocessing as mp
 import random
 import time
 
+import pytest
+
 from megaflow.db.engine import session_scope
 from megaflow.db.schema import upgrade
 from megaflow.scheduler import semaphores
+
+pytestmark = pytest.mark.integration
 
 LIMIT = 3
 WORKERS = 8

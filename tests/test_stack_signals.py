@@ -81,6 +81,7 @@ def _gone(procs: list[psutil.Process], timeout: float = 5.0) -> list[psutil.Proc
     return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 def test_megaflow_run_stops_its_workers_on(sig, tmp_path):
@@ -102,6 +103,7 @@ def test_megaflow_run_stops_its_workers_on(sig, tmp_path):
         mf.kill()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 def test_megaflow_up_stops_its_workers_on(sig, tmp_path):
@@ -119,6 +121,7 @@ def test_megaflow_up_stops_its_workers_on(sig, tmp_path):
         mf.kill()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_a_stack_names_the_runs_an_earlier_one_left_unfinished(tmp_path):
     from megaflow import Client, RunSpec, Settings
@@ -157,6 +160,7 @@ def test_a_second_stack_on_the_same_directory_does_not_call_the_first_ones_runs_
     assert not stack._others_alive()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_run_timeout_says_what_it_does_and_stops_the_workers(tmp_path):
     spec = tmp_path / "long.yaml"

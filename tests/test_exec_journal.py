@@ -1,16 +1,11 @@
-"""Small pieces of the reliability work, run directly: the command journal, the chord
-join's retry through a database outage, stable chord ids."""
+"""The exec hop's command journal (`megaflow.hops.exec_journal`): a command runs once, a replay
+returns its exit code, a command cut off mid-way is told apart."""
 
 from __future__ import annotations
 
 import subprocess
 
-import pytest
-from sqlalchemy.exc import OperationalError
-
-from megaflow.chord_backend import _retrying
 from megaflow.hops.exec_journal import LOST_OUTPUT, ResultCache, lost_output, replay_of, wrap
-from megaflow.hops.groups import stable_id
 from megaflow.sandbox.base import ExecResult
 
 
@@ -51,22 +46,3 @@ def test_result_cache_is_bounded():
     for step in range(3):
         cache.put("sb", step, ExecResult(exit_code=step))
     assert cache.get("sb", 0) is None and cache.get("sb", 2).exit_code == 2
-
-
-def test_chord_join_retries_through_a_database_outage(monkeypatch):
-    monkeypatch.setattr("time.sleep", lambda s: None)
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise OperationalError("insert", {}, Exception("server closed the connection unexpectedly"))
-        return True
-
-    assert _retrying(flaky, "test") is True and len(calls) == 3
-    with pytest.raises(OperationalError):
-        _retrying(lambda: (_ for _ in ()).throw(OperationalError("x", {}, Exception("down"))), "test", budget_s=0)
-
-
-def test_chord_ids_are_stable():
-    assert stable_id("chord", "g1", 0) == stable_id("chord", "g1", 0) != stable_id("chord", "g1", 1)

@@ -12,15 +12,17 @@ import pytest
 from sqlalchemy import select
 from test_model_openai import fake_servers
 
-from megaflow import Client, Settings
+from megaflow import Client
 from megaflow.db.models import Episode, Event, Step
-from megaflow.db.schema import upgrade
-from megaflow.local_stack import WorkerProcess
 from megaflow.redact import MASK, find_secrets, install_log_redaction, redact, redact_text, register_secret
 
 SECRET = "sk-test-" + uuid.uuid4().hex  # the model API key the workers hold
 FLOWER = "ops:flower-" + uuid.uuid4().hex[:12]
 HOST = "sec-host"
+
+pytestmark = pytest.mark.cluster(host=HOST, name="sec-", env={
+    "MF_TEST_API_KEY": SECRET, "MEGAFLOW_FLOWER_BASIC_AUTH": FLOWER, "MEGAFLOW_WORKER_CONCURRENCY": "4"})
+
 TASK = {"instance_id": "t", "instruction": "look around", "check": "true"}
 
 
@@ -56,15 +58,9 @@ def test_log_records_are_redacted_in_this_process(caplog):
 
 
 @pytest.fixture
-def cluster(tmp_path, pg_url, amqp_vhost, monkeypatch):
+def info_logs(monkeypatch):
+    """Workers log at INFO (set before `cluster` starts them), so the logs have lines to leak into."""
     monkeypatch.setenv("MEGAFLOW_LOG_LEVEL", "INFO")
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host=HOST)
-    upgrade(pg_url)
-    env = {"MF_TEST_API_KEY": SECRET, "MEGAFLOW_FLOWER_BASIC_AUTH": FLOWER, "MEGAFLOW_WORKER_CONCURRENCY": "4"}
-    workers = {p: WorkerProcess(p, settings, name=f"sec-{p}", extra_env=env).start() for p in ("model", "agent", "env")}
-    yield settings, workers
-    for w in workers.values():
-        w.stop()
 
 
 def _model_server():
@@ -96,8 +92,9 @@ def _spec(name: str, url: str, model: str) -> dict:
                       "max_retries": 2}}
 
 
-def test_credentials_never_reach_logs_events_trajectories_or_exports(cluster, tmp_path):
-    settings, workers = cluster
+@pytest.mark.integration
+def test_credentials_never_reach_logs_events_trajectories_or_exports(info_logs, cluster, tmp_path):
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     with fake_servers(_model_server()) as [server]:
         ok = client.submit(_spec("nosy", server.url, "ok"))
@@ -130,9 +127,10 @@ def test_credentials_never_reach_logs_events_trajectories_or_exports(cluster, tm
     assert "MF_TEST_API_KEY" not in observations and "MEGAFLOW_" not in observations
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sandbox", ["local", "memory"])
-def test_agent_commands_never_run_on_the_host(cluster, tmp_path, sandbox):
-    settings, _ = cluster
+def test_agent_commands_never_run_on_the_host(info_logs, cluster, tmp_path, sandbox):
+    settings = cluster.settings
     client = Client(settings)
     target = tmp_path / f"escaped-{sandbox}"
     host_tmp = f"/tmp/megaflow-escape-{uuid.uuid4().hex}"

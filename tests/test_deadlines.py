@@ -12,13 +12,14 @@ from sqlalchemy import select
 from megaflow import Client, Settings
 from megaflow.app import make_app
 from megaflow.db.models import Episode, Hop
-from megaflow.db.schema import upgrade
 from megaflow.deadlines import max_phase_s, task_time_limits
-from megaflow.local_stack import WorkerProcess
 from megaflow.watchdog import Watchdog
 
 HOST = "dl-host"
 ECHO = "```bash\necho {step}\n```"
+
+pytestmark = pytest.mark.cluster(host=HOST, name="dl-", env={"MEGAFLOW_WORKER_CONCURRENCY": "6",
+                                                                  "DOCKER_HOST": "unix:///nonexistent/docker.sock"})
 
 
 @pytest.mark.parametrize("consumer_timeout", [600.0, 1800.0, 7200.0])
@@ -53,21 +54,10 @@ def test_watchdog_reports_soft_and_hard_overruns():
     assert ("megaflow.hop.exec", "t2", "hard") in seen
 
 
-@pytest.fixture(params=["rabbitmq", "embedded"])
-def cluster(request, tmp_path):
-    """Workers on RabbitMQ and PostgreSQL, or on the embedded stack (SQLite state and transport):
-    retries and countdowns must arrive on both."""
-    if request.param == "rabbitmq":
-        pg_url, broker = request.getfixturevalue("pg_url"), request.getfixturevalue("amqp_vhost")
-    else:
-        pg_url, broker = None, None
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=broker, host=HOST)
-    upgrade(settings.resolved_database_url())
-    env = {"MEGAFLOW_WORKER_CONCURRENCY": "6", "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-    workers = {p: WorkerProcess(p, settings, name=f"dl-{p}", extra_env=env).start() for p in ("model", "agent", "env")}
-    yield settings, workers
-    for w in workers.values():
-        w.stop()
+#: Retries and countdowns must arrive on both stacks: RabbitMQ and PostgreSQL, and the embedded one
+#: (SQLite state and transport).
+ON_BOTH_STACKS = pytest.mark.parametrize("cluster", [{"stack": "rabbitmq"}, {"stack": "embedded"}], indirect=True,
+                                         ids=["rabbitmq", "embedded"])
 
 
 def _spec(name: str, *, replies=(ECHO, "```bash\nsubmit\n```"), latency=0.0, limits=None, sandbox="local",
@@ -84,8 +74,10 @@ def _episode(client: Client, run_id: str) -> Episode:
     return ep
 
 
+@pytest.mark.integration
+@ON_BOTH_STACKS
 def test_every_phase_has_a_deadline(cluster):
-    settings, _ = cluster
+    settings = cluster.settings
     client = Client(settings)
     runs = {
         # Three setup commands of 1.5 s each do not fit one 3 s provisioning deadline.
@@ -125,8 +117,10 @@ def test_every_phase_has_a_deadline(cluster):
     assert done_at["model"] < 20 and done_at["provision"] < 20, done_at
 
 
+@pytest.mark.integration
+@ON_BOTH_STACKS
 def test_infra_failures_are_retried_with_backoff_and_kept_apart_from_agent_failures(cluster):
-    settings, _ = cluster
+    settings = cluster.settings
     client = Client(settings)
     # No Docker engine: provisioning fails for the platform's reasons, three retries with backoff.
     infra = client.submit(_spec("nodocker", sandbox="docker"))

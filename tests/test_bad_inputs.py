@@ -14,12 +14,14 @@ from sqlalchemy import func, select
 from megaflow import Client, Settings
 from megaflow.bench.badinput import BAD_SPECS, TASK, dead_letters, malformed_messages, publish
 from megaflow.db.models import Delivery, Episode, Event, Run, Step
-from megaflow.db.schema import upgrade
 from megaflow.errors import SpecError
 from megaflow.local_stack import WorkerProcess
 from megaflow.spec import RunSpec
 
 HOST = "bad-host"
+
+pytestmark = pytest.mark.cluster(host=HOST, name="bad-", env={"MEGAFLOW_HOP_MAX_DELIVERIES": "2",
+                                                                   "MEGAFLOW_WORKER_CONCURRENCY": "4"})
 
 @pytest.mark.parametrize("bad, needle", BAD_SPECS, ids=[f"bad{i}" for i in range(len(BAD_SPECS))])
 def test_invalid_spec_is_refused_with_a_clear_message(bad, needle):
@@ -95,19 +97,9 @@ def _no_messages(path) -> bool:
 # -- against the real broker and workers ----------------------------------------------
 
 
-@pytest.fixture
-def cluster(tmp_path, pg_url, amqp_vhost):
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host=HOST)
-    upgrade(pg_url)
-    env = {"MEGAFLOW_HOP_MAX_DELIVERIES": "2", "MEGAFLOW_WORKER_CONCURRENCY": "4"}
-    workers = {p: WorkerProcess(p, settings, name=f"bad-{p}", extra_env=env).start() for p in ("model", "agent", "env")}
-    yield settings, workers
-    for w in workers.values():
-        w.stop()
-
-
+@pytest.mark.integration
 def test_invalid_spec_queues_nothing_on_the_real_broker(cluster):
-    settings, workers = cluster
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     from megaflow.bench.floors import wait_for_worker
 
@@ -122,12 +114,13 @@ def test_invalid_spec_queues_nothing_on_the_real_broker(cluster):
     assert _depths(client.app, ["agent", "model", "env", f"env.{HOST}"]) == [0, 0, 0, 0]
 
 
-#: How many malformed messages the test sends (the README counts them).
+#: How many malformed messages the test sends (docs/benchmarks.md counts them).
 MALFORMED_MESSAGES = 10
 
 
+@pytest.mark.integration
 def test_malformed_messages_on_every_queue_are_dead_lettered_and_workers_go_on(cluster, tmp_path):
-    settings, workers = cluster
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     from megaflow.bench.floors import wait_for_worker
 
@@ -151,9 +144,10 @@ def test_malformed_messages_on_every_queue_are_dead_lettered_and_workers_go_on(c
     assert client.wait(run_id, timeout=60)["by_state"] == {"succeeded": 1}
 
 
+@pytest.mark.integration
 def test_poison_task_is_capped_by_its_delivery_limit(cluster):
     """A hop that kills its worker every time ends its episode infra_failed at its 3rd delivery (limit 2)."""
-    settings, workers = cluster
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     run_id = client.submit({"name": "poison", "model": {"type": "scripted", "latency_s": 4.0},
                             "sandbox": {"type": "memory"}, "tasks": [TASK]})
@@ -190,8 +184,9 @@ def test_poison_task_is_capped_by_its_delivery_limit(cluster):
     assert poison and poison[0]["task"] == "megaflow.hop.generate" and poison[0]["deliveries"] == 3
 
 
+@pytest.mark.integration
 def test_nul_bytes_in_output_are_stored_not_fatal(cluster):
-    settings, _ = cluster
+    settings = cluster.settings
     client = Client(settings)
     run_id = client.submit({"name": "nul", "sandbox": {"type": "local"},
                             "model": {"type": "scripted", "replies": ["```bash\nprintf 'a\\0b'\n```",

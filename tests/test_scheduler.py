@@ -15,7 +15,7 @@ from megaflow.db.models import Episode, Host, utcnow
 from megaflow.scheduler import admission, hosts, quotas, semaphores
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def any_db(request):
     """The state database on both paths: Python statements (SQLite), server-side functions (PostgreSQL)."""
     if request.param == "sqlite":

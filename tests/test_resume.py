@@ -1,5 +1,5 @@
-"""`megaflow resume RUN` after a full stop: real workers SIGKILLed, queues purged or not,
-on the real RabbitMQ and PostgreSQL.
+"""`megaflow resume RUN`: after a full stop, real workers SIGKILLed, queues purged or not, on the real
+RabbitMQ and PostgreSQL; and what it records, on SQLite and the embedded broker (no workers).
 """
 
 from __future__ import annotations
@@ -10,16 +10,17 @@ import time
 
 import pytest
 from conftest import run_megaflow
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from test_model_openai import fake_servers
 
-from megaflow import Client, Settings
+from megaflow import Client, RunSpec, Settings
+from megaflow.db import states
+from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Event, RolloutGroup, SandboxRow
 from megaflow.db.schema import upgrade
 from megaflow.local_stack import WorkerProcess, settings_env
+from megaflow.ops.stats import failures_by_kind
 from megaflow.reaper import reap
-
-pytestmark = pytest.mark.integration
 
 HOST = "rs-host"
 SCRIPT = ["```bash\necho {step} >> trace.txt\n```"] * 2 + ["```bash\nsubmit\n```"]
@@ -98,6 +99,7 @@ def _no_leaks(settings: Settings, client: Client, run_id: str) -> None:
     assert not list((settings.data_dir / "sandboxes").glob("mf-*"))
 
 
+@pytest.mark.integration
 def test_resume_after_full_stop_with_purged_queues(stack):
     settings, start = stack
     client = Client(settings)
@@ -118,6 +120,7 @@ def test_resume_after_full_stop_with_purged_queues(stack):
     _no_leaks(settings, client, run_id)
 
 
+@pytest.mark.integration
 def test_resume_while_old_messages_are_still_queued(stack):
     """Not purged: the old lineages wake up with the new workers, find their episodes superseded and stop."""
     settings, start = stack
@@ -134,6 +137,7 @@ def test_resume_while_old_messages_are_still_queued(stack):
     _no_leaks(settings, client, run_id)
 
 
+@pytest.mark.integration
 def test_resume_reruns_infra_failed_never_counts_them_done_and_keeps_agent_failures(stack):
     settings, start = stack
     client = Client(settings)
@@ -173,3 +177,26 @@ def test_resume_reruns_infra_failed_never_counts_them_done_and_keeps_agent_failu
         assert s.execute(select(func.count()).select_from(Episode).where(Episode.run_id == run_id)).scalar() == 4
         kinds = [k for k in s.execute(select(Event.kind).where(Event.run_id == run_id)).scalars()]
     assert kinds.count("run.resumed") == 2 and kinds.count("run.done") == 3
+
+
+# -- what resume records, on SQLite and the embedded broker (no workers) -----------------------
+
+def test_resume_ends_interrupted_episodes_with_an_event_and_counts_current_failures_only(tmp_path, sqlite_url):
+    settings = Settings(data_dir=tmp_path, database_url=sqlite_url)
+    client = Client(settings)
+    spec = {"name": "r", "rollouts": 2, "model": {"type": "scripted", "replies": ["x"]},
+            "sandbox": {"type": "memory"}, "tasks": [{"instance_id": "t", "instruction": "i", "check": "true"}]}
+    run_id, _ = client._record(RunSpec.parse(spec))
+    with session_scope(sqlite_url) as s:
+        running, failed = s.execute(select(Episode.id).where(Episode.run_id == run_id)).scalars().all()
+        s.execute(update(Episode).where(Episode.id == running).values(state=states.RUNNING))
+        s.execute(update(Episode).where(Episode.id == failed).values(state=states.INFRA_FAILED,
+                                                                     exit_status="evaluation_failed"))
+        assert failures_by_kind(s, run_id) == {"evaluation_failed": 1}
+    report = client.resume(run_id)
+    assert (report["interrupted"], report["infra_failed"]) == (1, 1)
+    with session_scope(sqlite_url) as s:
+        ended = s.execute(select(Event.subject_id, Event.data).where(Event.kind == "episode.ended")).all()
+        # The re-run attempts are pending: the superseded failures are history, not the run's failures.
+        assert failures_by_kind(s, run_id) == {}
+    assert [(eid, d["exit_status"]) for eid, d in ended] == [(running, "interrupted")]

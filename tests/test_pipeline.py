@@ -8,12 +8,11 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from megaflow import Client, Settings
+from megaflow import Client
 from megaflow.db.models import Episode, Event, Hop, Step
-from megaflow.db.schema import upgrade
 from megaflow.local_stack import WorkerProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.cluster(host="it-host")]
 
 SCRIPT = ["```bash\necho {step} >> trace.txt\n```", "```bash\necho {step} >> trace.txt\n```", "```bash\nsubmit\n```"]
 
@@ -27,16 +26,6 @@ def spec(n_tasks: int, rollouts: int, latency: float = 0.0, sandbox: str = "loca
         "tasks": [{"instance_id": f"t{i}", "instruction": "append two lines", "check": "test $(cat trace.txt | wc -l) -eq 2"}
                   for i in range(n_tasks)],
     }
-
-
-@pytest.fixture
-def cluster(tmp_path, pg_url, amqp_vhost):
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_vhost, host="it-host")
-    upgrade(pg_url)
-    workers = {p: WorkerProcess(p, settings, name=p).start() for p in ("model", "agent", "env")}
-    yield settings, workers
-    for w in workers.values():
-        w.stop()
 
 
 def assert_run_exact(client: Client, run_id: str, n_episodes: int, n_groups: int, steps_per_episode: int) -> None:
@@ -70,7 +59,7 @@ def assert_run_exact(client: Client, run_id: str, n_episodes: int, n_groups: int
 
 
 def test_run_of_20_episodes_completes_exactly(cluster):
-    settings, workers = cluster
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     run_id = client.submit(spec(5, 4))
     client.wait(run_id, timeout=120)
@@ -82,7 +71,7 @@ def test_run_of_20_episodes_completes_exactly(cluster):
 
 @pytest.mark.parametrize("victim", ["agent", "model"])
 def test_sigkill_mid_run_loses_and_duplicates_nothing(cluster, victim):
-    settings, workers = cluster
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     run_id = client.submit(spec(10, 4, latency=0.05))
     deadline = time.monotonic() + 120
@@ -116,7 +105,7 @@ def _snapshot(client: Client, run_id: str) -> dict:
 def test_same_message_delivered_twice_writes_nothing_new(cluster):
     from megaflow.bench.floors import tasks_done, wait_for_worker
 
-    settings, workers = cluster
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     run_id = client.submit(spec(1, 2))
     client.wait(run_id, timeout=60)
@@ -142,7 +131,7 @@ def test_same_message_delivered_twice_writes_nothing_new(cluster):
 
 
 def test_unknown_task_is_dead_lettered_not_crash_looping(cluster):
-    settings, workers = cluster
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     app = client.app
     from megaflow.bench.floors import wait_for_worker
@@ -164,7 +153,7 @@ def test_unknown_task_is_dead_lettered_not_crash_looping(cluster):
 
 
 def test_cancel_mid_run_ends_every_episode_and_closes_the_run(cluster):
-    settings, workers = cluster
+    settings, workers = cluster.settings, cluster.workers
     client = Client(settings)
     run_id = client.submit(spec(6, 4, latency=0.2))
     deadline = time.monotonic() + 60

@@ -1,7 +1,7 @@
 """`megaflow bench chaos`: its accounting (fast, no services), a small run under fire on
 bubblewrap (workers SIGKILLed every 2–5 s, RabbitMQ and PostgreSQL restarted once each,
 on a private node and server), and a smaller one on docker where an engine answers.
-The full benchmark (500 episodes over three seeds) is `megaflow bench chaos`; see the README.
+The full benchmark (500 episodes over three seeds) is `megaflow bench chaos`; see docs/benchmarks.md.
 """
 
 from __future__ import annotations
