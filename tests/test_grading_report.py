@@ -95,6 +95,7 @@ def real_logs(tmp_path_factory):
     return out
 
 
+@pytest.mark.integration
 def test_verdict_equals_swebench_on_real_logs(real_logs):
     verdicts = []
     for agent, ev in real_logs:

@@ -95,10 +95,12 @@ def _unprotected(backend_config, tmp_path, monkeypatch):
     assert gamed == {agent: 1.0 for agent in swe_tamper.TAMPER}
 
 
+@pytest.mark.integration
 def test_tamper_agents_earn_nothing_on_local(local, tmp_path):
     _check(local, tmp_path)
 
 
+@pytest.mark.integration
 def test_tamper_agents_win_without_restoration_on_local(local, tmp_path, monkeypatch):
     _unprotected(local, tmp_path, monkeypatch)
 
@@ -113,6 +115,7 @@ def test_tamper_agents_win_without_restoration_on_docker(docker_backend, tmp_pat
     _unprotected(docker_backend, tmp_path, monkeypatch)
 
 
+@pytest.mark.integration
 def test_deleted_baseline_earns_nothing(local, tmp_path):
     backend, config = local
     sb = backend.create(config, {"megaflow.test": "tamper"})

@@ -104,6 +104,7 @@ def test_task_file_defaults_apply(tmp_path):
     assert a.environment.pip == ["pytest"] and b.environment.pip == ["nose"] and a.test_command.startswith("python ")
 
 
+@pytest.mark.integration
 def test_same_task_on_local(task, wheels, tmp_path, monkeypatch):
     from megaflow.sandbox.local import LocalBackend
 
@@ -142,6 +143,7 @@ def test_same_task_on_docker(task, wheels, tmp_path):
         client.close()
 
 
+@pytest.mark.integration
 def test_python_resolves_in_local_sandbox(tmp_path):
     from megaflow.sandbox.local import LocalBackend
 
@@ -166,6 +168,7 @@ def test_python_resolves_in_megaflow_base(monkeypatch):
     assert out.decode().startswith("Python 3")
 
 
+@pytest.mark.integration
 def test_parametrized_ids_graded_through_pytest(wheels, tmp_path, tmp_path_factory, monkeypatch):
     from megaflow.sandbox.local import LocalBackend
 

@@ -45,6 +45,7 @@ def built(tmp_path_factory):
     return out, tasks, module
 
 
+@pytest.mark.integration
 def test_tasks_come_from_the_packages_own_suites(built):
     out, tasks, module = built
     assert [t["instance_id"] for t in tasks] == ["inflection-0.5.1-bug1", "parse-1.20.1-bug1"]
@@ -71,6 +72,7 @@ def _mean_reward(out: Path, agent: str, sandbox: str, data: Path, env: dict | No
 AGENTS = ["oracle", "noop", "neuter", "conftest", "ini"]
 
 
+@pytest.mark.integration
 def test_megaflow_run_on_local(built, tmp_path):
     need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
     out, tasks, _ = built
@@ -80,6 +82,7 @@ def test_megaflow_run_on_local(built, tmp_path):
         assert mean == (1.0 if agent == "oracle" else 0.0), (agent, summary)
 
 
+@pytest.mark.integration
 def test_tamper_agents_game_these_suites_without_restoration(built, tmp_path, monkeypatch):
     """The same agents against the same tasks with restoration off: they win, so the 0s above are earned."""
     from megaflow.envs import grading, pristine
