@@ -17,7 +17,7 @@ import swe_tamper
 from conftest import need
 
 from megaflow.envs import grading, pristine
-from megaflow.hops.env_hop import setup
+from megaflow.envs.prepare import setup
 from megaflow.sandbox.base import SandboxConfig
 
 ROOT = Path(__file__).resolve().parents[1]

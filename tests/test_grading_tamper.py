@@ -20,7 +20,7 @@ from conftest import need
 
 from megaflow.envs import grading, pristine
 from megaflow.errors import SandboxError
-from megaflow.hops.env_hop import setup
+from megaflow.envs.prepare import setup
 from megaflow.sandbox.base import SandboxConfig
 
 ROOT = Path(__file__).resolve().parents[1]

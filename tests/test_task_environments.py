@@ -22,7 +22,7 @@ from conftest import PARAMETRIZED_TESTS, docker_engine, need
 
 from megaflow.envs import environments, grading
 from megaflow.errors import SandboxError
-from megaflow.hops.env_hop import setup
+from megaflow.envs.prepare import setup
 from megaflow.sandbox.base import SandboxConfig
 from megaflow.spec import Environment, SWETask
 

@@ -87,7 +87,7 @@ def test_tamper_agents_game_these_suites_without_restoration(built, tmp_path, mo
     """The same agents against the same tasks with restoration off: they win, so the 0s above are earned."""
     from megaflow.envs import grading, pristine
     from megaflow.envs.validate import load_task_set
-    from megaflow.hops.env_hop import setup
+    from megaflow.envs.prepare import setup
     from megaflow.sandbox.base import SandboxConfig
     from megaflow.sandbox.local import LocalBackend
     from megaflow.envs.swe import sandbox_config

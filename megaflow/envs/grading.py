@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: Where the test command's output goes in the sandbox (read back whole, then capped).
 LOG_FILE = ".megaflow_test.log"
+#: Where a terminal task's check script is written in the sandbox before it runs.
+CHECK_FILE = ".megaflow_check.sh"
 #: The part of a test log kept per episode: head and tail of this many characters.
 LOG_KEEP_CHARS = 64_000
 #: A log larger than this is parsed only in its last part (a runaway test printing forever).
@@ -199,7 +201,7 @@ def evaluate(sb, task, timeout: float) -> Evaluation:
                       error="the tests timed out" if run.timed_out else report.get("infra_failure_reason"))
 
 
-def evaluate_task(sb, task, timeout: float, check_file: str = ".megaflow_check.sh") -> Evaluation:
+def evaluate_task(sb, task, timeout: float, check_file: str = CHECK_FILE) -> Evaluation:
     """Grade any task: SWE tasks by `evaluate`; terminal tasks by their check script's exit code.
 
     Raises:

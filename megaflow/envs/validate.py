@@ -74,7 +74,8 @@ def load_task_set(path: str | Path) -> list:
 def validate_task(backend: SandboxBackend, base: SandboxConfig, task, cache_root: Path,
                   timeout: float = 300.0) -> TaskReport:
     """Run one task with its gold solution and with no change; see the module docstring."""
-    from megaflow.hops.env_hop import CHECK_FILE, setup
+    from megaflow.envs.grading import CHECK_FILE
+    from megaflow.envs.prepare import setup
 
     report = TaskReport(task.instance_id, task.kind)
     started = time.monotonic()

@@ -21,23 +21,24 @@ from megaflow.db import states
 from megaflow.db.states import ExitStatus
 from megaflow.db.models import Episode, Step
 from megaflow.db.sql import prepared, update_where
-from megaflow.envs import grading, swe
+from megaflow.envs import grading
+from megaflow.envs.grading import CHECK_FILE
+from megaflow.envs.prepare import setup
 from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError, SandboxNotFoundError
-from megaflow.deadlines import Budget, remaining_s
+from megaflow.deadlines import remaining_s
 from megaflow.hops import exec_journal
 from megaflow.hops.base import run_hop
 from megaflow.contract import HopResult, failure
 from megaflow.hops.env_rebuild import fenced_episode, on_host, rebuild, record_rebuild, replay_plan
 from megaflow.hops.env_sandbox import clear_earlier, config_for, destroy, finish, obtain
 from megaflow.runtime import get_runtime
-from megaflow.sandbox.base import Sandbox, SandboxConfig
+from megaflow.sandbox.base import Sandbox
 from megaflow.sanitize import storable
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
-CHECK_FILE = ".megaflow_check.sh"
 
 
 def _episode(s, episode_id: str, host: str):
@@ -96,27 +97,6 @@ def provision_task(self, episode_id: str, step: int = 0):
 
     return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "provision"), work,
                                                          load=lambda s: _episode(s, episode_id, host)))
-
-
-def setup(sb: Sandbox, task, timeout: float, config: SandboxConfig | None = None, cache_root=None) -> None:
-    """Prepare the sandbox for a task: files and setup commands (SWE tasks: the repo too).
-
-    `timeout` bounds the whole preparation, not each command.
-    """
-    if task.kind == "swe":
-        swe.prepare(sb, task, config or SandboxConfig(), cache_root, timeout)
-        return
-    budget = Budget(timeout, "provisioning")
-    for path, content in task.files.items():
-        sb.write_file(path, content.encode())
-    for cmd in task.setup:
-        if budget.exhausted:
-            raise SetupError(budget.message())
-        r = sb.exec(cmd, timeout=budget.left())
-        if r.timed_out and budget.exhausted:
-            raise SetupError(f"{budget.message()} (during {cmd!r})")
-        if r.exit_code != 0:
-            raise SetupError(f"setup command {cmd!r} exited {r.exit_code}: {(r.stderr or r.stdout)[-500:]}")
 
 
 def exec_task(self, episode_id: str, step: int):

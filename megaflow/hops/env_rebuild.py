@@ -91,7 +91,7 @@ def rebuild(rt, ep: Episode, plan: list[tuple[int, str, int | None]], host: str)
     """
     from megaflow.deadlines import Budget, max_phase_s
     from megaflow.hops import exec_journal
-    from megaflow.hops.env_hop import setup
+    from megaflow.envs.prepare import setup
     from megaflow.hops.env_sandbox import destroy, obtain
 
     spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)

@@ -1,0 +1,33 @@
+"""Prepare a sandbox for a task: its files and setup commands (SWE tasks: the repository too).
+
+The env hops (provision, rebuild) and task-set validation (`validate`) all prepare a
+sandbox this one way, so a task that validates is set up in an episode the same.
+"""
+
+from __future__ import annotations
+
+from megaflow.deadlines import Budget
+from megaflow.envs import swe
+from megaflow.envs.swe import SetupError
+from megaflow.sandbox.base import Sandbox, SandboxConfig
+
+
+def setup(sb: Sandbox, task, timeout: float, config: SandboxConfig | None = None, cache_root=None) -> None:
+    """Prepare the sandbox for a task: files and setup commands (SWE tasks: the repo too).
+
+    `timeout` bounds the whole preparation, not each command.
+    """
+    if task.kind == "swe":
+        swe.prepare(sb, task, config or SandboxConfig(), cache_root, timeout)
+        return
+    budget = Budget(timeout, "provisioning")
+    for path, content in task.files.items():
+        sb.write_file(path, content.encode())
+    for cmd in task.setup:
+        if budget.exhausted:
+            raise SetupError(budget.message())
+        r = sb.exec(cmd, timeout=budget.left())
+        if r.timed_out and budget.exhausted:
+            raise SetupError(f"{budget.message()} (during {cmd!r})")
+        if r.exit_code != 0:
+            raise SetupError(f"setup command {cmd!r} exited {r.exit_code}: {(r.stderr or r.stdout)[-500:]}")
