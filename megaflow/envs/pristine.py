@@ -25,8 +25,10 @@ like the rest. A sandbox without the ref is graded 0 (`BaselineMissing`).
 
 from __future__ import annotations
 
+import base64
 import posixpath
 import re
+import secrets
 import shlex
 import sys
 
@@ -56,6 +58,10 @@ _KILL_STRAYS = (
 
 class BaselineMissing(RuntimeError):
     """The sandbox has no `BASE_REF`: nothing to restore from, so no verdict can be trusted."""
+
+
+class RestoreFailed(BaselineMissing):
+    """The restore stopped before its end: the verdict cannot be trusted either."""
 
 
 def test_files(task) -> list[str]:
@@ -154,35 +160,80 @@ def merge_pyproject(pristine: str, current: str) -> str:
     return body + "".join(test)
 
 
+class Restore:
+    """A restore in two sandbox round trips, the second shared with whatever runs next (the tests).
+
+    `command` (first exec) runs `before` (evaluation's diff of the agent's work), then
+    the restore, then lists what the rest needs to know: root names the agent added
+    and each ``pyproject.toml`` as the baseline and the agent have it. `read` parses
+    its output and yields `finish`: the shell that completes the restore (shadowing
+    names removed, pyproject test tables put back), to be run before the tests and
+    in the same exec. Every section is framed by a per-evaluation nonce, so nothing
+    the agent wrote (file names, its diff) can pass for a section.
+
+    Raises (from `read`):
+        BaselineMissing: the sandbox has no baseline ref.
+    """
+
+    def __init__(self, task, before: str = "true"):
+        self.whole, self.pyprojects = protected_paths(task)
+        self.mark = f"megaflow-{secrets.token_hex(8)}"
+        self.before_output = ""
+        self.finish = "true"
+        m = self.mark
+        listing = [f"echo {m}:added; {added_root_names_command()}"]
+        for i, path in enumerate(self.pyprojects):
+            q = shlex.quote(path)
+            listing.append(f"echo {m}:base:{i}; {GIT} show {BASE_REF}:{q} 2>/dev/null | base64 -w0; echo; "
+                           f"echo {m}:current:{i}; test -f {q} && base64 -w0 < {q}; echo")
+        self.command = "; ".join([
+            f"{{ {before}; }} 2>/dev/null", f"echo {m}:restore",
+            # Its own process: the restore stops every process but its ancestors, and a
+            # subshell shares the script's $$, so it would take itself for a stray.
+            f"bash -c {shlex.quote(restore_command(self.whole))}",
+            f"echo {m}:rc:$?", *listing, "true"])
+
+    def read(self, stdout: str) -> str:
+        """Parse the first exec's output; returns the `finish` shell (also kept as ``self.finish``)."""
+        m = self.mark
+        head, _, rest = stdout.partition(f"{m}:restore\n")
+        self.before_output = head
+        sections = dict(re.findall(rf"^{re.escape(m)}:(\S+)\n(.*?)(?=^{re.escape(m)}:|\Z)", rest, re.S | re.M))
+        if "rc:3" in sections:
+            raise BaselineMissing(f"{BASE_REF} is missing: the repository's history was tampered with")
+        if "rc:0" not in sections:
+            rc = next((k for k in sections if k.startswith("rc:")), "no exit status")
+            raise RestoreFailed(f"restoring the pristine files did not finish ({rc}): {rest[-300:]!r}")
+        fixes = []
+        bad = shadowing(sections.get("added", "").split())
+        if bad:
+            fixes.append("rm -rf -- " + " ".join(shlex.quote(n) for n in bad))
+        for i, path in enumerate(self.pyprojects):
+            base, current = sections.get(f"base:{i}", "").strip(), sections.get(f"current:{i}")
+            pristine_text = _unb64(base) if base else None
+            current_text = _unb64(current.strip()) if current and current.strip() else ""
+            if pristine_text is None and not current_text:
+                continue
+            merged = merge_pyproject(pristine_text or "", current_text)
+            if merged != current_text:
+                encoded = base64.b64encode(merged.encode()).decode()
+                fixes.append(f"echo {encoded} | base64 -d > {shlex.quote(path)}")
+        self.finish = " && ".join(fixes) or "true"
+        return self.finish
+
+
+def _unb64(text: str) -> str:
+    return base64.b64decode(text.strip() or b"").decode("utf-8", "replace")
+
+
 def restore(sb, task, timeout: float) -> None:
-    """Put every verdict-changing file back to the baseline; see the module docstring.
+    """Put every verdict-changing file back to the baseline (two execs); see the module docstring.
 
     Raises:
         BaselineMissing: the sandbox has no baseline ref.
         SandboxError: the sandbox failed.
     """
-    whole, pyprojects = protected_paths(task)
-    # One exec for the restore and the root listing; the marker parts their output.
-    r = sb.exec(restore_command(whole, then=f"echo {_ADDED_MARK}; {added_root_names_command()}"), timeout=timeout)
-    if r.exit_code == 3:
-        raise BaselineMissing(f"{BASE_REF} is missing: the repository's history was tampered with")
-    if f"{_ADDED_MARK}\n" in r.stdout:
-        added = r.stdout.rsplit(f"{_ADDED_MARK}\n", 1)[1].split()
-    else:  # not expected: ask on its own rather than skip the check
-        added = sb.exec(added_root_names_command(), timeout=timeout).stdout.split()
-    bad = shadowing(added)
-    if bad:
-        sb.exec("rm -rf -- " + " ".join(shlex.quote(n) for n in bad), timeout=timeout)
-    for path in pyprojects:
-        q = shlex.quote(path)
-        # Exit status 10 * exists + shown; stdout is the baseline's file when shown.
-        shown = sb.exec(f"e=0; test -f {q} && e=1; {GIT} show {BASE_REF}:{q} 2>/dev/null; "
-                        "exit $((e * 10 + ($? == 0)))", timeout=timeout)
-        pristine = shown.stdout if shown.exit_code in (1, 11) else None
-        exists = shown.exit_code in (10, 11)
-        if not exists and pristine is None:
-            continue
-        current = sb.read_file(path).decode("utf-8", "replace") if exists else ""
-        merged = merge_pyproject(pristine or "", current)
-        if merged != current:
-            sb.write_file(path, merged.encode())
+    plan = Restore(task)
+    plan.read(sb.exec(plan.command, timeout=timeout).stdout)
+    if plan.finish != "true":
+        sb.exec(plan.finish, timeout=timeout)
