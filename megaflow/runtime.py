@@ -20,6 +20,7 @@ from megaflow.config import Settings
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Run, SandboxRow, TaskInstance, utcnow
 from megaflow.db.sql import prepared
+from megaflow.envs import swe
 from megaflow.model.base import ModelClient
 from megaflow.model.config import make_client
 from megaflow.sandbox.base import Sandbox, SandboxBackend, SandboxConfig
@@ -105,6 +106,13 @@ class Runtime:
         with self.session() as s:
             ti = s.get(TaskInstance, task_instance_id)
             return _task_adapter.validate_python(ti.data)
+
+    def sandbox_config(self, ep) -> SandboxConfig:
+        """The sandbox config of an episode: its run's, with the task's image on docker.
+
+        Here, not in the env hops: admission needs it too (the image it places by).
+        """
+        return swe.sandbox_config(self.spec(ep.run_id).sandbox, self.task(ep.task_instance_id))
 
     def _make_agent(self, run_id: str) -> Agent:
         return make_agent(self.spec(run_id).agent)

@@ -8,7 +8,7 @@ from megaflow import Client, Settings
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, RolloutGroup, Run, TaskInstance
 from megaflow.db.run_stats import run_stats, summarize
-from megaflow.hops.groups import run_summary
+from megaflow.scheduler.closing import run_summary
 from megaflow.ops import stats as ops_stats
 from megaflow.ops.report import render_html
 

@@ -31,7 +31,7 @@ from megaflow.hops import exec_journal
 from megaflow.hops.base import run_hop
 from megaflow.contract import HopResult, failure
 from megaflow.hops.env_rebuild import fenced_episode, on_host, rebuild, record_rebuild, replay_plan
-from megaflow.hops.env_sandbox import clear_earlier, config_for, destroy, finish, obtain
+from megaflow.hops.env_sandbox import clear_earlier, destroy, finish, obtain
 from megaflow.runtime import get_runtime
 from megaflow.sandbox.base import Sandbox
 from megaflow.sanitize import storable
@@ -260,7 +260,7 @@ def release_task(self, episode_id: str, step: int):
         finish(rt, ep)
         if not ep.sandbox_id:
             # Ended before its provision recorded a sandbox: clear what killed deliveries left.
-            clear_earlier(rt, episode_id, rt.settings.host, config_for(rt, ep).type)
+            clear_earlier(rt, episode_id, rt.settings.host, rt.sandbox_config(ep).type)
         return HopResult(hop="release", step=step, host=rt.settings.host).wire(), None
 
     return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "release"), work,

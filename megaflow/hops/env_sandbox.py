@@ -16,7 +16,6 @@ import uuid
 from sqlalchemy import select, update
 
 from megaflow.db.models import SandboxRow, utcnow
-from megaflow.envs.swe import sandbox_config
 from megaflow.errors import SandboxError, SandboxNotFoundError
 from megaflow.reaper import EPISODE_LABEL, HOST_LABEL, idle_lease_s, sandbox_labels
 from megaflow.runtime import Runtime
@@ -35,11 +34,6 @@ def lease_until(rt: Runtime, run_id: str) -> dt.datetime:
     return utcnow() + dt.timedelta(seconds=limits.episode_timeout_s + limits.eval_timeout_s + 300)
 
 
-def config_for(rt: Runtime, ep) -> SandboxConfig:
-    """The sandbox config of an episode: its run's, with the task's image on docker."""
-    return sandbox_config(rt.spec(ep.run_id).sandbox, rt.task(ep.task_instance_id))
-
-
 def obtain(rt: Runtime, ep, host: str) -> tuple[Sandbox, SandboxConfig]:
     """Create (ephemeral) or acquire (persistent) the episode's sandbox and record its row.
 
@@ -55,7 +49,7 @@ def obtain(rt: Runtime, ep, host: str) -> tuple[Sandbox, SandboxConfig]:
     Raises:
         SandboxError: the backend failed.
     """
-    config = config_for(rt, ep)
+    config = rt.sandbox_config(ep)
     values = {"run_id": ep.run_id, "episode_id": ep.id, "state": "in_use",
               "lease_expires_at": lease_until(rt, ep.run_id), "heartbeat_at": utcnow()}
     clear_earlier(rt, ep.id, host, config.type)
@@ -139,7 +133,7 @@ def finish(rt: Runtime, ep) -> None:
     """The episode is done with its sandbox: destroy it, or reset it into the pool. Idempotent."""
     if not ep.sandbox_id:
         return
-    config = config_for(rt, ep)
+    config = rt.sandbox_config(ep)
     if config.mode == "ephemeral":
         destroy(rt, ep.sandbox_id, config.type)
         return

@@ -43,10 +43,8 @@ ADMIT = HopResult(hop="admit").wire()
 
 def claim_of(rt, ep) -> dict:
     """What admission needs to know of an episode (from the worker's warm caches)."""
-    from megaflow.hops.env_sandbox import config_for
-
     spec = rt.spec(ep.run_id)
-    config = config_for(rt, ep)
+    config = rt.sandbox_config(ep)
     limits = spec.limits
     hold_s = limits.episode_timeout_s + limits.eval_timeout_s + limits.provision_timeout_s + 600
     return {"user": spec.user, "project": spec.project, "run_id": ep.run_id,

@@ -25,6 +25,7 @@ from megaflow.db import states
 from megaflow.db.models import Episode, RolloutGroup, Run, utcnow
 from megaflow.events import emit
 from megaflow.db import ledger
+from megaflow.scheduler.closing import close_group, close_run
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ def close_unclosed(session_factory, stale_s: float = STALE_S, now: dt.datetime |
 
 def _close(session_factory, found: dict) -> bool:
     """Do what ``group.done`` and ``run.done`` would have, in one transaction, ledgered under their keys."""
-    from megaflow.hops.groups import close_group, close_run
-
     run_id, generation = found["run_id"], found["generation"]
     with session_factory() as s:
         # One repairer per run (another env host may sweep at the same moment).
