@@ -109,7 +109,7 @@ def _render(table) -> str:
     return console.export_text()
 
 
-@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def test_a_run_whose_episodes_all_ended_is_flagged_then_closed_by_the_repair(db, request, tmp_path):
     if db == "sqlite":
         sqlite_url = request.getfixturevalue("sqlite_url")
