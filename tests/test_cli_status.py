@@ -12,8 +12,10 @@ import pytest
 from celery.exceptions import Retry
 from conftest import run_megaflow
 from rich.console import Console
+from typer.testing import CliRunner
 
 from megaflow import Client, RunSpec, Settings
+from megaflow.cli.main import app
 from megaflow.cli.progress import Stall, follow, last_error, last_log_warning
 from megaflow.cli.runs import status_table
 from megaflow.db.engine import session_scope
@@ -96,12 +98,14 @@ def test_status_prints_a_table_and_json(embedded):
     assert "{" not in proc.stdout, "a table, not a Python dict"
     assert f"run {run_id} · hello · running" in proc.stdout
     assert "pending" in proc.stdout and "total" in proc.stdout and "steps" in proc.stdout
-    proc = run_megaflow(["status", run_id, "--json"], settings.data_dir, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    st = json.loads(proc.stdout)
+    # The real entry point once (above); the rest in process: the same code without an interpreter start.
+    env = {"MEGAFLOW_DATA_DIR": str(settings.data_dir)}
+    result = CliRunner().invoke(app, ["status", run_id, "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    st = json.loads(result.stdout)
     assert st["run_id"] == run_id and st["by_state"] == {"pending": 6} and st["episodes"] == 6
-    proc = run_megaflow(["status", "nosuchrun"], settings.data_dir, timeout=60)
-    assert proc.returncode == 1 and "no run nosuchrun" in proc.stdout
+    result = CliRunner().invoke(app, ["status", "nosuchrun"], env=env)
+    assert result.exit_code == 1 and "no run nosuchrun" in result.stdout
 
 
 def test_status_table_rows():
