@@ -20,6 +20,7 @@ import pytest
 
 from megaflow.agent.base import Command, FormatError, Submit
 from megaflow.envs.grading import evaluate_task
+from megaflow.envs.prepare import setup
 from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Message, ModelRequest, SamplingParams
 from megaflow.model.config import ScriptedModelConfig
@@ -118,8 +119,7 @@ def test_example_task_family_yields_tasks_that_grade_right(tiny_backend):
         for solve, reward in ((True, 1.0), (False, 0.0)):
             sandbox = tiny_backend.create(SandboxConfig(), {"task": task.instance_id})
             try:
-                for path, content in task.files.items():
-                    sandbox.write_file(path, content.encode())
+                setup(sandbox, task, timeout=10)  # as the provision hop prepares it
                 for cmd in task.solution if solve else []:
                     assert sandbox.exec(cmd, timeout=10).exit_code == 0
                 assert evaluate_task(sandbox, task, timeout=10).reward == reward, (task.instance_id, solve)
