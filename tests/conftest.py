@@ -1,4 +1,10 @@
-"""Shared fixtures: real services that skip on a laptop without them and fail under CI=true."""
+"""Shared fixtures: real services that skip on a laptop without them and fail under CI=true.
+
+* `pg_url`, `amqp_vhost`: a fresh PostgreSQL database / RabbitMQ vhost per test;
+* `cluster` / `make_cluster`: real Celery workers of the three pools on them (or on the embedded stack);
+* the rule that keeps `pytest -m "not integration"` fast: a test that uses a service fixture, `need()`
+  or `docker_engine()` without the `integration` mark fails, saying so.
+"""
 
 from __future__ import annotations
 
