@@ -157,3 +157,15 @@ AGENTS: dict[str, list[str]] = {
 }
 #: Agents that game an unprotected grader.
 TAMPER = [name for name in AGENTS if name not in ("oracle", "noop", "conftest_skip")]
+
+
+def restoration_off(mp) -> None:
+    """Undo each part of grading's restore on monkeypatch `mp`: files, shadowing names, pyproject tables.
+
+    With it every tamper agent games the reward, which shows the tamper tests can fail.
+    """
+    from megaflow.envs import pristine
+
+    mp.setattr(pristine, "restore_command", lambda paths, then="exit 0": then)
+    mp.setattr(pristine, "shadowing", lambda names: [])
+    mp.setattr(pristine, "merge_pyproject", lambda base, current: current)

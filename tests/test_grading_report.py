@@ -16,7 +16,7 @@ import pytest
 import swe_tamper
 from conftest import need
 
-from megaflow.envs import grading, pristine
+from megaflow.envs import grading
 from megaflow.envs.prepare import setup
 from megaflow.sandbox.base import SandboxConfig
 
@@ -85,7 +85,7 @@ def real_logs(tmp_path_factory):
                 assert sb.exec(cmd, timeout=60).exit_code == 0
             mp = pytest.MonkeyPatch()
             if not protect:
-                mp.setattr(pristine, "restore", lambda *a: None)
+                swe_tamper.restoration_off(mp)
             try:
                 out.append((agent, grading.evaluate(sb, TASK, 120)))
             finally:
@@ -112,7 +112,7 @@ def test_verdict_equals_swebench_on_real_logs(real_logs):
 def graded_runs(tmp_path, pg_url, amqp_vhost):
     from megaflow import Client, Settings
     from megaflow.db.schema import upgrade
-    from megaflow.envs.validate import load_task_set
+    from megaflow.validate import load_task_set
     from megaflow.local_stack import WorkerProcess
 
     need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")

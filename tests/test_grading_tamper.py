@@ -89,7 +89,7 @@ def _check(backend_config, tmp_path):
 
 def _unprotected(backend_config, tmp_path, monkeypatch):
     """Without restoration every tamper agent games the reward: the tests above can fail."""
-    monkeypatch.setattr(pristine, "restore", lambda sb, task, timeout: None)
+    swe_tamper.restoration_off(monkeypatch)
     backend, config = backend_config
     gamed = {agent: run_agent(backend, config, agent, tmp_path).reward for agent in swe_tamper.TAMPER}
     assert gamed == {agent: 1.0 for agent in swe_tamper.TAMPER}

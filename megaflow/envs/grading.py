@@ -26,6 +26,8 @@ from megaflow.envs import pristine
 
 log = logging.getLogger(__name__)
 
+#: Exit codes of the test exec when what must precede the tests failed.
+_RESTORE_FAILED, _TEST_PATCH_FAILED = 90, 91
 #: Where the test command's output goes in the sandbox (read back whole, then capped).
 LOG_FILE = ".megaflow_test.log"
 #: Where a terminal task's check script is written in the sandbox before it runs.
@@ -168,21 +170,29 @@ def evaluate(sb, task, timeout: float) -> Evaluation:
     from megaflow.envs import swe
 
     budget = Budget(timeout, "evaluation")  # `timeout` bounds the whole evaluation
+    # Two execs in all (each a docker exec round trip, #15 point 7): the agent's diff
+    # and the restore; then the restore's fix-ups, the test patch and the tests.
     g = pristine.GIT
     diff_cmd = f"{g} diff --cached --binary --no-ext-diff --no-textconv"
-    diff = sb.exec(f"{g} add -A >/dev/null 2>&1; {diff_cmd} {pristine.BASE_REF} 2>/dev/null || {diff_cmd}",
-                   timeout=budget.left())
-    patch = diff.stdout
+    plan = pristine.Restore(task, before=f"{g} add -A >/dev/null 2>&1; {diff_cmd} {pristine.BASE_REF} 2>/dev/null "
+                                         f"|| {diff_cmd}")
+    first = sb.exec(plan.command, timeout=budget.left())
     try:
-        pristine.restore(sb, task, budget.left())
+        finish = plan.read(first.stdout)
     except pristine.BaselineMissing as exc:
-        return Evaluation(0.0, patch, patch_applied=False, error=str(exc))
-    if not swe.apply_test_patch(sb, task, budget.left()):
-        return Evaluation(0.0, patch, patch_applied=False, error="the test patch does not apply")
-    swe.install_runner(sb, task)
+        return Evaluation(0.0, plan.before_output, patch_applied=False, error=str(exc))
+    patch = plan.before_output
     command = swe.tests_command(task, [*task.FAIL_TO_PASS, *task.PASS_TO_PASS])
-    run = sb.exec(f"PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1 {command} > {LOG_FILE} 2>&1; echo $?",
+    run = sb.exec(f"{{ {finish}; }} || exit {_RESTORE_FAILED}; {{ {swe.test_patch_command(sb, task)}; }} >&2 "
+                  f"|| exit {_TEST_PATCH_FAILED}; {swe.runner_command(sb, task)}; "
+                  f"PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1 {command} > {LOG_FILE} 2>&1; echo $?",
                   timeout=budget.left())
+    if run.exit_code == _RESTORE_FAILED:
+        return Evaluation(0.0, patch, patch_applied=False, error=f"restoring the pristine files failed: "
+                          f"{run.stderr[-300:]}")
+    if run.exit_code == _TEST_PATCH_FAILED:
+        log.info("test patch of %s does not apply: %s", task.instance_id, run.stderr[-300:])
+        return Evaluation(0.0, patch, patch_applied=False, error="the test patch does not apply")
     code = run.stdout.strip().rsplit("\n", 1)[-1]
     try:
         text = sb.read_file(LOG_FILE).decode("utf-8", "replace")

@@ -163,8 +163,8 @@ def merge_pyproject(pristine: str, current: str) -> str:
 class Restore:
     """A restore in two sandbox round trips, the second shared with whatever runs next (the tests).
 
-    `command` (first exec) runs `before` (evaluation's diff of the agent's work), then
-    the restore, then lists what the rest needs to know: root names the agent added
+    `command` (first exec) runs `before` (evaluation's diff of the agent's work; its
+    output becomes `before_output`), then the restore, then lists what the rest needs to know: root names the agent added
     and each ``pyproject.toml`` as the baseline and the agent have it. `read` parses
     its output and yields `finish`: the shell that completes the restore (shadowing
     names removed, pyproject test tables put back), to be run before the tests and
@@ -186,18 +186,21 @@ class Restore:
             q = shlex.quote(path)
             listing.append(f"echo {m}:base:{i}; {GIT} show {BASE_REF}:{q} 2>/dev/null | base64 -w0; echo; "
                            f"echo {m}:current:{i}; test -f {q} && base64 -w0 < {q}; echo")
+        saved = f"/tmp/{m}.before"
         self.command = "; ".join([
-            f"{{ {before}; }} 2>/dev/null", f"echo {m}:restore",
+            f"{{ {before}; }} > {saved} 2>/dev/null", f"echo {m}:restore",
             # Its own process: the restore stops every process but its ancestors, and a
             # subshell shares the script's $$, so it would take itself for a stray.
             f"bash -c {shlex.quote(restore_command(self.whole))}",
-            f"echo {m}:rc:$?", *listing, "true"])
+            # `before`'s output (a diff: the largest part) last, so that an output cut in its
+            # middle (`max_output_bytes` keeps head and tail) costs none of the sections.
+            f"echo {m}:rc:$?", *listing, f"echo {m}:before", f"cat {saved}; rm -f {saved}"])
 
     def read(self, stdout: str) -> str:
         """Parse the first exec's output; returns the `finish` shell (also kept as ``self.finish``)."""
         m = self.mark
-        head, _, rest = stdout.partition(f"{m}:restore\n")
-        self.before_output = head
+        _, _, rest = stdout.partition(f"{m}:restore\n")
+        rest, _, self.before_output = rest.partition(f"{m}:before\n")
         sections = dict(re.findall(rf"^{re.escape(m)}:(\S+)\n(.*?)(?=^{re.escape(m)}:|\Z)", rest, re.S | re.M))
         if "rc:3" in sections:
             raise BaselineMissing(f"{BASE_REF} is missing: the repository's history was tampered with")

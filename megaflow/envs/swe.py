@@ -17,6 +17,7 @@ where it does not (images carry python3 but no pytest).
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import shlex
@@ -114,30 +115,38 @@ def tests_command(task, ids: list[str]) -> str:
     return " ".join([task.test_command, *(shlex.quote(t) for t in args)])
 
 
-def apply_test_patch(sb: Sandbox, task, timeout: float) -> bool:
-    """Restore the files the test patch touches, then apply it; False when it does not apply.
+#: Files up to this size travel inside the command (base64); larger ones take a round trip of their own.
+INLINE_BYTES = 48_000
+
+
+def put_file(sb: Sandbox, path: str, content: bytes) -> str:
+    """Shell that writes `content` to `path`: inline when small (no extra round trip), else written now."""
+    if len(content) <= INLINE_BYTES:
+        return f"echo {base64.b64encode(content).decode()} | base64 -d > {shlex.quote(path)}"
+    sb.write_file(path, content)
+    return "true"
+
+
+def test_patch_command(sb: Sandbox, task) -> str:
+    """Shell that restores the files the test patch touches, then applies it (``true`` without one).
 
     Restoring first (as SWE-bench does) means an agent that edited the tests can
-    neither block the patch nor weaken the checks.
+    neither block the patch nor weaken the checks. Exits non-zero when it does not apply.
     """
     if not task.test_patch:
-        return True
+        return "true"
     restore = [f"{{ {GIT} checkout -q {BASE_REF} -- {shlex.quote(p)} 2>/dev/null || rm -f -- {shlex.quote(p)}; }}"
                for p in patch_paths(task.test_patch)]
-    sb.write_file(TEST_PATCH_FILE, task.test_patch.encode())
-    # Restore and apply in one exec: each is a docker exec round trip (#15 point 7).
+    write = put_file(sb, TEST_PATCH_FILE, task.test_patch.encode())
     apply = f"{{ {GIT} apply {TEST_PATCH_FILE} || patch -p1 --forward < {TEST_PATCH_FILE}; }}"
-    r = sb.exec(" ; ".join([*restore, apply]), timeout=timeout)
-    if r.exit_code != 0:
-        log.info("test patch of %s does not apply: %s", task.instance_id, (r.stderr or r.stdout)[-300:])
-        return False
-    return True
+    return " ; ".join([*restore, f"{write} && {apply}"])
 
 
-def install_runner(sb: Sandbox, task) -> None:
-    """Copy the pytest-free runner in when the task's test command uses it."""
-    if RUNNER_FILE in task.test_command:
-        sb.write_file(RUNNER_FILE, (Path(__file__).parent / "runtests.py").read_bytes())
+def runner_command(sb: Sandbox, task) -> str:
+    """Shell that copies the pytest-free runner in when the task's test command uses it."""
+    if RUNNER_FILE not in task.test_command:
+        return "true"
+    return put_file(sb, RUNNER_FILE, (Path(__file__).parent / "runtests.py").read_bytes())
 
 
 def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str]:
