@@ -34,7 +34,7 @@ def test_oracle_solves_every_example_on_the_embedded_stack(tmp_path):
 @pytest.fixture(scope="module")
 def docker_url():
     from megaflow.envs.repos import build_repo_image
-    from megaflow.envs.validate import load_task_set
+    from megaflow.validate import load_task_set
     from megaflow.sandbox.dockerd import ensure_dockerd
     from megaflow.sandbox.images import build_base, build_image
 

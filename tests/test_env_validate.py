@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from megaflow.envs import swe
 from megaflow.envs.repos import RepoSource, image_tag
-from megaflow.envs.validate import load_task_set, validate
+from megaflow.validate import load_task_set, validate
 from megaflow.errors import SandboxError
 from megaflow.sandbox.base import SandboxConfig
 from megaflow.sandbox.local import LocalBackend

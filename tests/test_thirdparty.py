@@ -86,7 +86,7 @@ def test_megaflow_run_on_local(built, tmp_path):
 def test_tamper_agents_game_these_suites_without_restoration(built, tmp_path, monkeypatch):
     """The same agents against the same tasks with restoration off: they win, so the 0s above are earned."""
     from megaflow.envs import grading, pristine
-    from megaflow.envs.validate import load_task_set
+    from megaflow.validate import load_task_set
     from megaflow.envs.prepare import setup
     from megaflow.sandbox.base import SandboxConfig
     from megaflow.sandbox.local import LocalBackend

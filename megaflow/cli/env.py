@@ -63,7 +63,7 @@ def build(
     from megaflow.config import Settings
     from megaflow.envs.environments import build_env_image, digest, ensure_venv
     from megaflow.envs.repos import REPO_BASE_IMAGE, build_repo_image
-    from megaflow.envs.validate import load_task_set
+    from megaflow.validate import load_task_set
     from megaflow.errors import SandboxError, SpecError
     from megaflow.sandbox.contexts import context_dir
     from megaflow.sandbox.images import build_image
@@ -110,8 +110,8 @@ def validate(
     from rich.table import Table
 
     from megaflow.config import Settings
-    from megaflow.envs.validate import load_task_set, sandbox_for
-    from megaflow.envs.validate import validate as do_validate
+    from megaflow.validate import load_task_set, sandbox_for
+    from megaflow.validate import validate as do_validate
     from megaflow.errors import SandboxError, SpecError
     from megaflow.sandbox.registry import make_backend
 

@@ -6,6 +6,9 @@ Each task runs directly in a sandbox of the chosen backend, through the same
 also checks each FAIL_TO_PASS test fails and the PASS_TO_PASS tests pass on the
 untouched repo, so a reward of 0 there means "the bug is present", not "the
 task is broken".
+
+It reads task files (`megaflow.spec`) and runs the oracle agent, so it sits above the
+task families in `megaflow.envs`, beside `megaflow.preflight`.
 """
 
 from __future__ import annotations
