@@ -2,7 +2,7 @@
 
 No broker and no workers (`megaflow.inprocess`): each episode's decisions and hops
 run here, in seconds. The same endings through real workers are in the integration
-tests (`test_endings.py`, `test_pipeline_integration.py`).
+tests (`test_endings.py`, `test_pipeline.py`).
 """
 
 from __future__ import annotations
