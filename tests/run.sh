@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian machine, then run it.
 #   bash tests/run.sh [pytest args]
+#   bash tests/run.sh -m 'not integration'   # the fast suite: no test that needs a real service
 # Python packages go into the project virtualenv .venv (created when missing, reused
 # otherwise; MEGAFLOW_VENV names another), never into the system Python: Debian 12
 # refuses that (externally-managed-environment). PYTHON=/path/to/python uses that
