@@ -1,3 +1,6 @@
+"""The run spec (`megaflow.spec.RunSpec`): the example loads, tasks files are inlined, bad specs are refused
+with the field named and nothing queued."""
+
 from __future__ import annotations
 
 import json

@@ -1,3 +1,6 @@
+"""The episode state machine (`megaflow.db.states`): its edges, compare-and-set moves, terminal states that
+stick."""
+
 from __future__ import annotations
 
 import pytest
