@@ -14,7 +14,7 @@ import pytest
 from conftest import need
 from typer.testing import CliRunner
 
-from megaflow.envs import swe
+from megaflow.envs import grading, swe
 from megaflow.envs.repos import RepoSource, image_tag
 from megaflow.validate import load_task_set, validate
 from megaflow.errors import SandboxError
@@ -92,7 +92,8 @@ def test_agent_cannot_pass_by_editing_the_tests(tasks, local, tmp_path):
         # Rewrite the test file so that every test id would pass trivially.
         names = [i.split("::")[1] for i in task.FAIL_TO_PASS + task.PASS_TO_PASS]
         sb.write_file("tests/test_textkit.py", "".join(f"def {n}():\n    pass\n" for n in names).encode())
-        reward, patch = swe.evaluate(sb, task, timeout=60)
+        graded = grading.evaluate(sb, task, timeout=60)
+        reward, patch = graded.reward, graded.patch
         assert reward == 0.0 and "tests/test_textkit.py" in patch
     finally:
         sb.close()
@@ -106,7 +107,7 @@ def test_partial_fix_earns_nothing(tasks, local, tmp_path):
         # Collapses runs of separators but leaves dashes at the edges: one FAIL_TO_PASS test still fails.
         r = sb.exec("sed -i 's/\\[^a-z0-9\\]\"/[^a-z0-9]+\"/' textkit/__init__.py && grep -c '+\"' textkit/__init__.py")
         assert r.stdout.strip() == "1", r
-        reward, _ = swe.evaluate(sb, task, timeout=60)
+        reward = grading.evaluate(sb, task, timeout=60).reward
         assert reward == 0.0
         assert sb.exec(swe.tests_command(task, task.FAIL_TO_PASS[:1])).exit_code == 0
     finally:

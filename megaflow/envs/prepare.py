@@ -7,7 +7,7 @@ sandbox this one way, so a task that validates is set up in an episode the same.
 from __future__ import annotations
 
 from megaflow.deadlines import Budget
-from megaflow.envs import swe
+from megaflow.envs import grading, swe
 from megaflow.envs.swe import SetupError
 from megaflow.sandbox.base import Sandbox, SandboxConfig
 
@@ -18,6 +18,7 @@ def setup(sb: Sandbox, task, timeout: float, config: SandboxConfig | None = None
     `timeout` bounds the whole preparation, not each command.
     """
     if task.kind == "swe":
+        grading.warm_up()  # the evaluation's swebench import, done while the agent works
         swe.prepare(sb, task, config or SandboxConfig(), cache_root, timeout)
         return
     budget = Budget(timeout, "provisioning")

@@ -85,10 +85,17 @@ def _dirs_above(files: list[str]) -> list[str]:
     return sorted(dirs)
 
 
+def patch_paths(patch: str) -> list[str]:
+    """Files a unified diff touches (old and new names)."""
+    paths = set()
+    for m in re.finditer(r"^(?:---|\+\+\+) (?:[ab]/)?(\S+)", patch, flags=re.MULTILINE):
+        if m.group(1) != "/dev/null":
+            paths.add(m.group(1))
+    return sorted(paths)
+
+
 def protected_paths(task) -> tuple[list[str], list[str]]:
     """(files restored whole, ``pyproject.toml`` files whose test sections are restored)."""
-    from megaflow.envs.swe import patch_paths
-
     tests = test_files(task)
     dirs = _dirs_above(tests)
     whole = set(tests) | set(patch_paths(task.test_patch)) | set(getattr(task, "protected_files", []))

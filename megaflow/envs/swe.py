@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import base64
 import logging
-import re
 import shlex
 from pathlib import Path
 
 from megaflow.deadlines import Budget
 from megaflow.envs import environments
-from megaflow.envs.pristine import BASE_REF, GIT
+from megaflow.envs.pristine import BASE_REF, GIT, patch_paths
 from megaflow.envs.repos import GIT_BASELINE, fetch, image_tag, iter_files
 from megaflow.sandbox.base import Sandbox, SandboxConfig
 
@@ -79,9 +78,6 @@ def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout:
         SandboxError: the sandbox failed, or the repo could not be fetched.
     """
     budget = Budget(timeout, "provisioning")  # one deadline for the whole preparation
-    from megaflow.envs.grading import warm_up
-
-    warm_up()  # the evaluation's swebench import, done while the agent works
     if task.environment is not None and config.type == "local":
         environments.ensure_venv(task.environment, environments.default_root())  # once per host and environment
     if task.repo and config.type != "docker":
@@ -98,15 +94,6 @@ def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout:
             raise SetupError(f"{budget.message()} (during {cmd!r})")
         if r.exit_code != 0:
             raise SetupError(f"setup command {cmd!r} exited {r.exit_code}: {(r.stderr or r.stdout)[-500:]}")
-
-
-def patch_paths(patch: str) -> list[str]:
-    """Files a unified diff touches (old and new names)."""
-    paths = set()
-    for m in re.finditer(r"^(?:---|\+\+\+) (?:[ab]/)?(\S+)", patch, flags=re.MULTILINE):
-        if m.group(1) != "/dev/null":
-            paths.add(m.group(1))
-    return sorted(paths)
 
 
 def tests_command(task, ids: list[str]) -> str:
@@ -147,17 +134,3 @@ def runner_command(sb: Sandbox, task) -> str:
     if RUNNER_FILE not in task.test_command:
         return "true"
     return put_file(sb, RUNNER_FILE, (Path(__file__).parent / "runtests.py").read_bytes())
-
-
-def evaluate(sb: Sandbox, task, timeout: float) -> tuple[float, str]:
-    """Reward 1.0 iff every FAIL_TO_PASS and PASS_TO_PASS test passes; and the agent's patch.
-
-    The whole grading, with its evidence, is `megaflow.envs.grading.evaluate`.
-
-    Raises:
-        SandboxError: the sandbox failed (an infra failure, not a reward of 0).
-    """
-    from megaflow.envs import grading
-
-    result = grading.evaluate(sb, task, timeout)
-    return result.reward, result.patch
