@@ -174,7 +174,7 @@ def evaluate_task(self, episode_id: str, step: int):
         ep, plan = ctx
         spec, task = rt.spec(ep.run_id), rt.task(ep.task_instance_id)
         try:
-            # eval_timeout_s bounds the whole evaluation (swe.evaluate shares it between its commands).
+            # eval_timeout_s bounds the whole evaluation (grading.evaluate shares it between its commands).
             graded, rebuilt = with_sandbox(rt, ep, plan, lambda sb: grading.evaluate_task(
                 sb, task, spec.limits.eval_timeout_s, CHECK_FILE))
             reward = graded.reward
