@@ -84,7 +84,7 @@ def env(
 def swe(
     tasks: str = typer.Option("examples/tasks/swe.yaml", help="SWE tasks (their images are built if missing)."),
     concurrency: int = typer.Option(4, help="Instances at once, for MegaFlow and the plain harness alike."),
-    repeat: int = typer.Option(1, help="Grade each instance this many times (rollouts)."),
+    repeat: int = typer.Option(1, help="Rounds: each side grades every instance this many times, interleaved."),
     find_links: str = typer.Option(None, "--find-links", help="Wheelhouse for task environments (offline hosts)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
