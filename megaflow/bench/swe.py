@@ -159,4 +159,8 @@ def run_swe_bench(tasks_path: str | Path, concurrency: int = 4, repeat: int = 1,
             "swe_instances_per_h": round(swe_rate, 1), "plain_instances_per_h": round(plain_rate, 1),
             "ratio_to_plain_harness": round(swe_rate / plain_rate, 3),
             "megaflow_s": round(got["megaflow_s"], 2), "plain_s": round(got["plain_s"], 2),
-            "megaflow_resolved": got["resolved"], "plain_passed": got["plain_ok"], **got["phases"]}
+            "megaflow_resolved": got["resolved"], "plain_passed": got["plain_ok"],
+            # What MegaFlow adds per instance and sandbox slot (hops, baseline commit, restore):
+            # with tests taking T seconds the ratio is about T_plain / (T_plain + this).
+            "overhead_s_per_instance": round((got["megaflow_s"] - got["plain_s"]) * concurrency / n, 3),
+            "plain_s_per_instance": round(got["plain_s"] * concurrency / n, 3), **got["phases"]}
