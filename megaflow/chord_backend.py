@@ -155,6 +155,7 @@ class SQLChordBackend(KeyValueStoreBackend):
 
         from megaflow.db import states as episode_states
         from megaflow.db.models import Episode
+        from megaflow.db.states import ExitStatus
         from megaflow.events import emit
         from megaflow.redact import redact_text
 
@@ -165,10 +166,10 @@ class SQLChordBackend(KeyValueStoreBackend):
         error = redact_text(f"{what} failed and was given up: {type(result).__name__}: {result}")[:2000]
         with Session(self.engine) as s, s.begin():
             run_id = s.execute(select(Episode.run_id).where(Episode.id == ids[-1])).scalar()
-            if run_id and episode_states.move(s, ids[-1], episode_states.INFRA_FAILED, exit_status="hop_crashed",
+            if run_id and episode_states.move(s, ids[-1], episode_states.INFRA_FAILED, exit_status=ExitStatus.HOP_CRASHED,
                                               error=error):
                 emit(s, "episode.ended", run_id, ids[-1], {"state": episode_states.INFRA_FAILED,
-                                                            "exit_status": "hop_crashed", "error": error})
+                                                            "exit_status": ExitStatus.HOP_CRASHED, "error": error})
                 log.error("episode %s ended infra_failed: %s", ids[-1], error)
 
     def _count(self, request, gid: str, tid: str, state, encoded: str) -> bool:

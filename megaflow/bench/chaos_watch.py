@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from megaflow.db.states import ExitStatus
+
 log = logging.getLogger(__name__)
 
 #: The label every sandbox carries with its host's name (megaflow.reaper.HOST_LABEL).
@@ -165,7 +167,7 @@ def sandbox_accounting(episodes: list, steps_by_episode: dict[str, list], n_comm
 
 #: Exit statuses an injected SIGKILL of an env worker may legitimately cause (a command
 #: cut mid-way is never re-run: the exactly-once contract).
-KILL_CAUSED = {"exec_interrupted": "env"}
+KILL_CAUSED = {ExitStatus.EXEC_INTERRUPTED: "env"}
 #: Words of an error that show a service outage (database or broker unreachable).
 _OUTAGE_WORDS = ("OperationalError", "InterfaceError", "connection", "Connection", "AMQP", "server closed")
 
@@ -223,7 +225,7 @@ def classify_infra_failures(failed: list[dict], kill_times: list[tuple[float, st
             else:
                 why = (f"no env worker was killed between the command's decision and the episode's end "
                        f"(last env kill {min(before):.1f}s before the end)" if before else "no env worker was killed")
-        elif status == "poison":
+        elif status == ExitStatus.POISON:
             pool = ep.get("poison_hop") or "env"
             kills = [t for t, p in kill_times if p == pool and begin - 1.0 <= t <= end + 1.0]
             if len(kills) >= max_deliveries:

@@ -57,3 +57,19 @@ def update_where(conn, table: Table, key: dict, values: dict) -> int:
         {k: bindparam(f"v_{k}", type_=table.c[k].type) for k in cols}))
     return conn.execute(stmt, {**{f"k_{k}": v for k, v in key.items()},
                                **{f"v_{k}": v for k, v in values.items()}}).rowcount
+
+
+class Tracked:
+    """A row read with Core: its columns as attributes; those set since are kept in `changes`.
+
+    The one shape of a row the hops and the scheduler pass around (an episode, a
+    step); the ORM classes of `megaflow.db.models` are for code that loads objects.
+    """
+
+    def __init__(self, values):
+        self.__dict__.update(values)
+        self.__dict__["changes"] = {}
+
+    def __setattr__(self, name: str, value) -> None:
+        self.__dict__[name] = value
+        self.changes[name] = value

@@ -17,7 +17,8 @@ from megaflow.db import states
 from megaflow.db.models import utcnow
 from megaflow.db.states import ExitStatus
 from megaflow.contract import Decision, HopResult, Next, Summary
-from megaflow.hops.rows import EpisodeRows, Tracked
+from megaflow.db.sql import Tracked
+from megaflow.hops.rows import EpisodeRows
 from megaflow.model.base import Message
 from megaflow.sandbox.base import ExecResult
 from megaflow.spec import RunSpec

@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from types import SimpleNamespace
 
 from sqlalchemy import bindparam, select, update
 
 from megaflow.db import states
 from megaflow.db.states import ExitStatus
 from megaflow.db.models import Episode, Step
-from megaflow.db.sql import prepared, update_where
+from megaflow.db.sql import Tracked, prepared, update_where
 from megaflow.envs import grading
 from megaflow.envs.grading import CHECK_FILE
 from megaflow.envs.prepare import setup
@@ -248,7 +247,7 @@ def finish_quietly(rt, episode_id: str) -> None:
         with rt.session(readonly=True) as s:
             row = s.execute(select(Episode.__table__).where(Episode.id == episode_id)).first()
         if row is not None:
-            finish(rt, SimpleNamespace(**row._mapping))
+            finish(rt, Tracked(row._mapping))
     except Exception:  # noqa: BLE001 - see above
         log.warning("episode %s: its sandbox was not given back; the reaper will", episode_id, exc_info=True)
 

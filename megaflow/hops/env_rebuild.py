@@ -22,13 +22,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from types import SimpleNamespace
 
 from celery.exceptions import Ignore
 from sqlalchemy import and_, bindparam, or_, select, update
 
 from megaflow.db.models import Episode, Hop, SandboxRow, Step, utcnow
-from megaflow.db.sql import prepared
+from megaflow.db.sql import Tracked, prepared
 from megaflow.events import emit
 from megaflow.db import ledger
 from queues import topology
@@ -44,7 +43,7 @@ class Rehomed(Exception):
         self.host = host
 
 
-def fenced_episode(s, episode_id: str, host: str) -> SimpleNamespace:
+def fenced_episode(s, episode_id: str, host: str) -> Tracked:
     """The episode row (columns as attributes), share-locked for this transaction; `Rehomed` if it lives elsewhere.
 
     An episode not yet placed (``host`` NULL: placement off, provision from the
@@ -54,7 +53,7 @@ def fenced_episode(s, episode_id: str, host: str) -> SimpleNamespace:
     # (no ORM loading; callers read columns and may set one on their copy).
     conn = s.connection()
     row = conn.execute(prepared(conn, "env.fenced_episode", _select_fenced), {"k_id": episode_id}).one()
-    ep = SimpleNamespace(**row._mapping)
+    ep = Tracked(row._mapping)
     if ep.host is not None and ep.host != host:
         raise Rehomed(ep.host)
     return ep
@@ -75,7 +74,7 @@ def replay_plan(s, episode_id: str) -> list[tuple[int, str, int | None]]:
     return [(i, a, c) for i, a, c in rows]
 
 
-def rebuild(rt, ep: Episode, plan: list[tuple[int, str, int | None]], host: str):
+def rebuild(rt, ep: Tracked, plan: list[tuple[int, str, int | None]], host: str):
     """A new sandbox for a re-homed episode, in the state its executed commands left.
 
     The whole rebuild shares one budget that leaves the hop room for its own command
@@ -124,7 +123,7 @@ def rebuild(rt, ep: Episode, plan: list[tuple[int, str, int | None]], host: str)
                 "seconds": round(seconds, 3)}
 
 
-def record_rebuild(s, ep: Episode, info: dict) -> None:
+def record_rebuild(s, ep: Tracked, info: dict) -> None:
     """In the hop's recording transaction: the episode's new sandbox, and an event.
 
     ``info["replaces"]``: the sandbox that was gone (`env_hop.with_sandbox`); its row is closed.

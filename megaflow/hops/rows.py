@@ -15,22 +15,10 @@ from sqlalchemy.orm import Session
 
 from megaflow.db import ledger, states
 from megaflow.db.models import Episode, Run, Step
-from megaflow.db.sql import prepared, update_where
+from megaflow.db.sql import Tracked, prepared, update_where
 from megaflow.events import emit
 from megaflow.model.base import Message
 from megaflow.scheduler import admission
-
-
-class Tracked:
-    """A row read with Core: its columns as attributes; those set since are kept in `changes`."""
-
-    def __init__(self, values):
-        self.__dict__.update(values)
-        self.__dict__["changes"] = {}
-
-    def __setattr__(self, name: str, value) -> None:
-        self.__dict__[name] = value
-        self.changes[name] = value
 
 
 class EpisodeRows(Protocol):

@@ -27,7 +27,7 @@ from megaflow.contract import HopResult
 from megaflow.db import states
 from megaflow.db.states import ExitStatus
 from megaflow.db.models import Episode, utcnow
-from megaflow.db.sql import prepared
+from megaflow.db.sql import Tracked, prepared
 from megaflow.events import emit
 from megaflow.scheduler import hosts, quotas, semaphores
 
@@ -95,7 +95,7 @@ def _reason(s: Session, key: str) -> str:
     return f"{kind} {name}: limit {limit} reached"
 
 
-def start(s: Session, settings: Settings, ep: Episode, claim: dict, task: dict) -> tuple[bool, str | None]:
+def start(s: Session, settings: Settings, ep: Tracked, claim: dict, task: dict) -> tuple[bool, str | None]:
     """Admit an episode at its first decision, or park it. Returns (admitted, host).
 
     The caller records the admission (``admitted_at``) with the episode's next move.
@@ -118,7 +118,7 @@ def _select_ahead(conn):
                               e.wait_reason.startswith(CAPACITY)).limit(1)
 
 
-def _park(s: Session, ep: Episode, why: str, claim: dict, task: dict) -> None:
+def _park(s: Session, ep: Tracked, why: str, claim: dict, task: dict) -> None:
     if states.move(s, ep.id, states.WAITING, wait_reason=why, parked={"claim": claim, "task": task}):
         emit(s, "episode.waiting", ep.run_id, ep.id, {"reason": why})
 
