@@ -136,14 +136,15 @@ def _claim(rt: Runtime, row: SandboxRow) -> bool:
     return claimed
 
 
-#: Id prefix of a row claimed before its sandbox was created (`megaflow.hops.env_sandbox.CLAIM_PREFIX`).
-_CLAIM_PREFIX = "claim-"
+#: Id prefix of a sandbox row claimed before its sandbox was created (`megaflow.hops.env_sandbox.obtain`
+#: claims it; the reaper must not try to destroy a sandbox by that id).
+CLAIM_PREFIX = "claim-"
 
 
 def _destroy(rt: Runtime, kind: str, sandbox_id: str, report: dict) -> bool:
     rt.forget_sandbox(sandbox_id)
     try:
-        if not sandbox_id.startswith(_CLAIM_PREFIX):  # a claim whose create never finished holds no sandbox
+        if not sandbox_id.startswith(CLAIM_PREFIX):  # a claim whose create never finished holds no sandbox
             rt.backend(kind).destroy(sandbox_id)
     except (SandboxError, ValueError) as exc:
         report["errors"].append(f"destroy {kind}:{sandbox_id[:12]}: {exc}")

@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 
 from megaflow.db.models import SandboxRow, utcnow
 from megaflow.errors import SandboxError, SandboxNotFoundError
-from megaflow.reaper import EPISODE_LABEL, HOST_LABEL, idle_lease_s, sandbox_labels
+from megaflow.reaper import CLAIM_PREFIX, EPISODE_LABEL, HOST_LABEL, idle_lease_s, sandbox_labels
 from megaflow.runtime import Runtime
 from megaflow.sandbox.base import Sandbox, SandboxConfig
 
@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 
 #: Attempts at taking a pooled sandbox whose row a reaper claims at the same moment.
 _ACQUIRE_TRIES = 3
-#: Id prefix of a sandbox row claimed before its sandbox exists (state ``creating``).
-CLAIM_PREFIX = "claim-"  # the reaper knows it too
 
 
 def lease_until(rt: Runtime, run_id: str) -> dt.datetime:
