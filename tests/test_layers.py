@@ -14,11 +14,9 @@ import sys
 import tomllib
 from pathlib import Path
 
+import grimp
 import pytest
-
-importlinter = pytest.importorskip("importlinter")
-
-from importlinter.contracts.layers import LayersContract  # noqa: E402
+from importlinter.contracts.layers import LayersContract  # the `test` extra installs import-linter
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
@@ -53,8 +51,6 @@ def test_every_top_level_module_has_a_layer():
 
 
 def _graph():
-    import grimp
-
     return grimp.build_graph(*CONFIG["root_packages"], cache_dir=None)
 
 
