@@ -119,7 +119,7 @@ def test_runner_reports_unknown_ids(tasks, local, tmp_path):
     task = next(t for t in tasks if t.instance_id == "intervals-1")
     sb = _prepared(local, tmp_path, task)
     try:
-        swe.install_runner(sb, task)
+        assert sb.exec(swe.runner_command(sb, task)).exit_code == 0
         r = sb.exec(swe.tests_command(task, ["tests/test_intervals.py::TestMerge::test_nope"]))
         assert r.exit_code == 1 and "ERROR" in r.stdout and "0 passed, 1 failed" in r.stdout
         r = sb.exec(swe.tests_command(task, ["tests/test_intervals.py"]))  # a whole file
