@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import need
 
 from megaflow.agent.base import Command, FormatError, Submit
 from megaflow.envs.grading import evaluate_task
@@ -46,13 +47,13 @@ def load(name: str):
 
 @pytest.fixture
 def tiny_backend(tmp_path):
-    # Not `need()`: bubblewrap is a host tool the embedded default already requires (tests/run.sh
-    # installs it), not a service, and these checks take seconds; they belong to the fast suite.
-    if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap not installed (apt-get install bubblewrap)")
+    # Bubblewrap runs real processes: integration, as every other bubblewrap test (skip on a
+    # laptop without it, fail under CI=true).
+    need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
     return load("tiny_sandbox").TinyBackend(tmp_path / "sandboxes")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("check", SANDBOX_CHECKS, ids=lambda c: c.__name__)
 def test_example_sandbox_backend_passes_conformance(tiny_backend, check):
     check(tiny_backend, SandboxConfig(workdir="/work"))
@@ -109,6 +110,7 @@ def test_example_scaffold_drives_a_scripted_episode():
     assert sandbox.read_file("hi.txt") == b"hi\n"
 
 
+@pytest.mark.integration
 def test_example_task_family_yields_tasks_that_grade_right(tiny_backend):
     tasks = list(load("sum_tasks").sum_tasks(3, seed=7))
     assert [t.instance_id for t in tasks] == ["sum-7-0", "sum-7-1", "sum-7-2"]
@@ -127,10 +129,10 @@ def test_example_task_family_yields_tasks_that_grade_right(tiny_backend):
                 sandbox.close()
 
 
+@pytest.mark.integration
 def test_example_task_family_runs_through_the_platform_in_process(tmp_path):
     """The generated tasks as a run: every hop's real task body, the Driver, SQLite; no broker."""
-    if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap not installed (apt-get install bubblewrap)")
+    need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
     from megaflow.config import Settings
     from megaflow.inprocess import InProcessRunner
 
