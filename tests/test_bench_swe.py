@@ -28,7 +28,8 @@ def test_bench_swe_reports_rates_ratio_and_phases(tmp_path):
         build_image(client, context_dir("python"), "megaflow/python")
     except SandboxError as exc:
         need("a Docker engine with megaflow/base and megaflow/python", False, str(exc))
-    proc = run_megaflow(["bench", "swe", "--json", "--concurrency", "2", "--tasks", "examples/tasks/swe.yaml"],
+    proc = run_megaflow(["bench", "swe", "--json", "--concurrency", "2", "--rollouts", "1", "--tasks",
+                         "examples/tasks/swe.yaml"],
                         tmp_path / "data", timeout=900, extra_env={"DOCKER_HOST": url})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     figures = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -94,7 +94,7 @@ def phase_p50s(session, run_id: str) -> dict:
     return {f"p50_{k}_s": _p50(v) for k, v in phases.items()}
 
 
-def megaflow_rounds(tasks, base, concurrency: int, settings: Settings, rounds: int, plain) -> dict:
+def megaflow_rounds(tasks, base, concurrency: int, settings: Settings, rounds: int, plain, rollouts: int = 1) -> dict:
     """Time `rounds` runs of the oracle over `tasks` through a whole stack, each right after a plain round.
 
     Interleaved (plain, MegaFlow, plain, MegaFlow …) so that both sides see the same
@@ -107,7 +107,7 @@ def megaflow_rounds(tasks, base, concurrency: int, settings: Settings, rounds: i
     from megaflow.local_stack import LocalStack
 
     settings = settings.model_copy(update={"sandbox_capacity": concurrency})
-    spec = {"name": "bench-swe", "agent": {"type": "oracle"}, "sandbox": base.model_dump(mode="json"),
+    spec = {"name": "bench-swe", "rollouts": rollouts, "agent": {"type": "oracle"}, "sandbox": base.model_dump(mode="json"),
             "tasks": [t.model_dump(mode="json") for t in tasks]}
     out = {"megaflow_s": 0.0, "plain_s": 0.0, "plain_ok": 0, "resolved": 0, "phases": {}}
     with LocalStack(settings).start():
@@ -116,7 +116,8 @@ def megaflow_rounds(tasks, base, concurrency: int, settings: Settings, rounds: i
         # still booting (imports, broker, database: ~2 s on the bench host) when the
         # stack returns. A one-instance run first, so that the clock measures
         # throughput, not start-up.
-        client.wait(client.submit({**spec, "name": "bench-swe-warmup", "tasks": spec["tasks"][:1]}), timeout=600)
+        warmup = {**spec, "name": "bench-swe-warmup", "rollouts": 1, "tasks": spec["tasks"][:1]}
+        client.wait(client.submit(warmup), timeout=600)
         for i in range(rounds):
             seconds, ok = plain()
             out["plain_s"] += seconds
@@ -125,7 +126,7 @@ def megaflow_rounds(tasks, base, concurrency: int, settings: Settings, rounds: i
             run_id = client.submit({**spec, "name": f"bench-swe-{i}"})
             status = client.wait(run_id, timeout=3600)
             out["megaflow_s"] += time.monotonic() - started
-            out["resolved"] += round((status.get("mean_reward") or 0.0) * len(tasks))
+            out["resolved"] += round((status.get("mean_reward") or 0.0) * len(tasks) * rollouts)
             with session_scope(settings.resolved_database_url()) as s:
                 for name, value in phase_p50s(s, run_id).items():
                     out["phases"].setdefault(name, []).append(value)
@@ -134,8 +135,11 @@ def megaflow_rounds(tasks, base, concurrency: int, settings: Settings, rounds: i
 
 
 def run_swe_bench(tasks_path: str | Path, concurrency: int = 4, repeat: int = 1, memory_mb: int = 1024,
-                  settings: Settings | None = None, find_links=None) -> dict:
-    """The figures of the module docstring, as one dict; `repeat` interleaved rounds of each side."""
+                  settings: Settings | None = None, find_links=None, rollouts: int = 1) -> dict:
+    """The figures of the module docstring, as one dict.
+
+    `repeat` interleaved rounds of each side, each grading every instance `rollouts` times.
+    """
     import docker
 
     from megaflow.envs.repos import build_repo_image
@@ -151,11 +155,11 @@ def run_swe_bench(tasks_path: str | Path, concurrency: int = 4, repeat: int = 1,
         if t.repo and not t.image:
             build_repo_image(client, t.repo, settings.data_dir, env=t.environment, find_links=find_links)
     base = SandboxConfig(type="docker", memory_mb=memory_mb)
-    got = megaflow_rounds(tasks, base, concurrency, settings, repeat,
-                          plain=lambda: plain_harness(client, tasks, base, concurrency))
-    n = len(tasks) * repeat
+    got = megaflow_rounds(tasks, base, concurrency, settings, repeat, rollouts=rollouts,
+                          plain=lambda: plain_harness(client, tasks * rollouts, base, concurrency))
+    n = len(tasks) * rollouts * repeat
     swe_rate, plain_rate = n / got["megaflow_s"] * 3600, n / got["plain_s"] * 3600
-    return {"instances": n, "concurrency": concurrency, "rounds": repeat,
+    return {"instances": n, "concurrency": concurrency, "rounds": repeat, "rollouts": rollouts,
             "swe_instances_per_h": round(swe_rate, 1), "plain_instances_per_h": round(plain_rate, 1),
             "ratio_to_plain_harness": round(swe_rate / plain_rate, 3),
             "megaflow_s": round(got["megaflow_s"], 2), "plain_s": round(got["plain_s"], 2),

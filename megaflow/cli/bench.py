@@ -84,14 +84,16 @@ def env(
 def swe(
     tasks: str = typer.Option("examples/tasks/swe.yaml", help="SWE tasks (their images are built if missing)."),
     concurrency: int = typer.Option(4, help="Instances at once, for MegaFlow and the plain harness alike."),
-    repeat: int = typer.Option(1, help="Rounds: each side grades every instance this many times, interleaved."),
+    repeat: int = typer.Option(1, help="Rounds, plain and MegaFlow interleaved."),
+    rollouts: int = typer.Option(2, help="Times each instance is graded per round (a round's tail, when fewer "
+                                 "than --concurrency instances are left, weighs less with more)."),
     find_links: str = typer.Option(None, "--find-links", help="Wheelhouse for task environments (offline hosts)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """SWE instances graded per hour on Docker vs a plain docker-run/git-apply/test script, and phase p50s."""
     from megaflow.bench.swe import run_swe_bench
 
-    figures = run_swe_bench(tasks, concurrency=concurrency, repeat=repeat, find_links=find_links)
+    figures = run_swe_bench(tasks, concurrency=concurrency, repeat=repeat, rollouts=rollouts, find_links=find_links)
     _print_figures(figures, as_json)
 
 
