@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import typer
@@ -19,14 +20,22 @@ def worker(
     concurrency: int = typer.Option(None, "-c", "--concurrency", help="Worker threads/processes."),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
     events: bool = typer.Option(True, "--events/--no-events", help="Send task events (for Flower)."),
+    name: str = typer.Option(None, "-n", "--name", help="Celery node name (default POOL-PID@HOST: unique, so "
+                             "several workers of a pool can run on one host)."),
 ) -> None:
-    """Run one pool's Celery worker in the foreground, consuming only that pool's queues."""
+    """Run one pool's Celery worker in the foreground, consuming only that pool's queues.
+
+    Start more of them, on this host or others, to scale the pool: each takes its share
+    of the pool's queues.
+    """
     if pool not in POOLS:
         raise typer.BadParameter(f"pool must be one of {', '.join(POOLS)}")
     from workers.common import make_worker_app
 
     app = make_worker_app(pool)
-    argv = ["worker", "-n", f"{pool}@%h", "--loglevel", loglevel]
+    # Celery's node names must be unique (its pidbox queue is per name): a fixed POOL@HOST
+    # made a second worker of a pool on the same host exit with ResourceLocked.
+    argv = ["worker", "-n", name or f"{pool}-{os.getpid()}@%h", "--loglevel", loglevel]
     if concurrency:
         argv += ["-c", str(concurrency)]
     if events:
