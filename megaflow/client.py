@@ -126,27 +126,43 @@ class Client:
                 raise TimeoutError(f"run {run_id} still {st['status']} after {timeout}s: {st['by_state']}")
             time.sleep(poll)
 
-    def cancel(self, run_id: str) -> int:
+    def cancel(self, run_id: str) -> dict[str, int]:
         """Cancel a run: pending and waiting episodes end now, running ones at their next decision.
 
         Returns:
-            How many pending or waiting episodes were cancelled at once.
+            Episodes by the state they were in: ``pending`` and ``waiting`` (cancelled now),
+            and those in flight (``provisioning``, ``running``, ``evaluating``), which end at
+            their next decision.
+
+        Raises:
+            LookupError: no such run; nothing was changed.
         """
         with self.session() as s:
-            s.execute(update(Run).where(Run.id == run_id).values(cancel_requested=True))
+            if not s.execute(update(Run).where(Run.id == run_id).values(cancel_requested=True)).rowcount:
+                raise LookupError(f"no run {run_id}")
+            in_flight = dict(s.execute(select(Episode.state, func.count()).where(
+                Episode.run_id == run_id, Episode.superseded_by.is_(None),
+                Episode.state.in_((states.PROVISIONING, states.RUNNING, states.EVALUATING)))
+                .group_by(Episode.state)).all())
             n = s.execute(update(Episode).where(Episode.run_id == run_id, Episode.state == states.PENDING)
                           .values(state=states.CANCELLED, exit_status=ExitStatus.CANCELLED)).rowcount
             # Waiting episodes' start messages are parked: send them so their chords close.
             parked = admission.unpark_cancelled(s, run_id)
             emit(s, "run.cancel", run_id, run_id, {"pending_cancelled": n, "waiting_cancelled": len(parked)})
         admission.send(self.app, parked)
-        return n + len(parked)
+        return {states.PENDING: n, states.WAITING: len(parked), **in_flight}
 
     def results(self, run_id: str) -> list[dict]:
-        """One dict per episode: ids, state, exit status, reward, advantage, steps, grading summary."""
+        """One dict per episode: ids, state, exit status, reward, advantage, steps, grading summary.
+
+        Raises:
+            LookupError: no such run.
+        """
         from megaflow.swebench_report import grading_summary
 
         with self.session() as s:
+            if s.get(Run, run_id) is None:
+                raise LookupError(f"no run {run_id}")
             rows = s.execute(
                 select(Episode, TaskInstance.instance_id).join(TaskInstance, TaskInstance.id == Episode.task_instance_id)
                 .where(Episode.run_id == run_id, Episode.superseded_by.is_(None)).order_by(Episode.seq)

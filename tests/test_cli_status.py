@@ -104,8 +104,13 @@ def test_status_prints_a_table_and_json(embedded):
     assert result.exit_code == 0, result.output
     st = json.loads(result.stdout)
     assert st["run_id"] == run_id and st["by_state"] == {"pending": 6} and st["episodes"] == 6
-    result = CliRunner().invoke(app, ["status", "nosuchrun"], env=env)
-    assert result.exit_code == 1 and "no run nosuchrun" in result.stdout
+    # An unknown run id: one line, exit status 2, from every command that takes one; nothing changed.
+    for command in (["status", "nosuchrun"], ["results", "nosuchrun"], ["cancel", "nosuchrun"]):
+        result = CliRunner().invoke(app, command, env=env)
+        assert (result.exit_code, result.stdout.strip()) == (2, "no run nosuchrun"), (command, result.output)
+    result = CliRunner().invoke(app, ["cancel", run_id, "--json"], env=env)
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"pending": 6, "waiting": 0}, result.output
+    assert client.status(run_id)["by_state"] == {"cancelled": 6}
 
 
 def test_status_table_rows():

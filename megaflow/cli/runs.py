@@ -193,15 +193,17 @@ def status(
     """Episodes by state, steps, mean reward; --watch shows live progress bars."""
     client = _client()
     if watch:
-        final = follow(client, run_id)
+        try:
+            final = follow(client, run_id)
+        except LookupError as exc:
+            _unknown(exc)
         if final["status"] != "finished":
             raise typer.Exit(1)
         return
     try:
         st = client.status(run_id)
     except LookupError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1)
+        _unknown(exc)
     if as_json:
         print(json.dumps(st, default=str))
     else:
@@ -298,20 +300,40 @@ def _stored_spec(settings, run_id: str):
         return RunSpec.model_validate(run.spec)
 
 
-def cancel(run_id: str) -> None:
-    """Cancel a run: pending episodes at once, running ones at their next step."""
-    n = _client().cancel(run_id)
-    console.print(f"cancel requested; {n} pending episodes cancelled")
+def cancel(run_id: str, as_json: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+    """Cancel a run: pending and waiting episodes at once, running ones at their next step."""
+    try:
+        by_state = _client().cancel(run_id)
+    except LookupError as exc:
+        _unknown(exc)
+    if as_json:
+        print(json.dumps(by_state))
+        return
+    now = {k: by_state.get(k, 0) for k in ("pending", "waiting")}
+    later = {k: v for k, v in by_state.items() if k not in now and v}
+    console.print(f"run {run_id}: cancelled now: {now['pending']} pending, {now['waiting']} waiting; "
+                  + (f"ending at their next step: {', '.join(f'{v} {k}' for k, v in later.items())}"
+                     if later else "none in flight"), highlight=False)
+
+
+def _unknown(exc: LookupError) -> None:
+    """An unknown run id: one line, exit status 2 (a usage error, as typer's own)."""
+    console.print(f"[red]{exc.args[0] if exc.args else exc}[/red]", highlight=False)
+    raise typer.Exit(2)
 
 
 def results(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """One line per episode."""
     client = _client()
+    try:
+        rows = client.results(run_id)
+    except LookupError as exc:
+        _unknown(exc)
     if as_json:
-        for row in client.results(run_id):
+        for row in rows:
             print(json.dumps(row))
     else:
-        print_results(client, run_id)
+        print_results(client, run_id, rows)
 
 
 def follow(client, run_id: str, timeout: float | None = None, stack=None, poll: float = 0.5) -> dict:
@@ -337,8 +359,8 @@ def follow(client, run_id: str, timeout: float | None = None, stack=None, poll: 
         raise typer.Exit(1)
 
 
-def print_results(client, run_id: str) -> None:
-    rows = client.results(run_id)
+def print_results(client, run_id: str, rows: list[dict] | None = None) -> None:
+    rows = client.results(run_id) if rows is None else rows
     table = Table(title=f"run {run_id}")
     # Per-test columns only where there are per-test results (SWE tasks): a terminal
     # task's check has none, and the narrow table would cut the states instead.
