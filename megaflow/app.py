@@ -136,6 +136,14 @@ def make_app(settings: Settings | None = None, pool: str | None = None) -> Celer
         conf["broker_transport"] = TRANSPORT
     app.conf.update(conf)
     app.megaflow_settings = settings
+    # Every message carries its publish time, so each hop's queue wait is recorded
+    # (megaflow.hops.queue_wait). Celery's signals are process-wide: one handler,
+    # however many apps this process makes.
+    from celery.signals import before_task_publish
+
+    from megaflow.hops.queue_wait import stamp
+
+    before_task_publish.connect(stamp, weak=False, dispatch_uid="megaflow.queue_wait.stamp")
     from megaflow.hops import register
 
     register(app)

@@ -67,9 +67,9 @@ _BUILD = {
     .values(_set(task_id=None, attempts=None, started_at=None)),
     "retry": lambda conn: _by_key(update(_H)).values(_set(attempts=None, started_at=None)),
     "finish": lambda conn: _by_key(update(_H)).where(_H.c.status == "started")
-    .values(_set(status="done", result=None, finished_at=None, duration_s=None)),
+    .values(_set(status="done", result=None, finished_at=None, duration_s=None, queued_s=None)),
     "finish_own": lambda conn: _by_key(update(_H)).where(_H.c.status == "started", _H.c.task_id == bindparam("k_task"))
-    .values(_set(status="done", result=None, finished_at=None, duration_s=None)),
+    .values(_set(status="done", result=None, finished_at=None, duration_s=None, queued_s=None)),
     "recorded": lambda conn: _by_key(select(_H.c.result)).where(_H.c.status == "done"),
     "exists": lambda conn: _by_key(select(_H.c.status)),
 }
@@ -101,12 +101,14 @@ def claim(session: Session, subject: str, step: int, hop: str, task_id: str) -> 
 
 
 def finish(session: Session, subject: str, step: int, hop: str, result: dict, duration_s: float | None = None,
-           task_id: str | None = None) -> bool:
+           task_id: str | None = None, queued_s: float | None = None) -> bool:
     """Record the hop's result. False if another delivery recorded it first (roll back then).
 
     With `task_id`, only if the row is still that task's (not orphaned or taken over since).
+    `duration_s` is the hop's work time, `queued_s` its message's wait in the queue before it.
     """
-    params = {**_key(subject, step, hop), "v_result": result, "v_finished_at": utcnow(), "v_duration_s": duration_s}
+    params = {**_key(subject, step, hop), "v_result": result, "v_finished_at": utcnow(), "v_duration_s": duration_s,
+              "v_queued_s": queued_s}
     if task_id is None:
         return _run(session, "finish", params).rowcount == 1
     return _run(session, "finish_own", {**params, "k_task": task_id}).rowcount == 1
@@ -121,11 +123,12 @@ def orphan(session: Session, subject: str, hops: tuple[str, ...]) -> int:
 
 
 def record(session: Session, subject: str, step: int, hop: str, task_id: str, result: dict | None,
-           duration_s: float | None = None) -> bool:
-    """Insert a finished hop. False if it was already recorded (roll back then)."""
+           duration_s: float | None = None, queued_s: float | None = None) -> bool:
+    """Insert a finished hop (work time `duration_s`, queue wait `queued_s`). False if already recorded (roll back then)."""
     now = utcnow()
     row = {"subject_id": subject, "step_index": step, "hop": hop, "task_id": task_id, "status": "done",
-           "attempts": 1, "result": result, "started_at": now, "finished_at": now, "duration_s": duration_s}
+           "attempts": 1, "result": result, "started_at": now, "finished_at": now, "duration_s": duration_s,
+           "queued_s": queued_s}
     return _run(session, "insert", row).rowcount == 1
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from megaflow.db import ledger
 from megaflow.db.states import ExitStatus
 from megaflow.contract import failure
+from megaflow.hops.queue_wait import queue_wait
 from megaflow.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
         Ignore: another message holds this hop (a duplicate lineage); drop this one.
         ledger.ClaimLost: the claim was taken from this delivery (host recovery) before it recorded.
     """
+    # Read before any work so the wait ends where the hop starts (recorded with its result).
+    queued = queue_wait(request)
     if not side_effects:
-        return _run_optimistic(rt, request, key, work, precheck, load)
+        return _run_optimistic(rt, request, key, work, precheck, load, queued)
     ctx = None
     with rt.session() as s:
         c = ledger.claim(s, *key, request.id)
@@ -65,7 +68,7 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
     result, write = guarded(work, ctx, key)
     with rt.session() as s:
         # Mark done first: if another delivery got there, nothing of ours is written.
-        if not ledger.finish(s, *key, result, time.monotonic() - t0, task_id=request.id):
+        if not ledger.finish(s, *key, result, time.monotonic() - t0, task_id=request.id, queued_s=queued):
             s.rollback()
             recorded = ledger.recorded(s, *key)
             if recorded is None:
@@ -78,7 +81,7 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
 
 
 def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work, precheck: bool,
-                    load: Load | None) -> dict:
+                    load: Load | None, queued: float | None = None) -> dict:
     ctx = None
     if precheck or load is not None:
         # Reads only (the work's outside effects come after): no transaction needed.
@@ -104,7 +107,7 @@ def _run_optimistic(rt: Runtime, request, key: tuple[str, int, str], work: Work,
             if done is None:
                 raise
             return done
-        if not ledger.record(s, *key, request.id, result, time.monotonic() - t0):
+        if not ledger.record(s, *key, request.id, result, time.monotonic() - t0, queued_s=queued):
             s.rollback()
             return ledger.recorded(s, *key) or result
     return result
