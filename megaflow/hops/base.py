@@ -11,9 +11,9 @@ from celery.exceptions import Ignore, Retry
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from megaflow.contract import failure
 from megaflow.db import ledger
 from megaflow.db.states import ExitStatus
-from megaflow.contract import failure
 from megaflow.hops.queue_wait import queue_wait
 from megaflow.runtime import Runtime
 
