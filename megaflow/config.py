@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = Field(
         default=None, description="user:password (several separated by commas) that `megaflow flower` asks "
         "for; required to bind anything but loopback.")
+    flower_broker_api: SecretStr | None = Field(
+        default=None, description="RabbitMQ management API that Flower's Broker tab reads, e.g. "
+        "http://user:pass@host:15672/api/. Default: derived from the broker URL (its credentials and host, "
+        "port 15672; https and 15671 for amqps).")
 
     def env(self) -> dict[str, str]:
         """Environment variables that make a child process (a worker, a CLI) see these settings.

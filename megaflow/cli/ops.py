@@ -25,6 +25,8 @@ def flower(
 ) -> None:
     """Flower on the MegaFlow app: live workers, tasks (run/episode in their args) and their timings.
 
+    Episodes that ended failed or infra_failed show as FAILURE. The Broker tab reads RabbitMQ's
+    management API (MEGAFLOW_FLOWER_BROKER_API; default derived from the broker URL, port 15672).
     Other Flower options are read from FLOWER_* environment variables.
     """
     from megaflow.config import Settings
@@ -46,16 +48,15 @@ def flower(
 def metrics(
     port: int = typer.Option(9808, help="Port serving /metrics."),
     address: str = typer.Option("127.0.0.1", help="Address to bind."),
-    hop_window: float = typer.Option(300.0, help="Hop latency histograms cover hops finished this many seconds ago."),
-    token_window: float = typer.Option(60.0, help="Tokens/s is averaged over this many seconds."),
+    settle: float = typer.Option(30.0, help="Counters fold in rows finished this many seconds ago (more than the "
+                                 "clock skew between hosts); newer ones are read afresh on each scrape."),
     queue: list[str] = typer.Option(None, "--queue", help="Another queue to measure (repeatable)."),
 ) -> None:
-    """Prometheus metrics from the state database and the broker: queues, hops, episodes, sandboxes, tokens/s."""
+    """Prometheus metrics from the state database and the broker: queues, hops, episodes, sandboxes, tokens."""
     from megaflow.config import Settings
     from megaflow.ops.metrics import MegaFlowCollector, serve
 
-    collector = MegaFlowCollector(Settings(), hop_window_s=hop_window, token_window_s=token_window,
-                                  queues=queue or ())
+    collector = MegaFlowCollector(Settings(), queues=queue or (), settle_s=settle)
     server, thread = serve(collector, port, address)
     console.print(f"serving http://{address}:{server.server_port}/metrics; Ctrl-C to stop")
     try:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from megaflow.db import ledger, states
 from megaflow.db.states import ExitStatus
 from megaflow.hops.base import run_hop
-from megaflow.contract import Decision, HopResult, error_text
+from megaflow.contract import Decision, HopResult, Summary, error_text
 from megaflow.hops.driver import Driver
 from megaflow.hops.routing import continue_with, next_signature
 from megaflow.hops.rows import SqlRows
@@ -64,10 +64,11 @@ def _end_crashed(task, episode_id: str, step: int, exc: Exception):
         driver.rows.save()
     if decision.final is not None:
         admission.send(task.app, admission.after_end(rt, episode_id))
+        tell_flower(task, decision.final)
         return decision.final.wire()
     if task.request.chord is None:  # handed to a continuation already: it returns to the chord
         return None
-    return continue_with(task, next_signature(task.app, episode_id, decision.next))
+    return continue_with(task, next_signature(task.app, episode_id, decision.next, rt.refs(episode_id)[0]))
 
 
 def _episode_step(self, prev: HopResult, episode_id: str):
@@ -134,8 +135,27 @@ def _carry_out(task, rt: Runtime, episode_id: str, decision: Decision, replayed:
                       "sweep will", episode_id, exc_info=True)
             admitted = []
         admission.send(task.app, admitted)
+        tell_flower(task, decision.final)
         return decision.final.wire()
-    return continue_with(task, next_signature(task.app, episode_id, decision.next))
+    return continue_with(task, next_signature(task.app, episode_id, decision.next, rt.refs(episode_id)[0]))
+
+
+def tell_flower(task, final: Summary) -> None:
+    """Send Flower a ``task-failed`` event for an episode that ended failed or infra_failed.
+
+    The task itself returns normally: its chord must count the member as returned
+    with its summary. Celery's event state lets the worker's ``task-succeeded`` win
+    over any other event, so `megaflow flower` keeps a task failed when its failure
+    came during its latest run (`megaflow.ops.flower`); its "Failed" count and the
+    event's exception text show on any Flower. Best effort: never fails the task.
+    """
+    if final.state not in (states.FAILED, states.INFRA_FAILED):
+        return
+    try:
+        task.send_event("task-failed", retry=False, traceback="",
+                        exception=f"episode ended {final.state} ({final.exit_status or 'no exit status'})")
+    except Exception:  # noqa: BLE001 - a lost event must not lose the episode's end
+        log.warning("episode %s: Flower's task-failed event not sent", final.episode_id, exc_info=True)
 
 
 class DecisionCrashed(Exception):

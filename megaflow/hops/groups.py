@@ -15,6 +15,7 @@ from sqlalchemy import select, true
 from megaflow.db import states
 from megaflow.db.models import Episode
 from megaflow.hops.base import run_hop
+from megaflow.hops.routing import label
 from megaflow.runtime import get_runtime
 from megaflow.scheduler.closing import close_group, close_run
 
@@ -23,19 +24,20 @@ def group_start_task(self, group_id: str, generation: int = 0):
     """Start a group's pending episodes as one chord; `generation` > 0 when `megaflow resume` sent it."""
     rt = get_runtime(self.app)
     with rt.session() as s:
-        ids = s.execute(select(Episode.id).where(
+        rows = s.execute(select(Episode.id, Episode.run_id).where(
             Episode.group_id == group_id, Episode.superseded_by.is_(None),
             Episode.state == states.PENDING if generation else true())
-            .order_by(Episode.sample_index)).scalars().all()
+            .order_by(Episode.sample_index)).all()
     done = self.app.signature("megaflow.group.done", args=(group_id, generation) if generation else (group_id,))
-    if not ids:
+    if not rows:
         # Resumed with nothing left to run: only the group's statistics are redone.
         return self.replace(done.clone(args=([],)))
     # Stable ids: a redelivered group.start sends the very same chord (same group id,
     # same member task ids), which the chord backend counts once — never a second
     # chord that would split the episodes' surviving lineages between two joins.
-    header = group([self.app.signature("megaflow.episode", args=(None, eid), task_id=stable_id("episode", eid))
-                    for eid in ids], task_id=stable_id("chord", group_id, generation))
+    header = group([self.app.signature("megaflow.episode", args=(None, eid), task_id=stable_id("episode", eid),
+                                       argsrepr=label(run_id, eid, 0, "start"))
+                    for eid, run_id in rows], task_id=stable_id("chord", group_id, generation))
     return self.replace(chord(header, done))
 
 

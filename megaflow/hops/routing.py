@@ -19,8 +19,25 @@ HOP_TASKS = {
 HOST_BOUND = frozenset({"exec", "evaluate", "release"})
 
 
-def next_signature(app, episode_id: str, nxt: Next):
-    """``hop | episode``: the next hop, routed to its queue, then the episode's next decision."""
+def label(run_id: str | None, episode_id: str, step: int | None = None, hop: str | None = None) -> str:
+    """What Flower shows as a task's arguments: ``run=… episode=… step=3 hop=exec``.
+
+    Set as the message's ``argsrepr``, so Flower's search finds a run's work by its id
+    (the real arguments are ids and the previous hop's result, unreadable there).
+    """
+    parts = [f"run={run_id or '?'}", f"episode={episode_id}"]
+    if step is not None:
+        parts.append(f"step={step}")
+    if hop:
+        parts.append(f"hop={hop}")
+    return " ".join(parts)
+
+
+def next_signature(app, episode_id: str, nxt: Next, run_id: str | None = None):
+    """``hop | episode``: the next hop, routed to its queue, then the episode's next decision.
+
+    `run_id` (from the runtime's cached refs) only labels the messages for Flower.
+    """
     options = {}
     if nxt.hop in HOST_BOUND or (nxt.hop == "provision" and nxt.host):
         queue = topology.env_host_queue(nxt.host).name
@@ -29,9 +46,9 @@ def next_signature(app, episode_id: str, nxt: Next):
         # A simulated service latency (RunSpec.simulate): the message waits on the broker.
         target = options.get("queue") or topology.TASK_QUEUES[HOP_TASKS[nxt.hop]]
         options = delayed_options(app, target, nxt.delay)
-    return app.signature(HOP_TASKS[nxt.hop], args=(episode_id, nxt.step), **options) | app.signature(
-        "megaflow.episode", args=(episode_id,)
-    )
+    return app.signature(HOP_TASKS[nxt.hop], args=(episode_id, nxt.step), **options,
+                         argsrepr=label(run_id, episode_id, nxt.step, nxt.hop)) | app.signature(
+        "megaflow.episode", args=(episode_id,), argsrepr=f"{label(run_id, episode_id, nxt.step)} after={nxt.hop}")
 
 
 def continue_with(task, sig) -> None:

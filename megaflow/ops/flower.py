@@ -1,7 +1,9 @@
 """Flower on the MegaFlow app: live workers and tasks, never open to other hosts without credentials.
 
 Flower runs in this process (``Celery.start``), so the credentials handed to its
-``--basic-auth`` option never appear on a command line that ``ps`` shows.
+``--basic-auth`` and ``--broker_api`` options never appear on a command line that ``ps``
+shows. Two MegaFlow views are installed into that Flower (`install_views`): an episode
+that ended failed stays FAILURE, and the Broker tab lists the dead-letter queue.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from urllib.parse import quote, unquote, urlsplit
 
 from megaflow.config import Settings
+from queues import topology
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +73,33 @@ def check_auth(address: str, auth: str | None) -> str | None:
     return None
 
 
-def flower_argv(address: str, port: int, auth: str | None, tasks_columns: str = TASKS_COLUMNS) -> list[str]:
+def broker_api(broker_url: str | None) -> str | None:
+    """RabbitMQ's management API for an AMQP broker URL: same user, password and host.
+
+    ``amqp://u:p@h:5672/vhost`` gives ``http://u:p@h:15672/api/`` (``amqps``: https, port
+    15671); None for any other transport (Flower's Broker tab then has nothing to read).
+    """
+    if not broker_url:
+        return None
+    url = urlsplit(broker_url)
+    if url.scheme not in ("amqp", "pyamqp", "amqps"):
+        return None
+    scheme, port = ("https", 15671) if url.scheme == "amqps" else ("http", 15672)
+    user = quote(unquote(url.username or "guest"), safe="")
+    password = quote(unquote(url.password or "guest"), safe="")
+    host = url.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{user}:{password}@{host}:{port}/api/"
+
+
+def flower_argv(address: str, port: int, auth: str | None, tasks_columns: str = TASKS_COLUMNS,
+                api: str | None = None) -> list[str]:
     """The ``celery`` arguments that start Flower (hold credentials: never log them)."""
     argv = ["flower", f"--address={address}", f"--port={port}", f"--tasks-columns={tasks_columns}"]
     if auth:
         argv.append(f"--basic-auth={auth}")
+    if api:
+        argv.append(f"--broker_api={api}")
     return argv
 
 
@@ -99,4 +125,53 @@ def run_flower(address: str, port: int, auth: str | None, settings: Settings | N
     app = make_app(settings)
     # A command-line option would override Flower's own environment variable.
     columns = os.environ.get("FLOWER_TASKS_COLUMNS") or TASKS_COLUMNS
-    return app.start(flower_argv(address, port, auth, columns))
+    api = settings.flower_broker_api.get_secret_value() if settings.flower_broker_api else None
+    install_views()
+    return app.start(flower_argv(address, port, auth, columns, api or broker_api(settings.broker_url)))
+
+
+def failure_is_current(task) -> bool:
+    """True when a task's latest run sent ``task-failed`` (Flower's `celery.events.state.Task`).
+
+    An episode's task id is kept by every decision of the episode (`continue_with`), and its
+    last decision, ending the episode failed, sends ``task-failed`` then returns normally to
+    its chord (`megaflow.hops.episode.tell_flower`), so the worker's ``task-succeeded``
+    follows. Celery's state machine lets SUCCESS win over every other state in either order;
+    a failure stamped after the latest start belongs to the latest run and must win instead.
+    """
+    return bool(task.failed and task.started and task.failed >= task.started)
+
+
+def install_views() -> None:
+    """Teach this process's Flower MegaFlow's two truths (idempotent).
+
+    * A task whose latest run failed shows FAILURE (`failure_is_current`), so Flower's
+      failed view and state filter list ended-failed episodes.
+    * The Broker tab asks the management API for the dead-letter queue as well: Flower
+      lists only queues a worker consumes, and nothing consumes ``megaflow.dead``.
+    """
+    from celery import states
+    from flower import events
+    from flower.views import BaseHandler
+
+    if getattr(events.EventsState, "megaflow", False):
+        return
+
+    class MegaFlowEventsState(events.EventsState):
+        megaflow = True
+
+        def event(self, event):
+            super().event(event)
+            if event.get("type") in ("task-succeeded", "task-failed"):
+                task = self.tasks.get(event.get("uuid"))
+                if task is not None and task.state == states.SUCCESS and failure_is_current(task):
+                    task.state = states.FAILURE
+                    self._index_task(task, None)  # the search index filters on state
+
+    queue_names = BaseHandler.get_active_queue_names
+
+    def get_active_queue_names(handler):
+        return sorted({*queue_names(handler), topology.DEAD_QUEUE})
+
+    events.EventsState = MegaFlowEventsState
+    BaseHandler.get_active_queue_names = get_active_queue_names

@@ -142,7 +142,7 @@ def admit_waiting(s: Session, settings: Settings, rounds: int = 1) -> list[dict]
                 continue
             if states.move(s, eid, states.PENDING, wait_reason=None, admitted_at=utcnow(), host=host):
                 emit(s, "episode.admitted", run_id, eid, {"host": host})
-                admitted.append({"episode_id": eid, "task": parked["task"]})
+                admitted.append({"episode_id": eid, "run_id": run_id, "task": parked["task"]})
         if blocked or len(rows) < ROUND:
             break
     return admitted
@@ -188,11 +188,11 @@ def unsent(s: Session, *where) -> list[dict]:
     """Admitted episodes whose start message has not run (no ``agent.admit`` hop), as messages to send."""
     from megaflow.db.models import Hop
 
-    rows = s.execute(select(Episode.id, Episode.parked).where(
+    rows = s.execute(select(Episode.id, Episode.run_id, Episode.parked).where(
         Episode.state == states.PENDING, Episode.parked.is_not(None), Episode.admitted_at.is_not(None), *where,
         ~select(Hop.subject_id).where(Hop.subject_id == Episode.id, Hop.step_index == 0,
                                       Hop.hop == "agent.admit").exists())).all()
-    return [{"episode_id": eid, "task": parked["task"]} for eid, parked in rows]
+    return [{"episode_id": eid, "run_id": run_id, "task": parked["task"]} for eid, run_id, parked in rows]
 
 
 def unpark_cancelled(s: Session, run_id: str) -> list[dict]:
@@ -202,7 +202,7 @@ def unpark_cancelled(s: Session, run_id: str) -> list[dict]:
     out = []
     for eid, parked in rows:
         if states.move(s, eid, states.CANCELLED, exit_status=ExitStatus.CANCELLED, wait_reason=None):
-            out.append({"episode_id": eid, "task": parked["task"]})
+            out.append({"episode_id": eid, "run_id": run_id, "task": parked["task"]})
     return out
 
 
@@ -215,7 +215,9 @@ def send(app, admitted: list[dict]) -> None:
     """Send the parked start messages of admitted (or cancelled) episodes."""
     for a in admitted:
         t = a["task"]
-        sig = app.signature("megaflow.episode", args=(ADMIT, a["episode_id"]))
+        # Flower shows this label as the task's arguments (the form of `megaflow.hops.routing.label`).
+        sig = app.signature("megaflow.episode", args=(ADMIT, a["episode_id"]),
+                            argsrepr=f"run={a.get('run_id') or '?'} episode={a['episode_id']} step=0 hop=admit")
         sig.freeze(t["id"])
         sig.set(chord=t["chord"], group_id=t["group"], group_index=t["group_index"], root_id=t["root_id"])
         sig.apply_async()
