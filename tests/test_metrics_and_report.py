@@ -86,7 +86,7 @@ def test_report_of_a_run_that_has_not_started(sqlite_url):
 def test_metrics_on_the_embedded_stack(run, tmp_path):
     url, _ = run
     settings = Settings(data_dir=tmp_path, database_url=url)
-    text = generate_latest(make_registry(MegaFlowCollector(settings, token_window_s=60))).decode()
+    text = generate_latest(make_registry(MegaFlowCollector(settings))).decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples[("megaflow_up", (("component", "database"),))] == 1
@@ -97,7 +97,9 @@ def test_metrics_on_the_embedded_stack(run, tmp_path):
     assert samples[("megaflow_hop_duration_seconds_count", (("hop", "generate"),))] == 29
     assert samples[("megaflow_hop_duration_seconds_bucket", (("hop", "exec"), ("le", "0.05")))] == 29
     assert samples[("megaflow_hop_duration_seconds_bucket", (("hop", "generate"), ("le", "0.1")))] == 0
-    assert samples[("megaflow_model_tokens_per_second", (("kind", "completion"),))] == pytest.approx(290 / 60)
+    assert samples[("megaflow_model_tokens_total", (("kind", "completion"),))] == 290
+    assert samples[("megaflow_hops_total", (("hop", "generate"), ("outcome", "ok")))] == 29
+    assert samples[("megaflow_episodes_finished_total", (("exit_status", "setup_failed"), ("state", "infra_failed")))] == 2
     assert ("megaflow_queue_messages", (("queue", "env.h1"),)) in samples
 
 
@@ -117,6 +119,7 @@ def test_step_rate_and_progress_line():
     assert rate.add(2.0, 10) == 5.0
     assert rate.add(20.0, 100) == pytest.approx(90 / 18)  # the oldest sample left the window
     line = info_line({"episodes": 4, "steps": 7, "mean_reward": 0.5,
-                      "by_state": {"succeeded": 2, "pending": 1, "infra_failed": 1}}, {"setup_failed": 1}, 2.5)
-    assert line == ("3/4 ended | pending=1 succeeded=2 infra_failed=1 | 7 steps, 2.5 steps/s | mean reward 0.500 | "
-                    "failures: setup_failed=1")
+                      "by_state": {"succeeded": 2, "pending": 1, "infra_failed": 1}}, {"setup_failed": 1}, 2.5,
+                     "last 10 s")
+    assert line == ("3/4 ended | pending=1 succeeded=2 infra_failed=1 | 7 steps, 2.5 steps/s (last 10 s) | "
+                    "mean reward 0.500 | failures: setup_failed=1")

@@ -100,7 +100,7 @@ def test_status_watch_follows_the_run_to_its_final_counts(watched_run):
     # 6 tasks x 2 rollouts: 8 pass, 2 fail their check (reward 0), 2 never get a sandbox.
     assert "12/12 ended" in line and "succeeded=10" in line and "infra_failed=2" in line, line
     # Two turns (a command, then submit) for each of the 10 episodes that got a sandbox.
-    assert re.search(r"\b20 steps, [0-9.]+ steps/s", line), line
+    assert re.search(r"\b20 steps, [0-9.]+ steps/s \(whole run\)", line), line
     assert "mean reward 0.800" in line and "failures: setup_failed=2" in line, line
 
 

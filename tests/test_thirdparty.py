@@ -62,10 +62,12 @@ def _mean_reward(out: Path, agent: str, sandbox: str, data: Path, env: dict | No
     path = out / f"run-{agent}-{sandbox}.yaml"
     path.write_text(spec)
     proc = run_megaflow(["run", str(path), "--timeout", "500"], data, timeout=600, extra_env=env)
-    text = " ".join(proc.stdout.split())
-    m = re.search(r'summary: (\{.*?"solved": \d+\})', text)
+    m = re.search(r"run ([0-9a-f]{32}) finished", proc.stdout)
     assert proc.returncode == 0 and m, proc.stdout[-2000:] + proc.stderr[-2000:]
-    summary = json.loads(m.group(1))
+    # The run's summary as recorded in its state database (what `megaflow status` reads).
+    from megaflow import Client, Settings
+
+    summary = Client(Settings(data_dir=data)).status(m.group(1))["summary"]
     return summary["mean_reward"], summary
 
 
@@ -85,7 +87,9 @@ def test_megaflow_run_on_local(built, tmp_path):
 @pytest.mark.integration
 def test_tamper_agents_game_these_suites_without_restoration(built, tmp_path, monkeypatch):
     """The same agents against the same tasks with restoration off: they win, so the 0s above are earned."""
-    from megaflow.envs import grading, pristine
+    import swe_tamper
+
+    from megaflow.envs import grading
     from megaflow.validate import load_task_set
     from megaflow.envs.prepare import setup
     from megaflow.sandbox.base import SandboxConfig
@@ -95,7 +99,7 @@ def test_tamper_agents_game_these_suites_without_restoration(built, tmp_path, mo
     need("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
     out, _, module = built
     monkeypatch.setenv("MEGAFLOW_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(pristine, "restore", lambda *a: None)
+    swe_tamper.restoration_off(monkeypatch)
     backend = LocalBackend(tmp_path / "sb")
     for task in load_task_set(out / "tasks.yaml"):
         config = sandbox_config(SandboxConfig(type="local"), task)

@@ -113,11 +113,11 @@ def _ordered(by_state: dict[str, int]) -> dict[str, int]:
     return {s: by_state[s] for s in (*STATE_ORDER, *sorted(by_state)) if s in by_state}
 
 
-def info_line(st: dict, failures: dict[str, int], rate: float) -> str:
-    """One plain line: state counts, steps, steps/s, mean reward, failures by kind."""
+def info_line(st: dict, failures: dict[str, int], rate: float, window: str) -> str:
+    """One plain line: state counts, steps, steps/s over `window` (named: rates differ by window), mean reward, failures."""
     ended = sum(st["by_state"].get(s, 0) for s in states.TERMINAL)
     line = (f"{ended}/{st['episodes']} ended | {_fmt_counts(_ordered(st['by_state']))} | "
-            f"{st['steps']} steps, {rate:.1f} steps/s")
+            f"{st['steps']} steps, {rate:.1f} steps/s ({window})")
     if st["mean_reward"] is not None:
         line += f" | mean reward {st['mean_reward']:.3f}"
     line += f" | failures: {_fmt_counts(failures)}"
@@ -127,7 +127,7 @@ def info_line(st: dict, failures: dict[str, int], rate: float) -> str:
 
 
 def panel(st: dict, failures: dict[str, int], rate: float, elapsed: float, stall: Stall | None = None,
-          error: str | None = None) -> Panel:
+          error: str | None = None, window: str = "") -> Panel:
     """The live view: one bar for episodes ended, one per state, and a line of rates."""
     n = max(1, st["episodes"])
     ended = sum(st["by_state"].get(s, 0) for s in states.TERMINAL)
@@ -142,7 +142,7 @@ def panel(st: dict, failures: dict[str, int], rate: float, elapsed: float, stall
         grid.add_row(Text(state, style="dim" if not count else ""),
                      ProgressBar(total=n, completed=count, width=40, complete_style=colour, finished_style=colour),
                      str(count))
-    rates = Text(f"{st['steps']} steps · {rate:.1f} steps/s")
+    rates = Text(f"{st['steps']} steps · {rate:.1f} steps/s ({window})")
     if st["mean_reward"] is not None:
         rates.append(f" · mean reward {st['mean_reward']:.3f}")
     fails = Text("failures: ", style="bold")
@@ -174,6 +174,7 @@ def follow(client, run_id: str, console: Console, timeout: float | None = None,
     """
     start = time.monotonic()
     rate = StepRate()
+    recent = f"last {rate.window_s:g} s"
     live = Live(console=console, refresh_per_second=4, transient=False) if console.is_terminal else None
     last_line, last_logged = "", 0.0
     seen, changed_at, stall, stall_checked, error = None, start, None, 0.0, None
@@ -196,15 +197,15 @@ def follow(client, run_id: str, console: Console, timeout: float | None = None,
                                   last_error(s, run_id) or (last_log_warning(logs) if logs else None))
             r = rate.add(now, st["steps"])
             if live:
-                live.update(panel(st, failures, r, now - start, stall, error), refresh=True)
+                live.update(panel(st, failures, r, now - start, stall, error, window=recent), refresh=True)
             else:
-                line = info_line(st, failures, r)
+                line = info_line(st, failures, r, recent)
                 if stall:
                     line += f" | {stall.line()}"
                 elif error:
                     line += f" | last error: {error}"
                 # A stall's duration changes every check: log it at most every 30 s.
-                key = line if not stall else info_line(st, failures, r) + (stall.error or "")
+                key = line if not stall else info_line(st, failures, r, recent) + (stall.error or "")
                 if (key != last_line and now - last_logged >= log_every) or (stall and now - last_logged >= 30):
                     console.print(line, highlight=False, soft_wrap=True)
                     last_line, last_logged = key, now
@@ -223,7 +224,8 @@ def follow(client, run_id: str, console: Console, timeout: float | None = None,
         span = run_span_s(s, run_id)
     # Over the whole run, not this watch: it may have started late or after the end.
     overall = st["steps"] / span if span else rate.add(time.monotonic(), st["steps"])
+    window = "whole run" if span else recent
     last = f" | last error: {error}" if failures and error else ""
-    console.print(f"run {run_id} {st['status']}: {info_line(st, failures, overall)}{last}", highlight=False,
+    console.print(f"run {run_id} {st['status']}: {info_line(st, failures, overall, window)}{last}", highlight=False,
                   soft_wrap=True)
     return st

@@ -383,5 +383,10 @@ def print_results(client, run_id: str, rows: list[dict] | None = None) -> None:
     reasons = Counter((r["exit_status"] or r["state"], " ".join(r["error"].split())[:300]) for r in rows if r["error"])
     for (kind, error), n in reasons.most_common(5):
         console.print(f"[red]{n} × {kind}:[/red] {error}", highlight=False, soft_wrap=True)
-    summary = client.status(run_id)["summary"] or {}
-    console.print(f"summary: {json.dumps(summary)}")
+    summary = client.status(run_id)["summary"]
+    if summary:
+        states_text = ", ".join(f"{n} {state}" for state, n in sorted(summary.get("by_state", {}).items()))
+        mean = summary.get("mean_reward")
+        console.print(f"summary: {summary.get('episodes', 0)} episodes ({states_text or 'none'}); "
+                      f"mean reward {'-' if mean is None else f'{mean:.3f}'} over finished episodes; "
+                      f"solved {summary.get('solved', 0)}", highlight=False)

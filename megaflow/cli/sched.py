@@ -54,14 +54,23 @@ def scale(
     if as_json:
         print(json.dumps(out, default=str))
         return
-    table = Table("pool", "backlog", "hops/s", "s/hop", "workers", "recommended")
+    # Rates name their window: a rate without one cannot be compared with another's.
+    table = Table("pool", "backlog", f"hops/s (last {window:g} s)", f"s/hop (last {window:g} s)", "workers",
+                  "recommended", title="pools")
     for pool, p in out["pools"].items():
         table.add_row(pool, str(p["backlog"]), f"{p['hops_per_s']:.2f}", f"{p['seconds_per_hop']:.3f}",
                       str(p["workers"]), str(p["recommended"]))
     console.print(table)
     env = out["pools"]["env"]
     console.print(f"env hosts: {env['hosts']} live, {env['recommended_hosts']} recommended; "
-                  f"{out['episodes_active']} episodes active; waiting: {out['waiting'] or 'none'}")
+                  f"{out['episodes_active']} episodes active", highlight=False)
+    if out["waiting"]:
+        waiting = Table("waiting for", "episodes", title="waiting episodes")
+        for reason, n in sorted(out["waiting"].items(), key=lambda kv: -kv[1]):
+            waiting.add_row(str(reason), str(n))
+        console.print(waiting)
+    else:
+        console.print("no episode is waiting")
 
 
 def hosts() -> None:
