@@ -73,7 +73,7 @@ def scale(
         console.print("no episode is waiting")
 
 
-def hosts() -> None:
+def hosts(as_json: bool = typer.Option(False, "--json", help="One JSON object per host.")) -> None:
     """Env hosts: capacity, sandboxes in use, images, heartbeat."""
     from sqlalchemy import select
 
@@ -88,8 +88,12 @@ def hosts() -> None:
         table = Table("host", "state", "in use", "capacity", "heartbeat", "images")
         for h in rows:
             used, limit = use.get(semaphores.host_key(h.name), (0, h.capacity))
+            if as_json:
+                print(json.dumps({"host": h.name, "state": h.state, "in_use": used, "capacity": limit,
+                                  "heartbeat_at": h.heartbeat_at, "images": h.images or []}, default=str))
             table.add_row(h.name, h.state, str(used), str(limit), str(h.heartbeat_at)[:19], str(len(h.images or [])))
-    console.print(table)
+    if not as_json:
+        console.print(table)
 
 
 @quota_app.command("set")
@@ -150,12 +154,16 @@ def capacity_set(
 
 
 @capacity_app.command("show")
-def capacity_show() -> None:
+def capacity_show(as_json: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+    """Every semaphore: slots used and its limit."""
     from megaflow.db.engine import session_scope
     from megaflow.scheduler import semaphores
 
     with session_scope(_settings().resolved_database_url()) as s:
         use = semaphores.usage(s)
+    if as_json:
+        print(json.dumps({key: {"used": used, "limit": limit} for key, (used, limit) in sorted(use.items())}))
+        return
     table = Table("semaphore", "used", "limit")
     for key, (used, limit) in sorted(use.items()):
         table.add_row(key, str(used), str(limit if limit is not None else "-"))
