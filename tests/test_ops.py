@@ -159,8 +159,17 @@ def test_metrics_scraped_during_and_after_a_run(cluster, watched_run, tmp_path):
     assert counts[-1] == after["megaflow_hop_duration_seconds_count"][(("hop", "generate"),)] == 32
     assert after["megaflow_hop_duration_seconds_sum"][(("hop", "generate"),)] >= 20 * 0.4 + 12 * 0.2
     assert {"provision", "exec", "evaluate"} <= {dict(k)["hop"] for k in after["megaflow_hop_duration_seconds_count"]}
-    tokens = after["megaflow_model_tokens_per_second"]
+    tokens = after["megaflow_model_tokens_total"]
     assert tokens[(("kind", "completion"),)] > 0 and tokens[(("kind", "prompt"),)] > 0
+    # Every hop's message carried its publish stamp: queue wait is recorded for each hop.
+    queued = after["megaflow_hop_queued_seconds_count"]
+    assert queued[(("hop", "generate"),)] == 32, queued
+    hops = {dict(k)["hop"]: v for k, v in after["megaflow_hops_total"].items() if dict(k)["outcome"] == "ok"}
+    assert hops["generate"] == 32, hops
+    ended = {tuple(v for _, v in k): n for k, n in after["megaflow_episodes_finished_total"].items()}
+    assert sum(n for (state, _), n in ended.items() if state == "infra_failed") == 4, ended
+    for name in ("megaflow_hops_total", "megaflow_model_tokens_total", "megaflow_hop_duration_seconds_count"):
+        assert all(after[name][k] >= v for k, v in during.get(name, {}).items()), name
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,26 @@
 
 Nothing is counted in the workers: the state database already records every
 episode, sandbox and hop, and the broker knows its queues, so a scrape asks
-both. A database or broker that does not answer is reported as
-``megaflow_up{component=...} 0`` instead of failing the whole scrape.
+both. Counters (``_total``) and histograms are cumulative since the beginning of
+the database, kept incrementally by `megaflow.ops.counters` so a scrape reads
+only the rows that are new; gauges say how things are now. Label values are
+bounded (unknown ones read ``other``). A database or broker that does not
+answer is reported as ``megaflow_up{component=...} 0`` instead of failing the
+whole scrape. docs/deployment.md lists every metric.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from megaflow.config import Settings
-from megaflow.db.models import utcnow
 from megaflow.ops import stats
+from megaflow.ops.counters import Cumulative, Histogram, bounded
 from megaflow.scheduler.scale import queue_depths
 from queues import topology
 
@@ -26,26 +29,29 @@ log = logging.getLogger(__name__)
 
 #: Hop latency buckets (s): decisions take milliseconds, model calls and commands up to minutes.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+RUN_STATUSES = frozenset({"submitted", "running", "finished", "cancelled"})
+#: A waiting episode's reason is free text ("capacity: no live env host ..."): its first word is the label.
+WAIT_REASONS = frozenset({"capacity", "quota", "image", "host"})
 
 
 class MegaFlowCollector(Collector):
-    """Collects MegaFlow's gauges and histograms at scrape time.
+    """Collects MegaFlow's counters, histograms and gauges at scrape time.
 
     Args:
         settings: where the state database and the broker are.
-        hop_window_s: histograms cover hops finished this many seconds before the scrape.
-        token_window_s: tokens/s is averaged over this many seconds.
         queues: queues to measure besides the pools', the dead-letter queue and
             every known ``env.<host>``.
+        buckets: histogram upper bounds in seconds.
+        settle_s: how far the counters' high-water mark trails the clock
+            (`megaflow.ops.counters`): more than the worst clock skew between hosts.
     """
 
-    def __init__(self, settings: Settings, hop_window_s: float = 300.0, token_window_s: float = 60.0,
-                 queues: Sequence[str] = (), buckets: Sequence[float] = BUCKETS):
+    def __init__(self, settings: Settings, queues: Sequence[str] = (), buckets: Sequence[float] = BUCKETS,
+                 settle_s: float = 30.0):
         self.settings = settings
-        self.hop_window_s = hop_window_s
-        self.token_window_s = token_window_s
         self.extra_queues = list(queues)
         self.buckets = list(buckets)
+        self.totals = Cumulative(self.buckets, settle_s)
         self._app = None
 
     def collect(self) -> Iterator[Metric]:
@@ -86,29 +92,38 @@ class MegaFlowCollector(Collector):
             runs = stats.runs_by_status(s)
             sandboxes = stats.sandboxes_by_state(s)
             hosts.extend(stats.env_hosts(s))
-            since = utcnow() - dt.timedelta(seconds=self.hop_window_s)
-            durations = stats.hop_histograms(s, since, self.buckets)
-            prompt, completion = stats.recent_tokens(s, self.token_window_s)
+            totals = self.totals.read(s)
 
-        g = GaugeMetricFamily("megaflow_episodes", "Episodes by state (all runs).", labels=["state"])
-        for state in (*stats.STATE_ORDER, *sorted(set(episodes) - set(stats.STATE_ORDER))):
-            g.add_metric([state], episodes.get(state, 0))
+        g = GaugeMetricFamily("megaflow_episodes", "Episodes by state now (all runs).", labels=["state"])
+        for state, n in _bounded_counts(episodes, stats.STATE_ORDER).items():
+            g.add_metric([state], n)
         yield g
-        g = GaugeMetricFamily("megaflow_runs", "Runs by status.", labels=["status"])
-        for status, n in sorted(runs.items()):
+        g = GaugeMetricFamily("megaflow_runs", "Runs by status now.", labels=["status"])
+        for status, n in _bounded_counts(runs, sorted(RUN_STATUSES)).items():
             g.add_metric([status], n)
         yield g
-        g = GaugeMetricFamily("megaflow_sandboxes", "Sandboxes by host and state.", labels=["host", "state"])
+        g = GaugeMetricFamily("megaflow_sandboxes", "Sandboxes by host and state now.", labels=["host", "state"])
         for (host, state), n in sorted(sandboxes.items()):
             g.add_metric([host, state], n)
         yield g
-        window = f"hops finished in the last {self.hop_window_s:g} s"
-        yield self._histogram("megaflow_hop_duration_seconds", f"Work time per hop, {window}.", durations)
-        g = GaugeMetricFamily("megaflow_model_tokens_per_second",
-                              f"Model tokens per second over the last {self.token_window_s:g} s.", labels=["kind"])
-        g.add_metric(["completion"], completion / self.token_window_s)
-        g.add_metric(["prompt"], prompt / self.token_window_s)
-        yield g
+        c = CounterMetricFamily("megaflow_hops", "Hops finished, by hop and outcome (its failure's kind, or ok).",
+                                labels=["hop", "outcome"])
+        for (hop, outcome), n in sorted(totals.hops.items()):
+            c.add_metric([hop, outcome], n)
+        yield c
+        yield self._histogram("megaflow_hop_duration_seconds", "Work time per hop (claim or start to record).",
+                              totals.work)
+        yield self._histogram("megaflow_hop_queued_seconds", "Queue wait per hop (publish to start; clock skew "
+                              "between hosts included, clamped at 0).", totals.queued)
+        c = CounterMetricFamily("megaflow_episodes_finished", "Episodes that ended, by state and exit status.",
+                                labels=["state", "exit_status"])
+        for (state, exit_status), n in sorted(totals.episodes.items()):
+            c.add_metric([state, exit_status], n)
+        yield c
+        c = CounterMetricFamily("megaflow_model_tokens", "Tokens of finished model calls, by kind.", labels=["kind"])
+        for kind in ("completion", "prompt"):
+            c.add_metric([kind], totals.tokens[kind])
+        yield c
 
     def _scale(self) -> Iterator[Metric]:
         from megaflow.scheduler.scale import report
@@ -122,15 +137,20 @@ class MegaFlowCollector(Collector):
         yield g
         g = GaugeMetricFamily("megaflow_waiting_episodes", "Episodes waiting for admission, by reason.",
                               labels=["reason"])
-        for reason, n in sorted(out["waiting"].items(), key=lambda kv: str(kv[0])):
-            g.add_metric([str(reason)], n)
+        reasons: dict[str, int] = {}
+        for reason, n in out["waiting"].items():
+            label = bounded(str(reason or "").split(":")[0].split(" ")[0], WAIT_REASONS)
+            reasons[label] = reasons.get(label, 0) + n
+        for reason, n in sorted(reasons.items()):
+            g.add_metric([reason], n)
         yield g
 
-    def _histogram(self, name: str, doc: str, data: dict[str, tuple[list[int], int, float]]) -> Metric:
+    def _histogram(self, name: str, doc: str, data: dict[str, Histogram]) -> Metric:
         h = HistogramMetricFamily(name, doc, labels=["hop"])
-        for hop, (cumulative, count, total) in sorted(data.items()):
-            buckets = [(_le(b), c) for b, c in zip(self.buckets, cumulative)] + [("+Inf", count)]
-            h.add_metric([hop], buckets, sum_value=total)
+        for hop, hist in sorted(data.items()):
+            if hist.count:  # a hop with no value recorded (queue wait of an unstamped message) has no series
+                buckets = [(_le(b), c) for b, c in zip(self.buckets, hist.buckets)] + [("+Inf", hist.count)]
+                h.add_metric([hop], buckets, sum_value=hist.total)
         return h
 
     # -- broker ---------------------------------------------------------------------
@@ -153,6 +173,15 @@ class MegaFlowCollector(Collector):
 
             self._app = make_app(self.settings)
         return self._app
+
+
+def _bounded_counts(counts: dict[str, int], known: Sequence[str]) -> dict[str, int]:
+    """Every known label value (0 when absent), the rest summed under ``other``."""
+    out = {k: 0 for k in known}
+    for k, n in counts.items():
+        label = bounded(k, frozenset(known))
+        out[label] = out.get(label, 0) + n
+    return out
 
 
 def _le(bound: float) -> str:
