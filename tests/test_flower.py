@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import base64
+import os
+import shutil
+import subprocess
 import time
 
 import httpx
 import pytest
 from browser import ARTIFACTS, chromium, chromium_binary, free_port, megaflow, stop, wait_http
-from conftest import need
+from conftest import CI, need, port_open
 
 from megaflow import Client
 from megaflow.local_stack import settings_env
-from megaflow.ops.flower import AUTH_ENV, FlowerAuthError, check_auth, is_loopback
+from megaflow.contract import Next
+from megaflow.hops.routing import label, next_signature
+from megaflow.ops.flower import AUTH_ENV, FlowerAuthError, broker_api, check_auth, install_views, is_loopback
+from queues.topology import DEAD_QUEUE
 
 SCRIPT = ["```bash\necho {step} >> trace.txt\n```", "```bash\nsubmit\n```"]
 
@@ -133,3 +139,116 @@ def test_flower_off_loopback_asks_for_credentials(tmp_path, amqp_vhost):
     out = log.read_text()
     assert "pa55-w0rd" not in out, "the password must never be printed"
     assert "ops" in out
+
+
+def test_broker_api_is_derived_from_the_broker_url():
+    assert broker_api("amqp://guest:guest@127.0.0.1:5672//") == "http://guest:guest@127.0.0.1:15672/api/"
+    assert broker_api("amqp://mf:p%40ss@rabbitmq:5672/megaflow") == "http://mf:p%40ss@rabbitmq:15672/api/"
+    assert broker_api("amqps://u:p@h/v") == "https://u:p@h:15671/api/"
+    assert broker_api("sqlite:///broker.sqlite") is None and broker_api(None) is None
+
+
+def test_hop_messages_carry_a_readable_label():
+    from megaflow.app import make_app
+    from megaflow.config import Settings
+
+    app = make_app(Settings(broker_url="memory://"))
+    hop, then = next_signature(app, "e1", Next(hop="exec", step=3), run_id="r1").tasks
+    assert hop.options["argsrepr"] == "run=r1 episode=e1 step=3 hop=exec" == label("r1", "e1", 3, "exec")
+    assert then.options["argsrepr"] == "run=r1 episode=e1 step=3 after=exec"
+    message = app.amqp.create_task_message("t1", hop.task, hop.args, {}, argsrepr=hop.options["argsrepr"])
+    assert message.headers["argsrepr"] == "run=r1 episode=e1 step=3 hop=exec"
+
+
+def _replay(*events):
+    """Flower's task state after `events` ((type, timestamp) of one task), as `megaflow flower` keeps it."""
+    from flower import events as flower_events
+
+    install_views()
+    state = flower_events.EventsState()
+    for i, (kind, ts) in enumerate(events):
+        state.event({"type": kind, "uuid": "u1", "hostname": "agent-1@h", "timestamp": ts, "clock": i,
+                     "local_received": ts, "name": "megaflow.episode", "args": "run=r episode=e"})
+    return state.tasks["u1"].state
+
+
+def test_an_episode_that_ended_failed_stays_failed_in_flower():
+    # Stock Celery: SUCCESS wins in either order. The episode's last decision sends task-failed
+    # and returns (its chord needs the summary), so the worker's task-succeeded follows.
+    start = [("task-received", 1.0), ("task-started", 1.1)]
+    assert _replay(*start, ("task-failed", 1.2), ("task-succeeded", 1.3)) == "FAILURE"
+    assert _replay(*start, ("task-succeeded", 1.3), ("task-failed", 1.2)) == "FAILURE"
+    assert _replay(*start, ("task-succeeded", 1.3)) == "SUCCESS"
+    # The same task id runs again (every decision of an episode keeps it): an old failure is history.
+    assert _replay(*start, ("task-failed", 1.2), ("task-received", 2.0), ("task-started", 2.1),
+                   ("task-succeeded", 2.2)) == "SUCCESS"
+
+
+def management_api() -> None:
+    """RabbitMQ's management API on 127.0.0.1:15672; under CI=true, as root, enable its plugin."""
+    ctl = shutil.which("rabbitmq-plugins")
+    if not port_open("127.0.0.1", 15672) and CI and ctl and os.geteuid() == 0:
+        subprocess.run([ctl, "enable", "rabbitmq_management"], capture_output=True, timeout=120, check=False)
+        deadline = time.monotonic() + 60
+        while not port_open("127.0.0.1", 15672) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    need("rabbitmq management API", port_open("127.0.0.1", 15672), "rabbitmq-plugins enable rabbitmq_management")
+
+
+@pytest.mark.integration
+@pytest.mark.cluster(host="flower-fail", name="flf-", env={"MEGAFLOW_WORKER_CONCURRENCY": "2"}, extra_args=["-E"])
+def test_flower_shows_failed_episodes_their_run_and_the_dead_letter_queue(cluster, tmp_path):
+    need("chromium", chromium_binary() is not None, "apt-get install chromium")
+    management_api()
+    settings, workers = cluster.settings, list(cluster.workers.values())
+    port = free_port()
+    log = tmp_path / "flower.log"
+    proc = megaflow(["flower", "--port", str(port)], settings_env(settings), log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_http(f"{base}/healthcheck", proc, log).status_code == 200
+
+        def workers_seen():
+            data = httpx.get(f"{base}/workers", params={"json": 1}, timeout=5).json()["data"]
+            return all(any(row["hostname"].startswith(f"{w.name}@") for row in data) for w in workers)
+        _wait_for(workers_seen, "Flower to list the three workers")
+
+        client = Client(settings)
+        # Known failures: the agent never submits within one step (failed); setup breaks (infra_failed).
+        run_id = client.submit({
+            "name": "flf", "model": {"type": "scripted", "replies": ["```bash\nexit 1\n```"]},
+            "sandbox": {"type": "local"}, "limits": {"max_steps": 1, "provision_timeout_s": 30}, "rollouts": 1,
+            "tasks": [{"instance_id": "agent-fails", "instruction": "x", "check": "true"},
+                      {"instance_id": "setup-breaks", "instruction": "x", "check": "true", "setup": ["exit 3"]}]})
+        # The chord joined: the run closed with both summaries.
+        st = client.wait(run_id, timeout=120)
+        assert st["by_state"] == {"failed": 1, "infra_failed": 1}, st
+        failed = {r["episode_id"]: r["state"] for r in client.results(run_id)}
+
+        def failures_seen():
+            rows = _datatable(base, "state:FAILURE")
+            return [r for r in rows if r["name"] == "megaflow.episode"
+                    and any(f"episode={e}" in str(r["args"]) for e in failed)]
+        rows = _wait_for(lambda: len(failures_seen()) == 2 and failures_seen(), "both failed episodes as FAILURE")
+        assert all(f"run={run_id}" in r["args"] for r in rows), rows
+        assert {r["exception"] for r in rows} >= {"episode ended failed (step_limit)"}, rows
+        # Flower's search finds the run's hops by the run id in their readable arguments.
+        hops = _datatable(base, f"run={run_id}")
+        assert {"megaflow.hop.provision", "megaflow.episode"} <= {r["name"] for r in hops}, hops
+        cards = httpx.get(f"{base}/workers", params={"json": 1}, timeout=5).json()["data"]
+        assert sum(row.get("task-failed") or 0 for row in cards) >= 2, cards
+
+        failed_html = chromium(f"{base}/tasks?state=FAILURE", dump_dom=True, size="1600,1000")
+        chromium(f"{base}/tasks?state=FAILURE", screenshot=ARTIFACTS / "flower-failed.png", size="1600,1000")
+        for eid in failed:
+            assert f"episode={eid}" in failed_html, f"episode {eid} not in Flower's failed view"
+        assert f"run={run_id}" in failed_html
+
+        broker_html = chromium(f"{base}/broker", dump_dom=True, size="1600,1000")
+        chromium(f"{base}/broker", screenshot=ARTIFACTS / "flower-broker.png", size="1600,1000")
+        assert "No queue data" not in broker_html
+        for queue in (DEAD_QUEUE, "agent", "model"):
+            assert queue in broker_html, f"{queue} not on Flower's Broker tab"
+    finally:
+        stop(proc)
+    assert "guest:guest" not in log.read_text(), "the management API's credentials must never be printed"
