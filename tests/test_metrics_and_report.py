@@ -48,7 +48,8 @@ def run(sqlite_url) -> tuple[str, str]:
                 s.add(Step(episode_id=f"e{i}", index=k, messages_in=[], completion_tokens=10, prompt_tokens=100))
                 for hop, duration in (("generate", 0.2 + 0.01 * k), ("exec", 0.05), ("agent.generate", 0.004)):
                     s.add(Hop(subject_id=f"e{i}", step_index=k, hop=hop, task_id="x", status="done",
-                              finished_at=now - dt.timedelta(seconds=5), duration_s=duration))
+                              finished_at=now - dt.timedelta(seconds=5), duration_s=duration,
+                              queued_s=0.5 if hop == "exec" else None))
     return sqlite_url, "r1"
 
 
@@ -70,6 +71,10 @@ def test_report_has_every_plot(run):
     assert len(images) == 4
     assert all(base64.b64decode(b)[:4] == b"\x89PNG" for b in images)
     assert "setup_failed" in document and "step_limit" in document and "units" in document
+    # Queue wait beside work time: exec waited 500 ms; hops recorded without a stamp show "-".
+    assert "queued p50 ms" in document and "work p50 ms" in document
+    assert re.search(r"<td>exec</td><td>29</td>(<td>[0-9.]+</td>){4}<td>500\.0</td>", document)
+    assert re.search(r"<td>generate</td><td>29</td>(<td>[0-9.]+</td>){4}<td>-</td>", document)
 
 
 def test_report_of_a_run_that_has_not_started(sqlite_url):

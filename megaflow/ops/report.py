@@ -156,11 +156,19 @@ def _summary_rows(data: RunData) -> list[tuple[str, object]]:
     return rows
 
 
+#: The hop table's columns: work time (claim or start to record) beside queue wait (publish to start).
+HOP_HEADER = ("hop", "n", "work p50 ms", "work p90 ms", "work p99 ms", "work max ms",
+              "queued p50 ms", "queued p90 ms", "queued p99 ms")
+
+
 def _hop_rows(data: RunData) -> list[tuple[object, ...]]:
     rows = []
     for hop, values in sorted(data.hop_durations.items()):
+        queued = data.hop_queued.get(hop)
+        # Hops recorded without a publish stamp (older rows, direct calls) have no queue wait.
+        waits = [f"{_quantile(queued, q) * 1e3:.1f}" if queued else "-" for q in (0.5, 0.9, 0.99)]
         rows.append((hop, len(values), *(f"{_quantile(values, q) * 1e3:.1f}" for q in (0.5, 0.9, 0.99)),
-                     f"{max(values) * 1e3:.1f}"))
+                     f"{max(values) * 1e3:.1f}", *waits))
     return rows
 
 
@@ -201,8 +209,7 @@ def render_html(data: RunData, generated_at: dt.datetime | None = None) -> str:
         else:
             parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>")
         if title == "Hop latency" and data.hop_durations:
-            parts.append(_table(("hop", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"),
-                                _hop_rows(data)))
+            parts.append(_table(HOP_HEADER, _hop_rows(data)))
         if title == "Failures by kind" and data.failures():
             parts.append(_table(("exit status", "episodes"), list(data.failures().items())))
     graded = [e for e in data.episodes if e.grading and e.grading.get("tests_status")]

@@ -7,14 +7,13 @@ live cluster without touching the pipeline's transactions.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from megaflow.db import states
-from megaflow.db.models import Episode, Hop, Run, SandboxRow, Step, TaskInstance, utcnow
+from megaflow.db.models import Episode, Hop, Run, SandboxRow, Step, TaskInstance
 from megaflow.db.run_stats import RunStats, run_stats, summarize
 
 __all__ = ["RunStats", "run_stats", "summarize"]  # the one rule for run statistics, for operator tools too
@@ -69,45 +68,6 @@ def env_hosts(session: Session) -> list[str]:
     return sorted(h for h in session.execute(select(SandboxRow.host).distinct()).scalars() if h)
 
 
-def hop_histograms(session: Session, since: dt.datetime,
-                   buckets: Sequence[float]) -> dict[str, tuple[list[int], int, float]]:
-    """Per hop name, cumulative bucket counts of hops finished since `since`.
-
-    The bucketing happens in SQL so a scrape reads one row per hop name, not one
-    per hop, however busy the cluster is.
-
-    Args:
-        since: only hops finished at or after this time.
-        buckets: upper bounds in seconds, ascending (``+Inf`` is implied).
-
-    Returns:
-        ``{hop: (cumulative counts per bucket, count, sum)}``.
-    """
-    value = Hop.duration_s
-    per_bucket = [func.sum(case((value <= b, 1), else_=0)) for b in buckets]
-    rows = session.execute(
-        select(Hop.hop, func.count(), func.coalesce(func.sum(value), 0.0), *per_bucket)
-        .where(Hop.finished_at >= since, value.is_not(None))
-        .group_by(Hop.hop)
-    ).all()
-    return {r[0]: ([int(c or 0) for c in r[3:]], int(r[1]), float(r[2])) for r in rows}
-
-
-def recent_tokens(session: Session, window_s: float) -> tuple[int, int]:
-    """(prompt, completion) tokens of model calls that finished in the last `window_s` seconds.
-
-    A step row is written before its model call, so the call's end is read from
-    its ``generate`` hop in the ledger rather than from the step's timestamp.
-    """
-    since = utcnow() - dt.timedelta(seconds=window_s)
-    row = session.execute(
-        select(func.coalesce(func.sum(Step.prompt_tokens), 0), func.coalesce(func.sum(Step.completion_tokens), 0))
-        .join(Hop, (Hop.subject_id == Step.episode_id) & (Hop.step_index == Step.index) & (Hop.hop == "generate"))
-        .where(Hop.finished_at >= since)
-    ).one()
-    return int(row[0]), int(row[1])
-
-
 def runs_by_status(session: Session) -> dict[str, int]:
     return dict(session.execute(select(Run.status, func.count()).group_by(Run.status)).all())
 
@@ -142,6 +102,8 @@ class RunData:
     episodes: list[EpisodeRow] = field(default_factory=list)
     #: hop name -> work durations (s) of the run's hops.
     hop_durations: dict[str, list[float]] = field(default_factory=dict)
+    #: hop name -> queue waits (s) of the run's hops (publish to start; hops recorded with one).
+    hop_queued: dict[str, list[float]] = field(default_factory=dict)
     steps: int = 0
 
     def stats(self) -> RunStats:
@@ -179,9 +141,11 @@ def load_run(session: Session, run_id: str) -> RunData:
     ).all()
     data.episodes = [EpisodeRow(*r) for r in rows]
     ids = select(Episode.id).where(Episode.run_id == run_id)
-    for hop, duration in session.execute(select(Hop.hop, Hop.duration_s)
-                                         .where(Hop.subject_id.in_(ids), Hop.duration_s.is_not(None))):
+    for hop, duration, queued in session.execute(select(Hop.hop, Hop.duration_s, Hop.queued_s)
+                                                 .where(Hop.subject_id.in_(ids), Hop.duration_s.is_not(None))):
         data.hop_durations.setdefault(hop, []).append(duration)
+        if queued is not None:
+            data.hop_queued.setdefault(hop, []).append(queued)
     data.steps = int(session.execute(select(func.count()).select_from(Step).where(Step.episode_id.in_(ids)))
                      .scalar() or 0)
     return data
