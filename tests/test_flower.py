@@ -244,6 +244,14 @@ def test_flower_shows_failed_episodes_their_run_and_the_dead_letter_queue(cluste
             assert f"episode={eid}" in failed_html, f"episode {eid} not in Flower's failed view"
         assert f"run={run_id}" in failed_html
 
+        # The management API has counts for a new vhost's queues after its first stats tick (5 s).
+        vhost = settings.broker_url.rsplit("/", 1)[1]
+
+        def dead_queue_counted():
+            r = httpx.get(f"http://127.0.0.1:15672/api/queues/{vhost}/{DEAD_QUEUE}", auth=("guest", "guest"),
+                          timeout=5)
+            return r.status_code == 200 and "messages" in r.json()
+        _wait_for(dead_queue_counted, "the management API to count megaflow.dead", timeout=30, every=1)
         broker_html = chromium(f"{base}/broker", dump_dom=True, size="1600,1000")
         chromium(f"{base}/broker", screenshot=ARTIFACTS / "flower-broker.png", size="1600,1000")
         assert "No queue data" not in broker_html
