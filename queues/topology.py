@@ -9,6 +9,7 @@ body, a hop over its delivery limit) goes to the dead-letter exchange
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from kombu import Exchange, Queue
 
@@ -106,8 +107,17 @@ def route_task(name, args, kwargs, options, task=None, **kw):
     return {"queue": queue, "exchange": EXCHANGE.name, "routing_key": queue}
 
 
-def definitions(hosts: list[str] = (), vhost: str = "/") -> dict:
-    """RabbitMQ definitions (importable with `rabbitmqctl import_definitions`)."""
+#: The vhost of docker/compose.yaml (RABBITMQ_DEFAULT_VHOST), hence of queues/definitions.json.
+DEFAULT_VHOST = "megaflow"
+
+
+def definitions(hosts: Sequence[str] = (), vhost: str = DEFAULT_VHOST) -> dict:
+    """RabbitMQ definitions of `vhost` (importable with `rabbitmqctl import_definitions`).
+
+    The vhost itself is listed too, so that an import creates it where it is missing.
+    `megaflow queues definitions --vhost NAME` prints this; queues/definitions.json is its
+    output for the compose file's vhost.
+    """
     names = [*POOLS, *(f"{ENV}.{h}" for h in hosts)]
     queues = [
         {
@@ -133,13 +143,9 @@ def definitions(hosts: list[str] = (), vhost: str = "/") -> dict:
     ]
     bindings.append({"source": DLX.name, "vhost": vhost, "destination": DEAD_QUEUE, "destination_type": "queue",
                      "routing_key": "", "arguments": {}})
-    return {"queues": queues, "exchanges": exchanges, "bindings": bindings}
+    return {"vhosts": [{"name": vhost}], "queues": queues, "exchanges": exchanges, "bindings": bindings}
 
 
-def main() -> None:
-    """Print the definitions file (`python -m queues.topology > queues/definitions.json`)."""
-    print(json.dumps(definitions(), indent=2))
-
-
-if __name__ == "__main__":
-    main()
+def definitions_json(hosts: Sequence[str] = (), vhost: str = DEFAULT_VHOST) -> str:
+    """`definitions` as the text of queues/definitions.json (two-space indent, final newline)."""
+    return json.dumps(definitions(hosts, vhost), indent=2) + "\n"

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import configparser
+import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import need
 from typer.main import get_command
+from typer.testing import CliRunner
 
 from megaflow.cli.main import app
 from megaflow.config import Settings
-from queues.topology import POOLS
+from queues.topology import DEAD_QUEUE, DLX, EXCHANGE, POOL_DEFAULTS, POOLS, definitions_json
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -107,14 +115,76 @@ def test_startup_order(compose):
     assert services["migrate"]["restart"] == "no"
 
 
+def test_pool_threads_agree_with_the_topology_the_env_example_and_the_docs(compose):
+    """compose.yaml's defaults, docker/megaflow.env.example and docs/deployment.md's table all say
+    POOL_DEFAULTS' threads (issue 21: compose gave the agent 4 where the docs said 8)."""
+    example = (ROOT / "docker" / "megaflow.env.example").read_text()
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    for pool, (kind, threads) in POOL_DEFAULTS.items():
+        var = f"{pool.upper()}_CONCURRENCY"
+        env = _env(compose["services"][pool])
+        assert env["MEGAFLOW_WORKER_CONCURRENCY"] == f"${{{var}:-{threads}}}", pool
+        assert f"# {var}={threads}\n" in example, pool
+        row = next(ln for ln in docs.splitlines() if ln.startswith(f"| `{pool}` |"))
+        assert f"{kind} ({threads}," in row, f"docs/deployment.md row of {pool}: {row}"
+
+
+def test_compose_states_its_minimum_version_and_the_docs_name_it():
+    head = COMPOSE.read_text().split("\nname:", 1)[0]
+    assert "Docker Compose 2.20 or later" in head and "docker/require-compose.sh" in head
+    assert "Compose 2.20" in (ROOT / "docs" / "deployment.md").read_text()
+
+
+@pytest.mark.parametrize(("version", "ok"), [("2.19.1", False), ("v2.20.0", True), ("2.29.7", True),
+                                             ("1.29.2", False), (None, False)])
+def test_require_compose_refuses_an_older_compose_in_one_line(tmp_path, version, ok):
+    fake = tmp_path / "docker"
+    body = f"echo {version}" if version else "echo \"docker: 'compose' is not a docker command\" >&2; exit 1"
+    fake.write_text(f"#!/bin/sh\n{body}\n")
+    fake.chmod(0o755)
+    proc = subprocess.run(["sh", str(ROOT / "docker" / "require-compose.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}, check=False)
+    assert (proc.returncode == 0) is ok, proc.stderr
+    if not ok:
+        assert proc.stderr.count("\n") == 1 and "needs Docker Compose >= 2.20.0" in proc.stderr
+
+
+@pytest.mark.parametrize("vhost", ["megaflow", "/", "team-a"])
+def test_queue_definitions_name_every_queue_of_the_topology_for_the_vhost_given(tmp_path, vhost):
+    out = tmp_path / "definitions.json"
+    result = CliRunner().invoke(app, ["queues", "definitions", "--vhost", vhost, "--host", "env-1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    defs = json.loads(out.read_text())
+    assert defs["vhosts"] == [{"name": vhost}]
+    queues = {q["name"]: q for q in defs["queues"]}
+    assert set(queues) == {*POOLS, "env.env-1", DEAD_QUEUE}, "every pool queue and the dead-letter queue"
+    assert {e["name"] for e in defs["exchanges"]} == {EXCHANGE.name, DLX.name}
+    for item in (*defs["queues"], *defs["exchanges"], *defs["bindings"]):
+        assert item["vhost"] == vhost, item
+    for name in (*POOLS, "env.env-1"):
+        assert queues[name]["arguments"]["x-dead-letter-exchange"] == DLX.name, name
+    bound = {(b["source"], b["destination"]) for b in defs["bindings"]}
+    assert (DLX.name, DEAD_QUEUE) in bound and {(EXCHANGE.name, n) for n in POOLS} <= bound
+
+
+def test_shipped_definitions_file_is_the_generators_output_for_the_compose_vhost(compose):
+    vhost = compose["services"]["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_VHOST"]
+    assert vhost in compose["x-megaflow-env"]["MEGAFLOW_BROKER_URL"].rsplit("/", 1)[-1]
+    shipped = (ROOT / "queues" / "definitions.json").read_text()
+    assert shipped == definitions_json(vhost=vhost), "regenerate: megaflow queues definitions -o queues/definitions.json"
+
+
 def test_dockerfile_builds_from_a_python_image_argument_and_installs_every_package():
     text = DOCKERFILE.read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert lines[0].startswith("ARG PYTHON_IMAGE=python:3.11-slim")
-    assert lines[1] == "FROM ${PYTHON_IMAGE}"
-    copied = {m.group(1) for m in re.finditer(r"^COPY (\S+) ", text, re.MULTILINE)}
+    assert lines[1] == "FROM ${PYTHON_IMAGE} AS system"
+    copied = {m.group(1).rstrip("/") for m in re.finditer(r"^COPY (?!--from)(\S+) ", text, re.MULTILINE)}
     for source in copied:
         assert (ROOT / source).exists(), source
+    allowed = {ln[1:].rstrip("/") for ln in (ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+               if ln.startswith("!")}
+    assert copied <= allowed, f"copied but kept out of the context: {copied - allowed}"
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     packages = {p.strip().split(".")[0] for p in cfg["options.packages.find"]["include"].split() if p.strip()}
@@ -138,3 +208,128 @@ def test_docker_compose_accepts_the_file():
     proc = subprocess.run([docker, "compose", "-f", str(COMPOSE), "config", "-q"], env=bare,
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "RABBITMQ_PASSWORD" in proc.stderr
+
+
+def _requirements(extras: str = "ops") -> list[str]:
+    """What `pip install .[extras]` needs, from setup.cfg (no build of the project on the host)."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    text = cfg["options"]["install_requires"] + "\n" + cfg["options.extras_require"][extras]
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def _wheelhouse(python_full_version: str) -> Path:
+    """Wheels of every dependency for the image's Python, made once: the build itself has no index.
+
+    pip resolves on this host's Python, so dependencies whose markers hold only on the image's
+    (e.g. ``async-timeout; python_full_version < "3.11.3"`` on Debian's 3.11.2) are added after.
+    """
+    reqs = ["setuptools>=68", "wheel", *_requirements()]
+    key = hashlib.sha256("\n".join([python_full_version, *reqs]).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"megaflow-wheelhouse-{key}"
+    while not (path / ".complete").exists():
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(path), *reqs],
+                              capture_output=True, text=True, check=False)
+        need("the package registry (pip wheel)", proc.returncode == 0, proc.stderr[-1000:])
+        reqs = _missing_for(path, python_full_version)
+        if not reqs:
+            (path / ".complete").touch()
+    return path
+
+
+def _missing_for(wheels: Path, python_full_version: str) -> list[str]:
+    """Requirements of the wheels in `wheels` that hold on `python_full_version` but have no wheel there."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    env = {**default_environment(), "python_full_version": python_full_version,
+           "python_version": ".".join(python_full_version.split(".")[:2]), "extra": ""}
+    have = {canonicalize_name(parse_wheel_filename(w.name)[0]) for w in wheels.glob("*.whl")}
+    missing = set()
+    for whl in wheels.glob("*.whl"):
+        with zipfile.ZipFile(whl) as zf:
+            meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+            lines = zf.read(meta).decode().splitlines()
+        for line in lines:
+            if line.startswith("Requires-Dist:"):
+                req = Requirement(line.split(":", 1)[1].strip())
+                if req.marker and req.marker.evaluate(env) and canonicalize_name(req.name) not in have:
+                    missing.add(f"{req.name}{req.specifier}")
+    return sorted(missing)
+
+
+def _build_context(dest: Path, wheels: Path) -> Path:
+    """The build context `docker build .` would send: what Dockerfile.dockerignore lets in.
+
+    Made here because the engine's classic builder (Debian's dockerd, no BuildKit) reads only
+    a root `.dockerignore`; docker/wheels/ gets the wheelhouse (hard links, not copies).
+    """
+    ignore = (ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    for name in (ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")):
+        src, dst = ROOT / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if name == "docker/wheels":
+            shutil.copytree(wheels, dst, copy_function=os.link, ignore=shutil.ignore_patterns(".complete"))
+        elif src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        else:
+            shutil.copy2(src, dst)
+    shutil.copy2(DOCKERFILE, dest / "docker" / "Dockerfile")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def docker_client():
+    docker = pytest.importorskip("docker")
+    from megaflow.errors import SandboxError
+    from megaflow.sandbox.contexts import context_dir
+    from megaflow.sandbox.dockerd import ensure_dockerd
+    from megaflow.sandbox.images import build_base, build_image
+
+    data_dir = os.environ.get("MEGAFLOW_DOCKERD_DIR", os.path.join(tempfile.gettempdir(), "megaflow-dockerd"))
+    try:
+        client = docker.DockerClient(base_url=ensure_dockerd(data_dir))
+        build_base(client)  # megaflow/base: Debian's own python3 (PEP 668), runs as root
+        build_image(client, context_dir("python"), "megaflow/python")  # the same + venv, runs as `agent`
+    except SandboxError as exc:
+        need("a Docker engine with megaflow/base and megaflow/python", False, str(exc))
+    yield client
+    client.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize(("base", "base_user"), [("megaflow/base", ""), ("megaflow/python", "agent")],
+                         ids=["root-base", "non-root-base"])
+def test_image_builds_from_the_shipped_dockerfile_and_runs_the_cli(docker_client, tmp_path, base, base_user):
+    """docker/Dockerfile as shipped, on a local Debian base (no registry), offline from a wheelhouse.
+
+    The slowest test of this file: a few minutes per base the first time (apt, then pip from
+    wheels); the builder's layer cache makes a rerun with unchanged sources take seconds.
+    """
+    assert docker_client.images.get(base).attrs["Config"]["User"] == base_user
+    version = docker_client.containers.run(base, ["python3", "-c", "import platform; print(platform.python_version())"],
+                                           remove=True, network_mode="none").decode().strip()
+    context = _build_context(tmp_path / "context", _wheelhouse(version))
+    tag = f"megaflow-test/{base.split('/')[-1]}:latest"
+    started = time.monotonic()
+    try:
+        docker_client.images.build(path=str(context), dockerfile="docker/Dockerfile", tag=tag, pull=False,
+                                   buildargs={"PYTHON_IMAGE": base, "OFFLINE": "1"},
+                                   network_mode="host", rm=True, forcerm=True)  # host: apt's mirror
+    except Exception as exc:  # BuildError and APIError: show the log's tail, not a repr
+        log = getattr(exc, "build_log", [])
+        tail = "".join(str(item.get("stream") or item.get("error") or "") for item in log)[-3000:]
+        pytest.fail(f"docker build on {base} failed: {exc}\n{tail}")
+    print(f"built {tag} on {base} in {time.monotonic() - started:.0f}s")
+
+    def run(*args: str, entrypoint: str | None = None) -> str:
+        return docker_client.containers.run(tag, list(args), entrypoint=entrypoint, remove=True,
+                                            network_mode="none").decode()
+
+    assert "worker" in run("--help")
+    assert "megaflow worker" in run("worker", "--help")
+    ident = run("-c", "import os, sys; print(os.getuid(), sys.prefix)", entrypoint="python")
+    assert ident.split() == ["10001", "/opt/megaflow"], "runs as megaflow, from the virtualenv"
+    assert run("-c", "command -v bwrap tini", entrypoint="sh").split() == ["/usr/bin/bwrap", "/usr/bin/tini"]

@@ -7,12 +7,13 @@ import logging
 import typer
 from pydantic import ValidationError
 
-from megaflow.cli import bench, db, env, export, ops, runs, sched, workers
+from megaflow.cli import bench, db, env, export, ops, runs, sched, topology, workers
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="MegaFlow: many LLM-agent episodes on Celery, RabbitMQ and PostgreSQL.")
 app.add_typer(db.app, name="db")
 app.add_typer(bench.app, name="bench")
+app.add_typer(topology.app, name="queues")
 runs.register(app)
 workers.register(app)
 export.register(app)
