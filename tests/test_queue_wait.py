@@ -64,3 +64,20 @@ def test_a_worker_reads_the_stamp_of_a_published_message(tmp_path):
     with start_worker(app, pool="solo", perform_ping_check=False, queues=["agent"]):
         wait = result.get(timeout=30)
     assert 0.5 <= wait < 30
+
+
+def test_scale_reports_queue_wait_by_littles_law(sqlite_url, tmp_path):
+    from megaflow.config import Settings
+    from megaflow.db.models import utcnow
+    from megaflow.scheduler.scale import report
+
+    with session_scope(sqlite_url) as s:
+        for i in range(20):  # 20 model calls in the last 100 s, each waited 2 s and worked 1 s
+            s.add(Hop(subject_id=f"e{i}", step_index=0, hop="generate", task_id="t", status="done",
+                      finished_at=utcnow(), duration_s=1.0, queued_s=2.0))
+        s.add(Hop(subject_id="e0", step_index=1, hop="exec", task_id="t", status="done", finished_at=utcnow(),
+                  duration_s=1.0))  # recorded without a stamp: no wait, not counted as zero
+    out = report(Settings(data_dir=tmp_path, database_url=sqlite_url), None, window_s=100.0)
+    model, env = out["pools"]["model"], out["pools"]["env"]
+    assert model["queued_s_per_hop"] == 2.0 and model["queued"] == 0.4  # 0.2 hops/s x 2 s
+    assert env["queued_s_per_hop"] == 0.0 and env["queued"] == 0.0

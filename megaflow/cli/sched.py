@@ -55,11 +55,11 @@ def scale(
         print(json.dumps(out, default=str))
         return
     # Rates name their window: a rate without one cannot be compared with another's.
-    table = Table("pool", "backlog", f"hops/s (last {window:g} s)", f"s/hop (last {window:g} s)", "workers",
-                  "recommended", title="pools")
+    table = Table("pool", "backlog", f"hops/s (last {window:g} s)", f"s/hop (last {window:g} s)",
+                  f"queued s/hop (last {window:g} s)", "workers", "recommended", title="pools")
     for pool, p in out["pools"].items():
         table.add_row(pool, str(p["backlog"]), f"{p['hops_per_s']:.2f}", f"{p['seconds_per_hop']:.3f}",
-                      str(p["workers"]), str(p["recommended"]))
+                      f"{p['queued_s_per_hop']:.3f}", str(p["workers"]), str(p["recommended"]))
     console.print(table)
     env = out["pools"]["env"]
     console.print(f"env hosts: {env['hosts']} live, {env['recommended_hosts']} recommended; "

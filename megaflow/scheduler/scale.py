@@ -3,7 +3,10 @@
 By Little's law a pool needs (work arriving per second × seconds per task) task
 slots to keep up, plus enough to drain its backlog within `drain_s`. Work per
 second comes from the hops ledger (hops finished in the last `window_s`), backlog
-from the broker's queue depths. Env hosts are counted in sandboxes: the episodes
+from the broker's queue depths. The same law applied to the queue wait the ledger
+records (``hops.queued_s``, publish to start) gives the messages that waited on
+average over the window (`queued` = hops/s × mean wait): a backlog that is not
+a passing burst shows there too, and the wait is what a hop's caller felt. Env hosts are counted in sandboxes: the episodes
 holding one plus those waiting for capacity, over the capacity of a host.
 An autoscaler (KEDA's Prometheus or exec scaler, a cron script) reads
 `megaflow scale --json` or the `megaflow_recommended_workers` metric.
@@ -34,17 +37,20 @@ def pool_of(hop: str) -> str:
     return HOP_POOLS.get(hop, topology.AGENT)
 
 
-def busy_seconds(s: Session, window_s: float) -> dict[str, tuple[int, float]]:
-    """{pool: (hops finished, seconds of work)} over the last `window_s`."""
+def busy_seconds(s: Session, window_s: float) -> dict[str, tuple[int, float, int, float]]:
+    """{pool: (hops finished, seconds of work, hops with a queue wait, seconds queued)} over the last `window_s`."""
     since = utcnow() - dt.timedelta(seconds=window_s)
-    out: dict[str, list] = {p: [0, 0.0] for p in topology.POOLS}
-    rows = s.execute(select(Hop.hop, func.count(), func.coalesce(func.sum(Hop.duration_s), 0.0))
+    out: dict[str, list] = {p: [0, 0.0, 0, 0.0] for p in topology.POOLS}
+    rows = s.execute(select(Hop.hop, func.count(), func.coalesce(func.sum(Hop.duration_s), 0.0),
+                            func.count(Hop.queued_s), func.coalesce(func.sum(Hop.queued_s), 0.0))
                      .where(Hop.finished_at >= since).group_by(Hop.hop)).all()
-    for hop, n, secs in rows:
+    for hop, n, secs, n_queued, queued in rows:
         pool = out[pool_of(hop)]
         pool[0] += n
         pool[1] += float(secs)
-    return {p: (n, secs) for p, (n, secs) in out.items()}
+        pool[2] += n_queued
+        pool[3] += float(queued)
+    return {p: tuple(v) for p, v in out.items()}
 
 
 def report(settings: Settings, app=None, window_s: float = 120.0, drain_s: float = 60.0,
@@ -66,12 +72,15 @@ def report(settings: Settings, app=None, window_s: float = 120.0, drain_s: float
         queues = {q: {"messages": m, "consumers": c} for q, (m, c) in queue_depths(app, names).items()}
     pools = {}
     for pool in topology.POOLS:
-        n, secs = busy[pool]
+        n, secs, n_queued, queued = busy[pool]
         per_task = secs / n if n else 0.0
+        # Hops recorded without a publish stamp have no wait: the mean is over those with one.
+        wait = queued / n_queued if n_queued else 0.0
         backlog = sum(v["messages"] for q, v in queues.items() if q == pool or q.startswith(pool + "."))
         consumers = queues.get(pool, {}).get("consumers", 0)
         need = secs / window_s + backlog * per_task / drain_s
         pools[pool] = {"hops_per_s": round(n / window_s, 3), "seconds_per_hop": round(per_task, 4),
+                       "queued_s_per_hop": round(wait, 4), "queued": round(n / window_s * wait, 2),
                        "backlog": backlog, "workers": consumers,
                        "recommended": max(1, math.ceil(need / max(1, slots.get(pool, 1))))}
     capacity_waiters = sum(n for why, n in waiting.items() if (why or "").startswith(admission.CAPACITY))
