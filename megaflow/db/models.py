@@ -107,7 +107,8 @@ class Episode(Base):
     test_log: Mapped[str | None] = mapped_column(Text, nullable=True)  # capped, redacted
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    # Indexed: the metrics exporter reads episodes ended since its high-water mark (megaflow.ops.counters).
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
     deadline_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
     # Admission (megaflow.scheduler): why a waiting episode waits, and the Celery
     # options (task id, chord) its start message is re-sent with when admitted.
@@ -164,7 +165,8 @@ class Hop(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     started_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    # Indexed: scale and the metrics exporter read hops finished since a time (megaflow.ops.counters).
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
     queued_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
