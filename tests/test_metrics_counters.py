@@ -106,3 +106,41 @@ def test_the_dashboard_names_only_served_metrics(sqlite_url, tmp_path):
     assert named and named <= served, named - served
     assert any("rate(megaflow_hops_total" in e for e in exprs)
     assert any("histogram_quantile" in e and "megaflow_hop_queued_seconds_bucket" in e for e in exprs)
+
+
+@pytest.mark.integration
+def test_a_scrape_of_50k_hops_on_postgresql_reads_only_new_rows(pg_url):
+    """The figure in docs/benchmarks.md (metrics scrape): 50k hop rows, then a scrape with and without new ones."""
+    import time
+
+    from sqlalchemy import create_engine, insert, text
+
+    from megaflow.db.schema import upgrade
+    from megaflow.ops.counters import Cumulative
+    from megaflow.ops.metrics import BUCKETS
+
+    upgrade(pg_url)
+    hops = ("agent.start", "provision", "agent.provision", "generate", "agent.generate", "exec", "agent.exec",
+            "evaluate", "agent.evaluate", "release")
+    now = utcnow()
+    engine = create_engine(pg_url)
+    with engine.begin() as c:
+        c.execute(insert(Hop), [dict(subject_id=f"e{i}", step_index=0, hop=h, task_id="t", status="done", attempts=1,
+                                     result={"kind": "infra"} if k == 5 and i % 7 == 0 else {}, started_at=now,
+                                     finished_at=now - dt.timedelta(seconds=3600 - i * 0.5 - k * 0.01),
+                                     duration_s=0.01 * (k + 1), queued_s=0.002 * k)
+                                for i in range(5000) for k, h in enumerate(hops)])
+        c.execute(text("ANALYZE hops"))
+    engine.dispose()
+    totals = Cumulative(BUCKETS, settle_s=30.0)
+    timings = {}
+    for name in ("first", "incremental"):
+        started = time.perf_counter()
+        with session_scope(pg_url) as s:
+            counted = sum(totals.read(s).hops.values())
+        timings[name] = time.perf_counter() - started
+        assert counted == 50_000
+    print(f"\nscrape of 50k hops: first {timings['first'] * 1e3:.0f} ms, "
+          f"incremental {timings['incremental'] * 1e3:.0f} ms")
+    # Generous bound for a loaded 2-core machine; the point is that it does not scan the table again.
+    assert timings["incremental"] < 0.5
