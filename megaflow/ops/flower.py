@@ -147,8 +147,9 @@ def install_views() -> None:
 
     * A task whose latest run failed shows FAILURE (`failure_is_current`), so Flower's
       failed view and state filter list ended-failed episodes.
-    * The Broker tab asks the management API for the dead-letter queue as well: Flower
-      lists only queues a worker consumes, and nothing consumes ``megaflow.dead``.
+    * The Broker tab asks the management API for the pools' queues and the dead-letter
+      queue as well: Flower lists only the queues its last look at the workers found (none
+      of a worker it has not inspected yet), and nothing consumes ``megaflow.dead``.
     """
     from celery import states
     from flower import events
@@ -171,7 +172,8 @@ def install_views() -> None:
     queue_names = BaseHandler.get_active_queue_names
 
     def get_active_queue_names(handler):
-        return sorted({*queue_names(handler), topology.DEAD_QUEUE})
+        configured = {q.name for q in handler.capp.conf.task_queues or ()}
+        return sorted({*queue_names(handler), *configured, topology.DEAD_QUEUE})
 
     events.EventsState = MegaFlowEventsState
     BaseHandler.get_active_queue_names = get_active_queue_names
