@@ -166,8 +166,8 @@ def test_metrics_scraped_during_and_after_a_run(cluster, watched_run, tmp_path):
     assert queued[(("hop", "generate"),)] == 32, queued
     hops = {dict(k)["hop"]: v for k, v in after["megaflow_hops_total"].items() if dict(k)["outcome"] == "ok"}
     assert hops["generate"] == 32, hops
-    ended = {tuple(v for _, v in k): n for k, n in after["megaflow_episodes_finished_total"].items()}
-    assert sum(n for (state, _), n in ended.items() if state == "infra_failed") == 4, ended
+    ended = {(dict(k)["state"], dict(k)["exit_status"]): n for k, n in after["megaflow_episodes_finished_total"].items()}
+    assert ended == {("succeeded", "submitted"): 16, ("infra_failed", "setup_failed"): 4}, ended
     for name in ("megaflow_hops_total", "megaflow_model_tokens_total", "megaflow_hop_duration_seconds_count"):
         assert all(after[name][k] >= v for k, v in during.get(name, {}).items()), name
 
