@@ -260,3 +260,15 @@ def test_flower_shows_failed_episodes_their_run_and_the_dead_letter_queue(cluste
     finally:
         stop(proc)
     assert "guest:guest" not in log.read_text(), "the management API's credentials must never be printed"
+
+
+def test_compose_gives_flower_the_management_api():
+    import yaml
+
+    from browser import ROOT
+
+    services = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
+    assert "rabbitmq-plugins enable --offline rabbitmq_management" in " ".join(services["rabbitmq"]["command"])
+    assert "127.0.0.1:15672:15672" in services["rabbitmq"]["ports"]
+    api = services["flower"]["environment"]["MEGAFLOW_FLOWER_BROKER_API"]
+    assert api.endswith(":15672/api/}") and "${RABBITMQ_PASSWORD}" in api
