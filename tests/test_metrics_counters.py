@@ -57,7 +57,7 @@ def test_counters_only_grow_and_count_every_row_once(sqlite_url, tmp_path, settl
     _seed(sqlite_url, 0, 4)
     first, _ = _scrape(collector)
     _seed(sqlite_url, 4, 6, ago_s=late_s)
-    second, text = _scrape(collector)
+    second, _ = _scrape(collector)
     again, _ = _scrape(collector)
     assert second == {**again, **{k: v for k, v in second.items() if k[0].startswith("megaflow_scrape")}}
     for key, value in first.items():
@@ -90,7 +90,8 @@ def test_promtool_accepts_the_exposition(sqlite_url, tmp_path):
         pytest.skip("promtool is not on PATH")
     _seed(sqlite_url, 0, 3)
     _, text = _scrape(MegaFlowCollector(Settings(data_dir=tmp_path, database_url=sqlite_url)))
-    done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30,
+                          check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -125,7 +126,7 @@ def test_a_scrape_of_50k_hops_on_postgresql_reads_only_new_rows(pg_url):
     now = utcnow()
     engine = create_engine(pg_url)
     with engine.begin() as c:
-        c.execute(insert(Hop), [dict(subject_id=f"e{i}", step_index=0, hop=h, task_id="t", status="done", attempts=1,
+        c.execute(insert(Hop), [dict(subject_id=f"e{i}", step_index=0, hop=h, task_id="t", status="done",
                                      result={"kind": "infra"} if k == 5 and i % 7 == 0 else {}, started_at=now,
                                      finished_at=now - dt.timedelta(seconds=3600 - i * 0.5 - k * 0.01),
                                      duration_s=0.01 * (k + 1), queued_s=0.002 * k)

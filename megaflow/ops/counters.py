@@ -21,6 +21,7 @@ know becomes ``other``; no free text (error messages, wait reasons) is a label.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,14 +111,17 @@ class Cumulative:
         self.settled = Totals()
         #: Rows finished at or before this time are in `settled`; None before the first read.
         self.mark: dt.datetime | None = None
+        # The exporter's HTTP server answers scrapes on threads: two folding the same rows would count them twice.
+        self._lock = threading.Lock()
 
     def read(self, session: Session, now: dt.datetime | None = None) -> Totals:
         """Totals over every row finished so far (since the beginning of the database)."""
         cut = (now or utcnow()) - dt.timedelta(seconds=self.settle_s)
-        if self.mark is None or cut > self.mark:  # a clock stepped back leaves the mark where it is
-            self.settled.add(self._rows(session, self.mark, cut))
-            self.mark = cut
-        return self.settled.plus(self._rows(session, self.mark, None))
+        with self._lock:
+            if self.mark is None or cut > self.mark:  # a clock stepped back leaves the mark where it is
+                self.settled.add(self._rows(session, self.mark, cut))
+                self.mark = cut
+            return self.settled.plus(self._rows(session, self.mark, None))
 
     def _rows(self, s: Session, after: dt.datetime | None, upto: dt.datetime | None) -> Totals:
         out = Totals()
