@@ -1,7 +1,7 @@
 """finished_at indexes: the metrics exporter reads only rows newer than its high-water mark (issue #21, point 5)
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-07 10:25:00
 
 `megaflow metrics` keeps cumulative counters by aggregating, on each scrape, the
@@ -10,8 +10,8 @@ of its window. Without an index each is a scan of the whole table.
 """
 from alembic import op
 
-revision = '0008'
-down_revision = '0007'
+revision = '0009'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 
