@@ -5,9 +5,9 @@
   execution of a redelivered message is counted in the ``deliveries`` table (first
   deliveries write nothing, so a message's deliveries are its count + 1). This is
   the one delivery count and ``Settings.hop_max_deliveries`` the one limit (the hops
-  ledger's ``attempts`` column is bookkeeping only). Past the limit, an episode's hop
-  or decision ends the episode as ``infra_failed`` (exit status ``poison``, the hop
-  named) so its chord still closes: a hop's poison result is recorded in the hops
+  ledger counts nothing). Past the limit, an episode's hop or decision ends the
+  episode as ``infra_failed`` (exit status ``poison``, the hop named) so its chord
+  still closes: a hop's poison result is recorded in the hops
   ledger (a later delivery replays it; a result recorded before wins) and handed to
   the episode's next decision. A few more, or any other task past the limit, and the
   message is rejected without requeue: RabbitMQ dead-letters it into

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from megaflow import Client, Settings
 from megaflow.app import make_app
-from megaflow.db.models import Episode, Hop
+from megaflow.db.models import Episode, Event, Hop
 from megaflow.deadlines import max_phase_s, task_time_limits
 from megaflow.watchdog import Watchdog
 
@@ -138,7 +138,8 @@ def test_infra_failures_are_retried_with_backoff_and_kept_apart_from_agent_failu
     assert (ep.state, ep.exit_status, ep.reward) == ("infra_failed", "provision_failed", None)
     with client.session() as s:
         hop = s.execute(select(Hop).where(Hop.subject_id == ep.id, Hop.hop == "provision")).scalar_one()
-    assert hop.attempts == 4 and hop.result["kind"] == "infra"  # the first try and three retries
+        retries = s.execute(select(Event).where(Event.kind == "hop.retry", Event.subject_id == ep.id)).all()
+    assert len(retries) == 3 and hop.result["kind"] == "infra"  # the first try and three retries
     assert waited > 1.5  # backoff 1, 2, 4 s, each times a jitter of 0.5-1.5
     assert st["mean_reward"] is None and st["summary"]["mean_reward"] is None  # nothing done, nothing averaged
 

@@ -95,7 +95,7 @@ def _snapshot(client: Client, run_id: str) -> dict:
         return {
             "steps": s.execute(select(Step.episode_id, Step.index, Step.completion, Step.observation)
                                .where(Step.episode_id.in_(ids)).order_by(Step.episode_id, Step.index)).all(),
-            "hops": s.execute(select(Hop.subject_id, Hop.step_index, Hop.hop, Hop.result, Hop.attempts)
+            "hops": s.execute(select(Hop.subject_id, Hop.step_index, Hop.hop, Hop.result)
                               .order_by(Hop.subject_id, Hop.step_index, Hop.hop)).all(),
             "events": s.execute(select(func.count()).select_from(Event)).scalar(),
             "parts": s.execute(select(func.count()).select_from(parts_table)).scalar(),

@@ -91,8 +91,7 @@ def test_rehome_moves_slot_host_sandbox_and_orphans_the_running_hop(world):
         assert (ev.subject_id, ev.data["from"], ev.data["to"], ev.data["hops_orphaned"]) == (world.e1, "dead",
                                                                                               "live", 1)
         # The moved message (a fresh task id) takes the orphaned claim over; the dead one's late finish fails.
-        c = ledger.claim(s, world.e1, 2, "exec", "t-new")
-        assert (c.status, c.attempts) == (ledger.NEW, 2)
+        assert ledger.claim(s, world.e1, 2, "exec", "t-new").status == ledger.NEW
         assert not ledger.finish(s, world.e1, 2, "exec", {"late": 1}, task_id="t-old")
         assert ledger.claim(s, world.e1, 2, "exec", "t-third").status == ledger.BUSY
         assert ledger.finish(s, world.e1, 2, "exec", {"ok": 1}, task_id="t-new")
@@ -203,7 +202,8 @@ def test_a_rehomed_episode_s_next_command_rebuilds_its_sandbox_by_replay(world):
         assert ep.sandbox_id and ep.sandbox_id != "sb1"
         [ev] = s.execute(select(Event).where(Event.kind == "episode.rebuilt")).scalars()
         assert (ev.data["replayed"], ev.data["host"], ev.data["exit_code_differs"]) == (2, "live", [])
-        assert s.get(Hop, (world.e1, 2, "exec")).attempts == 2, "the orphaned claim was taken over"
+        assert s.get(Hop, (world.e1, 2, "exec")).task_id not in ("t-old", ledger.ORPHANED), \
+            "the orphaned claim was taken over"
         row = s.get(SandboxRow, ep.sandbox_id)
         assert (row.host, row.state) == ("live", "in_use")
     assert rt.open_sandbox(ep.sandbox_id, rt.spec(world.run_id).sandbox).read_file("trace.txt") == b"0\n1\n2\n"

@@ -81,7 +81,7 @@ from megaflow.bench.floors import wait_for_worker
 from megaflow.client import Client
 from megaflow.config import Settings
 from megaflow.db import states
-from megaflow.db.models import Delivery, Episode, Event, Hop, Run, Step
+from megaflow.db.models import Delivery, Episode, Event, Run, Step
 from megaflow.db.schema import upgrade
 from megaflow.hops.exec_journal import LOST_OUTPUT
 from megaflow.local_stack import WorkerProcess
@@ -346,9 +346,7 @@ def _outcome(client: Client, run_id: str, episodes: int, elapsed: float, faults:
                                  .where(Episode.run_id == run_id, Step.observation == LOST_OUTPUT)).scalar()
         failed_ids = [ep.id for ep in current if ep.state == states.INFRA_FAILED]
         # The last command of each failed episode: when it was decided, and how often its exec hop was delivered.
-        last_exec = {eid: (step, attempts) for eid, step, attempts in s.execute(
-            select(Hop.subject_id, Hop.step_index, Hop.attempts).where(
-                Hop.hop == "exec", Hop.subject_id.in_(failed_ids)).order_by(Hop.step_index)).all()}
+        last_exec = checks.last_exec_deliveries(s, failed_ids)
         decided = {(eid, i): at for eid, i, at in s.execute(select(Step.episode_id, Step.index, Step.created_at)
                                                            .where(Step.episode_id.in_(failed_ids))).all()}
         unclosed = checks.chords_unclosed(s, run_id)

@@ -21,7 +21,7 @@ from megaflow.bench.faults import FaultLog, is_local
 from megaflow.client import Client
 from megaflow.config import Settings
 from megaflow.db import states
-from megaflow.db.models import Episode, Event, Hop, RolloutGroup, Run, SandboxRow
+from megaflow.db.models import Delivery, Episode, Event, Hop, RolloutGroup, Run, SandboxRow
 
 
 def status(client: Client, run_id: str) -> dict | None:
@@ -32,10 +32,11 @@ def status(client: Client, run_id: str) -> dict | None:
 
 
 def progress(client: Client, run_id: str):
-    """Something that changes whenever the run moves: hops done or begun, and episodes by state."""
+    """Something that changes whenever the run moves: hops done or begun (or begun again), and episodes by state."""
     try:
         with client.session() as s:
-            hops = s.execute(select(func.count(), func.sum(Hop.attempts), func.max(Hop.finished_at))).one()
+            # A hop begun again (a retry, a redelivery, a takeover) moves its started_at.
+            hops = s.execute(select(func.count(), func.max(Hop.started_at), func.max(Hop.finished_at))).one()
             by_state = s.execute(select(Episode.state, func.count()).where(Episode.run_id == run_id)
                                  .group_by(Episode.state)).all()
         return tuple(hops), tuple(sorted(by_state))
@@ -162,14 +163,29 @@ def lost_now(client: Client, run_id: str) -> dict:
                 "lost_episodes": [lost_detail(s, ep) for ep in eps[:10]]} if eps else {}
 
 
+def last_exec_deliveries(s, episode_ids: list[str]) -> dict[str, tuple[int, int]]:
+    """Per episode, the step of its last exec hop and how often that hop's message was delivered.
+
+    Deliveries are the first one plus the redeliveries `megaflow.delivery` counted:
+    the one delivery count (the ledger keeps none).
+    """
+    last = {eid: (step, task_id) for eid, step, task_id in s.execute(
+        select(Hop.subject_id, Hop.step_index, Hop.task_id).where(
+            Hop.hop == "exec", Hop.subject_id.in_(episode_ids)).order_by(Hop.step_index)).all()}
+    redelivered = dict(s.execute(select(Delivery.task_id, func.sum(Delivery.count)).where(
+        Delivery.task_name == "megaflow.hop.exec", Delivery.task_id.in_([t for _, t in last.values()]))
+        .group_by(Delivery.task_id)).all())
+    return {eid: (step, 1 + int(redelivered.get(task_id) or 0)) for eid, (step, task_id) in last.items()}
+
+
 def lost_detail(s, ep) -> dict:
     """What the ledger says of an episode left unfinished: where it stopped, for the bug report."""
-    hops = s.execute(select(Hop.step_index, Hop.hop, Hop.status, Hop.attempts).where(Hop.subject_id == ep.id)
+    hops = s.execute(select(Hop.step_index, Hop.hop, Hop.status).where(Hop.subject_id == ep.id)
                      .order_by(Hop.started_at)).all()
     events = s.execute(select(Event.kind).where(Event.subject_id == ep.id).order_by(Event.id)).scalars().all()
     return {"episode": ep.id, "state": ep.state, "wait_reason": ep.wait_reason, "n_steps": ep.n_steps,
             "sandbox": ep.sandbox_id, "created_at": str(ep.created_at), "started_at": str(ep.started_at),
-            "hops": [f"{i}:{h}:{st}x{n}" for i, h, st, n in hops][-8:], "events": events[-8:]}
+            "hops": [f"{i}:{h}:{st}" for i, h, st in hops][-8:], "events": events[-8:]}
 
 
 def private_vhost(broker: str, name: str, faults: FaultLog):

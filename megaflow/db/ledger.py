@@ -8,7 +8,10 @@ Keys are ``(subject_id, step_index, hop)``. Outcomes of `claim`:
 * ``BUSY`` — another message (a duplicate lineage) holds it: drop this one. The
   holder is alive, or its unacked message will be redelivered by the broker.
   Except a row *orphaned* by host recovery (`orphan`: its holder was on an env
-  host declared dead): the next claim takes it over (``NEW``, attempts counted on).
+  host declared dead): the next claim takes it over (``NEW``).
+
+The ledger counts nothing: deliveries of a message are counted once, in
+``deliveries`` (`megaflow.delivery`), which stops poison messages.
 
 `finish` marks the row done only if it is still ``started`` by the same task; the hop's own
 writes happen in the same transaction, so two deliveries racing through the
@@ -38,7 +41,6 @@ class ClaimLost(Exception):
 class Claim:
     status: str
     result: dict | None = None
-    attempts: int = 1
 
 
 # Every hop runs these statements, so they are built once (`prepared`) and run on
@@ -62,10 +64,10 @@ def _set(**cols):
 
 _BUILD = {
     "insert": lambda conn: dialect_insert(conn, _H).on_conflict_do_nothing(),
-    "find": lambda conn: _by_key(select(_H.c.status, _H.c.task_id, _H.c.result, _H.c.attempts)),
+    "find": lambda conn: _by_key(select(_H.c.status, _H.c.task_id, _H.c.result)),
     "take_orphan": lambda conn: _by_key(update(_H)).where(_H.c.status == "started", _H.c.task_id == ORPHANED)
-    .values(_set(task_id=None, attempts=None, started_at=None)),
-    "retry": lambda conn: _by_key(update(_H)).values(_set(attempts=None, started_at=None)),
+    .values(_set(task_id=None, started_at=None)),
+    "retry": lambda conn: _by_key(update(_H)).values(_set(started_at=None)),
     "finish": lambda conn: _by_key(update(_H)).where(_H.c.status == "started")
     .values(_set(status="done", result=None, finished_at=None, duration_s=None, queued_s=None)),
     "finish_own": lambda conn: _by_key(update(_H)).where(_H.c.status == "started", _H.c.task_id == bindparam("k_task"))
@@ -82,22 +84,21 @@ def _run(session: Session, name: str, params: dict):
 
 def claim(session: Session, subject: str, step: int, hop: str, task_id: str) -> Claim:
     row = {"subject_id": subject, "step_index": step, "hop": hop, "task_id": task_id,
-           "status": "started", "attempts": 1, "started_at": utcnow()}
+           "status": "started", "started_at": utcnow()}
     if _run(session, "insert", row).rowcount == 1:
         return Claim(NEW)
     key = _key(subject, step, hop)
     found = _run(session, "find", key).one()
     if found.status == "done":
-        return Claim(DONE, found.result, found.attempts)
+        return Claim(DONE, found.result)
     if found.task_id != task_id:
         if found.task_id == ORPHANED and _run(session, "take_orphan", {
-                **key, "v_task_id": task_id, "v_attempts": found.attempts + 1, "v_started_at": utcnow()}
-        ).rowcount == 1:
-            return Claim(NEW, None, found.attempts + 1)
-        return Claim(BUSY, None, found.attempts)
-    attempts = found.attempts + 1
-    _run(session, "retry", {**key, "v_attempts": attempts, "v_started_at": utcnow()})
-    return Claim(NEW, None, attempts)
+                **key, "v_task_id": task_id, "v_started_at": utcnow()}).rowcount == 1:
+            return Claim(NEW)
+        return Claim(BUSY)
+    # Our own earlier delivery (it died half-way) or a Celery retry: do it again.
+    _run(session, "retry", {**key, "v_started_at": utcnow()})
+    return Claim(NEW)
 
 
 def finish(session: Session, subject: str, step: int, hop: str, result: dict, duration_s: float | None = None,
@@ -127,7 +128,7 @@ def record(session: Session, subject: str, step: int, hop: str, task_id: str, re
     """Insert a finished hop (work time `duration_s`, queue wait `queued_s`). False if already recorded (roll back then)."""
     now = utcnow()
     row = {"subject_id": subject, "step_index": step, "hop": hop, "task_id": task_id, "status": "done",
-           "attempts": 1, "result": result, "started_at": now, "finished_at": now, "duration_s": duration_s,
+           "result": result, "started_at": now, "finished_at": now, "duration_s": duration_s,
            "queued_s": queued_s}
     return _run(session, "insert", row).rowcount == 1
 

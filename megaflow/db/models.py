@@ -162,7 +162,6 @@ class Hop(Base):
     hop: Mapped[str] = mapped_column(String(40), primary_key=True)
     task_id: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(10), default="started")  # started | done
-    attempts: Mapped[int] = mapped_column(Integer, default=1)
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     started_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     # Indexed: scale and the metrics exporter read hops finished since a time (megaflow.ops.counters).
