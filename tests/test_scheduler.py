@@ -194,8 +194,8 @@ def test_repair_frees_lost_slots_and_resends_unsent_admissions(three_runs, sqlit
         s.execute(Episode.__table__.update().where(Episode.id == e1.id).values(
             state=states.FAILED, finished_at=utcnow() - dt.timedelta(hours=1)))
         assert admission.repair(s, settings, stale_s=60) == [
-            {"episode_id": e2.id, "task": {"id": e2.id, "chord": None, "group": None, "group_index": None,
-                                           "root_id": None}}]
+            {"episode_id": e2.id, "run_id": e2.run_id, "task": {"id": e2.id, "chord": None, "group": None,
+                                                                "group_index": None, "root_id": None}}]
         assert semaphores.held(s, e1.id) == []
         # e2 was admitted but its start message never went out (the admitter died)
         s.execute(Episode.__table__.update().where(Episode.id == e2.id).values(
