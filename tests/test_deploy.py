@@ -327,12 +327,13 @@ def test_image_builds_from_the_shipped_dockerfile_and_runs_the_cli(docker_client
         pytest.fail(f"docker build on {base} failed: {exc}\n{tail}")
     print(f"built {tag} on {base} in {time.monotonic() - started:.0f}s")
 
-    def run(*args: str, entrypoint: str | None = None) -> str:
-        return docker_client.containers.run(tag, list(args), entrypoint=entrypoint, remove=True,
+    def run(*args: str, entrypoint: str | None = None, user: str = "") -> str:
+        return docker_client.containers.run(tag, list(args), entrypoint=entrypoint, user=user, remove=True,
                                             network_mode="none").decode()
 
-    assert "worker" in run("--help")
-    assert "megaflow worker" in run("worker", "--help")
+    for user in ("", "root", base_user or "nobody"):  # the image's own user, root, and another one
+        assert "worker" in run("--help", user=user), user
+        assert "megaflow worker" in run("worker", "--help", user=user), user
     ident = run("-c", "import os, sys; print(os.getuid(), sys.prefix)", entrypoint="python")
     assert ident.split() == ["10001", "/opt/megaflow"], "runs as megaflow, from the virtualenv"
     tools = run("-c", "command -v bwrap; command -v tini", entrypoint="sh")
