@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -13,16 +14,18 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="The RabbitMQ
 
 @app.command("definitions")
 def definitions_cmd(
-    vhost: str = typer.Option(DEFAULT_VHOST, "--vhost", help="The vhost of MEGAFLOW_BROKER_URL."),
-    host: list[str] = typer.Option([], "--host", help="Also declare env.HOST for this env host (repeatable)."),
-    output: Path = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+    vhost: Annotated[str, typer.Option("--vhost", help="The vhost of MEGAFLOW_BROKER_URL.")] = DEFAULT_VHOST,
+    host: Annotated[list[str] | None,
+                    typer.Option("--host", help="Also declare env.HOST for this env host (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
 ) -> None:
     """Print RabbitMQ definitions: the pool queues, the exchanges and the dead-letter queue.
 
-    Import them with `rabbitmqctl import_definitions FILE` (or the management UI); the
-    vhost is created if missing. queues/definitions.json is this for the vhost `megaflow`.
+    Import with `rabbitmqctl import_definitions FILE`; it creates the vhost if missing.
+
+    queues/definitions.json is this output for compose's vhost `megaflow`.
     """
-    text = definitions_json(host, vhost)
+    text = definitions_json(host or (), vhost)
     if output is None:
         typer.echo(text, nl=False)
     else:
