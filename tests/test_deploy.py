@@ -199,6 +199,9 @@ def test_docker_compose_accepts_the_file():
     plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True, check=False)
     if not plugin or plugin.returncode != 0:
         pytest.skip("`docker compose` (v2) is not installed; the YAML checks above still ran")
+    check = subprocess.run(["sh", str(ROOT / "docker" / "require-compose.sh")], capture_output=True, text=True,
+                           check=False)
+    assert check.returncode == 0, check.stderr
     for profile in ([], ["--profile", "gpu"]):
         proc = subprocess.run([docker, "compose", "-f", str(COMPOSE), *profile, "config", "-q"],
                               env={**os.environ, **REQUIRED}, capture_output=True, text=True, check=False)
