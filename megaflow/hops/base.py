@@ -62,9 +62,8 @@ def run_hop(rt: Runtime, request, key: tuple[str, int, str], work: Work, side_ef
         log.info("hop %s held by another delivery; dropping this one", key)
         raise Ignore()
     t0 = time.monotonic()
-    # No delivery limit here: `megaflow.delivery.MegaFlowTask` counts deliveries and
-    # stops a poison hop before it gets this far (one count, one limit); the
-    # ledger's `attempts` is bookkeeping.
+    # No delivery limit here: `megaflow.delivery.MegaFlowTask` counts deliveries (the
+    # `deliveries` table, the one count) and stops a poison hop before it gets this far.
     result, write = guarded(work, ctx, key)
     with rt.session() as s:
         # Mark done first: if another delivery got there, nothing of ours is written.
