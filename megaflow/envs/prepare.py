@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from megaflow.deadlines import Budget
 from megaflow.envs import grading, swe
-from megaflow.envs.swe import SetupError
 from megaflow.sandbox.base import Sandbox, SandboxConfig
 
 
@@ -24,11 +23,4 @@ def setup(sb: Sandbox, task, timeout: float, config: SandboxConfig | None = None
     budget = Budget(timeout, "provisioning")
     for path, content in task.files.items():
         sb.write_file(path, content.encode())
-    for cmd in task.setup:
-        if budget.exhausted:
-            raise SetupError(budget.message())
-        r = sb.exec(cmd, timeout=budget.left())
-        if r.timed_out and budget.exhausted:
-            raise SetupError(f"{budget.message()} (during {cmd!r})")
-        if r.exit_code != 0:
-            raise SetupError(f"setup command {cmd!r} exited {r.exit_code}: {(r.stderr or r.stdout)[-500:]}")
+    swe.run_setup(sb, task.setup, budget)

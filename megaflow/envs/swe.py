@@ -86,7 +86,16 @@ def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout:
     for path, content in task.files.items():
         sb.write_file(path, content.encode())
     # Commit and mark in one exec: each is a docker exec round trip (#15 point 7).
-    for cmd in [*task.setup, f"{{ {_COMMIT_SETUP}; }} && {_MARK_BASELINE}"]:
+    run_setup(sb, [*task.setup, f"{{ {_COMMIT_SETUP}; }} && {_MARK_BASELINE}"], budget)
+
+
+def run_setup(sb: Sandbox, commands: list[str], budget: Budget) -> None:
+    """Run setup commands in order within one `budget` (the provisioning deadline).
+
+    Raises:
+        SetupError: a command failed, or the budget ran out.
+    """
+    for cmd in commands:
         if budget.exhausted:
             raise SetupError(budget.message())
         r = sb.exec(cmd, timeout=budget.left())
