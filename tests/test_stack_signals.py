@@ -136,9 +136,9 @@ def test_a_stack_names_the_runs_an_earlier_one_left_unfinished(tmp_path):
     run_id = Client(settings).submit(RunSpec.load(spec))
     mf = Megaflow(["up"], settings.data_dir)
     try:
-        mf.wait_for("stack up")
-        assert f"run {run_id} (long) was left unfinished by an earlier stack (0/1 episodes ended): its queued " \
-               f"work goes on here; if it makes no progress, `megaflow resume {run_id}` runs" in mf.output
+        # Printed right after "stack up": wait for it rather than read the output at that instant.
+        mf.wait_for(f"run {run_id} (long) was left unfinished by an earlier stack (0/1 episodes ended): its "
+                    f"queued work goes on here; if it makes no progress, `megaflow resume {run_id}` runs")
         mf.proc.send_signal(signal.SIGTERM)
         assert mf.proc.wait(timeout=60) == 0
     finally:
