@@ -159,12 +159,12 @@ Please try another command and make sure to avoid those requiring interactive in
 
 #: mini-swe-agent names its endings after the exception that ended the run.
 EXIT_STATUS_NAMES = {
-    "submitted": "Submitted",
-    "step_limit": "LimitsExceeded",
-    "token_limit": "LimitsExceeded",
-    "time_limit": "LimitsExceeded",
-    "format_errors": "FormatError",
-    "context_length": "ContextWindowExceededError",
+    ExitStatus.SUBMITTED: "Submitted",
+    ExitStatus.STEP_LIMIT: "LimitsExceeded",
+    ExitStatus.TOKEN_LIMIT: "LimitsExceeded",
+    ExitStatus.TIME_LIMIT: "LimitsExceeded",
+    ExitStatus.FORMAT_ERRORS: "FormatError",
+    ExitStatus.CONTEXT_LENGTH: "ContextWindowExceededError",
 }
 
 
