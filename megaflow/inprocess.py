@@ -18,11 +18,9 @@ from sqlalchemy import select
 from megaflow.app import make_app
 from megaflow.client import Client, as_spec
 from megaflow.config import Settings
-from megaflow.contract import Decision, HopResult, Summary, error_text
-from megaflow.db import states
+from megaflow.contract import Decision, HopResult, Summary
 from megaflow.db.models import Episode
 from megaflow.db.schema import upgrade
-from megaflow.db.states import ExitStatus
 from megaflow.hops.episode import driver_for
 from megaflow.hops.routing import HOP_TASKS
 from megaflow.runtime import get_runtime
@@ -88,8 +86,7 @@ class InProcessRunner:
         except Exception as exc:  # noqa: BLE001 - contained as the episode task contains it
             with self.rt.session() as s:
                 driver = driver_for(self.rt, s, episode_id)
-                decision = driver.end(states.INFRA_FAILED, ExitStatus.AGENT_CRASHED, prev.step,
-                                      error=error_text(exc))
+                decision = driver.crashed(prev.step, exc)
                 driver.rows.save()
         self.trace.append((episode_id, prev, decision))
         return decision

@@ -16,7 +16,7 @@ from megaflow.agent import Agent, Command, FormatError, Submit
 from megaflow.db import states
 from megaflow.db.models import utcnow
 from megaflow.db.states import ExitStatus
-from megaflow.contract import Decision, HopResult, Next, Summary
+from megaflow.contract import Decision, HopResult, Next, Summary, error_text
 from megaflow.db.sql import Tracked
 from megaflow.hops.rows import EpisodeRows
 from megaflow.model.base import Message
@@ -139,6 +139,10 @@ class Driver:
         if self.ep.sandbox_id or self.left_sandboxes():
             return self.go("release", step)
         return self.final()
+
+    def crashed(self, step: int, exc: BaseException) -> Decision:
+        """End the episode ``infra_failed`` (``agent_crashed``): deciding it raised `exc` (a scaffold or driver bug)."""
+        return self.end(states.INFRA_FAILED, ExitStatus.AGENT_CRASHED, step, error=error_text(exc))
 
     def left_sandboxes(self) -> bool:
         """Whether an episode ending without a sandbox may have left some on its host.

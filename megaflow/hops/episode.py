@@ -15,10 +15,9 @@ from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from megaflow.contract import Decision, HopResult, Summary
 from megaflow.db import ledger, states
-from megaflow.db.states import ExitStatus
 from megaflow.hops.base import run_hop
-from megaflow.contract import Decision, HopResult, Summary, error_text
 from megaflow.hops.driver import Driver
 from megaflow.hops.routing import continue_with, next_signature
 from megaflow.hops.rows import SqlRows
@@ -60,15 +59,11 @@ def _end_crashed(task, episode_id: str, step: int, exc: Exception):
     rt.warm(episode_id)
     with rt.session() as s:
         driver = driver_for(rt, s, episode_id)
-        decision = driver.end(states.INFRA_FAILED, ExitStatus.AGENT_CRASHED, step, error=error_text(exc))
+        decision = driver.crashed(step, exc)
         driver.rows.save()
-    if decision.final is not None:
-        admission.send(task.app, admission.after_end(rt, episode_id))
-        tell_flower(task, decision.final)
-        return decision.final.wire()
-    if task.request.chord is None:  # handed to a continuation already: it returns to the chord
-        return None
-    return continue_with(task, next_signature(task.app, episode_id, decision.next, rt.refs(episode_id)[0]))
+    if decision.next is not None and task.request.chord is None:
+        return None  # handed to a continuation already: it returns to the chord
+    return _carry_out(task, rt, episode_id, decision, replayed=False)
 
 
 def _episode_step(self, prev: HopResult, episode_id: str):
@@ -96,13 +91,12 @@ def _episode_step(self, prev: HopResult, episode_id: str):
     except DecisionCrashed as crash:
         # The crashed decision's transaction is rolled back whole (ledger row too);
         # record the episode's end in a new one. No savepoint on the common path.
-        log.error("decision for episode %s after %s crashed: %r", episode_id, prev.hop, crash.__cause__)
-        error = error_text(crash.__cause__)
+        cause = crash.__cause__
+        log.error("decision for episode %s after %s crashed: %r", episode_id, prev.hop, cause)
 
         def crashed(_ctx):
             def write(s: Session):
-                fresh.update(driver_for(rt, s, episode_id).end(
-                    states.INFRA_FAILED, ExitStatus.AGENT_CRASHED, key[1], error=error).wire())
+                fresh.update(driver_for(rt, s, episode_id).crashed(key[1], cause).wire())
             return fresh, write
 
         fresh.clear()
