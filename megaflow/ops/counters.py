@@ -85,10 +85,7 @@ class Totals:
         self.tokens.update(other.tokens)
         for mine, theirs in ((self.work, other.work), (self.queued, other.queued)):
             for hop, h in theirs.items():
-                if hop in mine:
-                    mine[hop].add(h)
-                else:
-                    mine[hop] = Histogram(list(h.buckets), h.count, h.total)
+                _merge(mine, hop, h)
 
     def plus(self, other: Totals) -> Totals:
         out = Totals()
@@ -153,11 +150,15 @@ class Cumulative:
             hop = bounded(hop, HOP_NAMES)
             out.hops[(hop, bounded(outcome_, OUTCOMES))] += n
             for target, part in ((out.work, rest[:width]), (out.queued, rest[width:])):
-                h = Histogram([int(c or 0) for c in part[2:]], int(part[0]), float(part[1] or 0.0))
-                if hop in target:
-                    target[hop].add(h)
-                else:
-                    target[hop] = h
+                _merge(target, hop, Histogram([int(c or 0) for c in part[2:]], int(part[0]), float(part[1] or 0.0)))
+
+
+def _merge(into: dict[str, Histogram], hop: str, h: Histogram) -> None:
+    """Add `h` to `into[hop]` (a copy of it when there is none: `h` may be another total's)."""
+    if hop in into:
+        into[hop].add(h)
+    else:
+        into[hop] = Histogram(list(h.buckets), h.count, h.total)
 
 
 def _window(column, after: dt.datetime | None, upto: dt.datetime | None) -> list:
