@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -54,6 +55,27 @@ def _wait_for(predicate, what: str, timeout: float = 30.0, every: float = 0.3):
     return value
 
 
+@contextmanager
+def flower_watching(cluster, tmp_path):
+    """`megaflow flower` on `cluster`, up and listing its workers; yields (base URL, log path); stopped after."""
+    port = free_port()
+    log = tmp_path / "flower.log"
+    proc = megaflow(["flower", "--port", str(port)], settings_env(cluster.settings), log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_http(f"{base}/healthcheck", proc, log).status_code == 200
+        names = [w.name for w in cluster.workers.values()]
+
+        def workers_seen():
+            data = httpx.get(f"{base}/workers", params={"json": 1}, timeout=5).json()["data"]
+            return all(any(row["hostname"].startswith(f"{n}@") for row in data) for n in names)
+        # Flower only sees events sent while it listens: wait for the workers before submitting.
+        _wait_for(workers_seen, "Flower to list the three workers")
+        yield base, log
+    finally:
+        stop(proc)
+
+
 def _datatable(base: str, search: str = "") -> list[dict]:
     params = {"draw": 1, "start": 0, "length": 500, "search[value]": search,
               "order[0][column]": 0, "order[0][dir]": "desc", "columns[0][data]": "received"}
@@ -65,22 +87,9 @@ def _datatable(base: str, search: str = "") -> list[dict]:
 @pytest.mark.cluster(host="flower-host", name="flw-", env={"MEGAFLOW_WORKER_CONCURRENCY": "2"}, extra_args=["-E"])
 def test_flower_shows_workers_and_the_runs_tasks(cluster, tmp_path):
     need("chromium", chromium_binary() is not None, "apt-get install chromium")
-    settings, workers = cluster.settings, list(cluster.workers.values())
-    port = free_port()
-    log = tmp_path / "flower.log"
-    proc = megaflow(["flower", "--port", str(port)], settings_env(settings), log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_http(f"{base}/healthcheck", proc, log).status_code == 200
-        names = [w.name for w in workers]
-
-        def workers_seen():
-            data = httpx.get(f"{base}/workers", params={"json": 1}, timeout=5).json()["data"]
-            return all(any(row["hostname"].startswith(f"{n}@") for row in data) for n in names)
-        # Flower only sees events sent while it listens: wait for the workers before submitting.
-        _wait_for(workers_seen, "Flower to list the three workers")
-
-        client = Client(settings)
+    names = [w.name for w in cluster.workers.values()]
+    with flower_watching(cluster, tmp_path) as (base, _log):
+        client = Client(cluster.settings)
         run_id = client.submit(small_spec("flw"))
         client.wait(run_id, timeout=60)
         episode_ids = [r["episode_id"] for r in client.results(run_id)]
@@ -103,8 +112,6 @@ def test_flower_shows_workers_and_the_runs_tasks(cluster, tmp_path):
         assert "megaflow.hop.generate" in hops_html
         assert any(eid in hops_html for eid in episode_ids)
         assert (ARTIFACTS / "flower-tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    finally:
-        stop(proc)
 
 
 def test_flower_off_loopback_refuses_without_credentials(tmp_path):
@@ -200,18 +207,8 @@ def management_api() -> None:
 def test_flower_shows_failed_episodes_their_run_and_the_dead_letter_queue(cluster, tmp_path):
     need("chromium", chromium_binary() is not None, "apt-get install chromium")
     management_api()
-    settings, workers = cluster.settings, list(cluster.workers.values())
-    port = free_port()
-    log = tmp_path / "flower.log"
-    proc = megaflow(["flower", "--port", str(port)], settings_env(settings), log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_http(f"{base}/healthcheck", proc, log).status_code == 200
-
-        def workers_seen():
-            data = httpx.get(f"{base}/workers", params={"json": 1}, timeout=5).json()["data"]
-            return all(any(row["hostname"].startswith(f"{w.name}@") for row in data) for w in workers)
-        _wait_for(workers_seen, "Flower to list the three workers")
+    settings = cluster.settings
+    with flower_watching(cluster, tmp_path) as (base, log):
 
         client = Client(settings)
         # Known failures: the agent never submits within one step (failed); setup breaks (infra_failed).
@@ -257,8 +254,6 @@ def test_flower_shows_failed_episodes_their_run_and_the_dead_letter_queue(cluste
         assert "No queue data" not in broker_html
         for queue in (DEAD_QUEUE, "agent", "model"):
             assert queue in broker_html, f"{queue} not on Flower's Broker tab"
-    finally:
-        stop(proc)
     assert "guest:guest" not in log.read_text(), "the management API's credentials must never be printed"
 
 
