@@ -137,6 +137,12 @@ class Step(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(20), nullable=True)
     model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     model_version: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # The published policy version that sampled this turn (None before any was published).
+    policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The prompt as the backend tokenized it, where it says; a trainer scores these very ids.
+    prompt_token_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # OpenAI-shaped tool calls of this turn's completion (native tool calling).
+    tool_calls: Mapped[list | None] = mapped_column(JSON, nullable=True)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     action: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -145,6 +151,19 @@ class Step(Base):
     model_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     exec_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     agent_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class PolicyVersion(Base):
+    """A policy a trainer published: model workers switch to the newest between requests."""
+
+    __tablename__ = "policy_versions"
+
+    policy: Mapped[str] = mapped_column(String(200), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(10))  # full | lora
+    meta: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
 
 
