@@ -4,16 +4,49 @@ from __future__ import annotations
 
 from typing import Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def check_tool_calls(calls: list[dict] | None) -> list[dict] | None:
+    """Tool calls in the OpenAI shape: ``{"id", "type": "function", "function": {"name", "arguments"}}``.
+
+    ``arguments`` is a JSON string, as the OpenAI API sends it (not yet parsed: a model
+    may emit arguments that are not valid JSON, and that is the agent's format error).
+
+    Raises:
+        ValueError: a call is not in that shape (names the call and what is wrong).
+    """
+    if calls is None:
+        return None
+    for i, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise ValueError(f"tool call {i} must be {{id, type: 'function', function: {{name: str, arguments: "
+                             f"JSON string}}}}, got {call!r:.200}")
+        if call.get("type", "function") != "function" or not isinstance(call.get("id", ""), str):
+            raise ValueError(f"tool call {i}: type must be 'function' and id a string, got {call!r:.200}")
+    return calls
 
 
 class Message(BaseModel):
-    """One chat message."""
+    """One chat message (OpenAI shape; an assistant may carry tool calls, a tool message answers one)."""
 
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[dict] | None = Field(
+        default=None, description="An assistant message's tool calls, OpenAI shape (see check_tool_calls).")
+    tool_call_id: str | None = Field(default=None, description="A tool message: the id of the call it answers.")
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _check_calls(cls, calls: list[dict] | None) -> list[dict] | None:
+        return check_tool_calls(calls)
+
+    def wire(self) -> dict:
+        """The message as a plain dict, leaving out tool fields that are not set (what chat APIs expect)."""
+        return self.model_dump(exclude_none=True)
 
 
 class SamplingParams(BaseModel):
@@ -40,6 +73,12 @@ class ModelRequest(BaseModel):
     timeout_s: float | None = Field(
         default=None, gt=0, description="Deadline for the whole call, retries included; past it the backend "
         "raises ModelUnavailableError (an infra failure). None: the backend's own timeouts only.")
+    tools: list[dict] | None = Field(
+        default=None, description='Tools the model may call, OpenAI shape: [{"type": "function", "function": '
+        '{"name", "description", "parameters": JSON schema}}]. None: plain text only.')
+    tool_choice: str | dict | None = Field(
+        default=None, description='"auto" | "none" | "required" | {"type": "function", "function": {"name"}}; '
+        "None: the backend's default.")
 
 
 class Usage(BaseModel):
@@ -62,6 +101,14 @@ class Completion(BaseModel):
     latency_s: float = 0.0
     model: str = Field(default="", description="Model name as served.")
     model_version: str = Field(default="", description="Weights version, for off-policy tracking in RL.")
+    tool_calls: list[dict] | None = Field(
+        default=None, description="Tool calls the model made, OpenAI shape (see check_tool_calls); "
+        "None: it made none. `text` is then any content beside them.")
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _check_calls(cls, calls: list[dict] | None) -> list[dict] | None:
+        return check_tool_calls(calls)
 
 
 @runtime_checkable
