@@ -1,0 +1,1 @@
+"""The RL loop: batches for trainers, losses, the reference trainer."""
