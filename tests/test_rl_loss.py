@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from megaflow.rl.loss import policy_loss, token_logprobs  # noqa: E402
+from megaflow.rl.loss import policy_loss, token_logprobs
 
 # Two episodes, four positions each, clip eps 0.2 (ratios kept in [0.8, 1.2]).
 #   row 0: [prompt, model, model, observation]   advantage +1
