@@ -167,6 +167,21 @@ class PolicyVersion(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
 
 
+class RLHandoff(Base):
+    """A ready group handed out in an RL batch (`megaflow.rl`): to which consumer, and whether it acknowledged."""
+
+    __tablename__ = "rl_handoffs"
+
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    batch_id: Mapped[str] = mapped_column(String(32), index=True)
+    # The consumer's advisory-lock key: while the lock is held the consumer lives.
+    consumer: Mapped[int] = mapped_column(BigInteger)
+    handouts: Mapped[int] = mapped_column(Integer, default=1)
+    claimed_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    acked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
 class Hop(Base):
     """The idempotency ledger: one row per hop of a subject (episode, group or run).
 
