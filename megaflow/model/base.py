@@ -101,6 +101,11 @@ class Completion(BaseModel):
     latency_s: float = 0.0
     model: str = Field(default="", description="Model name as served.")
     model_version: str = Field(default="", description="Weights version, for off-policy tracking in RL.")
+    policy_version: int | None = Field(
+        default=None, description="The published policy version (`client.publish_policy`) whose weights sampled "
+        "this completion; None: the backend follows no policy.")
+    prompt_token_ids: list[int] | None = Field(
+        default=None, description="The prompt as the backend tokenized it, where it says (a trainer scores these ids).")
     tool_calls: list[dict] | None = Field(
         default=None, description="Tool calls the model made, OpenAI shape (see check_tool_calls); "
         "None: it made none. `text` is then any content beside them.")
