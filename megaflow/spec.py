@@ -217,6 +217,39 @@ class Simulation(_Strict):
     exec_latency_s: float = Field(default=0.0, ge=0.0, le=3600.0, description="Delay before each command.")
 
 
+class RLSettings(_Strict):
+    """How a run feeds an RL trainer: which policy samples it, and how stale that policy may be.
+
+    A *batch* is `groups_per_batch` consecutive rollout groups (by task order). Batch b
+    of a run that started at policy version v0 is admitted only once version
+    v0 + b - k is published, k = 0 in `sync` mode (the run pauses at each boundary
+    until the trainer publishes) and `max_staleness` in `async` mode. Each turn is
+    sampled with the newest published weights the model worker has switched to, and
+    never with weights more than k versions behind the newest (docs/rl.md, "Staleness").
+    """
+
+    policy: str = Field(default="default", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._:-]*$",
+                        description="Policy name: versions published under it (`megaflow policy publish`) are "
+                        "what this run's model workers switch to.")
+    mode: Literal["sync", "async"] = Field(default="async", description="sync: generation for version v+1 starts "
+                                           "only once it is published; async: up to max_staleness versions ahead.")
+    max_staleness: int | None = Field(default=None, ge=0, le=1000, description="async: most versions a turn's "
+                                      "policy may lag the newest; None: unbounded (admission never waits).")
+    groups_per_batch: int = Field(default=1, ge=1, le=1_000_000, description="Groups per trainer batch: the "
+                                  "boundary at which a sync run pauses.")
+
+    @model_validator(mode="after")
+    def _staleness_in_async_only(self) -> RLSettings:
+        if self.mode == "sync" and self.max_staleness is not None:
+            raise ValueError("rl.max_staleness applies to mode async only (sync means 0)")
+        return self
+
+    @property
+    def bound(self) -> int | None:
+        """Versions a batch may run ahead of the trainer: 0 in sync mode, `max_staleness` in async."""
+        return 0 if self.mode == "sync" else self.max_staleness
+
+
 class RunSpec(_Strict):
     """A run: every task instance × `rollouts` samples."""
 
@@ -231,6 +264,8 @@ class RunSpec(_Strict):
     limits: Limits = Field(default_factory=Limits)
     model_limits: ModelLimits | None = Field(default=None, description="Tier-1 limits on model calls; None: none.")
     simulate: Simulation | None = Field(default=None, description="Simulated service latencies (benchmarks).")
+    rl: RLSettings | None = Field(default=None, description="RL: the policy this run samples (its model workers "
+                                  "switch to each published version) and its staleness bound; None: fixed weights.")
 
     @model_validator(mode="before")
     @classmethod
