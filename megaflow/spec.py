@@ -140,9 +140,22 @@ TaskSpec = Annotated[
 class AgentConfig(_Strict):
     """Which scaffold drives the episode."""
 
-    type: Literal["bash", "oracle", "miniswe"] = Field(default="bash", description="Scaffold.")
+    type: Literal["bash", "oracle", "miniswe", "cli"] = Field(default="bash", description="Scaffold.")
     system_prompt: str | None = Field(default=None, description="Override of the scaffold's system prompt.")
     max_observation_chars: int = Field(default=10_000, ge=200, le=1_000_000, description="Head+tail kept.")
+    command: str | None = Field(
+        default=None, min_length=1, max_length=100_000,
+        description="type cli: the agent program's shell command, run in the sandbox's work directory for the "
+        "whole episode. It reaches the run's model at $OPENAI_BASE_URL (or $ANTHROPIC_BASE_URL) with the key in "
+        "$OPENAI_API_KEY; the task's instruction is in $MEGAFLOW_TASK and the file $MEGAFLOW_TASK_FILE.")
+    port: int = Field(default=4000, ge=1024, le=65_535,
+                      description="type cli: the loopback port in the sandbox where the model endpoint listens.")
+
+    @model_validator(mode="after")
+    def _cli_command(self) -> AgentConfig:
+        if (self.type == "cli") != (self.command is not None):
+            raise ValueError("agent.command is required by type cli and only allowed there")
+        return self
 
 
 class Limits(_Strict):

@@ -65,6 +65,10 @@ class SandboxConfig(BaseModel):
         default_factory=list,
         description="Host directories bound read-only at the same path (local backend; a task environment's "
         "virtualenv). A missing one is skipped.")
+    model_socket_dir: str | None = Field(
+        default=None,
+        description="Host directory holding the model proxy's Unix socket, bound read-only at "
+        "/run/megaflow in the sandbox (CLI agents: their only way out). Set by the runtime, not by specs.")
     mode: Literal["ephemeral", "persistent"] = Field(
         default="ephemeral", description="Ephemeral: destroyed when the episode ends; persistent: reset and reused."
     )
@@ -139,6 +143,10 @@ class Sandbox(Protocol):
 
     def close(self) -> None:
         """Release every resource. Idempotent."""
+
+
+#: Where a sandbox sees `SandboxConfig.model_socket_dir`.
+MODEL_SOCKET_MOUNT = "/run/megaflow"
 
 
 class SandboxBackend(Protocol):

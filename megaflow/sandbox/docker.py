@@ -47,7 +47,7 @@ from docker.types import DriverConfig, Mount
 
 from megaflow.errors import SandboxClosedError, SandboxError, SandboxNotFoundError
 from megaflow.sandbox._docker_io import KILL_SCRIPT, Capture, FrameReader, SeedCache, file_tar, read_single_file
-from megaflow.sandbox.base import ExecResult, SandboxConfig
+from megaflow.sandbox.base import MODEL_SOCKET_MOUNT, ExecResult, SandboxConfig
 from megaflow.sandbox.images import AGENT_UID
 
 logger = logging.getLogger(__name__)
@@ -322,6 +322,18 @@ class DockerSandbox:
             duration_s=time.monotonic() - started,
         )
 
+    def spawn(self, cmd: str, timeout: float) -> None:
+        """Start `cmd` (``bash -lc``) in the background and return at once (CLI agents).
+
+        A detached exec: it dies with the container (`destroy`); `timeout` is the
+        caller's to enforce (the episode's deadline), as the engine has no limit for it.
+        """
+        self._check_open()
+        with _translated(self.id):
+            exec_id = self._api.exec_create(self.id, ["bash", "-lc", cmd], workdir=self._config.workdir,
+                                            user=_USER)["Id"]
+            self._api.exec_start(exec_id, detach=True)
+
     def _wait(
         self, exec_id: str, token: str, reader: FrameReader, started: float, timeout: float
     ) -> tuple[int, bool, str]:
@@ -526,7 +538,9 @@ def _host_config(config: SandboxConfig, ncpu: int) -> dict[str, object]:
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
         "read_only": True,
-        "mounts": [_tmpfs_volume(config.workdir, f"uid={AGENT_UID},gid={AGENT_UID},mode=0755,size={mb // 2}m")],
+        "mounts": [_tmpfs_volume(config.workdir, f"uid={AGENT_UID},gid={AGENT_UID},mode=0755,size={mb // 2}m")]
+        + ([Mount(MODEL_SOCKET_MOUNT, config.model_socket_dir, type="bind", read_only=True)]
+           if config.model_socket_dir else []),  # a CLI agent's model proxy (megaflow.hops.cli_proxy)
         "tmpfs": tmpfs,
         "shm_size": f"{max(1, min(64, mb // 8))}m",
         "mem_limit": f"{mb}m",

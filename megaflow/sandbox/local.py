@@ -32,14 +32,16 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path, PurePosixPath
 
 from megaflow.config import Settings
 from megaflow.errors import SandboxClosedError, SandboxError, SandboxNotFoundError
-from megaflow.sandbox.base import ExecResult, SandboxConfig
+from megaflow.sandbox.base import MODEL_SOCKET_MOUNT, ExecResult, SandboxConfig
 from megaflow.sandbox.common import OutputCap, exec_result, kill_group, pump, workdir_relpath
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ class LocalBackend:
                 raise ValueError("host_uid must not be 0: pids limits do not apply to root")
         self.max_file_mb = max_file_mb
         self._tools = {name: shutil.which(name, path=_PATH) for name in ("bwrap", "setpriv", "nice", "prlimit")}
+        self._spawned: list[subprocess.Popen] = []
+        self._spawn_lock = threading.Lock()
 
     def create(self, config: SandboxConfig, labels: dict[str, str]) -> LocalSandbox:
         """Create a sandbox and check that a command starts in it.
@@ -160,6 +164,7 @@ class LocalBackend:
             logger.warning("not a local sandbox id, nothing destroyed: %r", sandbox_id)
             return
         path = self.root / sandbox_id
+        _kill_spawned(path)
         trash = self.root / f".trash-{sandbox_id}-{secrets.token_hex(4)}"
         try:
             path.rename(trash)  # gone for list_ids and attach at once, however long rmtree takes
@@ -167,6 +172,12 @@ class LocalBackend:
             return
         _rmtree(trash, fix_modes=not self.privileged)
         logger.debug("destroyed local sandbox %s", sandbox_id)
+
+    def keep_spawned(self, proc: subprocess.Popen) -> None:
+        """Hold a spawned tree's handle until it exits, so that it is reaped (no zombies)."""
+        with self._spawn_lock:
+            self._spawned = [p for p in self._spawned if p.poll() is None]
+            self._spawned.append(proc)
 
     def give(self, path: Path) -> None:
         """Hand a host-side path to the sandbox's host uid (only needed as root)."""
@@ -229,6 +240,8 @@ class LocalBackend:
             for parent in reversed(PurePosixPath(path).parents[:-1]):
                 args += ["--perms", "0755", "--dir", str(parent)]
             args += ["--ro-bind-try", path, path]
+        if config.model_socket_dir:  # a CLI agent's model proxy (megaflow.hops.cli_proxy)
+            args += ["--perms", "0755", "--dir", "/run", "--ro-bind", config.model_socket_dir, MODEL_SOCKET_MOUNT]
         args += ["--bind", str(sandbox_dir / "work"), config.workdir]
         # Run unprivileged, the sandbox user owns the tmpfs root and /dev: make them
         # read-only so that only the work dir, /tmp and /dev/shm take writes.
@@ -252,6 +265,26 @@ class LocalSandbox:
         started = time.monotonic()
         code, out, err, timed_out = self._run(["bash", "-lc", cmd], timeout, self.config.max_output_bytes)
         return exec_result(code, out, err, timed_out, started)
+
+    def spawn(self, cmd: str, timeout: float) -> None:
+        """Start `cmd` (``bash -lc``) in the background and return at once (CLI agents).
+
+        Its output goes to ``spawn.log`` beside the work directory (never read back into
+        a worker). The tree is killed by `destroy` (its process group is recorded in
+        ``spawn.pid``); `timeout` only caps its CPU time. The sandbox's own rule (nothing
+        outlives a call) holds again once it exits: no exec or write_file is sent to a
+        sandbox while its agent program runs.
+        """
+        self._check_open()
+        command = self._backend.command(self._dir, self.config, ["bash", "-lc", cmd], max(float(timeout), 1.0))
+        with open(self._dir / "spawn.log", "ab") as log:
+            try:
+                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        env=self._env(), start_new_session=True)
+            except OSError as exc:
+                raise SandboxError(f"cannot start bubblewrap: {exc}") from exc
+        (self._dir / "spawn.pid").write_text(str(proc.pid))
+        self._backend.keep_spawned(proc)
 
     def write_file(self, path: str, data: bytes) -> None:
         """Write bytes inside the work directory (parents are created).
@@ -312,6 +345,11 @@ class LocalSandbox:
             self._closed = True
             self._backend.destroy(self.id)
 
+    def _env(self) -> dict[str, str]:
+        env = {"PATH": _PATH, "HOME": self.config.workdir, "USER": "agent", "LOGNAME": "agent", "LANG": "C.UTF-8"}
+        env.update(self.config.env)
+        return env
+
     def _check_open(self) -> None:
         if self._closed:
             raise SandboxClosedError(f"sandbox {self.id} is closed")
@@ -343,13 +381,11 @@ class LocalSandbox:
     def _run(self, argv: list[str], timeout: float, cap: int) -> tuple[int, OutputCap, OutputCap, bool]:
         timeout = max(float(timeout), 0.001)
         command = self._backend.command(self._dir, self.config, argv, timeout)
-        env = {"PATH": _PATH, "HOME": self.config.workdir, "USER": "agent", "LOGNAME": "agent", "LANG": "C.UTF-8"}
-        env.update(self.config.env)
         out, err = OutputCap(cap), OutputCap(cap)
         try:
             proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=env, start_new_session=True,
+                env=self._env(), start_new_session=True,
             )  # fmt: skip
         except OSError as exc:
             raise SandboxError(f"cannot start bubblewrap: {exc}") from exc
@@ -369,6 +405,17 @@ class LocalSandbox:
         if code == 1 and bytes(err.head).startswith(_SETUP_PREFIXES):
             raise SandboxError(f"sandbox {self.id} failed to start: {err.text().strip()}")
         return (128 - code if code < 0 else code), out, err, False
+
+
+def _kill_spawned(sandbox_dir: Path) -> None:
+    """Kill the background tree `LocalSandbox.spawn` started in this sandbox, if it still runs."""
+    try:
+        pid = int((sandbox_dir / "spawn.pid").read_text())
+        # A recycled pid is not ours: the tree's command line names the sandbox's directory.
+        if str(sandbox_dir) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            os.killpg(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
 
 
 def _open_regular(path: Path, flags: int) -> int:
