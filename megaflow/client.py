@@ -201,6 +201,39 @@ class Client:
         with self.session() as s:
             return export_run(s, run_id, fmt, path, **options)
 
+    def publish_policy(self, path: str | Path, *, kind: str = "full", policy: str | None = None,
+                       run_id: str | None = None, meta: dict | None = None) -> int:
+        """Publish a checkpoint as its policy's next version; returns the version (1, 2, ...).
+
+        Model workers of runs sampling this policy (``rl.policy``) switch to it between
+        requests; episodes held by the runs' staleness bound that it unblocks start now.
+
+        Args:
+            path: A ``save_pretrained`` directory or state-dict file (`kind` ``full``), or a
+                PEFT adapter directory (``lora``).
+            policy: The policy name; default: run `run_id`'s ``rl.policy``, else ``default``.
+            meta: Free JSON kept with the version (training step, metrics).
+
+        Raises:
+            megaflow.model.policy.PolicyError: `path` is missing or not a `kind` checkpoint;
+                nothing was recorded.
+            LookupError: `run_id` names no run.
+        """
+        from megaflow.model import policy as policies
+
+        if policy is None and run_id is not None:
+            with self.session() as s:
+                run = s.get(Run, run_id)
+                if run is None:
+                    raise LookupError(f"no run {run_id}")
+                rl = RunSpec.model_validate(run.spec).rl
+                policy = rl.policy if rl is not None else None
+        ref = policies.publish(self.session, str(path), kind=kind, policy=policy or "default", meta=meta)
+        with self.session() as s:
+            admitted = admission.admit_published(s, self.settings, ref.policy)
+        admission.send(self.app, admitted)
+        return ref.version
+
     def events(self, run_id: str) -> Counter:
         with self.session() as s:
             return Counter(s.execute(select(Event.kind).where(Event.run_id == run_id)).scalars())

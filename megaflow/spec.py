@@ -241,7 +241,7 @@ class RLSettings(_Strict):
     never with weights more than k versions behind the newest (docs/rl.md, "Staleness").
     """
 
-    policy: str = Field(default="default", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._:-]*$",
+    policy: str = Field(default="default", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]*$",
                         description="Policy name: versions published under it (`megaflow policy publish`) are "
                         "what this run's model workers switch to.")
     mode: Literal["sync", "async"] = Field(default="async", description="sync: generation for version v+1 starts "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.config import Settings
@@ -29,7 +29,8 @@ from megaflow.db.states import ExitStatus
 from megaflow.db.models import Episode, utcnow
 from megaflow.db.sql import Tracked, prepared
 from megaflow.events import emit
-from megaflow.scheduler import hosts, quotas, semaphores
+from megaflow.model import policy as policies
+from megaflow.scheduler import hosts, quotas, semaphores, staleness
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,12 @@ def claim_of(rt, ep) -> dict:
     config = rt.sandbox_config(ep)
     limits = spec.limits
     hold_s = limits.episode_timeout_s + limits.eval_timeout_s + limits.provision_timeout_s + 600
-    return {"user": spec.user, "project": spec.project, "run_id": ep.run_id,
-            "image": config.image if config.type == "docker" else None, "hold_s": hold_s}
+    claim = {"user": spec.user, "project": spec.project, "run_id": ep.run_id,
+             "image": config.image if config.type == "docker" else None, "hold_s": hold_s}
+    rl = staleness.rl_claim(spec.rl)
+    if rl is not None:
+        claim["rl"] = rl
+    return claim
 
 
 def try_admit(s: Session, settings: Settings, episode_id: str, claim: dict) -> tuple[bool, str | None, str | None]:
@@ -100,6 +105,13 @@ def start(s: Session, settings: Settings, ep: Tracked, claim: dict, task: dict) 
 
     The caller records the admission (``admitted_at``) with the episode's next move.
     """
+    rl = claim.get("rl")
+    if rl is not None:
+        # Its batch may start only once the trainer is within the run's staleness bound.
+        rl.setdefault("need", staleness.needed_for(s, ep.run_id, ep.group_id, rl))
+        if not staleness.admissible(policies.newest_version(s, rl["policy"]), rl["need"]):
+            _park(s, ep, staleness.reason(rl["policy"], rl["need"]), claim, task)
+            return False, None
     conn = s.connection()
     ahead = conn.execute(prepared(conn, "admission.ahead", _select_ahead), {"seq": ep.seq}).first()
     if ahead is not None:
@@ -127,9 +139,11 @@ def admit_waiting(s: Session, settings: Settings, rounds: int = 1) -> list[dict]
     """Admit the earliest waiters that fit now. Returns their parked start messages to send."""
     admitted: list[dict] = []
     for _ in range(rounds):
+        # Episodes held for a policy version are admitted by its publication (`admit_published`).
         rows = s.execute(select(Episode.id, Episode.run_id, Episode.parked, Episode.wait_reason)
-                         .where(Episode.state == states.WAITING).order_by(Episode.seq).limit(ROUND)
-                         .with_for_update(skip_locked=True)).all()
+                         .where(Episode.state == states.WAITING,
+                                or_(Episode.wait_reason.is_(None), ~Episode.wait_reason.startswith(staleness.POLICY)))
+                         .order_by(Episode.seq).limit(ROUND).with_for_update(skip_locked=True)).all()
         blocked = False
         for eid, run_id, parked, was in rows:
             ok, host, why = try_admit(s, settings, eid, parked["claim"])
@@ -145,6 +159,35 @@ def admit_waiting(s: Session, settings: Settings, rounds: int = 1) -> list[dict]
                 admitted.append({"episode_id": eid, "run_id": run_id, "task": parked["task"]})
         if blocked or len(rows) < ROUND:
             break
+    return admitted
+
+
+def admit_published(s: Session, settings: Settings, policy: str) -> list[dict]:
+    """A version of `policy` was published: admit the episodes held for it that fit now.
+
+    Those whose version has come but find no room wait on as capacity (or quota)
+    waiters, in their FIFO place. Returns their parked start messages to send.
+    """
+    newest = policies.newest_version(s, policy)
+    rows = s.execute(select(Episode.id, Episode.run_id, Episode.seq, Episode.parked).where(
+        Episode.state == states.WAITING, Episode.wait_reason.startswith(f"{staleness.POLICY} {policy}:"))
+        .order_by(Episode.seq).with_for_update(skip_locked=True)).all()
+    admitted: list[dict] = []
+    conn = s.connection()
+    for eid, run_id, seq, parked in rows:
+        claim = parked["claim"]
+        if not staleness.admissible(newest, claim["rl"]["need"]):
+            continue
+        if conn.execute(prepared(conn, "admission.ahead", _select_ahead), {"seq": seq}).first() is not None:
+            ok, host, why = False, None, f"{CAPACITY}: behind earlier episodes"
+        else:
+            ok, host, why = try_admit(s, settings, eid, claim)
+        if not ok:
+            s.execute(update(Episode).where(Episode.id == eid).values(wait_reason=why))
+            continue
+        if states.move(s, eid, states.PENDING, wait_reason=None, admitted_at=utcnow(), host=host):
+            emit(s, "episode.admitted", run_id, eid, {"host": host, "policy_version": newest})
+            admitted.append({"episode_id": eid, "run_id": run_id, "task": parked["task"]})
     return admitted
 
 
