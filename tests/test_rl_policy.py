@@ -60,7 +60,7 @@ def test_checkpoint_checks(tmp_path):
 
 
 def test_publish_numbers_versions_per_policy_and_refuses_bad_paths(sqlite_url, tmp_path):
-    factory = lambda: session_scope(sqlite_url)  # noqa: E731
+    factory = lambda: session_scope(sqlite_url)
     ckpt = full_checkpoint(tmp_path)
     assert policies.publish(factory, str(ckpt)).version == 1
     assert policies.publish(factory, str(lora_adapter(tmp_path)), kind="lora").version == 2

@@ -24,7 +24,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, literal, select as sql_select
+from sqlalchemy import func, insert, literal
+from sqlalchemy import select as sql_select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -189,7 +190,7 @@ class Listener:
         while not self._stop.is_set():
             try:
                 self._listen(catch_up=not first)
-            except Exception:  # noqa: BLE001 - a lost connection: reconnect and catch up
+            except Exception:
                 log.warning("policy listener lost its connection; reconnecting", exc_info=True)
                 self._stop.wait(1.0)
             first = False
@@ -215,7 +216,7 @@ class Listener:
                         note = conn.notifies.pop(0)
                         try:
                             self.on_publish(PolicyRef.parse(note.payload))
-                        except Exception:  # noqa: BLE001 - one bad switch must not stop the listener
+                        except Exception:
                             log.exception("switching to a published policy failed: %s", note.payload)
         finally:
             raw.close()
