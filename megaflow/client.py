@@ -1,4 +1,4 @@
-"""The Python API: ``Client(...).submit(spec)``, ``wait``, ``status``, ``cancel``, ``results``, ``export``."""
+"""The Python API: ``Client(...).submit(spec)``, ``wait``, ``status``, ``cancel``, ``results``, ``export``, ``batches``."""
 
 from __future__ import annotations
 
@@ -200,6 +200,34 @@ class Client:
 
         with self.session() as s:
             return export_run(s, run_id, fmt, path, **options)
+
+    def batches(self, run_id: str, groups_per_batch: int, tokenizer=None, timeout_s: float | None = None):
+        """A run's complete rollout groups, G at a time, as their group callbacks close them.
+
+        Iterate over it for `megaflow.rl.batches.Batch`es and call ``batch.ack()`` after each
+        training step: an acknowledged batch is never handed out again; one taken and never
+        acknowledged (the consumer died or closed the stream) goes to the next consumer. The
+        iteration ends when the run has ended and every group was handed out; the last batch
+        may hold fewer than G groups. Needs PostgreSQL (see `megaflow.rl.handoff`).
+
+        Args:
+            run_id: The run.
+            groups_per_batch: G.
+            tokenizer: For turns whose backend recorded no token ids: a model name or a
+                `megaflow.export.HFChatTokenizer`.
+            timeout_s: Longest wait for one batch (`TimeoutError` after it); None: no limit.
+
+        Returns:
+            A `megaflow.rl.handoff.BatchStream`: an iterator, and a context manager that
+            releases its connection.
+
+        Raises:
+            LookupError: no such run.
+            ValueError: the database is SQLite, or ``groups_per_batch`` < 1.
+        """
+        from megaflow.rl.handoff import BatchStream
+
+        return BatchStream(self.db_url, run_id, groups_per_batch, tokenizer=tokenizer, timeout_s=timeout_s)
 
     def publish_policy(self, path: str | Path, *, kind: str = "full", policy: str | None = None,
                        run_id: str | None = None, meta: dict | None = None) -> int:

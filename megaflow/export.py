@@ -198,26 +198,36 @@ def trainer_row(ep: Episode, ti: TaskInstance, steps: list, tokenizer: ChatToken
     A turn is a model call. ``input_ids`` concatenates each turn's prompt ids
     (messages added before it, templated) and completion ids; ``loss_mask`` is 1
     on completion tokens only, so observations and prompts are never trained on.
+    A turn's prompt ids come from the prompt the backend recorded
+    (``steps.prompt_token_ids``: what it adds to the sequence so far), else from
+    `tokenizer`; with neither they are None, and so are ``input_ids`` and ``loss_mask``.
     """
     turns = [s for s in steps if s.completion is not None]
     completion_ids: list = []
-    prompt_ids: list | None = [] if tokenizer is not None else None
+    prompt_ids: list = []
     history: list[dict] = []
+    so_far: list[int] = []
     for s in turns:
         ids = s.token_ids
         if ids is None and tokenizer is not None:
             ids = tokenizer.text_ids(s.completion)
-        completion_ids.append(list(ids) if ids is not None else None)
+        ids = list(ids) if ids is not None else None
         new = [{"role": m["role"], "content": m["content"]} for m in s.messages_in or []]
-        if tokenizer is not None:
-            prompt_ids.append(tokenizer.turn_ids(history, new))
+        prompt = recorded_prompt_ids(getattr(s, "prompt_token_ids", None), so_far)
+        if prompt is None and tokenizer is not None:
+            prompt = tokenizer.turn_ids(history, new)
+        completion_ids.append(ids)
+        prompt_ids.append(prompt)
+        so_far = so_far + (prompt or []) + (ids or [])
         history = history + new + [{"role": "assistant", "content": s.completion}]
     input_ids = loss_mask = None
-    if prompt_ids is not None and all(c is not None for c in completion_ids):
+    if all(p is not None for p in prompt_ids) and all(c is not None for c in completion_ids):
         input_ids, loss_mask = [], []
         for p, c in zip(prompt_ids, completion_ids):
             input_ids += p + c
             loss_mask += [0] * len(p) + [1] * len(c)
+    if all(p is None for p in prompt_ids):
+        prompt_ids = None
     return {
         "episode_id": ep.id, "run_id": ep.run_id, "group_id": ep.group_id, "instance_id": ti.instance_id,
         "sample_index": ep.sample_index, "state": ep.state, "exit_status": ep.exit_status,
@@ -229,6 +239,23 @@ def trainer_row(ep: Episode, ti: TaskInstance, steps: list, tokenizer: ChatToken
         "model_version": [s.model_version for s in turns],
         "input_ids": input_ids, "loss_mask": loss_mask,
     }
+
+
+def recorded_prompt_ids(prompt: list[int] | None, so_far: list[int]) -> list[int] | None:
+    """What a turn's recorded prompt adds to the episode's sequence so far, or None.
+
+    A backend records the whole prompt it tokenized; in a flat sequence the turn
+    contributes only what follows the earlier turns' ids. None when nothing was
+    recorded, or when the prompt does not extend the sequence so far (a chat
+    template that rewrites earlier turns): then the caller's tokenizer decides.
+    """
+    if prompt is None:
+        return None
+    prompt = list(prompt)
+    if prompt[:len(so_far)] != so_far:
+        log.warning("a recorded prompt does not extend the turns before it; its ids come from the tokenizer")
+        return None
+    return prompt[len(so_far):]
 
 
 def _parquet_schema(pa):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from megaflow.db import states
 from megaflow.db.models import Episode, RolloutGroup, Run, utcnow
@@ -23,6 +23,22 @@ def stale(s, run_id: str, generation: int) -> bool:
     """True when `megaflow resume` has started a newer generation of the run than `generation`."""
     current = s.execute(select(Run.generation).where(Run.id == run_id)).scalar()
     return current is not None and current > generation
+
+
+def ready_channel(run_id: str) -> str:
+    """The PostgreSQL channel on which a run's RL batch consumers wait (`megaflow.rl.handoff`)."""
+    return f"megaflow_rl_{run_id}"
+
+
+def notify_ready(s, run_id: str) -> None:
+    """Wake the run's batch consumers: a group closed, or the run ended.
+
+    PostgreSQL delivers a notification when, and only if, the transaction commits,
+    so a consumer woken by it reads the rows written here. SQLite has no
+    notifications; batches need PostgreSQL (`megaflow.rl.handoff` says so).
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(select(func.pg_notify(ready_channel(run_id), "")))
 
 
 def group_stats(rewards: list[float]) -> dict:
@@ -66,6 +82,7 @@ def close_group(s, group_id: str, generation: int = 0) -> dict:
     s.execute(update(RolloutGroup).where(RolloutGroup.id == group_id)
               .values(status="finished", stats=stats, finished_at=utcnow()))
     emit(s, "group.done", run_id, group_id, stats)
+    notify_ready(s, run_id)
     return {"group_id": group_id, **stats}
 
 
@@ -87,4 +104,5 @@ def close_run(s, run_id: str, generation: int = 0) -> dict:
     s.execute(update(Run).where(Run.id == run_id).values(
         status="cancelled" if cancelled else "finished", summary=summary, finished_at=utcnow()))
     emit(s, "run.done", run_id, run_id, summary)
+    notify_ready(s, run_id)
     return summary
