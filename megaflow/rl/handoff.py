@@ -174,7 +174,10 @@ class BatchStream:
                              .returning(h.group_id, h.handouts)).all()
             if rows:
                 log.info("batch %s of run %s: its consumer died; handed out again", batch_id, self.run_id)
-                return batch_id, sorted(g for g, _ in rows), max(n for _, n in rows)
+                # In the order it was first handed out in: the order the groups closed.
+                ids = list(s.execute(select(RolloutGroup.id).where(RolloutGroup.id.in_([g for g, _ in rows]))
+                                     .order_by(RolloutGroup.finished_at, RolloutGroup.index)).scalars())
+                return batch_id, ids, max(n for _, n in rows)
         return None
 
     def _claim_ready(self, s):

@@ -1,0 +1,147 @@
+"""RL batch hand-off on PostgreSQL: G at a time, woken by a group's close, exactly once, a killed consumer.
+
+The first tests put finished rows in a fresh database (no workers: seconds); the last
+runs real workers, the scripted model and RabbitMQ, and kills a consumer process
+that holds a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from test_rl_batches import _run
+
+from megaflow.db import states
+from megaflow.db.engine import session_scope
+from megaflow.db.models import RLHandoff, RolloutGroup, Run
+from megaflow.db.schema import upgrade
+from megaflow.rl.handoff import BatchStream
+from megaflow.scheduler.closing import close_group, close_run
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+#: A consumer process: takes one batch, says which, and waits to be killed (never acknowledges).
+CONSUMER = textwrap.dedent("""
+    import sys, time
+    from megaflow.rl.handoff import BatchStream
+
+    class Chars:
+        def turn_ids(self, history, new):
+            return [1] + [ord(c) for m in new for c in m["content"]] + [3]
+        def text_ids(self, text):
+            return [ord(c) for c in text]
+
+    stream = BatchStream(sys.argv[1], sys.argv[2], int(sys.argv[3]), tokenizer=Chars(), timeout_s=60)
+    batch = next(stream)
+    print(batch.batch_id, ",".join(batch.group_ids), flush=True)
+    time.sleep(600)
+""")
+
+
+def _db(pg_url) -> str:
+    upgrade(pg_url)
+    return pg_url
+
+
+def _groups(n: int) -> list:
+    return [[(states.SUCCEEDED, 1.0, True), (states.FAILED, 0.0, True)] for _ in range(n)]
+
+
+def _consumer(url: str, run_id: str, g: int) -> tuple[subprocess.Popen, str, list[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", CONSUMER, url, run_id, str(g)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    assert line, f"the consumer process took no batch (exit {proc.poll()})"
+    return proc, line[0], line[1].split(",")
+
+
+def test_batches_of_g_then_a_smaller_last_one_then_the_end(pg_url):
+    url = _db(pg_url)
+    run_id, gids = _run(url, _groups(5))
+    seen = []
+    with BatchStream(url, run_id, 2, timeout_s=10) as stream:
+        for batch in stream:
+            assert all(len(e.input_ids) == len(e.loss_mask) == len(e.behaviour_logprobs) for e in batch.episodes)
+            seen.append(batch.group_ids)
+            batch.ack()
+            batch.ack()  # twice is once
+    assert [len(g) for g in seen] == [2, 2, 1]
+    assert sorted(g for b in seen for g in b) == sorted(gids)
+    # Everything acknowledged: a new consumer has nothing left, and says so at once.
+    assert list(BatchStream(url, run_id, 2, timeout_s=10)) == []
+
+
+def test_a_group_closed_by_its_callback_wakes_a_waiting_consumer(pg_url):
+    url = _db(pg_url)
+    run_id, gids = _run(url, _groups(2))
+    with session_scope(url) as s:
+        s.execute(update(Run).where(Run.id == run_id).values(status="running"))
+        s.execute(update(RolloutGroup).where(RolloutGroup.run_id == run_id).values(status="pending"))
+    got, errors = [], []
+
+    def consume():
+        try:
+            with BatchStream(url, run_id, 1, timeout_s=20) as stream:
+                for batch in stream:
+                    got.append((time.monotonic(), batch))
+                    batch.ack()
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    time.sleep(1.0)
+    assert got == []  # nothing is ready: the consumer waits
+    closed = time.monotonic()
+    with session_scope(url) as s:
+        close_group(s, gids[0])
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert got, errors
+    woke_s = got[0][0] - closed
+    assert woke_s < 1.0, woke_s
+    batch = got[0][1]
+    assert batch.group_ids == [gids[0]]
+    # close_group wrote the advantages the batch carries: (r - mean) / (std + eps) for rewards 1 and 0.
+    assert [round(e.advantage, 3) for e in batch.episodes] == [1.0, -1.0]
+    with session_scope(url) as s:
+        close_group(s, gids[1])
+        close_run(s, run_id)
+    consumer.join(10)
+    assert not consumer.is_alive() and not errors
+    assert [b.group_ids for _, b in got] == [[gids[0]], [gids[1]]]
+
+
+def test_a_killed_consumers_batch_goes_to_the_next_and_an_acked_one_never_again(pg_url):
+    url = _db(pg_url)
+    run_id, gids = _run(url, _groups(3))
+    proc, batch_id, taken = _consumer(url, run_id, 2)
+    try:
+        # While it lives, its batch is its own: another consumer gets the rest.
+        with BatchStream(url, run_id, 2, timeout_s=10) as other:
+            rest = next(other)
+            assert rest.batch_id != batch_id and set(rest.group_ids).isdisjoint(taken)
+            rest.ack()
+            assert list(other) == []
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    with BatchStream(url, run_id, 2, timeout_s=10) as again:
+        batch = next(again)
+        assert (batch.batch_id, batch.group_ids, batch.handouts) == (batch_id, taken, 2)
+        batch.ack()
+        assert list(again) == []
+    with session_scope(url) as s:
+        acked = s.execute(select(RLHandoff.group_id).where(RLHandoff.acked_at.is_not(None))).scalars().all()
+    assert sorted(acked) == sorted(gids)
