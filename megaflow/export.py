@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from megaflow.agent import transcript
 from megaflow.db import states
 from megaflow.db.models import Episode, Run, Step, TaskInstance
+from megaflow.model.toolcalls import hermes_text, render_prompt
 from megaflow.redact import redact
 from megaflow.swebench_report import grading_summary
 
@@ -42,14 +43,19 @@ FORMATS = ("jsonl", "parquet", "swebench", "minisweagent", "swebench-report")
 #: Episodes read per database round trip (their steps come in one more).
 BATCH = 256
 _STEP_FIELDS = ("index", "action", "exit_code", "observation", "finish_reason", "model", "model_version",
-                "prompt_tokens", "completion_tokens", "token_ids", "logprobs", "model_s", "exec_s", "agent_s")
+                "prompt_tokens", "completion_tokens", "token_ids", "logprobs", "model_s", "exec_s", "agent_s",
+                "tool_calls")
 
 
 class ChatTokenizer(Protocol):
     """Token ids for the parts of a conversation the model backend did not return."""
 
     def turn_ids(self, history: list[dict], new: list[dict]) -> list[int]:
-        """Ids of the `new` messages as the model saw them after `history`, generation prompt included."""
+        """Ids of the `new` messages as the model saw them after `history`, generation prompt included.
+
+        A tokenizer for tool-calling runs also takes ``tools=`` (the tools offered), as
+        `HFChatTokenizer` does; it is passed only when the run offered tools.
+        """
 
     def text_ids(self, text: str) -> list[int]:
         """Ids of a completion's text (for backends that return no token ids)."""
@@ -80,16 +86,17 @@ class HFChatTokenizer:
             name_or_tokenizer = AutoTokenizer.from_pretrained(name_or_tokenizer)
         self.tok = name_or_tokenizer
 
-    def _ids(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+    def _ids(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
         if not messages:
             return []
-        out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
-        # transformers 5 answers a BatchEncoding where 4.x answered the id list itself.
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+        # Rendered as the in-process backends render prompts (tools and tool calls included),
+        # so the ids are the ones the model saw.
+        text = render_prompt(self.tok, messages, tools, add_generation_prompt=generation_prompt)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def turn_ids(self, history: list[dict], new: list[dict]) -> list[int]:
-        before = self._ids(history, generation_prompt=False)
-        after = self._ids(history + new, generation_prompt=True)
+    def turn_ids(self, history: list[dict], new: list[dict], tools: list[dict] | None = None) -> list[int]:
+        before = self._ids(history, generation_prompt=False, tools=tools)
+        after = self._ids(history + new, generation_prompt=True, tools=tools)
         if after[:len(before)] != before:
             log.warning("chat template is not prefix-stable; a turn's prompt ids hold the whole conversation")
             return after
@@ -135,7 +142,8 @@ def export_run(session: Session, run_id: str, fmt: str, path: str | Path, *,
     if fmt == "jsonl":
         return _write_lines(path, (episode_record(*e) for e in episodes))
     if fmt == "parquet":
-        return write_parquet(path, (trainer_row(*e, tokenizer=tokenizer) for e in episodes))
+        tools = run_tools(session.get(Run, run_id).spec)
+        return write_parquet(path, (trainer_row(*e, tokenizer=tokenizer, tools=tools) for e in episodes))
     if fmt == "swebench":
         return _write_lines(path, swebench_predictions(episodes, model_name))
     if fmt == "swebench-report":
@@ -183,7 +191,7 @@ def episode_record(ep: Episode, ti: TaskInstance, steps: list) -> dict:
         "grading": ep.grading, "test_log": ep.test_log,
         "started_at": _iso(ep.started_at), "finished_at": _iso(ep.finished_at),
         "messages": transcript(steps),
-        "steps": [{f: getattr(s, f) for f in _STEP_FIELDS} for s in steps],
+        "steps": [{f: getattr(s, f, None) for f in _STEP_FIELDS} for s in steps],
     })
 
 
@@ -192,7 +200,17 @@ def _masked(record: dict) -> dict:
     return redact(record, assignments=False)
 
 
-def trainer_row(ep: Episode, ti: TaskInstance, steps: list, tokenizer: ChatTokenizer | None = None) -> dict:
+def run_tools(spec: dict | None) -> list[dict] | None:
+    """The tools a run's scaffold offered its model (None for text scaffolds)."""
+    if ((spec or {}).get("agent") or {}).get("type") != "tools":
+        return None
+    from megaflow.agent.tools import TOOLS
+
+    return TOOLS
+
+
+def trainer_row(ep: Episode, ti: TaskInstance, steps: list, tokenizer: ChatTokenizer | None = None,
+                tools: list[dict] | None = None) -> dict:
     """One Parquet row: per-turn token ids and the flat sequence an RL trainer consumes.
 
     A turn is a model call. ``input_ids`` concatenates each turn's prompt ids
@@ -201,25 +219,35 @@ def trainer_row(ep: Episode, ti: TaskInstance, steps: list, tokenizer: ChatToken
     A turn's prompt ids come from the prompt the backend recorded
     (``steps.prompt_token_ids``: what it adds to the sequence so far), else from
     `tokenizer`; with neither they are None, and so are ``input_ids`` and ``loss_mask``.
+
+    With tool calling, a turn's tool calls are completion tokens (the model wrote
+    them: mask 1) and the tool results are prompt tokens of the next turn (mask 0).
+    `tools` are those the run offered (`run_tools`), part of every prompt; None:
+    the tool scaffold's if any turn made a call.
     """
     turns = [s for s in steps if s.completion is not None]
+    if tools is None and any(getattr(s, "tool_calls", None) for s in turns):
+        tools = run_tools({"agent": {"type": "tools"}})
     completion_ids: list = []
     prompt_ids: list = []
     history: list[dict] = []
     so_far: list[int] = []
     for s in turns:
+        calls = getattr(s, "tool_calls", None)
         ids = s.token_ids
         if ids is None and tokenizer is not None:
-            ids = tokenizer.text_ids(s.completion)
+            # No ids from the backend: the calls as an in-process model writes them (what its template replays).
+            ids = tokenizer.text_ids(hermes_text(s.completion, calls) if calls else s.completion)
         ids = list(ids) if ids is not None else None
-        new = [{"role": m["role"], "content": m["content"]} for m in s.messages_in or []]
+        new = [_chat_message(m) for m in s.messages_in or []]
         prompt = recorded_prompt_ids(getattr(s, "prompt_token_ids", None), so_far)
         if prompt is None and tokenizer is not None:
-            prompt = tokenizer.turn_ids(history, new)
+            prompt = tokenizer.turn_ids(history, new, **({"tools": tools} if tools else {}))
         completion_ids.append(ids)
         prompt_ids.append(prompt)
         so_far = so_far + (prompt or []) + (ids or [])
-        history = history + new + [{"role": "assistant", "content": s.completion}]
+        history = history + new + [{"role": "assistant", "content": s.completion,
+                                    **({"tool_calls": calls} if calls else {})}]
     input_ids = loss_mask = None
     if all(p is not None for p in prompt_ids) and all(c is not None for c in completion_ids):
         input_ids, loss_mask = [], []
@@ -258,15 +286,26 @@ def recorded_prompt_ids(prompt: list[int] | None, so_far: list[int]) -> list[int
     return prompt[len(so_far):]
 
 
+def _chat_message(m: dict) -> dict:
+    """A stored message as a chat template takes it: role and content, and a tool message's call id."""
+    out = {"role": m["role"], "content": m["content"]}
+    if m.get("tool_call_id"):
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
+
+
 def _parquet_schema(pa):
     ints = pa.list_(pa.int64())
+    tool_call = pa.struct([("id", pa.string()), ("type", pa.string()),
+                           ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
     return pa.schema([
         ("episode_id", pa.string()), ("run_id", pa.string()), ("group_id", pa.string()),
         ("instance_id", pa.string()), ("sample_index", pa.int64()), ("state", pa.string()),
         ("exit_status", pa.string()), ("reward", pa.float64()), ("advantage", pa.float64()),
         ("n_turns", pa.int64()), ("resolved", pa.bool_()), ("patch_applied", pa.bool_()),
         ("f2p_failure", pa.list_(pa.string())), ("p2p_failure", pa.list_(pa.string())),
-        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()),
+                                         ("tool_calls", pa.list_(tool_call)), ("tool_call_id", pa.string())]))),
         ("prompt_token_ids", pa.list_(ints)), ("completion_token_ids", pa.list_(ints)),
         ("completion_logprobs", pa.list_(pa.list_(pa.float64()))), ("model_version", pa.list_(pa.string())),
         ("input_ids", ints), ("loss_mask", pa.list_(pa.int8())),

@@ -140,7 +140,8 @@ TaskSpec = Annotated[
 class AgentConfig(_Strict):
     """Which scaffold drives the episode."""
 
-    type: Literal["bash", "oracle", "miniswe", "cli"] = Field(default="bash", description="Scaffold.")
+    type: Literal["bash", "oracle", "miniswe", "cli", "tools"] = Field(
+        default="bash", description="Scaffold; `tools` acts through native tool calls (megaflow.agent.tools).")
     system_prompt: str | None = Field(default=None, description="Override of the scaffold's system prompt.")
     max_observation_chars: int = Field(default=10_000, ge=200, le=1_000_000, description="Head+tail kept.")
     command: str | None = Field(

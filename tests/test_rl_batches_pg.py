@@ -145,3 +145,63 @@ def test_a_killed_consumers_batch_goes_to_the_next_and_an_acked_one_never_again(
     with session_scope(url) as s:
         acked = s.execute(select(RLHandoff.group_id).where(RLHandoff.acked_at.is_not(None))).scalars().all()
     assert sorted(acked) == sorted(gids)
+
+
+class Chars:
+    """A fake ChatTokenizer, for turns whose backend recorded no prompt ids (as `CONSUMER`'s)."""
+
+    def turn_ids(self, history, new):
+        return [1] + [ord(c) for m in new for c in m["content"]] + [3]
+
+    def text_ids(self, text):
+        return [ord(c) for c in text]
+
+
+#: Two sandboxes at once on the one env host: the groups (2 rollouts each) run one after another.
+@pytest.mark.cluster(host="rl-host", sandbox_capacity=2)
+def test_a_runs_batches_arrive_while_it_runs_and_a_killed_consumers_batch_is_handed_out_again(cluster):
+    client = cluster.client
+    spec = {"name": "rl", "rollouts": 2, "sandbox": {"type": "memory"},
+            "model": {"type": "scripted", "latency_s": 0.2,
+                      "replies": ["```bash\necho hi\n```", "```bash\nsubmit\n```"]},
+            "tasks": [{"instance_id": f"t{i}", "instruction": "x", "check": "true" if i % 2 else "false"}
+                      for i in range(4)]}
+    run_id = client.submit(spec)
+
+    def run_status() -> str:
+        with client.session() as s:
+            return s.get(Run, run_id).status
+
+    # A trainer process takes the first batch and is killed before it acknowledges it.
+    proc, batch_id, taken = _consumer(client.db_url, run_id, 1)
+    assert run_status() == "running"  # the first batch came before the run ended
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+    batches, status_then = [], []
+    with client.batches(run_id, groups_per_batch=1, tokenizer=Chars(), timeout_s=60) as stream:
+        for batch in stream:
+            status_then.append(run_status())
+            batches.append(batch)
+            batch.ack()
+    assert (batches[0].batch_id, batches[0].group_ids, batches[0].handouts) == (batch_id, taken, 2)
+    assert status_then[0] == "running"  # still arriving while the run runs
+    assert sorted(g for b in batches for g in b.group_ids) == sorted(_group_ids(client, run_id))
+    results = {r["episode_id"]: r for r in client.results(run_id)}
+    for batch in batches:
+        for ep in batch.episodes:
+            r = results[ep.episode_id]
+            assert (ep.reward, ep.advantage, ep.exit_status) == (r["reward"], r["advantage"], "submitted")
+            assert len(ep.completion_token_ids) == len(ep.prompt_token_ids) == len(ep.policy_versions) == 2
+            model = [t for t, m in zip(ep.input_ids, ep.loss_mask) if m]
+            assert model == [t for c in ep.completion_token_ids for t in c] and model
+            lp = [x for x, m in zip(ep.behaviour_logprobs, ep.loss_mask) if m]
+            assert lp == [x for c in ep.completion_logprobs for x in c]
+            assert not any(x for x, m in zip(ep.behaviour_logprobs, ep.loss_mask) if not m)
+    assert {e.reward for b in batches for e in b.episodes} == {0.0, 1.0}
+    assert client.wait(run_id, timeout=30)["status"] == "finished"
+
+
+def _group_ids(client, run_id) -> list[str]:
+    with client.session() as s:
+        return list(s.execute(select(RolloutGroup.id).where(RolloutGroup.run_id == run_id)).scalars())

@@ -12,6 +12,10 @@ def make_agent(config) -> Agent:
         from megaflow.agent.oracle import OracleAgent
 
         return OracleAgent(**kwargs)
+    if config.type == "tools":
+        from megaflow.agent.tools import ToolAgent
+
+        return ToolAgent(**kwargs)
     if config.type == "miniswe":
         from megaflow.agent.miniswe import MiniSweAgent
 

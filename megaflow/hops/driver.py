@@ -95,7 +95,7 @@ class Driver:
 
     def after_generate(self, step: int) -> Decision:
         row = self.rows.step(step)
-        return self.act(self.agent.parse(row.completion or ""), row)
+        return self.act(self.agent.parse(row.completion or "", **self.tool_calls(row)), row)
 
     def after_exec(self, step: int) -> Decision:
         row = self.rows.step(step)
@@ -104,7 +104,11 @@ class Driver:
         if self.agent.finished(result) is not None:
             # Submitted through the command's output (mini-swe-agent): the command stays the action.
             return self.submit(row)
-        return self.next_turn(step + 1, self.agent.observe(result, row.action or ""))
+        return self.next_turn(step + 1, self.agent.observe(result, row.action or "", **self.tool_calls(row)))
+
+    def tool_calls(self, row: Tracked) -> dict:
+        """The turn's tool calls, for a tool-calling scaffold (one with `tools`); text scaffolds get none."""
+        return {"tool_calls": getattr(row, "tool_calls", None)} if getattr(self.agent, "tools", None) else {}
 
     def after_evaluate(self, step: int) -> Decision:
         self.rows.move(states.SUCCEEDED, event={"state": states.SUCCEEDED, "exit_status": self.ep.exit_status,
@@ -185,7 +189,7 @@ class Driver:
         if self.ep.format_errors > self.spec.limits.max_format_errors:
             return self.end(states.FAILED, ExitStatus.FORMAT_ERRORS, row.index,
                             reward=self.spec.limits.no_submit_penalty)
-        return self.next_turn(row.index + 1, [Message(role="user", content=action.feedback)])
+        return self.next_turn(row.index + 1, list(action.messages) or [Message(role="user", content=action.feedback)])
 
     def submit(self, row: Tracked) -> Decision:
         self.rows.move(states.EVALUATING, exit_status=ExitStatus.SUBMITTED)

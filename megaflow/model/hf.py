@@ -29,6 +29,7 @@ from megaflow.model.base import Completion, Message, ModelRequest, SamplingParam
 from megaflow.model.batching import BatchStats, Job, MicroBatcher, wait_result
 from megaflow.model.config import TransformersModelConfig
 from megaflow.model.smollm import ALIAS, smollm2_path
+from megaflow.model.toolcalls import parse_tool_calls, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class TransformersModel:
         """
         self.load()
         started = time.monotonic()
-        ids = self._encode(request.messages)
+        ids = self._encode(request.messages, request.tools)
         room = self.context_tokens - len(ids)
         if room <= 0:
             raise ContextLengthError(
@@ -116,8 +117,14 @@ class TransformersModel:
         sampling = request.sampling
         prompt = _Prompt(ids=ids, max_new=min(sampling.max_tokens, room), sampling=sampling)
         row: _Row = wait_result(self._batcher.submit(_group_key(sampling), prompt), request.timeout_s)
+        text, calls = row.text, None
+        if request.tools:
+            # The token ids stay the raw ones, markup included: that is what the model generated.
+            parsed = parse_tool_calls(row.text)
+            text, calls = parsed.content, parsed.calls or None
         return Completion(
-            text=row.text,
+            text=text,
+            tool_calls=calls,
             finish_reason=row.finish_reason,
             token_ids=row.token_ids,
             logprobs=row.logprobs if sampling.logprobs else None,
@@ -186,17 +193,12 @@ class TransformersModel:
         self._model = model  # last: its being set tells other threads loading is done
         logger.info("loaded %s in %.1fs on %s", self.name, time.monotonic() - started, self.config.device)
 
-    def _encode(self, messages: list[Message]) -> list[int]:
-        chat = [{"role": m.role, "content": m.content} for m in messages]
+    def _encode(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
         with self._tok_lock:
             tokenizer = self._tokenizer
             if tokenizer is None:
                 raise ModelUnavailableError(f"model {self.name!r} is closed")
-            if tokenizer.chat_template:
-                text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            else:
-                # A base model has no template: a plain transcript is the usual fallback.
-                text = "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
+            text = render_prompt(tokenizer, messages, tools)
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
