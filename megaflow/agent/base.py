@@ -28,6 +28,9 @@ class FormatError:
     """The completion could not be turned into an action; `feedback` goes back to the model."""
 
     feedback: str
+    #: The messages carrying it, where one user message would not do (a tool-calling
+    #: scaffold answers each call with a tool message); empty: a user message.
+    messages: tuple[Message, ...] = ()
 
 
 Action = Union[Command, Submit, FormatError]
@@ -68,13 +71,24 @@ def transcript(steps) -> list[dict]:
     model's completion as an assistant message. This is what the model saw, plus
     its last answer (``conversation()`` in the model hop stops before that).
 
+    Tool calling keeps the OpenAI shape: an assistant message carries the turn's
+    ``tool_calls``, a ``tool`` message its ``tool_call_id``; other messages have
+    only role and content.
+
     Args:
-        steps: Objects with ``messages_in`` (list of role/content dicts) and
-            ``completion`` (str or None), e.g. `Step` rows.
+        steps: Objects with ``messages_in`` (list of message dicts), ``completion``
+            (str or None) and optionally ``tool_calls``, e.g. `Step` rows.
     """
     messages: list[dict] = []
     for step in steps:
-        messages.extend({"role": m["role"], "content": m["content"]} for m in step.messages_in or [])
+        for m in step.messages_in or []:
+            message = {"role": m["role"], "content": m["content"]}
+            if m.get("tool_call_id"):
+                message["tool_call_id"] = m["tool_call_id"]
+            messages.append(message)
         if step.completion is not None:
-            messages.append({"role": "assistant", "content": step.completion})
+            message = {"role": "assistant", "content": step.completion}
+            if getattr(step, "tool_calls", None):
+                message["tool_calls"] = step.tool_calls
+            messages.append(message)
     return messages

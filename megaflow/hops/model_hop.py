@@ -26,7 +26,7 @@ MAX_BACKOFF_S = 60.0
 
 _S, _E = Step.__table__, Episode.__table__
 _STEP_RESULT = ("completion", "token_ids", "logprobs", "finish_reason", "model", "model_version", "prompt_tokens",
-                "completion_tokens", "model_s")
+                "completion_tokens", "model_s", "tool_calls")
 
 
 def _update_step(conn):
@@ -38,15 +38,23 @@ def conversation(session, episode_id: str, upto: int) -> list[Message]:
     """Every message of an episode before step `upto`'s model call."""
     conn = session.connection()
     rows = conn.execute(prepared(conn, "model.conversation", lambda c: select(
-        _S.c.index, _S.c.messages_in, _S.c.completion).where(
+        _S.c.index, _S.c.messages_in, _S.c.completion, _S.c.tool_calls).where(
         _S.c.episode_id == bindparam("k_episode_id"), _S.c.index <= bindparam("k_upto")).order_by(_S.c.index)),
         {"k_episode_id": episode_id, "k_upto": upto}).all()
     messages: list[Message] = []
-    for index, messages_in, completion in rows:
+    for index, messages_in, completion, tool_calls in rows:
         messages.extend(Message(**m) for m in messages_in)
         if index < upto and completion is not None:
-            messages.append(Message(role="assistant", content=completion))
+            # The model's earlier tool calls go back with its text: the tool results that follow answer them.
+            messages.append(Message(role="assistant", content=completion, tool_calls=tool_calls or None))
     return messages
+
+
+def with_ids(calls: list[dict] | None, step: int) -> list[dict] | None:
+    """Tool calls as stored: each with an id (the tool message answering it names it) and its type."""
+    if not calls:
+        return None
+    return [{**c, "id": c.get("id") or f"call_{step}_{i}", "type": "function"} for i, c in enumerate(calls)]
 
 
 def generate_task(self, episode_id: str, step: int, waits: int = 0):
@@ -60,7 +68,7 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
         run_id, messages = ctx
         spec = rt.spec(run_id)
         request = ModelRequest(messages=messages, sampling=spec.model.sampling, request_id=f"{episode_id}:{step}",
-                               timeout_s=spec.limits.model_timeout_s)
+                               timeout_s=spec.limits.model_timeout_s, tools=getattr(rt.agent(run_id), "tools", None))
         try:
             with model_slot(rt, spec, run_id, request) as usage:
                 completion = rt.model(run_id).generate(request)
@@ -86,6 +94,7 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
                 "v_model": completion.model, "v_model_version": completion.model_version,
                 "v_prompt_tokens": completion.usage.prompt_tokens,
                 "v_completion_tokens": completion.usage.completion_tokens, "v_model_s": completion.latency_s,
+                "v_tool_calls": with_ids(completion.tool_calls, step),
             })
             used = completion.usage.prompt_tokens + completion.usage.completion_tokens
             conn.execute(prepared(conn, "model.tokens", lambda c: update(_E).where(_E.c.id == bindparam("k_id"))

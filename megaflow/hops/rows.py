@@ -125,5 +125,5 @@ def _select_episode(conn):
 
 def _select_step(conn):
     c = _STEPS.c
-    return select(c.index, c.completion, c.action, c.observation, c.exit_code, c.agent_s).where(
+    return select(c.index, c.completion, c.tool_calls, c.action, c.observation, c.exit_code, c.agent_s).where(
         c.episode_id == bindparam("k_episode_id"), c.index == bindparam("k_index"))

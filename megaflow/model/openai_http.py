@@ -32,7 +32,7 @@ from megaflow.errors import (
     ModelError,
     ModelUnavailableError,
 )
-from megaflow.model.base import Completion, ModelRequest, Usage
+from megaflow.model.base import Completion, ModelRequest, Usage, check_tool_calls
 from megaflow.model.config import OpenAIModelConfig
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class OpenAIModel:
         s = request.sampling
         body: dict[str, Any] = {
             "model": self.config.model,
-            "messages": [m.model_dump() for m in request.messages],
+            "messages": [m.wire() for m in request.messages],
             "temperature": s.temperature,
             "top_p": s.top_p,
             "max_tokens": s.max_tokens,
@@ -252,6 +252,10 @@ class OpenAIModel:
             body["seed"] = s.seed
         if s.logprobs:
             body["logprobs"] = True
+        if request.tools:
+            body["tools"] = request.tools
+            if request.tool_choice is not None:
+                body["tool_choice"] = request.tool_choice
         return body
 
     def _completion(self, data: Any, request: ModelRequest, latency_s: float) -> Completion:
@@ -264,6 +268,7 @@ class OpenAIModel:
             model = data.get("model") or self.name
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)
+            tool_calls = check_tool_calls(message.get("tool_calls") or None)
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             raise MalformedResponseError(f"not a chat completion ({exc!r}): {str(data)[:300]}") from exc
         logprobs, token_ids = _parse_logprobs(choice) if request.sampling.logprobs else (None, None)
@@ -271,6 +276,7 @@ class OpenAIModel:
             token_ids = [int(t) for t in choice["token_ids"]]
         return Completion(
             text=text,
+            tool_calls=tool_calls,
             finish_reason=str(finish),
             token_ids=token_ids,
             logprobs=logprobs,

@@ -2,6 +2,11 @@
 
 Deterministic and stateless: the reply for a call is chosen by how many assistant
 messages the prompt already holds, so a redelivered call gets the same answer.
+
+Tool calls are scripted as a Hermes-format model writes them
+(``<tool_call>{"name": "bash", "arguments": {"command": "ls"}}</tool_call>``): when the
+request offers tools, a reply is read by the same parser as the in-process backends',
+so the fake answers in the OpenAI shape as they do (and a malformed call stays text).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import time
 from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, ModelRequest, Usage
 from megaflow.model.config import ScriptedModelConfig
+from megaflow.model.toolcalls import parse_tool_calls
 
 #: A prompt longer than this many characters is refused, to exercise the error path.
 MAX_PROMPT_CHARS = 1_000_000
@@ -46,8 +52,13 @@ class ScriptedModel:
             time.sleep(self.config.latency_s)
         text, finish = _cap(text, request.sampling.max_tokens)
         words = text.split()
+        calls = None
+        if request.tools:
+            parsed = parse_tool_calls(text)
+            text, calls = parsed.content, parsed.calls or None
         return Completion(
             text=text,
+            tool_calls=calls,
             finish_reason=finish,
             token_ids=[len(w) for w in words],
             logprobs=[0.0] * len(words),

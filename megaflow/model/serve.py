@@ -54,8 +54,10 @@ def parse_request(body: dict[str, Any]) -> ModelRequest:
         seed=body.get("seed"),
         logprobs=bool(body.get("logprobs")),
     )
-    messages = [Message(role=m["role"], content=_text(m.get("content"))) for m in body["messages"]]
-    return ModelRequest(messages=messages, sampling=sampling)
+    messages = [Message(role=m["role"], content=_text(m.get("content")), tool_calls=m.get("tool_calls") or None,
+                        tool_call_id=m.get("tool_call_id")) for m in body["messages"]]
+    return ModelRequest(messages=messages, sampling=sampling, tools=body.get("tools") or None,
+                        tool_choice=body.get("tool_choice"))
 
 
 def _text(content: Any) -> str:
@@ -72,6 +74,12 @@ def completion_json(completion: Completion, tokens: list[str] | None = None) -> 
         "finish_reason": completion.finish_reason,
         "logprobs": None,
     }
+    if completion.tool_calls:
+        # As OpenAI answers a tool call: content null when there is no prose beside it.
+        choice["message"] = {"role": "assistant", "content": completion.text or None,
+                             "tool_calls": completion.tool_calls}
+        if completion.finish_reason == "stop":
+            choice["finish_reason"] = "tool_calls"
     if completion.token_ids is not None:
         choice["token_ids"] = completion.token_ids
     if completion.logprobs is not None and completion.token_ids is not None:

@@ -20,6 +20,7 @@ from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, ModelRequest, Usage
 from megaflow.model.batching import Job, MicroBatcher, wait_result
 from megaflow.model.config import VLLMModelConfig
+from megaflow.model.toolcalls import parse_tool_calls, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,9 @@ class VLLMModel:
         from vllm import SamplingParams
 
         started = time.monotonic()
-        chat = [{"role": m.role, "content": m.content} for m in request.messages]
         with self._tok_lock:
-            text = self._tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            # The same rendering as the transformers backend, tools included, so one parser reads both.
+            text = render_prompt(self._tokenizer, request.messages, request.tools)
             ids = list(self._tokenizer.encode(text, add_special_tokens=False))
         room = self._max_len - len(ids)
         if room <= 0:
@@ -120,8 +121,13 @@ class VLLMModel:
         if s.logprobs and output.logprobs:
             # Each step maps token id -> Logprob; the sampled token is always among them.
             logprobs = [step[tid].logprob for step, tid in zip(output.logprobs, token_ids)]
+        text, calls = output.text, None
+        if request.tools:
+            parsed = parse_tool_calls(output.text)
+            text, calls = parsed.content, parsed.calls or None
         return Completion(
-            text=output.text,
+            text=text,
+            tool_calls=calls,
             finish_reason=output.finish_reason or "stop",
             token_ids=token_ids,
             logprobs=logprobs,
