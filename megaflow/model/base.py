@@ -34,7 +34,9 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str | list[dict] = Field(
+        description="Text, or OpenAI content parts for a multimodal message: {type: text, text} and "
+        "{type: image_url, image_url: {url}} (computer-use screenshots).")
     tool_calls: list[dict] | None = Field(
         default=None, description="An assistant message's tool calls, OpenAI shape (see check_tool_calls).")
     tool_call_id: str | None = Field(default=None, description="A tool message: the id of the call it answers.")
