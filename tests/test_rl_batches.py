@@ -118,3 +118,15 @@ def test_batches_on_sqlite_fail_with_one_line_naming_postgresql(sqlite_url):
     with pytest.raises(ValueError, match="needs PostgreSQL") as err:
         BatchStream(sqlite_url, "r", 2)
     assert "\n" not in str(err.value)
+
+
+def test_the_cli_on_sqlite_says_in_one_line_that_batches_need_postgresql(sqlite_url, tmp_path):
+    from typer.testing import CliRunner
+
+    from megaflow.cli.main import app
+
+    run_id, _ = _run(sqlite_url, [[(states.SUCCEEDED, 1.0, True)]])
+    env = {"MEGAFLOW_DATA_DIR": str(tmp_path), "MEGAFLOW_DATABASE_URL": sqlite_url}
+    result = CliRunner().invoke(app, ["batches", run_id, "--groups", "1"], env=env)
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("client.batches needs PostgreSQL") and result.output.count("\n") == 1

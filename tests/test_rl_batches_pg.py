@@ -7,6 +7,7 @@ that holds a batch.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -205,3 +206,27 @@ def test_a_runs_batches_arrive_while_it_runs_and_a_killed_consumers_batch_is_han
 def _group_ids(client, run_id) -> list[str]:
     with client.session() as s:
         return list(s.execute(select(RolloutGroup.id).where(RolloutGroup.run_id == run_id)).scalars())
+
+
+def test_the_cli_writes_a_jsonl_file_per_batch_and_acks_only_when_asked(pg_url, tmp_path):
+    from typer.testing import CliRunner
+
+    from megaflow.cli.main import app
+
+    url = _db(pg_url)
+    run_id, gids = _run(url, _groups(3))
+    env = {"MEGAFLOW_DATA_DIR": str(tmp_path), "MEGAFLOW_DATABASE_URL": url}
+    peek = CliRunner().invoke(app, ["batches", run_id, "--groups", "2", "--out", str(tmp_path / "peek")], env=env)
+    assert peek.exit_code == 0, peek.output
+    assert "2 batches (not acknowledged)" in peek.output
+    # Not acknowledged: the next consumer gets the same batches again.
+    taken = CliRunner().invoke(app, ["batches", run_id, "-g", "2", "-o", str(tmp_path / "b"), "--ack"], env=env)
+    assert taken.exit_code == 0, taken.output
+    files = sorted((tmp_path / "b").glob("batch-*.jsonl"))
+    assert [f.name[:11] for f in files] == ["batch-00001", "batch-00002"]
+    lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert len(lines) == 6 and sorted({e["group_id"] for e in lines}) == sorted(gids)
+    assert all(len(e["input_ids"]) == len(e["loss_mask"]) and e["run_id"] == run_id for e in lines)
+    assert "handed out again" in taken.output and "2 batches acknowledged" in taken.output
+    again = CliRunner().invoke(app, ["batches", run_id, "-g", "2", "--ack"], env=env)
+    assert again.exit_code == 0 and again.stdout == "" and "0 batches" in again.output

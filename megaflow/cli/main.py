@@ -8,6 +8,7 @@ import typer
 from pydantic import ValidationError
 
 from megaflow.cli import bench, db, env, export, ops, runs, sched, topology, workers
+from megaflow.cli import rl as rl_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="MegaFlow: many LLM-agent episodes on Celery, RabbitMQ and PostgreSQL.")
@@ -20,6 +21,7 @@ export.register(app)
 env.register(app)
 ops.register(app)
 sched.register(app)
+rl_cli.register(app)
 
 
 @app.callback()

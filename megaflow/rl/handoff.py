@@ -77,8 +77,8 @@ class BatchStream:
         if groups_per_batch < 1:
             raise ValueError(f"groups_per_batch must be at least 1, not {groups_per_batch}")
         if not db_url.startswith("postgresql"):
-            raise ValueError("client.batches needs PostgreSQL (LISTEN/NOTIFY and advisory locks); "
-                             "this stack's database is SQLite: run on PostgreSQL, or export the run instead")
+            raise ValueError("client.batches needs PostgreSQL (LISTEN/NOTIFY, advisory locks), not SQLite: "
+                             "run on PostgreSQL, or export the run instead")
         self.db_url, self.run_id, self.g = db_url, run_id, groups_per_batch
         self.tokenizer = as_tokenizer(tokenizer)
         self.timeout_s = timeout_s
