@@ -150,7 +150,7 @@ def export_run(session: Session, run_id: str, fmt: str, path: str | Path, *,
         from megaflow.swebench_report import write_reports
 
         return write_reports(path, episodes)
-    return write_trajectories(path, episodes, model_name)
+    return write_trajectories(path, episodes, model_name, agent=session.get(Run, run_id).spec.get("agent"))
 
 
 def iter_episodes(session: Session, run_id: str, batch: int = BATCH) -> Iterator[tuple[Episode, TaskInstance, list]]:
@@ -357,8 +357,11 @@ def swebench_predictions(episodes, model_name: str | None = None) -> Iterator[di
                "model_patch": _masked(ep.patch or "")}
 
 
-def write_trajectories(out_dir: Path, episodes, model_name: str | None = None) -> int:
-    """mini-swe-agent trajectories laid out as its SWE-bench runner does: ``<id>/<id>.traj.json``."""
+def write_trajectories(out_dir: Path, episodes, model_name: str | None = None, agent: dict | None = None) -> int:
+    """mini-swe-agent trajectories laid out as its SWE-bench runner does: ``<id>/<id>.traj.json``.
+
+    `agent` is the run spec's ``agent`` mapping (its mini-swe-agent config is recorded).
+    """
     from megaflow.agent.miniswe import to_minisweagent_trajectory
 
     n = 0
@@ -368,7 +371,7 @@ def write_trajectories(out_dir: Path, episodes, model_name: str | None = None) -
         target = out_dir / name / f"{stem}.traj.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         traj = to_minisweagent_trajectory(ep, steps, instance_id=ti.instance_id,
-                                          model_name=_model_name(steps, model_name))
+                                          model_name=_model_name(steps, model_name), agent=agent)
         traj.setdefault("info", {})["megaflow_grading"] = ep.grading
         target.write_text(json.dumps(_masked(traj), indent=2))
         n += 1

@@ -151,11 +151,32 @@ class AgentConfig(_Strict):
         "$OPENAI_API_KEY; the task's instruction is in $MEGAFLOW_TASK and the file $MEGAFLOW_TASK_FILE.")
     port: int = Field(default=4000, ge=1024, le=65_535,
                       description="type cli: the loopback port in the sandbox where the model endpoint listens.")
+    config: str | dict | None = Field(
+        default=None,
+        description="miniswe: a mini-swe-agent config (its templates, action format): a built-in name such as "
+        "`swebench` (needs the mini-swe-agent package), a path to a YAML file in its format, or the mapping. "
+        "Read and checked when the spec is validated and kept in the run, so workers need neither.",
+    )
 
     @model_validator(mode="after")
     def _cli_command(self) -> AgentConfig:
         if (self.type == "cli") != (self.command is not None):
             raise ValueError("agent.command is required by type cli and only allowed there")
+        return self
+
+    @field_validator("config")
+    @classmethod
+    def _miniswe_config(cls, value):
+        if value is None:
+            return value
+        from megaflow.agent.miniswe_config import load_config
+
+        return load_config(value)  # ConfigError (a ValueError): one line
+
+    @model_validator(mode="after")
+    def _config_is_miniswe(self) -> AgentConfig:
+        if self.config is not None and self.type != "miniswe":
+            raise ValueError(f"config is a mini-swe-agent config: only for type miniswe, not {self.type}")
         return self
 
 

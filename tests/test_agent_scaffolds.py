@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import jinja2
 import pytest
 
 from megaflow.agent import Command, FormatError, Submit, make_agent, transcript
@@ -39,7 +40,7 @@ def test_make_agent_builds_each_scaffold():
 def test_miniswe_prompts_are_its_templates_rendered_with_the_task():
     system, user = MiniSweAgent().start(TASK)
     assert (system.role, user.role) == ("system", "user")
-    assert system.content == SYSTEM_TEMPLATE
+    assert system.content == SYSTEM_TEMPLATE.removesuffix("\n")  # Jinja drops a template's last newline
     assert "exactly ONE bash code block" in system.content and "```bash\nyour_command_here\n```" in system.content
     assert user.content.startswith("Please solve this issue: Make the tests pass.\n")
     assert "`echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`" in user.content
@@ -51,9 +52,11 @@ def test_miniswe_uses_the_problem_statement_of_swe_tasks():
     assert "Please solve this issue: Fix the off-by-one in range()." in MiniSweAgent().start(task)[1].content
 
 
-def test_render_substitutes_known_names_and_leaves_the_rest():
+def test_render_is_jinja_with_undefined_names_an_error():
     assert render("a {{x}} b {{ y }}", x=1, y="two") == "a 1 b two"
-    assert render("{{missing}} {{x}}", x="{{x}}") == "{{missing}} {{x}}"
+    assert render("{{ xs|length }} {{x}}", xs=[1, 2], x="{{x}}") == "2 {{x}}"
+    with pytest.raises(jinja2.UndefinedError):
+        render("{{missing}}")
 
 
 # -- mini-swe-agent: actions ----------------------------------------------------------
@@ -74,7 +77,7 @@ def test_miniswe_parses_exactly_one_bash_block():
 def test_miniswe_format_errors_say_how_many_actions_were_found(reply, found):
     action = MiniSweAgent().parse(reply)
     assert isinstance(action, FormatError)
-    assert action.feedback == render(FORMAT_ERROR_TEMPLATE, n_actions=found)
+    assert action.feedback == render(FORMAT_ERROR_TEMPLATE, actions=["x"] * found)
     assert f"found {found} actions" in action.feedback and "```bash\n<action>\n```" in action.feedback
 
 
@@ -122,7 +125,7 @@ def test_miniswe_long_output_keeps_head_and_tail_with_elided_count():
 def test_miniswe_timeout_names_the_command():
     [msg] = MiniSweAgent().observe(ExecResult(exit_code=124, stdout="partial", timed_out=True), "sleep 999")
     assert msg.content.startswith("The last command <command>sleep 999</command> timed out and has been killed.")
-    assert "<output>\npartial</output>" in msg.content and "avoid those requiring interactive input" in msg.content
+    assert "<output>\npartial\n</output>" in msg.content and "avoid those requiring interactive input" in msg.content
 
 
 def test_bash_observation_shows_exit_code_status_and_truncates_middle():
@@ -174,7 +177,7 @@ def test_trajectory_submitted_through_output_is_minisweagent_format():
     ]
     traj = to_minisweagent_trajectory(_episode(), steps, instance_id="repo__1")
     json.dumps(traj)  # what mini-swe-agent's tools read is plain JSON
-    assert traj["trajectory_format"] == "mini-swe-agent-1"
+    assert traj["trajectory_format"] == "mini-swe-agent-1.1"
     assert traj["instance_id"] == "repo__1"
     info = traj["info"]
     assert info["exit_status"] == "Submitted"
@@ -183,20 +186,25 @@ def test_trajectory_submitted_through_output_is_minisweagent_format():
     assert info["config"]["model"]["model_name"] == "m1"
     assert info["megaflow"]["exit_status"] == "submitted" and info["megaflow"]["reward"] == 1.0
     roles = [m["role"] for m in traj["messages"]]
-    assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert traj["messages"][-1]["content"] == "diff --git a/a.py b/a.py\n"
+    assert roles == ["system", "user", "assistant", "user", "assistant", "exit"]
+    assert traj["messages"][2]["extra"] == {"actions": [{"command": "ls"}]}
+    assert traj["messages"][3]["extra"] == {"raw_output": "a.py\n", "returncode": None}
+    assert traj["messages"][-1] == {"role": "exit", "content": "diff --git a/a.py b/a.py\n", "extra": {
+        "exit_status": "Submitted", "submission": "diff --git a/a.py b/a.py\n"}}
 
 
 @pytest.mark.parametrize("exit_status, name", [
-    ("step_limit", "LimitsExceeded"), ("token_limit", "LimitsExceeded"), ("time_limit", "LimitsExceeded"),
-    ("format_errors", "FormatError"), ("context_length", "ContextWindowExceededError"),
+    ("step_limit", "LimitsExceeded"), ("token_limit", "LimitsExceeded"), ("time_limit", "TimeExceeded"),
+    ("format_errors", "RepeatedFormatError"), ("context_length", "ContextWindowExceededError"),
     ("sandbox_lost", "sandbox_lost"),
 ])
 def test_trajectory_names_endings_as_minisweagent_does(exit_status, name):
     steps = [_step(0, [{"role": "user", "content": "task"}], "```bash\nls\n```", action="ls", observation="")]
     traj = to_minisweagent_trajectory(_episode(state="failed", exit_status=exit_status, reward=-0.5), steps)
     assert traj["info"]["exit_status"] == name
-    assert traj["info"]["submission"] is None
+    assert traj["info"]["submission"] == ""
+    assert traj["messages"][-1] == {"role": "exit", "content": name, "extra": {"exit_status": name,
+                                                                               "submission": ""}}
     assert "instance_id" not in traj
 
 
@@ -205,4 +213,5 @@ def test_trajectory_submitted_by_command_alone_uses_the_patch():
                    action="submit")]
     traj = to_minisweagent_trajectory(_episode(patch="diff --git x y\n"), steps)
     assert traj["info"]["submission"] == "diff --git x y\n"
-    assert traj["messages"][-1]["role"] == "assistant"
+    assert [m["role"] for m in traj["messages"]][-2:] == ["assistant", "exit"]
+    assert traj["messages"][-2]["extra"] == {"actions": [{"command": "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"}]}

@@ -103,12 +103,14 @@ def test_miniswe_scaffold_runs_an_episode_to_submission(cluster):
     assert (ep.exit_status, ep.reward, ep.n_steps) == ("submitted", 1.0, 4)
     assert steps[0].messages_in[1]["content"].startswith("Please solve this issue: task mini\n")
     assert steps[1].messages_in[0]["content"].startswith("<returncode>2</returncode>\n<output>\n")
-    assert steps[2].messages_in == [{"role": "user", "content": render(FORMAT_ERROR_TEMPLATE, n_actions=2)}]
+    assert [(m["role"], m["content"]) for m in steps[2].messages_in] == [
+        ("user", render(FORMAT_ERROR_TEMPLATE, actions=["ls", "pwd"]))]
     # The submitting command ran in the sandbox and stays recorded as the action.
     assert steps[3].action == "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT && cat done.txt"
     traj = to_minisweagent_trajectory(ep, steps, instance_id="mini")
     assert traj["info"]["exit_status"] == "Submitted" and traj["info"]["submission"] == "hi\n"
-    assert [m["role"] for m in traj["messages"]] == ["system", "user"] + ["assistant", "user"] * 4
+    assert [m["role"] for m in traj["messages"]] == ["system", "user"] + ["assistant", "user"] * 3 + [
+        "assistant", "exit"]
 
     ep, steps = episode_and_steps(client, bare)
     assert (ep.exit_status, ep.n_steps, steps[0].action) == ("submitted", 1, "submit")

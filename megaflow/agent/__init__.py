@@ -19,7 +19,7 @@ def make_agent(config) -> Agent:
     if config.type == "miniswe":
         from megaflow.agent.miniswe import MiniSweAgent
 
-        return MiniSweAgent(**kwargs)
+        return MiniSweAgent(**kwargs, config=config.config)
     from megaflow.agent.bash import BashAgent
 
     return BashAgent(**kwargs)

@@ -1,33 +1,39 @@
-"""A mini-swe-agent compatible scaffold: its prompts, its action format, its trajectories.
+"""A mini-swe-agent scaffold: its own configs and prompts, its action format, its trajectories.
 
-Follows mini-swe-agent 1.x (``config/default.yaml``, ``agents/default.py``): the
-reply must hold exactly one ```` ```bash ```` block; observations show the return
-code and the output (head and tail kept when it is long); the agent finishes when
-the first line of a command's output is ``COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT``,
-and the rest of that output is its submission. The templates use its ``{{name}}``
-placeholders, rendered here without jinja2 (only plain names are substituted), and
-``to_minisweagent_trajectory`` can hand episodes to mini-swe-agent's own tools.
+Reads mini-swe-agent's YAML configs (``agent: {type: miniswe, config: swebench}``; see
+`megaflow.agent.miniswe_config`) and renders their Jinja2 templates as
+mini-swe-agent does. Without a config it uses a built-in one in the 1.x shape
+(``config/default.yaml`` of mini-swe-agent 1.x), which needs no package: the
+reply must hold exactly one ```` ```bash ```` block; observations show the
+return code and the output (head and tail kept when it is long); the agent
+finishes when the first line of a command's output is
+``COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT``, and the rest of that output is its
+submission. ``to_minisweagent_trajectory`` writes episodes in the trajectory
+format mini-swe-agent 2.x saves (``*.traj.json``), which its inspector loads.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from importlib import metadata
 
 from megaflow.agent.base import Action, Command, FormatError, Submit, transcript
 from megaflow.agent.bash import task_statement
+from megaflow.agent.miniswe_config import V1_ACTION_REGEX, MiniSweConfig, render
 from megaflow.db.states import ExitStatus
 from megaflow.model.base import Message
 from megaflow.sandbox.base import ExecResult
 
 SUBMIT_SENTINEL = "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
-#: mini-swe-agent's legacy sentinel, still accepted by its `has_finished`.
+#: mini-swe-agent 1.x's legacy sentinel, still accepted by its `has_finished`.
 LEGACY_SENTINEL = "MINI_SWE_AGENT_FINAL_OUTPUT"
 SUBMIT_COMMAND = f"echo {SUBMIT_SENTINEL}"
-TRAJECTORY_FORMAT = "mini-swe-agent-1"
+#: What mini-swe-agent 2.x's ``DefaultAgent.serialize`` writes.
+TRAJECTORY_FORMAT = "mini-swe-agent-1.1"
 
-#: mini-swe-agent's action regex: a ```bash fence, a newline, the command, a newline, a fence.
-ACTION_RE = re.compile(r"```bash\s*\n(.*?)\n```", re.DOTALL)
-_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+#: mini-swe-agent 1.x's action regex: a ```bash fence, a newline, the command, a newline, a fence.
+ACTION_RE = re.compile(V1_ACTION_REGEX, re.DOTALL)
 
 SYSTEM_TEMPLATE = """\
 You are a helpful assistant that can interact with a computer.
@@ -46,7 +52,6 @@ your_command_here
 
 Failure to follow these rules will cause your response to be rejected.
 """
-
 INSTANCE_TEMPLATE = """\
 Please solve this issue: {{task}}
 
@@ -126,7 +131,7 @@ anything
 """
 
 FORMAT_ERROR_TEMPLATE = """\
-Please always provide EXACTLY ONE action in triple backticks, found {{n_actions}} actions.
+Please always provide EXACTLY ONE action in triple backticks, found {{actions|length}} actions.
 If you want to end the task, please issue the following command: `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`
 without any other command.
 Else, please format your response exactly as follows:
@@ -142,45 +147,67 @@ Here are some thoughts about why you want to perform the action.
 Note: In rare cases, if you need to reference a similar format in your command, you might have
 to proceed in two steps, first writing TRIPLEBACKTICKSBASH, then replacing them with ```bash."""
 
-LONG_OUTPUT_WARNING = """\
+#: As mini-swe-agent's, with its fixed 10000 / 5000 made `max_observation_chars` and half of it.
+OBSERVATION_TEMPLATE = """\
+<returncode>{{output.returncode}}</returncode>
+{% if output.output | length < max_observation_chars -%}
+<output>
+{{ output.output -}}
+</output>
+{%- else -%}
 <warning>
 The output of your last command was too long.
 Please try a different command that produces less output.
 If you're looking at a file you can try use head, tail or sed to view a smaller number of lines selectively.
 If you're using grep or find and it produced too much output, you can use a more selective search pattern.
 If you really need to see something from the full command's output, you can redirect output to a file and then search in that file.
-</warning>"""
+</warning>
+{% set half = max_observation_chars // 2 -%}
+<output_head>
+{{ output.output[:half] }}
+</output_head>
+<elided_chars>
+{{ output.output | length - 2 * half }} characters elided
+</elided_chars>
+<output_tail>
+{{ output.output[-half:] }}
+</output_tail>
+{%- endif -%}"""
 
 TIMEOUT_TEMPLATE = """\
-The last command <command>{{command}}</command> timed out and has been killed.
+The last command <command>{{action['action']}}</command> timed out and has been killed.
 The output of the command was:
+<output>
 {{output}}
+</output>
 Please try another command and make sure to avoid those requiring interactive input."""
 
-#: mini-swe-agent names its endings after the exception that ended the run.
+#: The built-in config, in mini-swe-agent 1.x's shape (every template under ``agent:``).
+BUILTIN_CONFIG = {"agent": {
+    "system_template": SYSTEM_TEMPLATE, "instance_template": INSTANCE_TEMPLATE,
+    "action_observation_template": OBSERVATION_TEMPLATE, "format_error_template": FORMAT_ERROR_TEMPLATE,
+    "timeout_template": TIMEOUT_TEMPLATE, "action_regex": V1_ACTION_REGEX}}
+
+#: mini-swe-agent 2.x names its endings after the exception that ended the run.
 EXIT_STATUS_NAMES = {
     ExitStatus.SUBMITTED: "Submitted",
     ExitStatus.STEP_LIMIT: "LimitsExceeded",
     ExitStatus.TOKEN_LIMIT: "LimitsExceeded",
-    ExitStatus.TIME_LIMIT: "LimitsExceeded",
-    ExitStatus.FORMAT_ERRORS: "FormatError",
+    ExitStatus.TIME_LIMIT: "TimeExceeded",
+    ExitStatus.FORMAT_ERRORS: "RepeatedFormatError",
     ExitStatus.CONTEXT_LENGTH: "ContextWindowExceededError",
 }
 
 
-def render(template: str, **values) -> str:
-    """Substitute ``{{name}}`` placeholders that have a value.
-
-    Others are left as written: a user's template naming a variable this
-    scaffold lacks shows it to the model instead of failing every episode.
-    """
-    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template)
+@functools.lru_cache(maxsize=1)
+def _builtin() -> MiniSweConfig:
+    return MiniSweConfig.from_dict(BUILTIN_CONFIG)
 
 
 def submission_of(output: str) -> str | None:
     """The submission carried by a command's output, or None if it does not submit.
 
-    As mini-swe-agent's ``has_finished``: the first line of the output (leading
+    As mini-swe-agent's environments: the first line of the output (leading
     whitespace ignored) must be the sentinel; the lines after it are the submission.
     """
     lines = output.lstrip().splitlines(keepends=True)
@@ -193,51 +220,59 @@ class MiniSweAgent:
     """The mini-swe-agent scaffold.
 
     Args:
-        system_prompt: Replaces the system template (``{{task}}`` may be used).
-        max_observation_chars: Outputs longer than this show only their head and
-            tail, half each (mini-swe-agent: 10000).
+        system_prompt: Replaces the config's system template.
+        max_observation_chars: The built-in config's observation keeps only the
+            head and tail of longer outputs (mini-swe-agent: 10000); a config's
+            own observation template decides for itself (the value is the
+            template variable ``max_observation_chars``).
+        config: A mini-swe-agent config mapping (`megaflow.agent.miniswe_config`);
+            None: the built-in one.
     """
 
-    def __init__(self, system_prompt: str | None = None, max_observation_chars: int = 10_000):
-        self.system_template = system_prompt or SYSTEM_TEMPLATE
-        self.instance_template = INSTANCE_TEMPLATE
+    def __init__(self, system_prompt: str | None = None, max_observation_chars: int = 10_000,
+                 config: dict | None = None):
+        self.config = _builtin() if config is None else MiniSweConfig.from_dict(config)
+        self.system_template = system_prompt or self.config.system_template
+        self.instance_template = self.config.instance_template
         self.max_observation_chars = max_observation_chars
+        self._action_re = re.compile(self.config.action_regex, re.DOTALL)
+
+    def _render(self, template: str, **values) -> str:
+        return render(template, **{**self.config.variables, "max_observation_chars": self.max_observation_chars,
+                                   **values})
 
     def start(self, task) -> list[Message]:
         statement = task_statement(task)
         return [
-            Message(role="system", content=render(self.system_template, task=statement)),
-            Message(role="user", content=render(self.instance_template, task=statement)),
+            Message(role="system", content=self._render(self.system_template, task=statement)),
+            Message(role="user", content=self._render(self.instance_template, task=statement)),
         ]
 
     def parse(self, completion: str) -> Action:
-        actions = ACTION_RE.findall(completion)
+        actions = [a.strip() for a in self._action_re.findall(completion)]
         if len(actions) != 1:
-            return FormatError(render(FORMAT_ERROR_TEMPLATE, n_actions=len(actions)))
-        cmd = actions[0].strip()
-        if cmd == SUBMIT_COMMAND:
+            return FormatError(self._render(self.config.format_error_template, actions=actions,
+                                            error=f"Expected exactly 1 action, found {len(actions)}."))
+        if actions[0] == SUBMIT_COMMAND:
             # Its only output would be the sentinel: submitting here saves a sandbox round trip.
             return Submit()
-        return Command(cmd)
+        return Command(actions[0])
 
     def observe(self, result: ExecResult, command: str = "") -> list[Message]:
-        output = result.output
-        if result.timed_out:
-            content = render(TIMEOUT_TEMPLATE, command=command, output=self._output_block(output))
+        output = {"output": result.output, "returncode": result.exit_code, "exception_info": ""}
+        if result.timed_out and self.config.timeout_template is not None:
+            content = self._render(self.config.timeout_template, action={"action": command}, output=result.output)
         else:
-            content = f"<returncode>{result.exit_code}</returncode>\n{self._output_block(output)}"
+            if result.timed_out:
+                # mini-swe-agent 2.x: the environment's exception, in the observation.
+                output.update(returncode=-1, exception_info=f"An error occurred while executing the command: "
+                                                            f"Command '{command}' timed out")
+            content = self._render(self.config.observation_template, output=output)
         return [Message(role="user", content=content)]
 
-    def _output_block(self, output: str) -> str:
-        limit = self.max_observation_chars
-        if len(output) < limit:
-            return f"<output>\n{output}</output>"
-        half = limit // 2
-        return (f"{LONG_OUTPUT_WARNING}\n<output_head>\n{output[:half]}\n</output_head>\n"
-                f"<elided_chars>\n{len(output) - 2 * half} characters elided\n</elided_chars>\n"
-                f"<output_tail>\n{output[-half:]}\n</output_tail>")
-
     def finished(self, result: ExecResult) -> Submit | None:
+        if self.config.submit_needs_success and result.exit_code != 0:
+            return None
         submission = submission_of(result.stdout)
         return None if submission is None else Submit(note=submission)
 
@@ -246,12 +281,15 @@ class MiniSweAgent:
 
 
 def to_minisweagent_trajectory(episode, steps, instance_id: str | None = None,
-                               model_name: str | None = None) -> dict:
-    """An episode in mini-swe-agent's trajectory format (``*.traj.json``).
+                               model_name: str | None = None, agent: dict | None = None) -> dict:
+    """An episode in mini-swe-agent 2.x's trajectory format (``*.traj.json``).
 
-    Readable by mini-swe-agent's inspector and its SWE-bench tooling: ``info``
-    holds the exit status (named as mini-swe-agent names them), the submission
-    and model stats; ``messages`` is the whole conversation.
+    As ``DefaultAgent.serialize`` writes it, so its inspector and SWE-bench tooling
+    read it: ``messages`` is the whole conversation (an assistant message's
+    ``extra.actions`` holds its command; an observation's ``extra`` its raw output
+    and return code), ending with an ``exit`` message; ``info`` holds the exit
+    status (named as mini-swe-agent names them), the submission, model stats and
+    the agent config.
 
     Args:
         episode: An `Episode` row (or an object with the same attributes).
@@ -259,28 +297,31 @@ def to_minisweagent_trajectory(episode, steps, instance_id: str | None = None,
         instance_id: The task instance's id, recorded at the top level as
             mini-swe-agent's SWE-bench runner does.
         model_name: Recorded in ``info.config.model.model_name``.
+        agent: The run spec's ``agent`` mapping: its mini-swe-agent config's agent
+            section goes to ``info.config.agent``.
     """
     steps = list(steps)
-    messages = transcript(steps)
-    submission = None
+    status = EXIT_STATUS_NAMES.get(episode.exit_status, episode.exit_status)
+    submission = ""
     if episode.exit_status == ExitStatus.SUBMITTED:
         last = steps[-1] if steps else None
-        if last is not None and last.action != "submit":
-            submission = submission_of(last.observation or "")
-        if submission is not None:
-            # mini-swe-agent appends the Submitted exception's text as a user message.
-            messages.append({"role": "user", "content": submission})
-        else:
-            submission = episode.patch or ""
-    calls = sum(1 for s in steps if s.completion is not None)
+        through_output = submission_of(last.observation or "") if last is not None and last.action != "submit" else None
+        submission = through_output if through_output is not None else (episode.patch or "")
+    messages = _messages(steps)
+    messages.append({"role": "exit", "content": submission if status == "Submitted" else status,
+                     "extra": {"exit_status": status, "submission": submission}})
+    spec = agent or {}
+    section = ((spec.get("config") or BUILTIN_CONFIG).get("agent") or {})
+    if spec.get("system_prompt"):
+        section = {**section, "system_template": spec["system_prompt"]}
     data = {
         "info": {
-            "exit_status": EXIT_STATUS_NAMES.get(episode.exit_status, episode.exit_status),
+            "exit_status": status,
             "submission": submission,
-            "model_stats": {"instance_cost": 0.0, "api_calls": calls},
-            "mini_version": None,
-            "config": {"model": {"model_name": model_name or next((s.model for s in steps if s.model), None)},
-                       "agent_type": "megaflow.agent.miniswe.MiniSweAgent"},
+            "model_stats": {"instance_cost": 0.0, "api_calls": sum(1 for s in steps if s.completion is not None)},
+            "mini_version": _package_version(),
+            "config": {"agent": section, "agent_type": "megaflow.agent.miniswe.MiniSweAgent",
+                       "model": {"model_name": model_name or next((s.model for s in steps if s.model), None)}},
             "megaflow": {"episode_id": episode.id, "run_id": episode.run_id, "state": episode.state,
                          "exit_status": episode.exit_status, "reward": episode.reward,
                          "advantage": episode.advantage, "tokens": episode.tokens},
@@ -291,3 +332,27 @@ def to_minisweagent_trajectory(episode, steps, instance_id: str | None = None,
     if instance_id is not None:
         data["instance_id"] = instance_id
     return data
+
+
+def _messages(steps) -> list[dict]:
+    # The transcript, plus the `extra` mini-swe-agent keeps: a reply's actions, an output's raw text.
+    messages: list[dict] = []
+    previous = None
+    for step in steps:
+        part = transcript([step])
+        if step.messages_in and previous is not None and previous.action not in (None, "submit"):
+            part[0]["extra"] = {"raw_output": previous.observation or "",
+                                "returncode": getattr(previous, "exit_code", None)}
+        if step.completion is not None:
+            command = SUBMIT_COMMAND if step.action == "submit" else step.action
+            part[-1]["extra"] = {"actions": [{"command": command}] if command else []}
+        messages.extend(part)
+        previous = step
+    return messages
+
+
+def _package_version() -> str | None:
+    try:
+        return metadata.version("mini-swe-agent")
+    except metadata.PackageNotFoundError:
+        return None
