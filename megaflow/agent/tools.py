@@ -68,13 +68,16 @@ Call one tool per reply."""
 _HERMES_HINT = ('Call a tool as <tool_call>{"name": "bash", "arguments": {"command": "ls"}}</tool_call>, '
                 "or through the API's tool calls.")
 NOT_RUN = "Not run: this agent runs one tool call per reply. Call it again if it is still needed."
+#: A sandbox command is one argument of `bash -c` (every backend), which Linux caps at 128 KiB.
+MAX_COMMAND_BYTES = 120_000
 
 
 def editor_command(args: dict) -> str:
     """The shell command that runs the editor with `args` inside the sandbox.
 
-    The program and its arguments travel on stdin (a quoted here-document), so no
-    argument-length limit applies to a large ``file_text``.
+    The program and its arguments travel in a quoted here-document, so no quoting of
+    the file's text can break out of it; the whole command stays one shell argument,
+    hence `MAX_COMMAND_BYTES`.
     """
     script = Path(__file__).with_name("editor_script.py").read_text()
     script = script[:script.rindex('if __name__ == "__main__":')]
@@ -123,12 +126,17 @@ class ToolAgent:
             cmd = args.get("command")
             if not isinstance(cmd, str) or not cmd.strip():
                 return FormatError("bash needs a non-empty string argument `command`.")
-            return Command(cmd)
-        if name == EDITOR:
+        elif name == EDITOR:
             if args.get("command") not in EDITOR_COMMANDS or not isinstance(args.get("path"), str):
                 return FormatError(f"{EDITOR} needs `command` (one of {', '.join(EDITOR_COMMANDS)}) and `path`.")
-            return Command(editor_command(args))
-        return FormatError(f"Unknown tool {name!r}: the tools are {BASH}, {EDITOR} and {SUBMIT}.")
+            cmd = editor_command(args)
+        else:
+            return FormatError(f"Unknown tool {name!r}: the tools are {BASH}, {EDITOR} and {SUBMIT}.")
+        size = len(cmd.encode())
+        if size > MAX_COMMAND_BYTES:
+            return FormatError(f"The {name} call is too large ({size} bytes; one call holds {MAX_COMMAND_BYTES}): "
+                               "split it, e.g. create a file with its first part, then insert the rest.")
+        return Command(cmd)
 
     def observe(self, result: ExecResult, command: str = "", tool_calls: list[dict] | None = None) -> list[Message]:
         body = truncate_middle(result.output, self.max_observation_chars)

@@ -21,7 +21,7 @@ def check_tool_calls(calls: list[dict] | None) -> list[dict] | None:
     for i, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
-            raise ValueError(f"tool call {i} must be {{id, type: 'function', function: {{name: str, arguments: "
+            raise ValueError(f"tool call {i} must be {{id, type: 'function', function: {{name: str, arguments: "  # noqa: TRY004 - pydantic reports only ValueError
                              f"JSON string}}}}, got {call!r:.200}")
         if call.get("type", "function") != "function" or not isinstance(call.get("id", ""), str):
             raise ValueError(f"tool call {i}: type must be 'function' and id a string, got {call!r:.200}")
