@@ -16,6 +16,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from megaflow.agent import Agent, make_agent
+from megaflow.agent.cli import socket_dir
 from megaflow.config import Settings
 from megaflow.db.engine import session_scope
 from megaflow.db.models import Episode, Run, SandboxRow, TaskInstance, utcnow
@@ -112,7 +113,11 @@ class Runtime:
 
         Here, not in the env hops: admission needs it too (the image it places by).
         """
-        return swe.sandbox_config(self.spec(ep.run_id).sandbox, self.task(ep.task_instance_id))
+        spec = self.spec(ep.run_id)
+        config = swe.sandbox_config(spec.sandbox, self.task(ep.task_instance_id))
+        # Only a CLI agent's sandbox reaches the model proxy; a spec never binds a host directory itself.
+        sock = str(socket_dir(self.settings.data_dir)) if spec.agent.type == "cli" else None
+        return config if config.model_socket_dir == sock else config.model_copy(update={"model_socket_dir": sock})
 
     def _make_agent(self, run_id: str) -> Agent:
         return make_agent(self.spec(run_id).agent)

@@ -16,6 +16,10 @@ def make_agent(config) -> Agent:
         from megaflow.agent.tools import ToolAgent
 
         return ToolAgent(**kwargs)
+    if config.type == "cli":
+        from megaflow.agent.cli import CliAgent
+
+        return CliAgent(command=config.command, port=config.port)
     if config.type == "miniswe":
         from megaflow.agent.miniswe import MiniSweAgent
 

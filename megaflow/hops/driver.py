@@ -99,6 +99,8 @@ class Driver:
 
     def after_exec(self, step: int) -> Decision:
         row = self.rows.step(step)
+        if getattr(self.agent, "detached", False):
+            return self.after_program(step, row)
         result = ExecResult(exit_code=row.exit_code if row.exit_code is not None else -1,
                             stdout=row.observation or "", timed_out=row.exit_code == 124)
         if self.agent.finished(result) is not None:
@@ -109,6 +111,23 @@ class Driver:
     def tool_calls(self, row: Tracked) -> dict:
         """The turn's tool calls, for a tool-calling scaffold (one with `tools`); text scaffolds get none."""
         return {"tool_calls": getattr(row, "tool_calls", None)} if getattr(self.agent, "tools", None) else {}
+
+    def after_program(self, step: int, row: Tracked) -> Decision:
+        """A CLI agent's episode (`megaflow.agent.cli`): one long program instead of turns.
+
+        Step 0 started the program in the sandbox; it now calls the model through the
+        proxy (`megaflow.hops.cli_proxy`), each call a step of its own. The episode parks,
+        holding no thread and no message, with this task's chord options kept in its
+        row; the proxy sends the next decision when the program exits (a later step,
+        graded as a submit) or its deadline passes (`decide` ends it then).
+        """
+        if step > 0:
+            return self.submit(row)
+        if row.exit_code != 0:
+            return self.end(states.INFRA_FAILED, ExitStatus.SETUP_FAILED, step,
+                            error=f"the agent program did not start: {(row.observation or '')[-500:]}")
+        self.ep.parked = {"task": self.parking, "cli": True}
+        return Decision(park=True)
 
     def after_evaluate(self, step: int) -> Decision:
         self.rows.move(states.SUCCEEDED, event={"state": states.SUCCEEDED, "exit_status": self.ep.exit_status,

@@ -26,7 +26,7 @@ from megaflow.envs.prepare import setup
 from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError, SandboxNotFoundError
 from megaflow.deadlines import remaining_s
-from megaflow.hops import exec_journal
+from megaflow.hops import cli_launch, exec_journal
 from megaflow.hops.base import run_hop
 from megaflow.contract import HopResult, failure
 from megaflow.hops.env_rebuild import fenced_episode, on_host, rebuild, record_rebuild, replay_plan
@@ -112,6 +112,11 @@ def exec_task(self, episode_id: str, step: int):
     def work(ctx):
         ep, action, plan = ctx
         spec = rt.spec(ep.run_id)
+        if spec.agent.type == "cli" and step == 0:  # start the agent program; the episode parks
+            return cli_launch.launch(self.app, rt, ep, step, action, lambda s, out, code: s.connection().execute(
+                prepared(s.connection(), "exec.step", _update_step), {
+                    "k_episode_id": episode_id, "k_index": step, "v_observation": out, "v_exit_code": code,
+                    "v_exec_s": 0.0}))
         journaled = exec_journal.applies(spec.sandbox.type)
         # A command may not outlive its episode's deadline (the next decision ends the episode).
         timeout = remaining_s(ep.deadline_at, spec.limits.exec_timeout_s)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import posixpath
 import threading
 import time
@@ -117,6 +118,8 @@ class DockerBackend:
             SandboxError: the image is missing (build it with `images.build_base`) or
                 the engine failed.
         """
+        if config.model_socket_dir:  # bound into the sandbox before the proxy's first socket is there
+            os.makedirs(config.model_socket_dir, mode=0o755, exist_ok=True)
         api = self.api
         with _translated(config.image):
             try:

@@ -103,6 +103,8 @@ class LocalBackend:
         missing = [n for n, path in self._tools.items() if path is None and (self.privileged or n != "setpriv")]
         if missing:
             raise SandboxError(f"local sandbox needs {', '.join(missing)} (apt-get install bubblewrap util-linux)")
+        if config.model_socket_dir:  # bound into the sandbox before the proxy's first socket is there
+            os.makedirs(config.model_socket_dir, mode=0o755, exist_ok=True)
         sandbox_id = f"mf-{secrets.token_hex(6)}"
         try:
             self._make_dir(self.root / sandbox_id, config, {"id": sandbox_id, "labels": dict(labels)})

@@ -1,0 +1,359 @@
+"""The model proxy of CLI agents: every call an agent program makes is a model hop.
+
+One per env worker process (`ensure`): an aiohttp server in one thread with one event
+loop, on the Unix socket ``<data_dir>/cli-proxy/model.sock``. That directory is bound
+read-only into CLI agents' sandboxes (and nothing else reaches out of them); inside,
+the runner (`megaflow.agent.cli_runner`) relays ``127.0.0.1:PORT`` to it. A request
+carries its episode's bearer token (`token`: an HMAC of the episode id under this
+host's key), so a sandbox can only ever speak as its own episode.
+
+A call is recorded as a turn exactly as a native scaffold's: a ``steps`` row holding
+the messages it adds to the conversation (`prepare`), then the ordinary
+``megaflow.hop.generate`` message on the model queue (rate limits, retries, policy
+version, token ids and logprobs, all as for any model hop); the proxy awaits the
+hop's ledger row and answers from the step row. Waiting costs a coroutine, never a
+thread: 1,000 programs in flight are 1,000 parked episodes and a few timers here.
+
+The program's exit (`/megaflow/exit`, sent by the runner) or its deadline resumes
+the parked episode (`resume`): a last step is recorded and the episode's decision is
+sent with the chord options the episode parked with (`Driver.after_program`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+from pathlib import Path
+
+from aiohttp import web
+from sqlalchemy import func, insert, select, update
+
+from megaflow.agent.cli import socket_dir
+from megaflow.contract import HopResult
+from megaflow.db import ledger, states
+from megaflow.db.models import Episode, Step, utcnow
+from megaflow.hops.model_hop import conversation
+from megaflow.hops.routing import HOP_TASKS, label
+from megaflow.model import chat_api
+from megaflow.model.chat_api import BadRequest
+from megaflow.sanitize import storable
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "model.sock"
+#: How long a model call may wait for its hop before the program is told it failed.
+CALL_TIMEOUT_S = 3600.0
+#: Seconds after an episode's deadline at which the proxy wakes it (its decision ends it).
+DEADLINE_GRACE_S = 1.0
+_E, _S = Episode.__table__, Step.__table__
+
+
+class Refused(Exception):
+    """A call the episode may not make (ended, over its limits); HTTP `status` with this text."""
+
+    def __init__(self, text: str, status: int = 403):
+        super().__init__(text)
+        self.status = status
+
+
+def host_key(data_dir: Path) -> bytes:
+    """This host's token key (``<data_dir>/cli-proxy.key``, made once, outside the bound directory)."""
+    path = Path(data_dir) / "cli-proxy.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        return path.read_bytes()
+
+
+def token(key: bytes, episode_id: str) -> str:
+    """The episode's bearer token: its id and an HMAC of it (no state to keep or lose)."""
+    return f"{episode_id}.{hmac.new(key, episode_id.encode(), hashlib.sha256).hexdigest()[:40]}"
+
+
+def episode_of(key: bytes, header: str | None) -> str | None:
+    """The episode a ``Bearer`` header speaks for, or None if its token is not genuine."""
+    value = (header or "").removeprefix("Bearer ").strip()
+    episode_id = value.rpartition(".")[0]
+    if episode_id and hmac.compare_digest(value, token(key, episode_id)):
+        return episode_id
+    return None
+
+
+# -- the rows (synchronous; run in the loop's executor) --------------------------------
+
+
+def _comparable(m) -> tuple:
+    return m.role, m.content, json.dumps(m.tool_calls, sort_keys=True) if m.tool_calls else None, m.tool_call_id
+
+
+def prepare(rt, episode_id: str, messages: list) -> tuple[str, int]:
+    """Record the call as a new step; returns (run id, step index).
+
+    The step holds only what the program added since the recorded conversation (so
+    `conversation` rebuilds exactly what was sent, and exports read it as any
+    scaffold's turns). A program that rewrites its history is refused: its turns
+    could not be recorded as one conversation.
+
+    Raises:
+        Refused: the episode is not running here, or a limit is reached.
+    """
+    with rt.session() as s:
+        ep = s.execute(select(_E.c.run_id, _E.c.state, _E.c.parked, _E.c.tokens, _E.c.deadline_at)
+                       .where(_E.c.id == episode_id).with_for_update()).first()
+        if ep is None or ep.state != states.RUNNING or not (ep.parked or {}).get("cli"):
+            raise Refused(f"episode {episode_id} is not running an agent program")
+        limits = rt.spec(ep.run_id).limits
+        index = s.execute(select(func.max(_S.c.index)).where(_S.c.episode_id == episode_id)).scalar() + 1
+        if index > limits.max_steps:
+            raise Refused(f"step limit reached ({limits.max_steps} model calls)", 429)
+        if ep.tokens > limits.max_tokens:
+            raise Refused(f"token limit reached ({limits.max_tokens} tokens)", 429)
+        before = conversation(s, episode_id, index)
+        if [_comparable(m) for m in messages[:len(before)]] != [_comparable(m) for m in before]:
+            raise Refused("the conversation does not extend the recorded one (history rewritten); MegaFlow "
+                          "records each episode as one conversation", 400)
+        s.execute(insert(_S).values(episode_id=episode_id, index=index,
+                                    messages_in=[m.model_dump() for m in messages[len(before):]]))
+        s.execute(update(_E).where(_E.c.id == episode_id).values(n_steps=index + 1))
+    return ep.run_id, index
+
+
+def turn(rt, episode_id: str, index: int) -> dict | None:
+    """The model hop's outcome for step `index`: None while it runs, its failure, or the recorded turn."""
+    with rt.session(readonly=True) as s:
+        result = ledger.recorded(s, episode_id, index, "generate")
+        if result is None:
+            return None
+        if result.get("error"):
+            return result
+        row = s.execute(select(_S.c.completion, _S.c.tool_calls, _S.c.finish_reason, _S.c.prompt_tokens,
+                               _S.c.completion_tokens, _S.c.model).where(
+            _S.c.episode_id == episode_id, _S.c.index == index)).one()
+        return dict(row._mapping)
+
+
+def resume(rt, app, episode_id: str, exit_code: int | None, output: str = "") -> bool:
+    """Record the program's end as a last step and send the parked episode's decision.
+
+    `exit_code` None: its deadline passed (the decision ends it ``time_limit``).
+    Only the first caller resumes (the exit report is retried; a deadline may race
+    it): False for the others.
+    """
+    with rt.session() as s:
+        ep = s.execute(select(_E.c.state, _E.c.parked).where(_E.c.id == episode_id).with_for_update()).first()
+        if ep is None or not (ep.parked or {}).get("cli"):
+            return False
+        index = s.execute(select(func.max(_S.c.index)).where(_S.c.episode_id == episode_id)).scalar() + 1
+        what = "the agent program exited" if exit_code is not None else "the episode's deadline passed"
+        s.execute(insert(_S).values(episode_id=episode_id, index=index, messages_in=[], action=f"({what})",
+                                    observation=storable(output), exit_code=exit_code))
+        s.execute(update(_E).where(_E.c.id == episode_id).values(parked=None, n_steps=index + 1))
+        parked = ep.parked["task"] or {}
+    prev = HopResult(hop="exec", step=index, exit_code=exit_code).wire()
+    sig = app.signature("megaflow.episode", args=(prev, episode_id),
+                        argsrepr=f"{label(None, episode_id, index)} after=program")
+    if parked.get("id"):
+        sig.freeze(parked["id"])
+        sig.set(chord=parked.get("chord"), group_id=parked.get("group"), group_index=parked.get("group_index"),
+                root_id=parked.get("root_id"))
+    sig.apply_async()
+    return True
+
+
+def running_here(rt) -> list[tuple[str, dt.datetime | None]]:
+    """CLI episodes parked on this host: (id, deadline), for a restarted proxy to watch again."""
+    with rt.session(readonly=True) as s:
+        rows = s.execute(select(_E.c.id, _E.c.deadline_at, _E.c.parked).where(
+            _E.c.state == states.RUNNING, _E.c.host == rt.settings.host, _E.c.parked.is_not(None))).all()
+    return [(eid, deadline) for eid, deadline, parked in rows if (parked or {}).get("cli")]
+
+
+# -- the server ------------------------------------------------------------------------
+
+
+class CliProxy:
+    """The proxy of one env worker process; `start` it once (`ensure`)."""
+
+    def __init__(self, app, rt):
+        self.app, self.rt = app, rt
+        self.dir = socket_dir(rt.settings.data_dir)
+        self.path = self.dir / SOCKET_NAME
+        self.key = host_key(rt.settings.data_dir)
+        self.loop = asyncio.new_event_loop()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.calls = 0
+
+    def token(self, episode_id: str) -> str:
+        return token(self.key, episode_id)
+
+    def start(self) -> None:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(self._serve())
+            except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, name="megaflow-cli-proxy", daemon=True).start()
+        ready.wait(30)
+        if failure:
+            raise failure[0]
+        for episode_id, deadline in running_here(self.rt):
+            self.watch(episode_id, deadline)
+
+    async def _serve(self) -> None:
+        web_app = web.Application(client_max_size=64 << 20)
+        web_app.add_routes([
+            web.post("/v1/chat/completions", self._openai), web.post("/chat/completions", self._openai),
+            web.post("/v1/messages", self._anthropic), web.post("/messages", self._anthropic),
+            web.get("/v1/models", self._models), web.post("/megaflow/exit", self._exit),
+        ])
+        runner = web.AppRunner(web_app, access_log=None)
+        await runner.setup()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        self.path.unlink(missing_ok=True)  # left by an earlier worker of this host
+        await web.UnixSite(runner, str(self.path)).start()
+        os.chmod(self.path, 0o666)  # the sandboxes' users are not ours
+
+    def watch(self, episode_id: str, deadline: dt.datetime | None) -> None:
+        """Wake the episode once its deadline has passed, if the program has not ended by then."""
+        if deadline is None:
+            return
+        aware = deadline if deadline.tzinfo else deadline.replace(tzinfo=dt.UTC)
+        delay = max(0.0, (aware - utcnow()).total_seconds()) + DEADLINE_GRACE_S
+
+        def arm():
+            old = self._timers.pop(episode_id, None)
+            if old is not None:
+                old.cancel()
+            self._timers[episode_id] = self.loop.call_later(
+                delay, lambda: self.loop.create_task(self._deadline(episode_id)))
+
+        self.loop.call_soon_threadsafe(arm)
+
+    async def _deadline(self, episode_id: str) -> None:
+        self._timers.pop(episode_id, None)
+        try:
+            if await self.loop.run_in_executor(None, resume, self.rt, self.app, episode_id, None):
+                log.info("episode %s: deadline passed with its agent program running; ending it", episode_id)
+        except Exception:  # logged; the host's recovery finds the episode
+            log.exception("episode %s: could not wake it at its deadline", episode_id)
+
+    # -- handlers -------------------------------------------------------------------
+
+    def _episode(self, request: web.Request) -> str:
+        episode_id = episode_of(self.key, request.headers.get("Authorization") or
+                                (f"Bearer {request.headers['x-api-key']}" if "x-api-key" in request.headers
+                                 else None))
+        if episode_id is None:
+            raise web.HTTPUnauthorized(text=json.dumps(chat_api.error_body("bad or missing bearer token")),
+                                       content_type="application/json")
+        return episode_id
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self._episode(request)
+        return web.json_response({"object": "list", "data": [{"id": "megaflow", "object": "model"}]})
+
+    async def _openai(self, request: web.Request) -> web.StreamResponse:
+        return await self._call(request, anthropic=False)
+
+    async def _anthropic(self, request: web.Request) -> web.StreamResponse:
+        return await self._call(request, anthropic=True)
+
+    async def _call(self, request: web.Request, anthropic: bool) -> web.StreamResponse:
+        episode_id = self._episode(request)
+        try:
+            body = await request.json()
+            messages = (chat_api.anthropic_messages if anthropic else chat_api.openai_messages)(body)
+            outcome = await self._generate(episode_id, messages)
+        except (BadRequest, ValueError) as exc:
+            return web.json_response(chat_api.error_body(str(exc), anthropic), status=400)
+        except Refused as exc:
+            return web.json_response(chat_api.error_body(str(exc), anthropic), status=exc.status)
+        if outcome.get("error"):
+            agent = outcome.get("kind") == "agent"
+            return web.json_response(chat_api.error_body(outcome["error"], anthropic,
+                                                         "invalid_request_error" if agent else "api_error"),
+                                     status=400 if agent else 502)
+        model = outcome.get("model") or str(body.get("model") or "megaflow")
+        if anthropic:
+            return web.json_response(chat_api.anthropic_response(outcome, model))
+        response = chat_api.openai_response(outcome, model)
+        if body.get("stream"):
+            return web.Response(body=chat_api.openai_stream(response), content_type="text/event-stream")
+        return web.json_response(response)
+
+    async def _generate(self, episode_id: str, messages: list) -> dict:
+        """Record the call, send its model hop, and wait (asleep) for its outcome."""
+        lock = self._locks.setdefault(episode_id, asyncio.Lock())
+        async with lock:  # one call of an episode at a time: its turns are one conversation
+            run_id, index = await self.loop.run_in_executor(None, prepare, self.rt, episode_id, messages)
+            await self.loop.run_in_executor(None, self._send, run_id, episode_id, index)
+            self.calls += 1
+            wait, waited = 0.005, 0.0
+            while waited < CALL_TIMEOUT_S:
+                outcome = await self.loop.run_in_executor(None, turn, self.rt, episode_id, index)
+                if outcome is not None:
+                    return outcome
+                await asyncio.sleep(wait)
+                waited += wait
+                wait = min(wait * 1.5, 0.1)
+        raise Refused(f"the model hop of step {index} did not finish in {CALL_TIMEOUT_S:g}s", 504)
+
+    def _send(self, run_id: str, episode_id: str, index: int) -> None:
+        self.app.signature(HOP_TASKS["generate"], args=(episode_id, index),
+                           argsrepr=label(run_id, episode_id, index, "generate")).apply_async()
+
+    async def _exit(self, request: web.Request) -> web.Response:
+        episode_id = self._episode(request)
+        try:
+            body = await request.json()
+            code = int(body["exit_code"])
+        except (ValueError, KeyError, TypeError):
+            return web.json_response(chat_api.error_body("exit report needs an integer exit_code"), status=400)
+        timer = self._timers.pop(episode_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._locks.pop(episode_id, None)
+        resumed = await self.loop.run_in_executor(None, resume, self.rt, self.app, episode_id, code,
+                                                  str(body.get("output") or "")[-8000:])
+        log.info("episode %s: agent program exited %d%s", episode_id, code, "" if resumed else " (already resumed)")
+        return web.json_response({"resumed": resumed})
+
+
+def ensure(app, rt) -> CliProxy:
+    """This worker's proxy, started on first use (like the runtime's other per-process caches)."""
+    with _START_LOCK:
+        proxy = getattr(rt, "_megaflow_cli_proxy", None)
+        if proxy is None:
+            proxy = CliProxy(app, rt)
+            proxy.start()
+            rt._megaflow_cli_proxy = proxy
+        return proxy
+
+
+#: Serialises the first start of a worker's proxy (its threads may launch programs at once).
+_START_LOCK = threading.Lock()
