@@ -24,6 +24,7 @@ from megaflow.db.sql import prepared
 from megaflow.envs import swe
 from megaflow.model.base import ModelClient
 from megaflow.model.config import make_client
+from megaflow.model.weights import Followers
 from megaflow.sandbox.base import Sandbox, SandboxBackend, SandboxConfig
 from megaflow.sandbox.pool import SandboxPool
 from megaflow.spec import RunSpec, TaskSpec
@@ -47,6 +48,8 @@ class Runtime:
         self._backends: dict[str, SandboxBackend] = {}
         self._sandboxes: dict[str, Sandbox] = {}
         self._pool: SandboxPool | None = None
+        #: Model clients of rl runs, switched to each published policy version.
+        self.followers = Followers(self.db_url, self.session)
         # Specs never change after submit, so caching them per process is safe.
         self.spec = lru_cache(maxsize=256)(self._load_spec)
         self.task = lru_cache(maxsize=4096)(self._load_task)
@@ -123,14 +126,29 @@ class Runtime:
         return make_agent(self.spec(run_id).agent)
 
     def model(self, run_id: str) -> ModelClient:
-        """The client for a run's model; runs with the same config share it."""
-        config = self.spec(run_id).model
-        key = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+        """The client for a run's model; runs with the same config (and policy they follow) share it."""
+        spec = self.spec(run_id)
+        policy = spec.rl.policy if spec.rl is not None else None
+        key = json.dumps([spec.model.model_dump(mode="json"), policy], sort_keys=True)
         with self._lock:
             client = self._models.get(key)
             if client is None:
-                client = self._models[key] = make_client(config)
+                client = make_client(spec.model)
+                if policy is not None:
+                    self.followers.add(policy, client)
+                self._models[key] = client
             return client
+
+    def follow(self, run_id: str) -> int | None:
+        """Before a model call: switch the run's client to its policy's newest version if it lags.
+
+        Returns:
+            That newest version (0: none published yet), or None for a run without ``rl``.
+        """
+        spec = self.spec(run_id)
+        if spec.rl is None:
+            return None
+        return self.followers.follow(self.model(run_id), spec.rl.policy)
 
     def backend(self, kind: str) -> SandboxBackend:
         with self._lock:
@@ -184,6 +202,7 @@ class Runtime:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
+        self.followers.close()
         with self._lock:
             for client in self._models.values():
                 client.close()

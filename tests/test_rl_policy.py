@@ -108,3 +108,64 @@ def test_rl_block_is_validated():
                      ({"policy": "a b"}, "rl.policy"), ({"stale": 1}, "rl.stale")]:
         with pytest.raises(SpecError, match=why):
             RunSpec.parse({"tasks": [TASK], "rl": bad})
+
+
+def test_a_barrier_splits_batches_and_runs_between_them():
+    """What a weight swap relies on: jobs queued before it run before, jobs queued after run after."""
+    from megaflow.model.batching import MicroBatcher
+
+    seen: list = []
+    release = threading.Event()
+
+    def run_batch(jobs):
+        release.wait(5)
+        seen.append(sorted(j.payload for j in jobs))
+        for j in jobs:
+            j.future.set_result(j.payload)
+
+    batcher = MicroBatcher(run_batch, max_batch_size=8, max_wait_s=0.05)
+    try:
+        first = [batcher.submit("k", i) for i in range(3)]
+        swap = batcher.barrier(lambda: seen.append("swap") or "swapped")
+        later = [batcher.submit("k", i) for i in range(3, 6)]
+        release.set()
+        assert [f.result(5) for f in first + later] == list(range(6))
+        assert swap.result(5) == "swapped"
+        assert seen == [[0, 1, 2], "swap", [3, 4, 5]]
+        failing = batcher.barrier(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            failing.result(5)
+        assert batcher.submit("k", 9).result(5) == 9  # the thread lives on
+    finally:
+        batcher.close()
+
+
+def test_scripted_model_switches_whole_replies():
+    from megaflow.model.base import Message, ModelRequest
+    from megaflow.model.config import ScriptedModelConfig
+    from megaflow.model.scripted import ScriptedModel
+
+    model = ScriptedModel(ScriptedModelConfig(replies=["v{version}"]))
+    request = ModelRequest(messages=[Message(role="user", content="hi")])
+    assert (model.generate(request).text, model.generate(request).policy_version) == ("v0", 0)
+    model.load_policy(PolicyRef("default", 2, "/x"))
+    model.load_policy(PolicyRef("default", 1, "/x"))  # an older one, late: ignored
+    done = model.generate(request)
+    assert (done.text, done.policy_version) == ("v2", 2)
+
+
+def test_followers_switch_a_lagging_client_before_its_request(sqlite_url, tmp_path):
+    from megaflow.model.config import ScriptedModelConfig
+    from megaflow.model.scripted import ScriptedModel
+    from megaflow.model.weights import Followers
+
+    followers = Followers(sqlite_url, lambda readonly=False: session_scope(sqlite_url, readonly=readonly))
+    client = ScriptedModel(ScriptedModelConfig())
+    followers.add("p", client)
+    assert followers.follow(client, "p") == 0 and client.policy_version == 0
+    policies.publish(lambda: session_scope(sqlite_url), str(full_checkpoint(tmp_path)), policy="p")
+    policies.publish(lambda: session_scope(sqlite_url), str(full_checkpoint(tmp_path, "c2")), policy="other")
+    assert followers.follow(client, "p") == 1 and client.policy_version == 1
+    with pytest.raises(TypeError, match="cannot switch"):
+        followers.add("p", object())
+    followers.close()

@@ -9,13 +9,14 @@ from sqlalchemy import bindparam, select, update
 
 from megaflow.db.models import Episode, Step
 from megaflow.db.sql import prepared
-from megaflow.errors import AgentError, InfraError, RateLimitedError
+from megaflow.errors import AgentError, InfraError, ModelUnavailableError, RateLimitedError
 from megaflow.db.states import ExitStatus
 from megaflow.hops.base import run_hop
 from megaflow.contract import HopResult, failure
 from megaflow.hops.throttle import model_slot, requeue
 from megaflow.model.base import Message, ModelRequest
 from megaflow.runtime import get_runtime
+from megaflow.scheduler import staleness
 from megaflow.sanitize import storable
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,13 @@ _STEP_RESULT = ("completion", "token_ids", "logprobs", "finish_reason", "model",
                 "completion_tokens", "model_s", "tool_calls")
 
 
+#: What an RL trainer reads besides: the policy version that sampled the turn, the prompt's token ids.
+_RL_RESULT = ("policy_version", "prompt_token_ids")
+
+
 def _update_step(conn):
     return update(_S).where(_S.c.episode_id == bindparam("k_episode_id"), _S.c.index == bindparam("k_index")).values(
-        {c: bindparam(f"v_{c}", type_=_S.c[c].type) for c in _STEP_RESULT})
+        {c: bindparam(f"v_{c}", type_=_S.c[c].type) for c in _STEP_RESULT + _RL_RESULT})
 
 
 def conversation(session, episode_id: str, upto: int) -> list[Message]:
@@ -70,9 +75,15 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
         request = ModelRequest(messages=messages, sampling=spec.model.sampling, request_id=f"{episode_id}:{step}",
                                timeout_s=spec.limits.model_timeout_s, tools=getattr(rt.agent(run_id), "tools", None))
         try:
+            # An rl run's client switches to the newest published weights first (a safe point).
+            newest = rt.follow(run_id)
             with model_slot(rt, spec, run_id, request) as usage:
                 completion = rt.model(run_id).generate(request)
                 usage.tokens = completion.usage.prompt_tokens + completion.usage.completion_tokens
+            if newest is not None and not staleness.turn_within(newest, completion.policy_version, spec.rl.bound):
+                # The worker could not switch in time (a failed load): retried, never recorded.
+                raise ModelUnavailableError(f"sampled with policy version {completion.policy_version}, more than "
+                                            f"{spec.rl.bound} behind the newest, {newest}")
         except RateLimitedError as exc:
             raise requeue(self, exc, waits) from exc
         except AgentError as exc:
@@ -94,6 +105,8 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
                 "v_model": completion.model, "v_model_version": completion.model_version,
                 "v_prompt_tokens": completion.usage.prompt_tokens,
                 "v_completion_tokens": completion.usage.completion_tokens, "v_model_s": completion.latency_s,
+                "v_policy_version": completion.policy_version if newest is not None else None,
+                "v_prompt_token_ids": completion.prompt_token_ids,
                 "v_tool_calls": with_ids(completion.tool_calls, step),
             })
             used = completion.usage.prompt_tokens + completion.usage.completion_tokens

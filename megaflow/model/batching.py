@@ -8,6 +8,10 @@ one arrived, or until `max_batch_size` are there, and hands them to `run_batch`.
 
 Jobs are taken oldest first, so a job whose key differs from its neighbours waits at
 most one batch longer than it would alone.
+
+A *barrier* (`barrier(fn)`) runs `fn` on the batcher thread after every job queued
+before it and before any job queued after it: no batch spans it. That is where a
+model switches weights (drain, swap, resume), so no request ever runs on a mix.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from typing import Any
 from megaflow.errors import ModelUnavailableError
 
 logger = logging.getLogger(__name__)
+
+#: The key of a barrier job (its payload is the callable to run).
+_BARRIER = object()
 
 
 def wait_result(future: Future, timeout_s: float | None):
@@ -99,7 +106,19 @@ class MicroBatcher:
         Raises:
             ModelUnavailableError: the batcher is closed.
         """
-        job = Job(key=key, payload=payload)
+        return self._enqueue(Job(key=key, payload=payload))
+
+    def barrier(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the batcher thread between the jobs queued before and after this call.
+
+        Its future gets `fn`'s result or exception.
+
+        Raises:
+            ModelUnavailableError: the batcher is closed.
+        """
+        return self._enqueue(Job(key=_BARRIER, payload=fn))
+
+    def _enqueue(self, job: Job) -> Future:
         with self._cond:
             if self._closing:
                 raise ModelUnavailableError("model is closed")
@@ -130,6 +149,9 @@ class MicroBatcher:
             batch = self._next_batch()
             if batch is None:
                 return
+            if batch[0].key is _BARRIER:
+                _run_barrier(batch[0])
+                continue
             self.stats.batches += 1
             self.stats.jobs += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))
@@ -153,10 +175,14 @@ class MicroBatcher:
             if self._closing:
                 return None
             oldest = self._queue[0]
+            if oldest.key is _BARRIER:
+                return [self._queue.pop(0)]
             deadline = oldest.enqueued + self._max_wait_s
             while not self._closing:
-                if sum(1 for j in self._queue if j.key == oldest.key) >= self._max_batch_size:
+                if sum(1 for j in self._open() if j.key == oldest.key) >= self._max_batch_size:
                     break
+                if len(self._open()) < len(self._queue):
+                    break  # a barrier is queued: later jobs cannot join this batch anyway
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -165,10 +191,28 @@ class MicroBatcher:
                 return None
             batch: list[Job] = []
             rest: list[Job] = []
-            for job in self._queue:
+            open_jobs = self._open()
+            for job in open_jobs:
                 if job.key == oldest.key and len(batch) < self._max_batch_size:
                     batch.append(job)
                 else:
                     rest.append(job)
-            self._queue = rest
+            self._queue = rest + self._queue[len(open_jobs):]
             return batch
+
+    def _open(self) -> list[Job]:
+        """The queued jobs before the first barrier: those one batch may gather."""
+        for i, job in enumerate(self._queue):
+            if job.key is _BARRIER:
+                return self._queue[:i]
+        return self._queue
+
+
+def _run_barrier(job: Job) -> None:
+    try:
+        result = job.payload()
+    except Exception as exc:  # the caller gets it; the thread must live on
+        logger.exception("barrier failed")
+        job.future.set_exception(exc)
+    else:
+        job.future.set_result(result)

@@ -28,7 +28,9 @@ from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, Message, ModelRequest, SamplingParams, Usage
 from megaflow.model.batching import BatchStats, Job, MicroBatcher, wait_result
 from megaflow.model.config import TransformersModelConfig
+from megaflow.model.policy import PolicyRef
 from megaflow.model.smollm import ALIAS, smollm2_path
+from megaflow.model.weights import load_transformers
 from megaflow.model.toolcalls import parse_tool_calls, render_prompt
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class _Row:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    policy_version: int = 0
 
 
 def _group_key(sampling: SamplingParams) -> tuple:
@@ -86,6 +89,11 @@ class TransformersModel:
         self._eos_ids: set[int] = set()
         self._stop_cache: dict[tuple[str, ...], Any] = {}
         self._closed = False
+        #: The published policy version generating now (0: the config's weights); set on the batcher thread.
+        self.policy_version = 0
+        self._policy_target = 0
+        self._policy_lock = threading.Lock()
+        self._base: Any = None  # the config's weights: what LoRA adapters and state dicts apply to
         self._batcher = MicroBatcher(
             self._run_batch,
             max_batch_size=self.config.max_batch_size,
@@ -132,7 +140,37 @@ class TransformersModel:
             latency_s=time.monotonic() - started,
             model=self.name,
             model_version=self.version,
+            policy_version=row.policy_version,
+            prompt_token_ids=ids,
         )
+
+    def load_policy(self, ref: PolicyRef) -> None:
+        """Switch to a published version before any request submitted after this call.
+
+        The swap is a barrier on the batcher thread: batches queued before it finish on
+        the old weights, then the new ones are loaded, then batching resumes. Asking for
+        a version not newer than the one asked for last does nothing.
+        """
+        with self._policy_lock:
+            if ref.version <= self._policy_target:
+                return
+            self._policy_target = ref.version
+        self._batcher.barrier(lambda: self._swap(ref))
+
+    def _swap(self, ref: PolicyRef) -> None:
+        if ref.version <= self.policy_version:
+            return
+        self.load()
+        started = time.monotonic()
+        try:
+            model = load_transformers(self._base, ref, self.config.device)
+        except Exception:
+            with self._policy_lock:  # a later request may try this version again
+                self._policy_target = min(self._policy_target, self.policy_version)
+            raise
+        self._model, self.policy_version = model, ref.version
+        logger.info("policy %s version %d (%s) loaded in %.1fs", ref.policy, ref.version, ref.kind,
+                    time.monotonic() - started)
 
     def close(self) -> None:
         """Stop the batcher thread and free the model. Idempotent."""
@@ -140,6 +178,7 @@ class TransformersModel:
             self._closed = True
             self._batcher.close()
             self._model = None
+            self._base = None
             self._tokenizer = None
             self._stop_cache.clear()
         gc.collect()
@@ -190,6 +229,7 @@ class TransformersModel:
         if not self.version:
             self.version = os.path.basename(gguf_file or os.path.normpath(path))
         self._tokenizer, self._eos_ids = tokenizer, eos_ids
+        self._base = model
         self._model = model  # last: its being set tells other threads loading is done
         logger.info("loaded %s in %.1fs on %s", self.name, time.monotonic() - started, self.config.device)
 
@@ -223,6 +263,7 @@ class TransformersModel:
             input_ids[i, width - len(p.ids) :] = torch.tensor(p.ids, dtype=torch.long)
             attention[i, width - len(p.ids) :] = 1
         sampling = prompts[0].sampling
+        version = self.policy_version  # swaps run on this thread: fixed for the whole batch
         recorder, kwargs = self._generate_kwargs(prompts, width, sampling)
         started = time.monotonic()
         with torch.inference_mode():
@@ -237,7 +278,9 @@ class TransformersModel:
         generated = sequences[:, width:]
         logger.debug("batch of %d: %d steps in %.2fs", len(jobs), generated.shape[1], time.monotonic() - started)
         for i, (job, p) in enumerate(zip(jobs, prompts)):
-            job.future.set_result(self._cut_row(generated[i].tolist(), logprobs[i].tolist(), p))
+            row = self._cut_row(generated[i].tolist(), logprobs[i].tolist(), p)
+            row.policy_version = version
+            job.future.set_result(row)
 
     def _generate_kwargs(self, prompts: list[_Prompt], width: int, sampling: SamplingParams):
         from transformers import LogitsProcessorList, StoppingCriteriaList

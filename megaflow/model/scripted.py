@@ -37,6 +37,13 @@ class ScriptedModel:
 
     def __init__(self, config: ScriptedModelConfig | None = None):
         self.config = config or ScriptedModelConfig()
+        #: The published policy version it "samples" with (0: none); `{version}` in a reply shows it.
+        self.policy_version = 0
+
+    def load_policy(self, ref) -> None:
+        """Switch to a published version (`megaflow.model.weights`): one assignment, so never half done."""
+        if ref.version > self.policy_version:
+            self.policy_version = ref.version
 
     def generate(self, request: ModelRequest) -> Completion:
         prompt_chars = sum(len(m.content) for m in request.messages)
@@ -44,7 +51,9 @@ class ScriptedModel:
             raise ContextLengthError(f"prompt of {prompt_chars} chars exceeds {MAX_PROMPT_CHARS}")
         step = sum(1 for m in request.messages if m.role == "assistant")
         replies = self.config.replies
+        version = self.policy_version  # read once: the whole reply comes from one version
         text = replies[min(step, len(replies) - 1)].replace("{step}", str(step))
+        text = text.replace("{version}", str(version))
         if self.config.latency_s:
             if request.timeout_s is not None and self.config.latency_s > request.timeout_s:
                 time.sleep(request.timeout_s)
@@ -66,6 +75,7 @@ class ScriptedModel:
             latency_s=self.config.latency_s,
             model=self.config.name,
             model_version=self.config.version,
+            policy_version=version,
         )
 
     def close(self) -> None:
