@@ -11,16 +11,39 @@ from celery import signals
 from megaflow.app import make_app
 from megaflow.config import Settings
 from megaflow.bench import tasks as bench_tasks
+from megaflow.delivery import DeadLetteringConsumer
 from queues import topology
 from queues.topology import POOL_DEFAULTS
 
 log = logging.getLogger(__name__)
 
 
+class WorkerConsumer(DeadLetteringConsumer):
+    """The worker's consumer, whose task-event connection publishes without publisher confirms.
+
+    Celery (5.7) registers the event connection with the consumer loop, which reads it
+    to take the broker's heartbeats; a thread that publishes a task event with a
+    confirm reads the same socket for its ack. Two readers of one py-amqp connection
+    steal each other's frames: the publisher then waits for an ack that never comes,
+    holding the event dispatcher's lock, and every other thread — the consumer loop
+    too — blocks on that lock at its next event. No heartbeat goes out on either
+    connection; RabbitMQ closes both ("missed heartbeats from client") and the acks
+    of the held tasks fail (issue #21 point 3, docs/reliability.md). Events are for
+    monitoring: one lost in a crash is harmless, so they need no confirm, and then
+    only the loop reads that connection. Task publishes keep theirs (`make_app`).
+    """
+
+    def connection_for_write(self, url=None, heartbeat=None):
+        # Celery's consumer asks for a write connection only for its event dispatcher.
+        return self.ensure_connected(self.app.connection_for_write(
+            url=url, heartbeat=heartbeat, transport_options={"confirm_publish": False}))
+
+
 def make_worker_app(pool: str, settings: Settings | None = None):
     """The Celery app of one pool, consuming only that pool's queues."""
     settings = settings or Settings()
     app = make_app(settings, pool=pool)
+    app.conf.worker_consumer = f"{__name__}:WorkerConsumer"
     pool_type, concurrency = POOL_DEFAULTS[pool]
     if settings.embedded and pool == "agent":
         # SQLite allows one writer at a time; more decisions at once only queue on its lock.
