@@ -77,6 +77,21 @@ def test_report_has_every_plot(run):
     assert re.search(r"<td>generate</td><td>29</td>(<td>[0-9.]+</td>){4}<td>-</td>", document)
 
 
+def test_report_rates_name_the_watch_window(run):
+    """The report's rates are over the window the watch's closing line calls "whole run", with the same figure."""
+    url, run_id = run
+    with session_scope(url) as s:
+        data = stats.load_run(s, run_id)
+        span = stats.run_span_s(s, run_id)
+    document = render_html(data)
+    assert span and data.span_s == span
+    assert f"<td>steps / s (whole run)</td><td>{data.steps / span:.2f}</td>" in document
+    # The watch prints the same rate over the same span, and names the window the same way.
+    assert f"{data.steps / span:.1f} steps/s (whole run)" in info_line(
+        {"episodes": 12, "steps": data.steps, "by_state": {}, "mean_reward": None}, {}, data.steps / span, "whole run")
+    assert "<td>steps / s</td>" not in document and "<td>episodes / s (whole run)</td>" in document
+
+
 def test_report_of_a_run_that_has_not_started(sqlite_url):
     with session_scope(sqlite_url) as s:
         s.add(Run(id="r0", name="<new>", spec={}, n_episodes=0))

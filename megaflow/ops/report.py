@@ -140,17 +140,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def _summary_rows(data: RunData) -> list[tuple[str, object]]:
-    origin = _origin(data)
     ends = [e.finished_at for e in data.episodes if e.finished_at]
-    span = _seconds(max(ends), origin) if origin and ends else None
+    span = data.span_s
     mean_reward = data.stats().mean_reward
     rows: list[tuple[str, object]] = [
         ("run", f"{data.name} ({data.run_id})"), ("status", data.status), ("episodes", len(data.episodes)),
         ("steps", data.steps), ("tokens", sum(e.tokens for e in data.episodes)),
     ]
     if span:
-        rows += [("wall time (first start to last end)", f"{span:.1f} s"),
-                 ("episodes / s", f"{len(ends) / span:.2f}"), ("steps / s", f"{data.steps / span:.2f}")]
+        # The window the watch's closing line names "whole run" (`megaflow.ops.stats.run_span_s`),
+        # so the report and the CLI give one figure; the live panel's is over its last seconds.
+        rows += [("whole run (first episode created to last finished)", f"{span:.1f} s"),
+                 ("episodes / s (whole run)", f"{len(ends) / span:.2f}"),
+                 ("steps / s (whole run)", f"{data.steps / span:.2f}")]
     if mean_reward is not None:
         rows.append(("mean reward", f"{mean_reward:.3f}"))
     return rows

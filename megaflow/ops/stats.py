@@ -105,6 +105,8 @@ class RunData:
     #: hop name -> queue waits (s) of the run's hops (publish to start; hops recorded with one).
     hop_queued: dict[str, list[float]] = field(default_factory=dict)
     steps: int = 0
+    #: `run_span_s`: the window of the run's "whole run" rates, as `megaflow status --watch` names it.
+    span_s: float | None = None
 
     def stats(self) -> RunStats:
         """Counts by state, mean reward, solved: `summarize`, the rule every view shares."""
@@ -148,4 +150,5 @@ def load_run(session: Session, run_id: str) -> RunData:
             data.hop_queued.setdefault(hop, []).append(queued)
     data.steps = int(session.execute(select(func.count()).select_from(Step).where(Step.episode_id.in_(ids)))
                      .scalar() or 0)
+    data.span_s = run_span_s(session, run_id)
     return data
