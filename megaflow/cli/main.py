@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from megaflow.cli import bench, db, env, export, ops, runs, sched, topology, workers
 from megaflow.cli import rl as rl_cli
+from megaflow.cli import train as train_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="MegaFlow: many LLM-agent episodes on Celery, RabbitMQ and PostgreSQL.")
@@ -22,6 +23,7 @@ env.register(app)
 ops.register(app)
 sched.register(app)
 rl_cli.register(app)
+train_cli.register(app)
 
 
 @app.callback()
