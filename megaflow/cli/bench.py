@@ -115,6 +115,26 @@ def scale(
 
 
 @app.command()
+def load(
+    episodes: int = typer.Option(1000, help="Episodes in the run."),
+    steps: int = typer.Option(3, help="Commands per episode (plus a submit turn)."),
+    burners: int = typer.Option(None, help="CPU burners beside the run (default: one per core)."),
+    rabbitmq_log: str = typer.Option("/var/log/rabbitmq/*.log", help="RabbitMQ's log files (a glob), read for "
+                                     "the connections it closed."),
+    dump_stalls_s: float = typer.Option(None, help="Dump every worker's threads (py-spy) when no hop has started "
+                                        "for this long."),
+    timeout_s: float = typer.Option(3600.0, help="Give up on the run after this long."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """A run on a saturated machine: missed heartbeats and ack errors counted from RabbitMQ's and the workers' logs."""
+    from megaflow.bench.load import run_load_bench
+
+    figures = run_load_bench(episodes=episodes, steps=steps, burners=burners, timeout_s=timeout_s,
+                             rabbitmq_logs=rabbitmq_log, dump_stalls_s=dump_stalls_s)
+    _print_figures(figures, as_json)
+
+
+@app.command()
 def chaos(
     episodes: int = typer.Option(500, help="Episodes in each run."),
     kill_every_s: str = typer.Option("10", help="Seconds between two worker SIGKILLs: N (N ±30%) or LO-HI (uniform), "
