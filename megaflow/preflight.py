@@ -91,6 +91,8 @@ def _how_to_build(images: list[str]) -> str:
     ways = []
     if any(i.partition(":")[0] in shipped and i.partition(":")[2] in ("", "latest") for i in images):
         ways.append("`megaflow env build-base`")
+    if any(i.partition(":")[0] == "megaflow/desktop" for i in images):
+        ways.append("`megaflow env build-base --desktop`")
     if any(i.startswith("megaflow/repo-") for i in images):
         ways.append("`megaflow env build SPEC` (an image per task repo)")
     if not ways:
@@ -104,13 +106,17 @@ def check_sandbox(settings: Settings, config: SandboxConfig, images: Iterable[st
         check_local(settings, config)
     elif config.type == "docker":
         check_docker(images)
+    elif config.type == "desktop":
+        from megaflow.sandbox.desktop import docker_config
+
+        check_docker({docker_config(config.model_copy(update={"image": i})).image for i in images or [config.image]})
 
 
 def check_sandbox_types(settings: Settings, types: Iterable[str]) -> None:
     """Check each named backend with its default config (an env worker's start check)."""
     for kind in types:
-        if kind not in ("local", "docker", "memory"):
-            raise PreflightError(f"MEGAFLOW_SANDBOX_BACKENDS names {kind!r}; known: local, docker, memory")
+        if kind not in ("local", "docker", "memory", "desktop"):
+            raise PreflightError(f"MEGAFLOW_SANDBOX_BACKENDS names {kind!r}; known: local, docker, memory, desktop")
         # No images: which ones an env host needs depends on the runs it will get.
         check_sandbox(settings, SandboxConfig(type=kind), images=())
 

@@ -162,6 +162,8 @@ class Runtime:
     def _backend_kwargs(self, kind: str) -> dict:
         if kind == "local":
             return {"root": self.settings.data_dir}
+        if kind == "desktop":  # screenshots: a content-addressed store beside the state
+            return {"artifacts_root": self.settings.data_dir / "artifacts"}
         return {}
 
     def open_sandbox(self, sandbox_id: str, config: SandboxConfig) -> Sandbox:

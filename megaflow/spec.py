@@ -124,6 +124,38 @@ class SWETask(_Strict):
         return value
 
 
+class ComputerTask(_Strict):
+    """A computer-use task (issue #20): a desktop sandbox, GUI actions, a check script run inside it afterwards.
+
+    Runs on the ``desktop`` sandbox only (`megaflow.sandbox.desktop`); `solution`
+    lists the oracle's actions in the action table's shape
+    (`megaflow.sandbox.desktop_actions`): ``{action: type, text: "hello"}``.
+    """
+
+    kind: Literal["computer"] = "computer"
+    instance_id: str = Field(min_length=1, max_length=200, pattern=INSTANCE_ID_PATTERN)
+    instruction: str = Field(min_length=1, description="What the agent is asked to do on the desktop.")
+    setup: list[str] = Field(default_factory=list, description="Commands run in the desktop before the agent "
+                             "starts; `megaflow-desktop launch CMD` opens an application and waits for its window.")
+    files: TaskFiles = Field(default_factory=dict, description="Files placed in the home (work) directory first.")
+    check: str = Field(min_length=1, description="Shell script run inside the desktop after the episode (it sees "
+                       "the display: wmctrl, xdotool); reward 1 iff it exits 0.")
+    solution: list[dict] = Field(default_factory=list, description="Oracle actions, e.g. {action: click, x: 10, y: 20}.")
+
+    @field_validator("solution")
+    @classmethod
+    def _actions(cls, value: list[dict]) -> list[dict]:
+        from megaflow.sandbox.desktop_actions import to_argv
+
+        for i, action in enumerate(value):
+            args = {k: v for k, v in action.items() if k != "action"}
+            try:
+                to_argv(action.get("action", ""), args)
+            except ValueError as exc:
+                raise ValueError(f"solution[{i}]: {exc}") from None
+        return value
+
+
 def _task_kind(value) -> str:
     # `kind` may be left out of a task: terminal is the default family.
     if isinstance(value, dict):
@@ -132,7 +164,8 @@ def _task_kind(value) -> str:
 
 
 TaskSpec = Annotated[
-    Annotated[TerminalTask, Tag("terminal")] | Annotated[SWETask, Tag("swe")],
+    Annotated[TerminalTask, Tag("terminal")] | Annotated[SWETask, Tag("swe")]
+    | Annotated[ComputerTask, Tag("computer")],
     Discriminator(_task_kind),
 ]
 
@@ -140,8 +173,10 @@ TaskSpec = Annotated[
 class AgentConfig(_Strict):
     """Which scaffold drives the episode."""
 
-    type: Literal["bash", "oracle", "miniswe", "cli", "tools"] = Field(
+    type: Literal["bash", "oracle", "miniswe", "cli", "tools", "computer"] = Field(
         default="bash", description="Scaffold; `tools` acts through native tool calls (megaflow.agent.tools).")
+    keep_screenshots: int = Field(default=3, ge=0, le=1000, description="computer: screenshots shown to the "
+                                  "model, the latest; older ones become a text note (context budget).")
     system_prompt: str | None = Field(default=None, description="Override of the scaffold's system prompt.")
     max_observation_chars: int = Field(default=10_000, ge=200, le=1_000_000, description="Head+tail kept.")
     command: str | None = Field(
@@ -335,6 +370,9 @@ class RunSpec(_Strict):
         dupes = sorted(i for i, c in counts.items() if c > 1)
         if dupes:
             raise ValueError(f"duplicate instance_id: {', '.join(dupes[:5])}")
+        if self.sandbox.type != "desktop" and any(t.kind == "computer" for t in self.tasks):
+            raise ValueError(f"computer tasks run on the desktop sandbox: set sandbox.type to desktop, not "
+                             f"{self.sandbox.type}")
         size = len(self.model_dump_json())
         if size > MAX_SPEC_BYTES:
             raise ValueError(f"spec of {size >> 20} MiB is over the limit of {MAX_SPEC_BYTES >> 20} MiB: "

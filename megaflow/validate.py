@@ -126,7 +126,7 @@ def failure(what: str, command: str, exit_code: int | None, output: str, tail: i
 def _verdict(what: str, task, result) -> str:
     if result is None:
         return what
-    if task.kind == "terminal":
+    if task.kind != "swe":  # terminal and computer tasks: their check script
         return failure(what, f"bash {task.check[:200]!r}", result.exit_code, result.test_log or "")
     status = result.tests_status or {}
     failing = [f"{k} failing: {', '.join(v['failure'])}" for k, v in status.items()

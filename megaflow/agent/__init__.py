@@ -12,14 +12,18 @@ def make_agent(config) -> Agent:
         from megaflow.agent.oracle import OracleAgent
 
         return OracleAgent(**kwargs)
-    if config.type == "tools":
-        from megaflow.agent.tools import ToolAgent
-
-        return ToolAgent(**kwargs)
     if config.type == "cli":
         from megaflow.agent.cli import CliAgent
 
         return CliAgent(command=config.command, port=config.port)
+    if config.type == "tools":
+        from megaflow.agent.tools import ToolAgent
+
+        return ToolAgent(**kwargs)
+    if config.type == "computer":
+        from megaflow.agent.computer import ComputerAgent
+
+        return ComputerAgent(**kwargs, keep_screenshots=config.keep_screenshots)
     if config.type == "miniswe":
         from megaflow.agent.miniswe import MiniSweAgent
 

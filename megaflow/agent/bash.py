@@ -27,7 +27,7 @@ SUBMIT_WORDS = frozenset({"submit", "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
 
 
 def task_statement(task) -> str:
-    return task.instruction if task.kind == "terminal" else task.problem_statement
+    return task.problem_statement if task.kind == "swe" else task.instruction
 
 
 class BashAgent:

@@ -15,6 +15,10 @@ from megaflow.agent.bash import BashAgent
 def solution_commands(task) -> list[str]:
     if task.kind == "terminal":
         return list(task.solution)
+    if task.kind == "computer":  # GUI actions, as the desktop's helper runs them
+        from megaflow.sandbox.desktop_actions import command
+
+        return [command(a["action"], {k: v for k, v in a.items() if k != "action"}) for a in task.solution]
     if task.patch:
         quoted = shlex.quote(task.patch)
         return [f"printf '%s' {quoted} | git apply -v - || printf '%s' {quoted} | patch -p1"]

@@ -33,7 +33,9 @@ def _fail(exc: Exception) -> None:
 
 
 @app.command("build-base")
-def build_base(force: bool = typer.Option(False, "--force", help="Rebuild even when cached.")) -> None:
+def build_base(force: bool = typer.Option(False, "--force", help="Rebuild even when cached."),
+               desktop: bool = typer.Option(False, "--desktop", help="Also megaflow/desktop (computer-use tasks: "
+                                            "X server and GUI applications, ~500 MB more).")) -> None:
     """Build megaflow/base (debootstrap) and the shipped images on it (megaflow/python); cached."""
     from megaflow.errors import SandboxError
     from megaflow.sandbox.images import build_base as do_build_base
@@ -43,7 +45,7 @@ def build_base(force: bool = typer.Option(False, "--force", help="Rebuild even w
     try:
         client = _docker_client()
         typer.echo(f"megaflow/base {do_build_base(client, force=force)[:19]}")
-        for context in shipped():
+        for context in shipped(on_demand=desktop):
             tag = f"megaflow/{context.name}"
             typer.echo(f"{tag} {build_image(client, context, tag, force=force)[:19]}")
     except SandboxError as exc:
@@ -96,7 +98,8 @@ def build(
 @app.command()
 def validate(
     tasks: Path = typer.Argument(..., help="Tasks file, directory of tasks files, or run spec."),
-    sandbox: str = typer.Option(None, "--sandbox", help="Backend: local | docker (default: the run spec's, or local)."),
+    sandbox: str = typer.Option(None, "--sandbox", help="Backend: local | docker | desktop (default: the run spec's, "
+                                "desktop for computer tasks, else local)."),
     spec: Path = typer.Option(None, "--spec", help="Run spec whose sandbox settings to use (default: TASKS if a spec)."),
     timeout: float = typer.Option(300.0, help="Per-command timeout (seconds)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per task."),
@@ -119,7 +122,11 @@ def validate(
     try:
         task_list = load_task_set(tasks)
         config = sandbox_for(tasks, sandbox, spec)
-        backend = make_backend(config.type, **({"root": settings.data_dir} if config.type == "local" else {}))
+        if sandbox is None and task_list and all(t.kind == "computer" for t in task_list):
+            config = config.model_copy(update={"type": "desktop"})  # they run nowhere else
+        kwargs = {"local": {"root": settings.data_dir},
+                  "desktop": {"artifacts_root": settings.data_dir / "artifacts"}}.get(config.type, {})
+        backend = make_backend(config.type, **kwargs)
         reports = do_validate(task_list, backend, config, settings.data_dir, timeout)
     except (SandboxError, SpecError, ValueError) as exc:
         _fail(exc)

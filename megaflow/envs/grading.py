@@ -212,12 +212,12 @@ def evaluate(sb, task, timeout: float) -> Evaluation:
 
 
 def evaluate_task(sb, task, timeout: float, check_file: str = CHECK_FILE) -> Evaluation:
-    """Grade any task: SWE tasks by `evaluate`; terminal tasks by their check script's exit code.
+    """Grade any task: SWE tasks by `evaluate`; terminal and computer tasks by their check script's exit code.
 
     Raises:
         SandboxError: the sandbox failed.
     """
-    if task.kind != "terminal":
+    if task.kind == "swe":
         return evaluate(sb, task, timeout)
     sb.write_file(check_file, task.check.encode())
     r = sb.exec(f"bash {check_file}", timeout=timeout)

@@ -52,6 +52,8 @@ class SetupError(RuntimeError):
 
 def sandbox_config(base: SandboxConfig, task) -> SandboxConfig:
     """The sandbox a task needs: the run's config, with the repo's image on docker."""
+    if task.kind == "computer":  # a desktop, whatever the run's default backend
+        return base if base.type == "desktop" else base.model_copy(update={"type": "desktop"})
     if task.kind != "swe":
         return base
     update = {"workdir": task.workdir} if task.workdir else {}

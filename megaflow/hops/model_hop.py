@@ -72,6 +72,12 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
     def work(ctx):
         run_id, messages = ctx
         spec = rt.spec(run_id)
+        agent = rt.agent(run_id)
+        if hasattr(agent, "prompt"):  # the computer scaffold: screenshot references become images, old ones notes
+            try:
+                messages = agent.prompt(messages, rt.settings.data_dir)
+            except InfraError as exc:  # a screenshot this host cannot read: no retry will find it
+                return failure("generate", step, str(exc), ExitStatus.MODEL_UNAVAILABLE).wire(), None
         request = ModelRequest(messages=messages, sampling=spec.model.sampling, request_id=f"{episode_id}:{step}",
                                timeout_s=spec.limits.model_timeout_s, tools=getattr(rt.agent(run_id), "tools", None))
         try:

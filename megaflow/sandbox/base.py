@@ -49,8 +49,9 @@ class SandboxConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    type: Literal["local", "docker", "memory"] = Field(
-        default="local", description="Backend: bubblewrap on this host, a Docker container, or the in-memory fake."
+    type: Literal["local", "docker", "memory", "desktop"] = Field(
+        default="local", description="Backend: bubblewrap on this host, a Docker container, the in-memory fake, "
+        "or a Docker container running an X desktop (computer-use tasks; image megaflow/desktop)."
     )
     image: str = Field(default="megaflow/base", description="Docker image (docker backend only).")
     workdir: str = Field(default="/work", description="Writable working directory inside the sandbox.")

@@ -12,6 +12,9 @@ from pathlib import Path
 
 #: Where the shipped build contexts are, installed or not.
 DOCKERFILES = Path(__file__).resolve().parent / "dockerfiles"
+#: Shipped contexts built only when asked for (``megaflow env build-base --desktop``):
+#: the desktop image is ten times the base's size, and most hosts never run one.
+ON_DEMAND = frozenset({"desktop"})
 
 
 def context_dir(name: str) -> Path:
@@ -26,6 +29,9 @@ def context_dir(name: str) -> Path:
     return path
 
 
-def shipped() -> list[Path]:
-    """Every shipped build context, by name."""
-    return sorted(p for p in DOCKERFILES.iterdir() if (p / "Dockerfile").is_file()) if DOCKERFILES.is_dir() else []
+def shipped(on_demand: bool = False) -> list[Path]:
+    """Every shipped build context, by name; those in `ON_DEMAND` only when `on_demand`."""
+    if not DOCKERFILES.is_dir():
+        return []
+    return sorted(p for p in DOCKERFILES.iterdir()
+                  if (p / "Dockerfile").is_file() and (on_demand or p.name not in ON_DEMAND))

@@ -11,14 +11,14 @@ from typing import Any
 from megaflow.sandbox.base import SandboxBackend
 
 #: Every backend type `make_backend` knows.
-BACKEND_TYPES = ("local", "docker", "memory")
+BACKEND_TYPES = ("local", "docker", "memory", "desktop")
 
 
 def make_backend(type: str, **kwargs: Any) -> SandboxBackend:  # `type` as in SandboxConfig.type
     """Create the backend named `type`.
 
     Args:
-        type: "local" (bubblewrap), "docker" or "memory" (the in-memory fake).
+        type: "local" (bubblewrap), "docker", "memory" (the in-memory fake) or "desktop" (Docker + X).
         **kwargs: Passed to the backend's constructor (e.g. ``root`` for local).
 
     Raises:
@@ -36,4 +36,8 @@ def make_backend(type: str, **kwargs: Any) -> SandboxBackend:  # `type` as in Sa
         from megaflow.sandbox.docker import DockerBackend
 
         return DockerBackend(**kwargs)
+    if type == "desktop":
+        from megaflow.sandbox.desktop import DesktopBackend
+
+        return DesktopBackend(**kwargs)
     raise ValueError(f"unknown sandbox backend {type!r}; known: {', '.join(BACKEND_TYPES)}")
