@@ -110,6 +110,19 @@ def test_stop_string_cuts_text_and_tokens(hf_model):
     assert "4" in hf_model._tokenizer.decode(c.token_ids)  # ids end where the stop string completed
 
 
+def test_tools_reach_the_prompt_and_the_output_is_read_by_the_tool_call_parser(hf_model):
+    from megaflow.agent.tools import TOOLS
+    from megaflow.model.toolcalls import parse_tool_calls
+
+    messages = [Message(role="user", content="List the files here.")]
+    plain = hf_model.generate(ModelRequest(messages=messages, sampling=SamplingParams(max_tokens=1)))
+    c = hf_model.generate(ModelRequest(messages=messages, tools=TOOLS, sampling=SamplingParams(max_tokens=12)))
+    assert c.usage.prompt_tokens > plain.usage.prompt_tokens + 300  # the three schemas went in
+    # A 135M model rarely calls a tool; whatever it wrote, text and calls are the parser's reading of its ids.
+    parsed = parse_tool_calls(hf_model._tokenizer.decode(c.token_ids, skip_special_tokens=True))
+    assert (c.text, c.tool_calls) == (parsed.content, parsed.calls or None)
+
+
 def test_seeded_sampling_repeats(hf_model):
     first = hf_model.generate(_ask("Write a story.", 8, temperature=0.9, seed=7))
     second = hf_model.generate(_ask("Write a story.", 8, temperature=0.9, seed=7))
