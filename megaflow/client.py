@@ -201,7 +201,8 @@ class Client:
         with self.session() as s:
             return export_run(s, run_id, fmt, path, **options)
 
-    def batches(self, run_id: str, groups_per_batch: int, tokenizer=None, timeout_s: float | None = None):
+    def batches(self, run_id: str, groups_per_batch: int | None = None, tokenizer=None,
+                timeout_s: float | None = None):
         """A run's complete rollout groups, G at a time, as their group callbacks close them.
 
         Iterate over it for `megaflow.rl.batches.Batch`es and call ``batch.ack()`` after each
@@ -212,7 +213,7 @@ class Client:
 
         Args:
             run_id: The run.
-            groups_per_batch: G.
+            groups_per_batch: G; default: the run's ``rl.groups_per_batch``.
             tokenizer: For turns whose backend recorded no token ids: a model name or a
                 `megaflow.export.HFChatTokenizer`.
             timeout_s: Longest wait for one batch (`TimeoutError` after it); None: no limit.
@@ -223,7 +224,8 @@ class Client:
 
         Raises:
             LookupError: no such run.
-            ValueError: the database is SQLite, or ``groups_per_batch`` < 1.
+            ValueError: the database is SQLite, or G does not suit the run (no ``rl`` settings
+                and no G, G < 1, or G above a bounded run's ``rl.groups_per_batch``).
         """
         from megaflow.rl.handoff import BatchStream
 

@@ -130,3 +130,18 @@ def test_the_cli_on_sqlite_says_in_one_line_that_batches_need_postgresql(sqlite_
     result = CliRunner().invoke(app, ["batches", run_id, "--groups", "1"], env=env)
     assert result.exit_code == 1
     assert result.output.strip().startswith("client.batches needs PostgreSQL") and result.output.count("\n") == 1
+
+
+def test_g_defaults_to_the_runs_rl_setting_and_may_not_outgrow_a_bounded_run():
+    from megaflow.rl.handoff import batch_size
+
+    assert batch_size("r", {"groups_per_batch": 4, "mode": "sync"}, None) == 4
+    assert batch_size("r", {"groups_per_batch": 4, "mode": "async", "max_staleness": 1}, 2) == 2
+    assert batch_size("r", {"groups_per_batch": 4, "mode": "async", "max_staleness": None}, 9) == 9
+    assert batch_size("r", None, 3) == 3
+    with pytest.raises(ValueError, match="holds back the groups"):
+        batch_size("r", {"groups_per_batch": 4, "mode": "sync"}, 5)
+    with pytest.raises(ValueError, match="give groups_per_batch"):
+        batch_size("r", None, None)
+    with pytest.raises(ValueError, match="at least 1"):
+        batch_size("r", None, 0)

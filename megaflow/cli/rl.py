@@ -21,8 +21,9 @@ def register(app: typer.Typer) -> None:
 
 def batches(
     run_id: Annotated[str, typer.Argument(help="The run whose batches to take.")],
-    groups: Annotated[int, typer.Option("--groups", "-g", min=1,
-                                        help="Complete groups per batch (the last may hold fewer).")],
+    groups: Annotated[int | None, typer.Option(
+        "--groups", "-g", min=1, help="Complete groups per batch (the last may hold fewer); "
+        "default: the run's rl.groups_per_batch.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o",
                                              help="Directory for one JSONL file per batch; default: stdout.")] = None,
     ack: Annotated[bool, typer.Option("--ack", help="Acknowledge each batch once written: it is never handed out "

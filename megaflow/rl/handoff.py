@@ -56,35 +56,59 @@ class HandoffLostError(MegaFlowError, RuntimeError):
     """The batch was taken over by another consumer (this one was taken for dead)."""
 
 
+def batch_size(run_id: str, rl: dict | None, groups_per_batch: int | None) -> int:
+    """G: as asked, else the run's ``rl.groups_per_batch``.
+
+    Raises:
+        ValueError: G < 1, or none given for a run without ``rl`` settings, or G larger
+            than a bounded run's ``rl.groups_per_batch``: its admission holds the groups
+            past each boundary until the trainer publishes, so such a batch would wait forever.
+    """
+    rl = rl or {}
+    per_step = rl.get("groups_per_batch")
+    if groups_per_batch is None:
+        if per_step is None:
+            raise ValueError(f"run {run_id} has no rl settings: give groups_per_batch (--groups)")
+        return per_step
+    if groups_per_batch < 1:
+        raise ValueError(f"groups_per_batch must be at least 1, not {groups_per_batch}")
+    bounded = rl and (rl.get("mode") == "sync" or rl.get("max_staleness") is not None)
+    if bounded and groups_per_batch > per_step:
+        raise ValueError(f"groups_per_batch {groups_per_batch} is more than run {run_id}'s rl.groups_per_batch "
+                         f"{per_step}: its staleness bound holds back the groups such a batch waits for")
+    return groups_per_batch
+
+
 class BatchStream:
     """An iterator of a run's `Batch`es for one consumer; close it (or use ``with``) when done.
 
     Args:
         db_url: The state database (PostgreSQL).
         run_id: The run.
-        groups_per_batch: G, the groups in every batch but the run's last.
+        groups_per_batch: G, the groups in every batch but the run's last; default: the
+            run's ``rl.groups_per_batch``.
         tokenizer: For turns whose backend recorded no token ids: a `ChatTokenizer`
             (e.g. `megaflow.export.HFChatTokenizer`) or a model name.
         timeout_s: Longest wait for the next batch; None waits as long as the run runs.
 
     Raises:
-        ValueError: the database is not PostgreSQL, or ``groups_per_batch`` < 1.
+        ValueError: the database is not PostgreSQL, or G does not suit the run (`batch_size`).
         LookupError: no such run.
     """
 
-    def __init__(self, db_url: str, run_id: str, groups_per_batch: int,
+    def __init__(self, db_url: str, run_id: str, groups_per_batch: int | None = None,
                  tokenizer: ChatTokenizer | str | None = None, timeout_s: float | None = None):
-        if groups_per_batch < 1:
-            raise ValueError(f"groups_per_batch must be at least 1, not {groups_per_batch}")
         if not db_url.startswith("postgresql"):
             raise ValueError("client.batches needs PostgreSQL (LISTEN/NOTIFY, advisory locks), not SQLite: "
                              "run on PostgreSQL, or export the run instead")
-        self.db_url, self.run_id, self.g = db_url, run_id, groups_per_batch
+        with session_scope(db_url) as s:
+            spec = s.execute(select(Run.spec).where(Run.id == run_id)).scalar()
+        if spec is None:
+            raise LookupError(f"no run {run_id}")
+        self.db_url, self.run_id = db_url, run_id
+        self.g = batch_size(run_id, spec.get("rl"), groups_per_batch)
         self.tokenizer = as_tokenizer(tokenizer)
         self.timeout_s = timeout_s
-        with session_scope(db_url) as s:
-            if s.get(Run, run_id) is None:
-                raise LookupError(f"no run {run_id}")
         self.key = random.randrange(1, 2**31)
         # One connection of our own, outside any pool: it listens, and its advisory
         # lock says this consumer lives. It dies with the process, and the lock with it.
