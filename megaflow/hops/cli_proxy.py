@@ -33,12 +33,12 @@ import threading
 from pathlib import Path
 
 from aiohttp import web
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, tuple_, update
 
 from megaflow.agent.cli import socket_dir
 from megaflow.contract import HopResult
-from megaflow.db import ledger, states
-from megaflow.db.models import Episode, Step, utcnow
+from megaflow.db import states
+from megaflow.db.models import Episode, Hop, Step, utcnow
 from megaflow.hops.model_hop import conversation
 from megaflow.hops.routing import HOP_TASKS, label
 from megaflow.model import chat_api
@@ -52,7 +52,11 @@ SOCKET_NAME = "model.sock"
 CALL_TIMEOUT_S = 3600.0
 #: Seconds after an episode's deadline at which the proxy wakes it (its decision ends it).
 DEADLINE_GRACE_S = 1.0
-_E, _S = Episode.__table__, Step.__table__
+#: The calls one poll asks about per query.
+_POLL_CHUNK = 500
+#: Between polls of the ledger while calls wait: from the first to the longest (seconds).
+POLL_FIRST_S, POLL_MAX_S = 0.005, 0.05
+_E, _S, _H = Episode.__table__, Step.__table__, Hop.__table__
 
 
 class Refused(Exception):
@@ -132,18 +136,31 @@ def prepare(rt, episode_id: str, messages: list) -> tuple[str, int]:
     return ep.run_id, index
 
 
-def turn(rt, episode_id: str, index: int) -> dict | None:
-    """The model hop's outcome for step `index`: None while it runs, its failure, or the recorded turn."""
+def outcomes(rt, keys: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
+    """The finished model hops among `keys` (episode, step): each one's failure, or its recorded turn.
+
+    One query for every call waiting on this host (two when some finished), however many.
+    """
+    found: dict[tuple[str, int], dict] = {}
     with rt.session(readonly=True) as s:
-        result = ledger.recorded(s, episode_id, index, "generate")
-        if result is None:
-            return None
-        if result.get("error"):
-            return result
-        row = s.execute(select(_S.c.completion, _S.c.tool_calls, _S.c.finish_reason, _S.c.prompt_tokens,
-                               _S.c.completion_tokens, _S.c.model).where(
-            _S.c.episode_id == episode_id, _S.c.index == index)).one()
-        return dict(row._mapping)
+        for i in range(0, len(keys), _POLL_CHUNK):
+            chunk = keys[i:i + _POLL_CHUNK]
+            done = s.execute(select(_H.c.subject_id, _H.c.step_index, _H.c.result).where(
+                _H.c.hop == "generate", _H.c.status == "done",
+                tuple_(_H.c.subject_id, _H.c.step_index).in_(chunk))).all()
+            turns = []
+            for eid, index, result in done:
+                if (result or {}).get("error"):
+                    found[(eid, index)] = result
+                else:
+                    turns.append((eid, index))
+            if turns:
+                rows = s.execute(select(_S.c.episode_id, _S.c.index, _S.c.completion, _S.c.tool_calls,
+                                        _S.c.finish_reason, _S.c.prompt_tokens, _S.c.completion_tokens, _S.c.model)
+                                 .where(tuple_(_S.c.episode_id, _S.c.index).in_(turns))).all()
+                for row in rows:
+                    found[(row.episode_id, row.index)] = dict(row._mapping)
+    return found
 
 
 def resume(rt, app, episode_id: str, exit_code: int | None, output: str = "") -> bool:
@@ -196,6 +213,11 @@ class CliProxy:
         self.loop = asyncio.new_event_loop()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Calls waiting for their model hop, by (episode, step); one poller serves them all.
+        self._pending: dict[tuple[str, int], asyncio.Future] = {}
+        self._poller: asyncio.Task | None = None
+        #: Where model hops go (the model queue by default; a benchmark's private one).
+        self.model_queue: str | None = None
         self.calls = 0
 
     def token(self, episode_id: str) -> str:
@@ -311,20 +333,41 @@ class CliProxy:
         lock = self._locks.setdefault(episode_id, asyncio.Lock())
         async with lock:  # one call of an episode at a time: its turns are one conversation
             run_id, index = await self.loop.run_in_executor(None, prepare, self.rt, episode_id, messages)
-            await self.loop.run_in_executor(None, self._send, run_id, episode_id, index)
-            self.calls += 1
-            wait, waited = 0.005, 0.0
-            while waited < CALL_TIMEOUT_S:
-                outcome = await self.loop.run_in_executor(None, turn, self.rt, episode_id, index)
-                if outcome is not None:
-                    return outcome
+            key = (episode_id, index)
+            self._pending[key] = waiting = self.loop.create_future()
+            try:
+                await self.loop.run_in_executor(None, self._send, run_id, episode_id, index)
+                self.calls += 1
+                if self._poller is None:
+                    self._poller = self.loop.create_task(self._poll())
+                return await asyncio.wait_for(waiting, CALL_TIMEOUT_S)
+            except TimeoutError:
+                raise Refused(f"the model hop of step {index} did not finish in {CALL_TIMEOUT_S:g}s", 504) from None
+            finally:
+                self._pending.pop(key, None)
+
+    async def _poll(self) -> None:
+        """Resolve waiting calls from the ledger, all in one query per round, while any wait."""
+        wait = POLL_FIRST_S
+        try:
+            while self._pending:
+                try:
+                    found = await self.loop.run_in_executor(None, outcomes, self.rt, list(self._pending))
+                except Exception:  # a lost database connection: the next round tries again
+                    log.warning("model proxy: polling the ledger failed", exc_info=True)
+                    found = {}
+                for key, outcome in found.items():
+                    waiting = self._pending.pop(key, None)
+                    if waiting is not None and not waiting.done():
+                        waiting.set_result(outcome)
+                wait = POLL_FIRST_S if found else min(wait * 1.5, POLL_MAX_S)
                 await asyncio.sleep(wait)
-                waited += wait
-                wait = min(wait * 1.5, 0.1)
-        raise Refused(f"the model hop of step {index} did not finish in {CALL_TIMEOUT_S:g}s", 504)
+        finally:
+            self._poller = None
 
     def _send(self, run_id: str, episode_id: str, index: int) -> None:
-        self.app.signature(HOP_TASKS["generate"], args=(episode_id, index),
+        options = {"queue": self.model_queue} if self.model_queue else {}
+        self.app.signature(HOP_TASKS["generate"], args=(episode_id, index), **options,
                            argsrepr=label(run_id, episode_id, index, "generate")).apply_async()
 
     async def _exit(self, request: web.Request) -> web.Response:
