@@ -122,8 +122,9 @@ def train_episode(ep, ti, steps: list, tokenizer: ChatTokenizer | None = None) -
     row = trainer_row(ep, ti, steps, tokenizer=tokenizer)
     if row["input_ids"] is None:
         raise MissingTokensError(
-            f"episode {ep.id}: the model backend recorded no prompt token ids for some turn; "
-            "pass tokenizer= (a model name or an HFChatTokenizer) to client.batches() / --tokenizer")
+            f"episode {ep.id}: some turn has no usable token ids (the backend recorded none, or a recorded "
+            "prompt does not extend the turns before it); pass tokenizer= (a model name or an HFChatTokenizer) "
+            "to client.batches(), or --tokenizer")
     turns = [s for s in steps if s.completion is not None]
     logprobs = row["completion_logprobs"]
     for i, (ids, lp) in enumerate(zip(row["completion_token_ids"], logprobs)):
