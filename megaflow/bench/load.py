@@ -26,6 +26,7 @@ no hop has started for that long: the stack of a stalled worker, for the record.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,7 @@ from megaflow.bench.load_watch import (
 from megaflow.bench.pipeline import bench_spec
 from megaflow.client import Client
 from megaflow.config import Settings
+from megaflow.db import states
 from megaflow.db.models import Episode, Hop
 from megaflow.db.schema import upgrade
 from megaflow.local_stack import WorkerProcess, agent_processes, stop_all
@@ -94,8 +96,6 @@ def run_load_bench(episodes: int = 1000, steps: int = 3, burners: int | None = N
 
 
 def _cores() -> int:
-    import os
-
     return os.cpu_count() or 1
 
 
@@ -121,7 +121,9 @@ def _run(settings: Settings, episodes: int, steps: int, burners: int, timeout_s:
         t0 = time.monotonic()
         run_id = client.submit(bench_spec(episodes, steps))
         if dump_stalls_s:
-            watcher = StallDumper(client, run_id, workers, dump_stalls_s, settings.data_dir / "stall-dumps")
+            # Outside the data directory, which goes with the run: the dumps are the point.
+            watcher = StallDumper(client, run_id, workers, dump_stalls_s,
+                                  Path(tempfile.mkdtemp(prefix="megaflow-load-stalls-")))
             watcher.start()
         st = client.wait(run_id, timeout=timeout_s, poll=1.0)
         elapsed = time.monotonic() - t0
@@ -205,7 +207,11 @@ class StallDumper(threading.Thread):
             with self.client.session() as s:
                 ids = select(Episode.id).where(Episode.run_id == self.run_id)
                 latest = s.execute(select(func.max(Hop.started_at)).where(Hop.subject_id.in_(ids))).scalar()
-            if latest is None or time.time() - _unix(latest) < self.after_s or time.time() - last_dump < self.after_s:
+                # Once every episode has ended, a quiet broker is the run closing, not a stall.
+                open_episodes = s.execute(select(func.count()).select_from(Episode).where(
+                    Episode.run_id == self.run_id, Episode.state.not_in(states.TERMINAL))).scalar()
+            if (latest is None or not open_episodes or time.time() - _unix(latest) < self.after_s
+                    or time.time() - last_dump < self.after_s):
                 continue
             last_dump = time.time()
             self.out.mkdir(parents=True, exist_ok=True)
