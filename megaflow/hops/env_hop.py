@@ -25,14 +25,16 @@ from megaflow.envs.grading import CHECK_FILE
 from megaflow.envs.prepare import setup
 from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError, SandboxNotFoundError
-from megaflow.deadlines import remaining_s
+from megaflow.deadlines import max_phase_s, remaining_s
 from megaflow.hops import cli_launch, exec_journal
 from megaflow.hops.base import run_hop
+from megaflow.hops.driver import command_at_provision
+from megaflow.hops.rows import insert_step
 from megaflow.contract import HopResult, failure
 from megaflow.hops.env_rebuild import fenced_episode, on_host, rebuild, record_rebuild, replay_plan
 from megaflow.hops.env_sandbox import clear_earlier, destroy, finish, obtain
 from megaflow.runtime import get_runtime
-from megaflow.sandbox.base import Sandbox
+from megaflow.sandbox.base import ExecResult, Sandbox
 from megaflow.sanitize import storable
 
 log = logging.getLogger(__name__)
@@ -88,14 +90,45 @@ def provision_task(self, episode_id: str, step: int = 0):
         except (SandboxError, SetupError, OSError, TimeoutError) as exc:
             destroy(rt, sb.id, config.type)
             return _infra("provision", step, exc, ExitStatus.SETUP_FAILED)
+        ran = run_first_command(rt, ep, task, sb, config)
 
         def write(s):
             update_where(s.connection(), Episode.__table__, {"id": episode_id}, {"sandbox_id": sb.id, "host": host})
+            if ran is not None:
+                cmd, result = ran
+                insert_step(s.connection(), episode_id, 0, rt.agent(ep.run_id).start(task), action=cmd,
+                            observation=storable(result.output), exit_code=result.exit_code,
+                            exec_s=result.duration_s)
 
-        return HopResult(hop="provision", step=step, host=host).wire(), write
+        exit_code = ran[1].exit_code if ran is not None else None
+        return HopResult(hop="provision", step=step, host=host, exit_code=exit_code).wire(), write
 
     return on_host(self, rt, episode_id, lambda: run_hop(rt, self.request, (episode_id, step, "provision"), work,
                                                          load=lambda s: _episode(s, episode_id, host)))
+
+
+def run_first_command(rt, ep, task, sb: Sandbox, config) -> tuple[str, ExecResult] | None:
+    """Step 0's command run in the new sandbox (`driver.command_at_provision`), or None: its exec hop runs it.
+
+    Provision and command share one task, so both deadlines must fit its time
+    limit together. A redelivered provision makes a fresh sandbox, so the command
+    never runs twice in one; it is journaled all the same, so that an exec hop
+    sent after a sandbox error here knows whether it ran.
+    """
+    spec = rt.spec(ep.run_id)
+    cmd = command_at_provision(spec, task, rt.agent(ep.run_id))
+    if cmd is None or spec.limits.provision_timeout_s + spec.limits.exec_timeout_s > max_phase_s(rt.settings):
+        return None
+    journaled = exec_journal.applies(config.type)
+    try:
+        result = sb.exec(exec_journal.wrap(cmd, "0") if journaled else cmd,
+                         timeout=remaining_s(ep.deadline_at, spec.limits.exec_timeout_s))
+    except SandboxError as exc:
+        log.warning("episode %s: step 0 did not run at provision (%s); its exec hop will run it", ep.id, exc)
+        return None
+    if journaled and exec_journal.replay_of(result) is not None:
+        return None
+    return cmd, result
 
 
 def exec_task(self, episode_id: str, step: int):

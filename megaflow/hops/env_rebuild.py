@@ -13,8 +13,9 @@
   it may have run touched only the abandoned sandbox.
 * **Rebuild.** A hop that finds its running episode without a sandbox makes one
   here (obtain + setup, as provision does) and replays the episode's executed
-  commands in step order (`replay_plan`: steps whose exec hop is recorded), so the
-  sandbox is in the state those commands left; then it does its own work.
+  commands in step order (`replay_plan`: steps whose exec hop is recorded, or step 0
+  run by its provision hop), so the sandbox is in the state those commands left;
+  then it does its own work.
 """
 
 from __future__ import annotations
@@ -65,12 +66,20 @@ def _select_fenced(conn):
 
 
 def replay_plan(s, episode_id: str) -> list[tuple[int, str, int | None]]:
-    """(step, command, recorded exit code) of every command the episode executed, in order."""
+    """(step, command, recorded exit code) of every command the episode executed, in order.
+
+    A command ran when its step's exec hop is recorded, or, for step 0, when its
+    provision hop recorded it with its exit code (`driver.command_at_provision`).
+    """
+    def recorded(hop: str):
+        return select(Hop.subject_id).where(Hop.subject_id == Step.episode_id, Hop.step_index == Step.index,
+                                            Hop.hop == hop, Hop.status == "done").exists()
+
     rows = s.execute(
         select(Step.index, Step.action, Step.exit_code)
-        .join(Hop, and_(Hop.subject_id == Step.episode_id, Hop.step_index == Step.index, Hop.hop == "exec",
-                        Hop.status == "done"))
-        .where(Step.episode_id == episode_id, Step.action.is_not(None)).order_by(Step.index)).all()
+        .where(Step.episode_id == episode_id, Step.action.is_not(None),
+               or_(recorded("exec"), and_(Step.index == 0, Step.exit_code.is_not(None), recorded("provision"))))
+        .order_by(Step.index)).all()
     return [(i, a, c) for i, a, c in rows]
 
 

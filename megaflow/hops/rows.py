@@ -81,9 +81,7 @@ class SqlRows:
         return self._steps[-1]
 
     def new_step(self, index: int, messages: list[Message]) -> None:
-        conn = self.s.connection()
-        conn.execute(prepared(conn, "driver.new_step", lambda c: insert(_STEPS)),
-                     {"episode_id": self.ep.id, "index": index, "messages_in": [m.model_dump() for m in messages]})
+        insert_step(self.s.connection(), self.ep.id, index, messages)
 
     def move(self, state: str, event: dict | None = None, **values: Any) -> bool:
         moved = states.move(self.s, self.ep.id, state, **values)
@@ -116,6 +114,12 @@ class SqlRows:
 
 
 _EPISODES, _RUNS, _STEPS = Episode.__table__, Run.__table__, Step.__table__
+
+
+def insert_step(conn, episode_id: str, index: int, messages: list[Message], **values: Any) -> None:
+    """Add step `index` of an episode with the messages the model will be sent (and any other columns)."""
+    row = {"episode_id": episode_id, "index": index, "messages_in": [m.model_dump() for m in messages]}
+    conn.execute(prepared(conn, "driver.new_step", lambda c: insert(_STEPS)), {**row, **values})
 
 
 def _select_episode(conn):
