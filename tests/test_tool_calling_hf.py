@@ -56,6 +56,38 @@ def test_the_prompt_holds_the_tool_schema_and_the_calls_and_results(tok):
     assert "# Tools" not in render_prompt(tok, messages[:2], None)  # no tools offered, none shown
 
 
+#: A template that knows tools, cut down from Qwen2.5's: the tools from `tools=`, calls from `tool_calls`.
+NATIVE_TEMPLATE = """{%- if tools %}<|im_start|>system
+{{ messages[0]['content'] }}
+<tools>{% for t in tools %}
+{{ t | tojson }}{% endfor %}
+</tools><|im_end|>
+{% endif %}{%- for m in messages %}{% if not (tools and loop.first) %}<|im_start|>{{ m.role }}
+{{ m.content }}{% for c in m.tool_calls or [] %}<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_a_template_that_knows_tools_gets_them_and_the_calls_natively(tok):
+    ls = _call("bash", command="ls")
+    messages = [Message(role="system", content="sys"), Message(role="user", content="list files"),
+                Message(role="assistant", content="", tool_calls=ls),
+                Message(role="tool", content="a.txt", tool_call_id=ls[0]["id"])]
+    saved, tok.chat_template = tok.chat_template, NATIVE_TEMPLATE
+    try:
+        assert template_knows_tools(tok.chat_template)
+        prompt = render_prompt(tok, messages, TOOLS)
+    finally:
+        tok.chat_template = saved
+    assert "# Tools" not in prompt  # the template's own rendering, not the fallback
+    assert prompt.count('"name": "str_replace_based_edit_tool"') == 1
+    # Arguments go in decoded, so the template writes an object, not a JSON string in a string.
+    assert '<tool_call>\n{"name": "bash", "arguments": {"command": "ls"}}\n</tool_call>' in prompt
+    assert "<|im_start|>tool\na.txt<|im_end|>" in prompt
+
+
 def test_loss_masks_of_a_two_turn_tool_calling_episode(tok):
     ls, submit = _call("bash", command="ls -la"), _call("submit")
     end = tok.convert_tokens_to_ids("<|im_end|>")
