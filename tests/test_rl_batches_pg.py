@@ -128,25 +128,48 @@ def test_a_killed_consumers_batch_goes_to_the_next_and_an_acked_one_never_again(
     url = _db(pg_url)
     run_id, gids = _run(url, _groups(3))
     proc, batch_id, taken = _consumer(url, run_id, 2)
+    got, errors = [], []
+
+    def consume():
+        try:
+            with BatchStream(url, run_id, 2, timeout_s=20) as stream:
+                for batch in stream:
+                    got.append((time.monotonic(), batch))
+                    batch.ack()
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
     try:
-        # While it lives, its batch is its own: another consumer gets the rest.
-        with BatchStream(url, run_id, 2, timeout_s=10) as other:
-            rest = next(other)
-            assert rest.batch_id != batch_id and set(rest.group_ids).isdisjoint(taken)
-            rest.ack()
-            assert list(other) == []
+        # While it lives, its batch is its own: another consumer gets the rest, then waits.
+        other = threading.Thread(target=consume)
+        other.start()
+        _until(lambda: got or errors)
+        [(_, rest)] = got
+        assert rest.batch_id != batch_id and set(rest.group_ids).isdisjoint(taken)
+        time.sleep(0.5)
+        assert len(got) == 1 and other.is_alive()
     finally:
+        killed = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-    with BatchStream(url, run_id, 2, timeout_s=10) as again:
-        batch = next(again)
-        assert (batch.batch_id, batch.group_ids, batch.handouts) == (batch_id, taken, 2)
-        batch.ack()
-        assert list(again) == []
+    # Its death wakes the waiting consumer, which takes the batch over whole, and then ends.
+    other.join(15)
+    assert not other.is_alive() and not errors, errors
+    assert len(got) == 2
+    took_over_s, batch = got[1][0] - killed, got[1][1]
+    assert took_over_s < 2.0, took_over_s
+    assert (batch.batch_id, batch.group_ids, batch.handouts) == (batch_id, taken, 2)
     with session_scope(url) as s:
         acked = s.execute(select(RLHandoff.group_id).where(RLHandoff.acked_at.is_not(None))).scalars().all()
     assert sorted(acked) == sorted(gids)
+    # Everything acknowledged: never handed out again.
+    assert list(BatchStream(url, run_id, 2, timeout_s=10)) == []
 
+
+def _until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 class Chars:
     """A fake ChatTokenizer, for turns whose backend recorded no prompt ids (as `CONSUMER`'s)."""

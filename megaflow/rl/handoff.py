@@ -12,12 +12,15 @@ How a batch reaches a consumer:
 * **Alive.** A consumer holds a session advisory lock on its key for as long as it
   lives. A claim whose key's lock is free belongs to a dead consumer (killed, its
   connection gone): the next consumer to look takes that batch over whole, with its
-  id, before any new group.
+  id, before any new group. A consumer that waits while others hold batches watches
+  their locks (`megaflow.rl.watch`): a death wakes it like a closed group.
 * **Acknowledged.** ``Batch.ack()`` stamps the rows; a stamped group is never
   handed out again.
 
-The stream ends when the run has ended and every group has been handed out; the
-groups left when the run ends form a last, smaller batch. Why PostgreSQL and not a
+The stream ends when the run has ended, every group has been handed out, and no
+other consumer holds a batch it has not acknowledged (it might yet die with it; a
+consumer's own unacknowledged batches do not hold its stream). The groups left when
+the run ends form a last, smaller batch. Why PostgreSQL and not a
 queue per run: the claim, its owner's liveness and the acknowledgement are rows and
 locks in the database that already holds the groups, and the notification is sent
 by the very transaction that closes the group, so nothing is published before the
@@ -43,12 +46,11 @@ from megaflow.db.models import RLHandoff, RolloutGroup, Run, new_id, utcnow
 from megaflow.errors import MegaFlowError
 from megaflow.export import ChatTokenizer
 from megaflow.rl.batches import Batch, as_tokenizer, assemble
+from megaflow.rl.watch import LOCK_SPACE, DeathWatch
 from megaflow.scheduler.closing import ready_channel
 
 log = logging.getLogger(__name__)
 
-#: The advisory-lock namespace of batch consumers (first key of the two-key form): "MFRL".
-LOCK_SPACE = 0x4D46524C
 ENDED = ("finished", "cancelled")
 
 
@@ -119,6 +121,7 @@ class BatchStream:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_SPACE, self.key))
             cur.execute(f'LISTEN "{ready_channel(run_id)}"')
+        self._watch = DeathWatch(db_url, ready_channel(run_id))
         self._closed = False
 
     # -- iteration ------------------------------------------------------------------
@@ -142,6 +145,8 @@ class BatchStream:
                     batch = assemble(s, self.run_id, batch_id, group_ids, self.tokenizer, handouts)
                 batch._ack = partial(self._ack, batch_id, len(group_ids))
                 return batch
+            # Others hold batches: should one die, its batch is ours to take, at once.
+            self._watch.watch(self._other_holders())
             self._wait(deadline)
 
     def __enter__(self) -> Self:
@@ -154,6 +159,7 @@ class BatchStream:
         """Stop listening; batches taken and not acknowledged go to the next consumer."""
         if not self._closed:
             self._closed = True
+            self._watch.close()
             self._raw.close()
             self._engine.dispose()
 
@@ -213,11 +219,21 @@ class BatchStream:
             RolloutGroup.run_id == self.run_id, RolloutGroup.status == "finished", RolloutGroup.id.not_in(taken))
             .order_by(RolloutGroup.finished_at, RolloutGroup.index).limit(self.g)).scalars())
         if len(ready) < self.g and not (ended and ready):
-            return "end" if ended else None
+            # The end, once no other consumer holds a batch it might yet die with.
+            return "end" if ended and not self._other_holders(s) else None
         batch_id, now = new_id(), utcnow()
         s.execute(insert(RLHandoff), [{"group_id": g, "run_id": self.run_id, "batch_id": batch_id,
                                        "consumer": self.key, "handouts": 1, "claimed_at": now} for g in ready])
         return batch_id, ready, 1
+
+    def _other_holders(self, s=None) -> list[int]:
+        """Keys of the other consumers holding unacknowledged batches of the run."""
+        if s is None:
+            with session_scope(self.db_url) as own:
+                return self._other_holders(own)
+        h = RLHandoff
+        return list(s.execute(select(h.consumer).where(
+            h.run_id == self.run_id, h.acked_at.is_(None), h.consumer != self.key).distinct()).scalars())
 
     def _ack(self, batch_id: str, n: int) -> None:
         h = RLHandoff
@@ -225,6 +241,8 @@ class BatchStream:
             done = s.execute(update(h).where(h.batch_id == batch_id, h.consumer == self.key, h.acked_at.is_(None))
                              .values(acked_at=utcnow())).rowcount
             if done == n:
+                # Consumers waiting for the run's last batches to be acknowledged may end now.
+                s.execute(select(func.pg_notify(ready_channel(self.run_id), "acked")))
                 return
             mine = s.execute(select(func.count()).select_from(h).where(
                 h.batch_id == batch_id, h.consumer == self.key)).scalar()
