@@ -1,0 +1,126 @@
+"""The reference trainer without services: its spec, one learning step, and checkpoints
+that the model workers' loader (`megaflow.model.weights.load_transformers`) takes.
+
+A tiny randomly initialised Llama stands in for SmolLM2 (same architecture, seconds
+not minutes); the end-to-end run with workers is in test_rl_trainer_loop.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megaflow.errors import SpecError
+from megaflow.model.policy import PolicyRef
+from megaflow.model.weights import load_transformers
+from megaflow.rl.batches import TrainEpisode
+from megaflow.rl.train_spec import TrainSpec
+from megaflow.rl.trainer import Learner
+
+
+def tiny_llama(vocab: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return LlamaForCausalLM(config)
+
+
+def episode(ids, mask, advantage, old=None, name="e"):
+    old = old if old is not None else [0.0] * len(ids)
+    return TrainEpisode(episode_id=name, group_id="g", instance_id="t", sample_index=0, exit_status="submitted",
+                        reward=advantage, advantage=advantage, prompt_token_ids=[], completion_token_ids=[],
+                        completion_logprobs=[], policy_versions=[None], input_ids=ids, loss_mask=mask,
+                        behaviour_logprobs=old)
+
+
+def on_policy(model, ids, mask, advantage, name):
+    """An episode whose behaviour logprobs are the model's own (ratio 1)."""
+    from megaflow.rl.loss import token_logprobs
+
+    with torch.no_grad():
+        logp = token_logprobs(model(input_ids=torch.tensor([ids])).logits, torch.tensor([ids]))[0]
+    return episode(ids, mask, advantage, old=(logp * torch.tensor(mask)).tolist(), name=name)
+
+
+def spec(tmp_path, **kw) -> TrainSpec:
+    return TrainSpec.parse({"run_id": "r", "output_dir": str(tmp_path / "out"), "lr": 0.05, "threads": 1, **kw})
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "gspo"])
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8}])
+def test_a_step_makes_the_rewarded_completion_likelier(tmp_path, algorithm, lora):
+    model = tiny_llama()
+    good, bad = [5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12, 13]
+    mask = [0, 0, 0, 1, 1, 1]
+    learner = Learner(spec(tmp_path, algorithm=algorithm, lora=lora), model=model)
+    before = _seq_logp(learner.model, good, mask) - _seq_logp(learner.model, bad, mask)
+    for _ in range(3):
+        batch = [on_policy(learner.model, good, mask, 1.0, "g"), on_policy(learner.model, bad, mask, -1.0, "b")]
+        stats = learner.step(batch)
+    after = _seq_logp(learner.model, good, mask) - _seq_logp(learner.model, bad, mask)
+    assert after > before + 0.1
+    assert stats.tokens == 6
+
+
+def test_prompt_tokens_are_not_trained(tmp_path):
+    # Only prompt tokens differ between the two rows' targets: with every model token
+    # masked out there is nothing to learn and the weights must not move.
+    model = tiny_llama()
+    learner = Learner(spec(tmp_path), model=model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    learner.step([episode([5, 6, 7], [0, 0, 0], 1.0), episode([5, 8, 9], [0, 0, 0], -1.0)])
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_episode_without_behaviour_logprobs_is_refused(tmp_path):
+    learner = Learner(spec(tmp_path), model=tiny_llama())
+    bad = episode([5, 6, 7], [0, 1, 1], 1.0)
+    bad.behaviour_logprobs = None
+    with pytest.raises(ValueError, match="behaviour logprobs"):
+        learner.step([bad])
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8}])
+def test_saved_policy_loads_in_a_model_worker(tmp_path, lora):
+    """What the trainer saves is what `load_transformers` (the transformers backend's swap) reads."""
+    base = tiny_llama()
+    learner = Learner(spec(tmp_path, lora=lora), model=tiny_llama())
+    ids, mask = [5, 6, 7, 8], [0, 1, 1, 1]
+    learner.step([on_policy(learner.model, ids, mask, 1.0, "a"), on_policy(learner.model, [5, 6, 9, 9], mask, -1.0, "b")])
+    path, kind = learner.save(1)
+    assert kind == ("lora" if lora else "full")
+    loaded = load_transformers(base, PolicyRef(policy="p", version=1, path=path, kind=kind), "cpu")
+    learner.model.eval()
+    with torch.no_grad():
+        want = learner.model(input_ids=torch.tensor([ids])).logits
+        got = loaded(input_ids=torch.tensor([ids])).logits
+    assert torch.allclose(want, got, atol=1e-5)
+    assert not torch.allclose(base(input_ids=torch.tensor([ids])).logits, got, atol=1e-5)
+
+
+def test_spec_errors_are_one_line(tmp_path):
+    with pytest.raises(SpecError, match="exactly one of run") as exc:
+        TrainSpec.parse({"output_dir": "x"})
+    assert "\n" not in str(exc.value)
+    with pytest.raises(SpecError, match="algorithm"):
+        TrainSpec.parse({"run_id": "r", "output_dir": "x", "algorithm": "ppo"})
+    bad = tmp_path / "t.yaml"
+    bad.write_text("run_id: r\noutput_dir: out\nlr: -1\n")
+    with pytest.raises(SpecError, match="lr"):
+        TrainSpec.load(bad)
+    good = tmp_path / "g.yaml"
+    good.write_text("run: run.yaml\noutput_dir: out\nlora: {r: 4}\n")
+    loaded = TrainSpec.load(good)
+    assert loaded.run == str(tmp_path / "run.yaml") and loaded.output_dir == str(tmp_path / "out")
+    assert loaded.kind == "lora" and loaded.algorithm == "gspo"
+
+
+def _seq_logp(model, ids, mask) -> float:
+    from megaflow.rl.loss import token_logprobs
+
+    with torch.no_grad():
+        logp = token_logprobs(model(input_ids=torch.tensor([ids])).logits, torch.tensor([ids]))[0]
+    return float((logp * torch.tensor(mask, dtype=torch.float32)).sum())
