@@ -16,7 +16,7 @@ from megaflow import Settings
 from megaflow.agent import FormatError, Submit, make_agent, transcript
 from megaflow.agent.tools import EDITOR, NOT_RUN, TOOLS, Command, ToolAgent, editor_command
 from megaflow.db.models import Step
-from megaflow.export import episode_record, trainer_row
+from megaflow.export import episode_record, trainer_row, write_parquet
 from megaflow.inprocess import InProcessRunner
 from megaflow.model.base import Completion, Message, ModelRequest, SamplingParams
 from megaflow.model.config import OpenAIModelConfig, ScriptedModelConfig
@@ -311,13 +311,19 @@ def test_format_errors_end_a_tools_episode_as_they_end_the_others(runner):
     assert (out.state, out.exit_status) == ("failed", "format_errors")
 
 
-def test_the_trainer_row_keeps_calls_and_results_in_its_messages(runner):
+def test_the_trainer_row_and_parquet_keep_calls_and_results_in_their_messages(runner, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
     runner.run(_spec([call("bash", command="echo hi > out.txt"), call("submit")]))
     steps = _steps(runner)
     row = trainer_row(*_episode(runner, steps))
     assert row["messages"][2]["tool_calls"] == steps[0].tool_calls
     assert row["messages"][3]["tool_call_id"] == steps[0].tool_calls[0]["id"]
     assert row["completion_token_ids"] == [s.token_ids for s in steps]
+    write_parquet(tmp_path / "t.parquet", iter([row]))
+    [back] = pq.read_table(tmp_path / "t.parquet").to_pylist()
+    assert back["messages"][2]["tool_calls"] == steps[0].tool_calls
+    assert back["messages"][3]["tool_call_id"] == steps[0].tool_calls[0]["id"]
+    assert back["messages"][0]["tool_calls"] is None
 
 
 def _episode(runner, steps):
