@@ -66,8 +66,12 @@ _BURN = "while True: pass"
 def run_load_bench(episodes: int = 1000, steps: int = 3, burners: int | None = None, timeout_s: float = 3600.0,
                    rabbitmq_logs: str = RABBITMQ_LOGS, dump_stalls_s: float | None = None,
                    broker_url: str | None = None, admin_database_url: str | None = None, keep: bool = False,
-                   progress=None) -> dict:
-    """Run `episodes` on a machine kept busy by `burners` CPU burners; returns the figures (module docstring)."""
+                   settle_s: float | None = None) -> dict:
+    """Run `episodes` on a machine kept busy by `burners` CPU burners; returns the figures (module docstring).
+
+    `settle_s`: how long after the run to keep watching (default three broker heartbeats:
+    RabbitMQ closes a silent connection two to three heartbeats after its last bytes).
+    """
     base = Settings()
     broker = broker_url or base.broker_url or "amqp://guest:guest@127.0.0.1:5672//"
     admin = admin_database_url or base.database_url or "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -83,7 +87,7 @@ def run_load_bench(episodes: int = 1000, steps: int = 3, burners: int | None = N
     try:
         upgrade(db_url)
         figures = _run(settings, episodes, steps, burners if burners is not None else _cores(), timeout_s,
-                       LogTail(rabbitmq_logs).start(), dump_stalls_s, progress)
+                       LogTail(rabbitmq_logs).start(), dump_stalls_s, settle_s)
     finally:
         if not keep:
             drop_vhost and drop_vhost()
@@ -100,7 +104,7 @@ def _cores() -> int:
 
 
 def _run(settings: Settings, episodes: int, steps: int, burners: int, timeout_s: float, rabbit: LogTail,
-         dump_stalls_s: float | None, progress) -> dict:
+         dump_stalls_s: float | None, settle_s: float | None) -> dict:
     client = Client(settings)
     # Task events on (-E), as `megaflow worker` starts them for Flower: a second connection
     # per worker whose heartbeats the consumer loop sends too.
@@ -129,7 +133,7 @@ def _run(settings: Settings, episodes: int, steps: int, burners: int, timeout_s:
         elapsed = time.monotonic() - t0
         cpu1 = cpu_times()
         # Heartbeat trouble shows up to ~3 heartbeat intervals after it began: wait that out before reading the logs.
-        time.sleep(3 * float(client.app.conf.broker_heartbeat or 0))
+        time.sleep(3 * float(client.app.conf.broker_heartbeat or 0) if settle_s is None else settle_s)
         # Read before the workers stop: their exit drops pooled connections without a close.
         broker_log = rabbit.lines()
     finally:
