@@ -16,6 +16,7 @@ from megaflow import Settings
 from megaflow.agent import FormatError, Submit, make_agent, transcript
 from megaflow.agent.tools import EDITOR, NOT_RUN, TOOLS, Command, ToolAgent, editor_command
 from megaflow.db.models import Step
+from megaflow.errors import MalformedResponseError
 from megaflow.export import episode_record, trainer_row, write_parquet
 from megaflow.inprocess import InProcessRunner
 from megaflow.model.base import Completion, Message, ModelRequest, SamplingParams
@@ -171,6 +172,20 @@ def test_openai_client_and_our_server_carry_tools_calls_and_results(served):
     assert (second.text, second.tool_calls, second.finish_reason) == ("All done.", None, "stop")
     got = model.requests[1].messages
     assert got[2].tool_calls == first.tool_calls and (got[3].role, got[3].tool_call_id) == ("tool", c["id"])
+
+
+def test_the_openai_client_reads_calls_whatever_way_a_server_writes_arguments():
+    client = OpenAIModel(OpenAIModelConfig(endpoints=["http://127.0.0.1:9/v1"], model="m"))
+    as_text = {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}
+    as_object = {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": {"command": "ls"}}}
+    for written in (as_text, as_object):
+        data = {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [written]},
+                             "finish_reason": "tool_calls"}]}
+        done = client._completion(data, ModelRequest(messages=[], tools=TOOLS), 0.0)
+        assert (done.text, done.tool_calls) == ("", [as_text])
+    broken = {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [{"name": "bash"}]}}]}
+    with pytest.raises(MalformedResponseError, match="tool call 0"):
+        client._completion(broken, ModelRequest(messages=[], tools=TOOLS), 0.0)
 
 
 # -- the scaffold ----------------------------------------------------------------

@@ -268,7 +268,7 @@ class OpenAIModel:
             model = data.get("model") or self.name
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)
-            tool_calls = check_tool_calls(message.get("tool_calls") or None)
+            tool_calls = check_tool_calls(_tool_calls(message.get("tool_calls")))
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             raise MalformedResponseError(f"not a chat completion ({exc!r}): {str(data)[:300]}") from exc
         logprobs, token_ids = _parse_logprobs(choice) if request.sampling.logprobs else (None, None)
@@ -286,6 +286,19 @@ class OpenAIModel:
             # The config's tag wins; else the server's fingerprint (our `serve` puts the weights there).
             model_version=self.config.version or str(data.get("system_fingerprint") or ""),
         )
+
+
+def _tool_calls(calls: Any) -> list[dict] | None:
+    """A message's tool calls in the OpenAI shape; servers that send arguments as an object get them encoded."""
+    if not calls:
+        return None
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), dict):
+            call = {**call, "function": {**fn, "arguments": json.dumps(fn["arguments"])}}
+        out.append(call)
+    return out
 
 
 def _parse_logprobs(choice: dict) -> tuple[list[float] | None, list[int] | None]:
