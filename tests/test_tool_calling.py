@@ -18,6 +18,7 @@ from megaflow.agent.tools import EDITOR, NOT_RUN, TOOLS, Command, ToolAgent, edi
 from megaflow.db.models import Step
 from megaflow.errors import MalformedResponseError
 from megaflow.export import episode_record, trainer_row, write_parquet
+from megaflow.hops.model_hop import conversation
 from megaflow.inprocess import InProcessRunner
 from megaflow.model.base import Completion, Message, ModelRequest, SamplingParams
 from megaflow.model.config import OpenAIModelConfig, ScriptedModelConfig
@@ -315,7 +316,10 @@ def test_an_episode_acts_through_tool_calls_and_records_them(runner):
     assert messages[3] == {"role": "tool", "content": "[exit code 0]\n", "tool_call_id": steps[0].tool_calls[0]["id"]}
     assert "not valid JSON" in messages[5]["content"]
     assert [m["tool_call_id"] for m in messages[7:9]] == [c["id"] for c in steps[2].tool_calls]
-    # The model was given its own calls back: every tool message answers the call before it.
+    # The model hop gives the model its own calls back, each answered by the tool messages after it.
+    with runner.rt.session(readonly=True) as s:
+        sent = conversation(s, steps[0].episode_id, 3)
+    assert [m.model_dump(exclude_none=True) for m in sent] == messages[:-1]
     record = episode_record(*_episode(runner, steps))
     assert record["messages"] == messages and record["steps"][0]["tool_calls"] == steps[0].tool_calls
     assert record["format_errors"] == 2
