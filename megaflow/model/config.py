@@ -26,7 +26,7 @@ class ScriptedModelConfig(_Base):
         min_length=1,
         default_factory=lambda: ["```bash\necho step {step}\n```", "```bash\nsubmit\n```"],
         description="Replies in order, one per call within an episode; the last repeats. "
-        "`{step}` is replaced by the step index.",
+        "`{step}` is replaced by the step index, `{version}` by the policy version it follows (rl runs).",
     )
     latency_s: float = Field(default=0.0, ge=0.0, le=3600.0, description="Simulated latency per call.")
     name: str = Field(default="scripted", description="Model name reported on completions.")
@@ -54,6 +54,12 @@ class OpenAIModelConfig(_Base):
     timeout_s: float = Field(default=120.0, gt=0, le=3600.0, description="Per-request timeout.")
     max_connections: int = Field(default=64, ge=1, le=10_000, description="Connection limit per endpoint.")
     max_retries: int = Field(default=4, ge=0, le=20, description="Retries on 5xx, refusals and timeouts.")
+    weight_sync: str = Field(
+        default="vllm", pattern=r"^(vllm|sglang|hook:[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?)$",
+        description="How an rl run's published policies reach the servers: 'vllm' (LoRA: /v1/load_lora_adapter; "
+        "full: /collective_rpc in dev mode), 'sglang' (/update_weights_from_disk, /load_lora_adapter), or "
+        "'hook:pkg.module.function', called with (ref, endpoints) and returning the model name to request "
+        "(None: unchanged). See docs/rl.md.")
 
     @field_validator("endpoints")
     @classmethod
@@ -74,6 +80,8 @@ class VLLMModelConfig(_Base):
     model: str = Field(description="Model path or name for vllm.LLM.")
     max_model_len: int | None = Field(default=None, ge=16, description="Context length override.")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1.0)
+    enable_lora: bool = Field(default=False, description="Start the engine with LoRA support (for LoRA policies).")
+    max_lora_rank: int = Field(default=16, ge=1, le=1024, description="Largest LoRA rank the engine accepts.")
 
 
 ModelConfig = Annotated[

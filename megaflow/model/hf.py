@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,8 @@ from megaflow.model.batching import BatchStats, Job, MicroBatcher, wait_result
 from megaflow.model.config import TransformersModelConfig
 from megaflow.model.policy import PolicyRef
 from megaflow.model.smollm import ALIAS, smollm2_path
-from megaflow.model.weights import load_transformers
 from megaflow.model.toolcalls import parse_tool_calls, render_prompt
+from megaflow.model.weights import load_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -144,18 +145,21 @@ class TransformersModel:
             prompt_token_ids=ids,
         )
 
-    def load_policy(self, ref: PolicyRef) -> None:
+    def load_policy(self, ref: PolicyRef) -> Future | None:
         """Switch to a published version before any request submitted after this call.
 
         The swap is a barrier on the batcher thread: batches queued before it finish on
         the old weights, then the new ones are loaded, then batching resumes. Asking for
-        a version not newer than the one asked for last does nothing.
+        a version not newer than the one asked for last does nothing (returns None).
+
+        Returns:
+            The swap's future (done once the new weights serve), or None.
         """
         with self._policy_lock:
             if ref.version <= self._policy_target:
-                return
+                return None
             self._policy_target = ref.version
-        self._batcher.barrier(lambda: self._swap(ref))
+        return self._batcher.barrier(lambda: self._swap(ref))
 
     def _swap(self, ref: PolicyRef) -> None:
         if ref.version <= self.policy_version:

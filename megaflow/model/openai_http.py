@@ -34,6 +34,8 @@ from megaflow.errors import (
 )
 from megaflow.model.base import Completion, ModelRequest, Usage, check_tool_calls
 from megaflow.model.config import OpenAIModelConfig
+from megaflow.model.policy import PolicyRef
+from megaflow.model.weights import load_hook, update_server
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,9 @@ class OpenAIModel:
         self._clients: list[httpx.Client | None] = [None] * len(self.endpoints)
         self._lock = threading.Lock()
         self._api_key: str | None = None
+        #: (model name requests name, policy version it serves): swapped whole, read once per request.
+        self._serving: tuple[str, int] = (config.model, 0)
+        self._policy_lock = threading.Lock()
         if config.api_key_env:
             self._api_key = os.environ.get(config.api_key_env)
             if not self._api_key:
@@ -140,6 +145,8 @@ class OpenAIModel:
             ModelError: any other 4xx (bad model name, bad key): not retried.
         """
         body = self._body(request)
+        served, version = self._serving
+        body["model"] = served
         started = time.monotonic()
         # The call's deadline covers every try and every backoff sleep.
         deadline = started + request.timeout_s if request.timeout_s is not None else None
@@ -155,7 +162,9 @@ class OpenAIModel:
             except ModelUnavailableError as exc:
                 error = exc
             else:
-                return self._completion(data, request, time.monotonic() - started)
+                completion = self._completion(data, request, time.monotonic() - started)
+                completion.policy_version = version
+                return completion
             finally:
                 self.balancer.release(index)  # before any backoff: a sleeping retry is not in flight
             avoid = index
@@ -171,6 +180,35 @@ class OpenAIModel:
             )
             time.sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    @property
+    def policy_version(self) -> int:
+        return self._serving[1]
+
+    def load_policy(self, ref: PolicyRef) -> None:
+        """Have the servers serve a published version, then name it in every later request.
+
+        Through the serving engine's own update API (`config.weight_sync`, see
+        `megaflow.model.weights.update_server`), on every endpoint, or the user's hook.
+        Requests already sent finish on what the server had; a LoRA version is a new
+        adapter name, so no request ever mixes two. Blocks until every server answered.
+
+        Raises:
+            ModelUnavailableError: a server refused or failed (the model hop retries).
+        """
+        with self._policy_lock:
+            if ref.version <= self._serving[1]:
+                return
+            sync = self.config.weight_sync
+            if sync.startswith("hook:"):
+                name = load_hook(sync.removeprefix("hook:"))(ref, list(self.endpoints))
+            else:
+                for index in range(len(self.endpoints)):
+                    name = update_server(self._client(index), sync, ref)
+                if name is not None and sync == "sglang":
+                    name = f"{self.config.model}:{name}"  # SGLang names an adapter after its base model
+            self._serving = (name or self.config.model, ref.version)
+            logger.info("serving policy %s version %d as %r", ref.policy, ref.version, self._serving[0])
 
     def close(self) -> None:
         """Close every connection pool. Idempotent; a later call reopens them."""
@@ -285,7 +323,12 @@ class OpenAIModel:
             model=str(model),
             # The config's tag wins; else the server's fingerprint (our `serve` puts the weights there).
             model_version=self.config.version or str(data.get("system_fingerprint") or ""),
+            prompt_token_ids=_ints(data.get("prompt_token_ids")),  # vLLM's `return_token_ids`, our `serve`
         )
+
+
+def _ints(value: Any) -> list[int] | None:
+    return [int(v) for v in value] if isinstance(value, list) else None
 
 
 def _tool_calls(calls: Any) -> list[dict] | None:

@@ -42,8 +42,7 @@ class ScriptedModel:
 
     def load_policy(self, ref) -> None:
         """Switch to a published version (`megaflow.model.weights`): one assignment, so never half done."""
-        if ref.version > self.policy_version:
-            self.policy_version = ref.version
+        self.policy_version = max(self.policy_version, ref.version)
 
     def generate(self, request: ModelRequest) -> Completion:
         prompt_chars = sum(len(m.content) for m in request.messages)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -32,6 +33,7 @@ from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, Message, ModelRequest, SamplingParams
 from megaflow.model.config import TransformersModelConfig
 from megaflow.model.hf import TransformersModel
+from megaflow.model.policy import PolicyRef
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +100,66 @@ def completion_json(completion: Completion, tokens: list[str] | None = None) -> 
         "model": completion.model,
         "system_fingerprint": completion.model_version,
         "choices": [choice],
+        "prompt_token_ids": completion.prompt_token_ids,
         "usage": {
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         },
     }
+
+
+class WeightRoutes:
+    """vLLM's weight-update endpoints over `TransformersModel.load_policy`, so the HTTP client's
+    weight sync is tested against a real server (`megaflow.model.weights.update_server`).
+
+    * ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``: vLLM's runtime LoRA
+      loading; a name loaded before is refused with 400 "already loaded", as vLLM does.
+    * ``POST /collective_rpc`` ``{"method": "update_config", "args": [{"model_config":
+      {"model": PATH}}]}`` then ``{"method": "reload_weights"}``: vLLM's development-mode
+      full reload.
+
+    One set of weights is served at a time (an adapter is merged): the swap waits for the
+    batches already queued, and a request never runs on a mix.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.loaded: set[str] = set()
+        self.pending_path: str | None = None
+        self.lock = threading.Lock()
+
+    def routes(self) -> dict:
+        return {"/v1/load_lora_adapter": self.load_lora, "/collective_rpc": self.collective_rpc}
+
+    def _swap(self, path: str, kind: str, name: str) -> None:
+        match = re.search(r"-v(\d+)$", name)
+        version = int(match.group(1)) if match else self.model.policy_version + 1
+        done = self.model.load_policy(PolicyRef(policy="served", version=version, path=path, kind=kind))
+        if done is not None:
+            done.result(timeout=600)
+
+    def load_lora(self, body: dict):
+        name, path = str(body["lora_name"]), str(body["lora_path"])
+        with self.lock:
+            if name in self.loaded:
+                return HTTPStatus.BAD_REQUEST, f"The lora adapter '{name}' has already been loaded."
+            self._swap(path, "lora", name)
+            self.loaded.add(name)
+        return HTTPStatus.OK, f"Success: LoRA adapter '{name}' added successfully."
+
+    def collective_rpc(self, body: dict):
+        method = body["method"]
+        with self.lock:
+            if method == "update_config":
+                self.pending_path = str(body["args"][0]["model_config"]["model"])
+                return HTTPStatus.OK, {"results": [None]}
+            if method == "reload_weights":
+                if self.pending_path is None:
+                    return HTTPStatus.BAD_REQUEST, "reload_weights before update_config named the weights"
+                self._swap(self.pending_path, "full", self.pending_path)
+                return HTTPStatus.OK, {"results": [None]}
+        return HTTPStatus.BAD_REQUEST, f"method {method!r} is not served here"
 
 
 def make_server(model: TransformersModel, host: str, port: int) -> ThreadingHTTPServer:
@@ -124,6 +180,9 @@ def make_server(model: TransformersModel, host: str, port: int) -> ThreadingHTTP
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
 
         def do_POST(self) -> None:
+            if self.path in weights_routes:
+                self._weights(weights_routes[self.path])
+                return
             if self.path != "/v1/chat/completions":
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
                 return
@@ -150,6 +209,20 @@ def make_server(model: TransformersModel, host: str, port: int) -> ThreadingHTTP
                 tokens = model.token_strings(completion.token_ids) if completion.logprobs is not None else None
                 self._send(HTTPStatus.OK, completion_json(completion, tokens))
 
+        def _weights(self, route) -> None:
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                status, answer = route(body)
+            except (ValueError, KeyError, TypeError) as exc:
+                status, answer = HTTPStatus.BAD_REQUEST, f"invalid request: {exc}"
+            except Exception as exc:  # a checkpoint that fails to load: the server goes on with the old one
+                logger.exception("weight update failed")
+                status, answer = HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}"
+            if status == HTTPStatus.OK:
+                self._send(status, answer if isinstance(answer, dict) else {"message": answer})
+            else:
+                self._error(status, str(answer))
+
         def _error(self, status: HTTPStatus, message: str) -> None:
             self._send(status, {"error": {"message": message, "type": status.phrase, "code": int(status)}})
 
@@ -161,6 +234,7 @@ def make_server(model: TransformersModel, host: str, port: int) -> ThreadingHTTP
             self.end_headers()
             self.wfile.write(data)
 
+    weights_routes = WeightRoutes(model).routes()
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     return server

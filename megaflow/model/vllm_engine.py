@@ -14,13 +14,16 @@ import gc
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, ModelRequest, Usage
 from megaflow.model.batching import Job, MicroBatcher, wait_result
 from megaflow.model.config import VLLMModelConfig
+from megaflow.model.policy import PolicyRef
 from megaflow.model.toolcalls import parse_tool_calls, render_prompt
+from megaflow.model.weights import lora_name, reload_vllm_worker
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,11 @@ class VLLMModel:
         self.config = config
         self.name = config.model
         self.version = config.version or config.model
+        #: The published policy version generating now (0: the config's weights); set on the batcher thread.
+        self.policy_version = 0
+        self._policy_target = 0
+        self._policy_lock = threading.Lock()
+        self._lora: Any = None  # the LoRARequest every prompt carries, when the policy is an adapter
         self._load_lock = threading.Lock()
         self._tok_lock = threading.Lock()
         self._llm: Any = None
@@ -77,6 +85,8 @@ class VLLMModel:
             }
             if self.config.max_model_len:
                 kwargs["max_model_len"] = self.config.max_model_len
+            if self.config.enable_lora:
+                kwargs.update(enable_lora=True, max_lora_rank=self.config.max_lora_rank)
             llm = vllm.LLM(**kwargs)
             self._tokenizer = llm.get_tokenizer()
             # Newer vLLM exposes model_config on LLM itself; every version has it on the engine.
@@ -115,7 +125,8 @@ class VLLMModel:
             logprobs=1 if s.logprobs else None,
         )
         job = self._batcher.submit("all", ({"prompt_token_ids": ids}, params))
-        output = wait_result(job, request.timeout_s).outputs[0]
+        result, version = wait_result(job, request.timeout_s)
+        output = result.outputs[0]
         token_ids = list(output.token_ids)
         logprobs = None
         if s.logprobs and output.logprobs:
@@ -135,7 +146,39 @@ class VLLMModel:
             latency_s=time.monotonic() - started,
             model=self.name,
             model_version=self.version,
+            policy_version=version,
+            prompt_token_ids=ids,
         )
+
+    def load_policy(self, ref: PolicyRef) -> Future | None:
+        """Switch to a published version before any request submitted after this call.
+
+        A barrier on the batcher thread, between two ``generate`` calls: a LoRA version
+        becomes the ``LoRARequest`` every later prompt carries (the engine needs
+        ``enable_lora``); full weights are loaded into every worker's model through
+        ``LLM.collective_rpc`` (`weights.reload_vllm_worker`, the way vLLM's RLHF examples
+        update weights in place). Not run here on a GPU: tested with a fake engine.
+
+        Returns:
+            The swap's future, or None when `ref` is not newer than the last one asked for.
+        """
+        with self._policy_lock:
+            if ref.version <= self._policy_target:
+                return None
+            self._policy_target = ref.version
+        return self._batcher.barrier(lambda: self._swap(ref))
+
+    def _swap(self, ref: PolicyRef) -> None:
+        self.load()
+        if ref.kind == "lora":
+            from vllm.lora.request import LoRARequest
+
+            self._lora = LoRARequest(lora_name(ref), ref.version, ref.path)
+        else:
+            self._llm.collective_rpc(reload_vllm_worker, args=(ref.path,))
+            self._lora = None
+        self.policy_version = ref.version
+        logger.info("policy %s version %d (%s) in use", ref.policy, ref.version, ref.kind)
 
     def close(self) -> None:
         """Stop the batcher and drop the engine, freeing GPU memory. Idempotent."""
@@ -159,7 +202,9 @@ class VLLMModel:
             raise ModelUnavailableError(f"model {self.name!r} is closed")
         prompts = [job.payload[0] for job in jobs]
         params = [job.payload[1] for job in jobs]
+        version, lora = self.policy_version, self._lora  # swaps run on this thread: fixed for the batch
+        extra = {"lora_request": lora} if lora is not None else {}
         # LLM.generate returns outputs in the order of its inputs.
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False, **extra)
         for job, output in zip(jobs, outputs):
-            job.future.set_result(output)
+            job.future.set_result((output, version))
