@@ -85,8 +85,8 @@ class TrainSpec(_Strict):
         if not isinstance(data, dict):
             raise SpecError(f"train spec {path} must be a mapping, got {type(data).__name__}")
         for key in ("run", "output_dir"):
-            if isinstance(data.get(key), str) and not Path(data[key]).expanduser().is_absolute():
-                data[key] = str(path.parent / data[key])
+            if isinstance(data.get(key), str):
+                data[key] = str(path.parent / Path(data[key]).expanduser())
         return cls.parse(data, source=str(path))
 
     @classmethod
