@@ -23,7 +23,9 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from megaflow import Client, Settings
+from megaflow.export import HFChatTokenizer
 from megaflow.local_stack import LocalStack
+from megaflow.model.smollm import smollm2_path
 from megaflow.rl.train_spec import TrainSpec
 from megaflow.rl.trainer import train
 
@@ -45,7 +47,15 @@ def main() -> None:
                         data_dir=Path(spec.output_dir) / "stack", host="rl-host")
     print(f"database and vhost {name}; output in {spec.output_dir}", flush=True)
     with LocalStack(settings):
-        train(spec, Client(settings), on_step=lambda log: print(log, flush=True))
+        train(spec, Client(settings), on_step=lambda log: print(log, flush=True), tokenizer=smollm2_tokenizer())
+
+
+def smollm2_tokenizer() -> HFChatTokenizer:
+    """For turns whose backend recorded no prompt ids (the transformers backend records them)."""
+    from transformers import AutoTokenizer
+
+    directory, gguf = smollm2_path()
+    return HFChatTokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf, local_files_only=True))
 
 
 if __name__ == "__main__":
