@@ -192,3 +192,20 @@ def chaos(
         print(json.dumps(figures, default=str))
         return
     _print_figures(figures, as_json)
+
+
+@app.command()
+def rl(
+    steps: int = typer.Option(5, min=2, help="Training steps per mode."),
+    groups: int = typer.Option(1, min=1, help="Groups per batch."),
+    rollouts: int = typer.Option(4, min=1, help="Episodes per group."),
+    model: str = typer.Option("smollm2", help="The trained model: smollm2 (SmolLM2-135M, LoRA, CPU) or tiny."),
+    latency_s: float = typer.Option(None, help="Scripted latency per model call; default: calibrated so a "
+                                    "batch's rollout takes about one train step."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The trainer's idle fraction in sync and async (max_staleness 1, 2) mode; rollout, train, weight-sync seconds per step."""
+    from megaflow.bench.rl import run_rl_bench
+
+    _print_figures(run_rl_bench(steps=steps, groups=groups, rollouts=rollouts, model=model, latency_s=latency_s),
+                   as_json)
