@@ -85,3 +85,20 @@ def test_a_small_run_beside_cpu_burners(pg_server, amqp_server):
     assert f["targets"] == {"no_missed_heartbeats": True, "no_ack_errors": True, "all_succeeded": True,
                             "no_stall": True, "machine_saturated": True}, f
     assert f["max_hop_gap_s"] > 0 and f["heartbeat_s"] == 10 and not f["notes"]
+
+
+def test_worker_event_connection_publishes_without_confirms(tmp_path):
+    """The fix the bench checks: the consumer's event connection has no confirms; task publishes keep theirs."""
+    from celery.utils.imports import symbol_by_name
+
+    from megaflow.config import Settings
+    from workers.common import make_worker_app
+
+    app = make_worker_app("agent", Settings(data_dir=tmp_path, broker_url="amqp://guest:guest@127.0.0.1:5672//",
+                                            database_url=f"sqlite:///{tmp_path}/db.sqlite"))
+    consumer_cls = symbol_by_name(app.conf.worker_consumer)
+    consumer = consumer_cls.__new__(consumer_cls)  # no broker: only the connection it would open is looked at
+    consumer.app, consumer.ensure_connected = app, lambda conn: conn
+    events = consumer.connection_for_write(heartbeat=10)
+    assert events.transport_options["confirm_publish"] is False and events.heartbeat == 10
+    assert app.connection_for_write().transport_options["confirm_publish"] is True
