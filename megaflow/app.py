@@ -128,7 +128,9 @@ def make_app(settings: Settings | None = None, pool: str | None = None) -> Celer
     if settings.resolved_broker_url().startswith(("amqp", "pyamqp")):
         # Publisher confirms: a hop's continuation is in RabbitMQ before the hop is
         # acknowledged. Without them a worker killed right after its parent acked
-        # can lose the continuation still sitting in its socket buffer.
+        # can lose the continuation still sitting in its socket buffer. A worker's task-event
+        # connection turns them off (workers.common.WorkerConsumer: waiting for them there
+        # stalled whole workers, issue #21 point 3).
         conf["broker_transport_options"] = {"confirm_publish": True}
     if settings.embedded:
         from megaflow.kombu_sqlite import TRANSPORT
