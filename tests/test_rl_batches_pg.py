@@ -42,7 +42,8 @@ CONSUMER = textwrap.dedent("""
         def text_ids(self, text):
             return [ord(c) for c in text]
 
-    stream = BatchStream(sys.argv[1], sys.argv[2], int(sys.argv[3]), tokenizer=Chars(), timeout_s=60)
+    run_id = sys.argv[2] if sys.argv[2] != "-" else sys.stdin.readline().strip()  # "-": started before the run
+    stream = BatchStream(sys.argv[1], run_id, int(sys.argv[3]), tokenizer=Chars(), timeout_s=60)
     batch = next(stream)
     print(batch.batch_id, ",".join(batch.group_ids), flush=True)
     time.sleep(600)
@@ -58,11 +59,15 @@ def _groups(n: int) -> list:
     return [[(states.SUCCEEDED, 1.0, True), (states.FAILED, 0.0, True)] for _ in range(n)]
 
 
-def _consumer(url: str, run_id: str, g: int) -> tuple[subprocess.Popen, str, list[str]]:
-    proc = subprocess.Popen([sys.executable, "-c", CONSUMER, url, run_id, str(g)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+def _consumer(url: str, run_id: str | None, g: int, submit=None) -> tuple[subprocess.Popen, str, list[str]]:
+    """A consumer process; given `submit` instead of a run id, it starts first and is given the run once submitted."""
+    proc = subprocess.Popen([sys.executable, "-c", CONSUMER, url, run_id or "-", str(g)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if submit is not None:
+        proc.stdin.write(submit() + "\n")
+        proc.stdin.flush()
     line = proc.stdout.readline().split()
-    assert line, f"the consumer process took no batch (exit {proc.poll()})"
+    assert line, f"the consumer process took no batch (exit {proc.wait(10)})"
     return proc, line[0], line[1].split(",")
 
 
@@ -186,30 +191,31 @@ class Chars:
 def test_a_runs_batches_arrive_while_it_runs_and_a_killed_consumers_batch_is_handed_out_again(cluster):
     client = cluster.client
     spec = {"name": "rl", "rollouts": 2, "sandbox": {"type": "memory"},
-            "model": {"type": "scripted", "latency_s": 0.2,
+            "model": {"type": "scripted", "latency_s": 0.3,
                       "replies": ["```bash\necho hi\n```", "```bash\nsubmit\n```"]},
             "tasks": [{"instance_id": f"t{i}", "instruction": "x", "check": "true" if i % 2 else "false"}
                       for i in range(4)]}
-    run_id = client.submit(spec)
+    submitted = []
 
-    def run_status() -> str:
-        with client.session() as s:
-            return s.get(Run, run_id).status
+    def submit() -> str:
+        submitted.append(client.submit(spec))
+        return submitted[0]
 
-    # A trainer process takes the first batch and is killed before it acknowledges it.
-    proc, batch_id, taken = _consumer(client.db_url, run_id, 1)
-    assert run_status() == "running"  # the first batch came before the run ended
+    # A trainer process (started first, so its start-up is not timed) takes the first batch
+    # and is killed before it acknowledges it.
+    proc, batch_id, taken = _consumer(client.db_url, None, 1, submit=submit)
+    [run_id] = submitted
+    with client.session() as s:
+        assert s.get(Run, run_id).status == "running"  # the first batch came before the run ended
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
 
-    batches, status_then = [], []
+    batches = []
     with client.batches(run_id, groups_per_batch=1, tokenizer=Chars(), timeout_s=60) as stream:
         for batch in stream:
-            status_then.append(run_status())
             batches.append(batch)
             batch.ack()
     assert (batches[0].batch_id, batches[0].group_ids, batches[0].handouts) == (batch_id, taken, 2)
-    assert status_then[0] == "running"  # still arriving while the run runs
     assert sorted(g for b in batches for g in b.group_ids) == sorted(_group_ids(client, run_id))
     results = {r["episode_id"]: r for r in client.results(run_id)}
     for batch in batches:
