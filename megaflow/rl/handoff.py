@@ -111,7 +111,6 @@ class BatchStream:
         self.g = batch_size(run_id, spec.get("rl"), groups_per_batch)
         self.tokenizer = as_tokenizer(tokenizer)
         self.timeout_s = timeout_s
-        self.key = random.randrange(1, 2**31)
         # One connection of our own, outside any pool: it listens, and its advisory
         # lock says this consumer lives. It dies with the process, and the lock with it.
         self._engine = create_engine(db_url, poolclass=NullPool)
@@ -119,7 +118,11 @@ class BatchStream:
         conn = self._raw.driver_connection
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_SPACE, self.key))
+            while True:  # a random key; another if a live consumer holds it
+                self.key = random.randrange(1, 2**31)
+                cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_SPACE, self.key))
+                if cur.fetchone()[0]:
+                    break
             cur.execute(f'LISTEN "{ready_channel(run_id)}"')
         self._watch = DeathWatch(db_url, ready_channel(run_id))
         self._closed = False
