@@ -17,6 +17,7 @@ counts against ``limits.max_format_errors`` like the text scaffolds' errors.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -72,6 +73,12 @@ NOT_RUN = "Not run: this agent runs one tool call per reply. Call it again if it
 MAX_COMMAND_BYTES = 120_000
 
 
+@functools.lru_cache(maxsize=1)
+def _editor_program() -> str:
+    script = Path(__file__).with_name("editor_script.py").read_text()
+    return script[:script.rindex('if __name__ == "__main__":')]
+
+
 def editor_command(args: dict) -> str:
     """The shell command that runs the editor with `args` inside the sandbox.
 
@@ -79,10 +86,8 @@ def editor_command(args: dict) -> str:
     the file's text can break out of it; the whole command stays one shell argument,
     hence `MAX_COMMAND_BYTES`.
     """
-    script = Path(__file__).with_name("editor_script.py").read_text()
-    script = script[:script.rindex('if __name__ == "__main__":')]
     payload = json.dumps(args)
-    return f"python3 - <<'MEGAFLOW_EDITOR'\n{script}main(json.loads({payload!r}))\nMEGAFLOW_EDITOR"
+    return f"python3 - <<'MEGAFLOW_EDITOR'\n{_editor_program()}main(json.loads({payload!r}))\nMEGAFLOW_EDITOR"
 
 
 class ToolAgent:
