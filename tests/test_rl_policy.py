@@ -169,3 +169,24 @@ def test_followers_switch_a_lagging_client_before_its_request(sqlite_url, tmp_pa
     with pytest.raises(TypeError, match="cannot switch"):
         followers.add("p", object())
     followers.close()
+
+
+def test_the_policy_cli_publishes_lists_and_refuses_with_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from megaflow.cli.main import app
+
+    monkeypatch.setenv("MEGAFLOW_DATA_DIR", str(tmp_path / "data"))
+    for name in ("MEGAFLOW_DATABASE_URL", "MEGAFLOW_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    cli = CliRunner()
+    ckpt = full_checkpoint(tmp_path)
+    out = cli.invoke(app, ["policy", "publish", str(ckpt), "--meta", '{"step": 3}', "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {"version": 1, "path": str(ckpt), "kind": "full"}
+    bad = cli.invoke(app, ["policy", "publish", str(ckpt), "--kind", "lora"])
+    assert bad.exit_code == 2 and "not a PEFT LoRA adapter" in bad.output and len(bad.output.splitlines()) == 1
+    assert cli.invoke(app, ["policy", "publish", str(ckpt), "--meta", "[1]"]).exit_code == 2
+    listed = cli.invoke(app, ["policy", "list", "--json"])
+    rows = [json.loads(line) for line in listed.output.splitlines()]
+    assert [(r["policy"], r["version"], r["meta"]) for r in rows] == [("default", 1, {"step": 3})]

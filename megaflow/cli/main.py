@@ -8,6 +8,7 @@ import typer
 from pydantic import ValidationError
 
 from megaflow.cli import bench, db, env, export, ops, runs, sched, topology, workers
+from megaflow.cli import policy as policy_cli
 from megaflow.cli import rl as rl_cli
 from megaflow.cli import train as train_cli
 
@@ -23,6 +24,7 @@ env.register(app)
 ops.register(app)
 sched.register(app)
 rl_cli.register(app)
+policy_cli.register(app)
 train_cli.register(app)
 
 
