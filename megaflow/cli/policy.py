@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -40,13 +41,14 @@ def _client():
 
 @app.command()
 def publish(
-    path: Path = typer.Argument(..., help="A save_pretrained directory or state-dict file (full), or a PEFT adapter "
-                                "directory (lora)."),
-    kind: Kind = typer.Option(Kind.full, "--kind", "-k", help="full weights or a LoRA adapter."),
-    policy: str = typer.Option(None, "--policy", "-p", help="Policy name (default: RUN's rl.policy, else 'default')."),
-    run_id: str = typer.Option(None, "--run", help="A run whose rl.policy names the policy."),
-    meta: str = typer.Option(None, help="JSON kept with the version, e.g. '{\"step\": 12}'."),
-    as_json: bool = typer.Option(False, "--json", help="Print the version as JSON."),
+    path: Annotated[Path, typer.Argument(help="A save_pretrained directory or state-dict file (full), or a PEFT "
+                                         "adapter directory (lora).")],
+    kind: Annotated[Kind, typer.Option("--kind", "-k", help="full weights or a LoRA adapter.")] = Kind.full,
+    policy: Annotated[str | None, typer.Option("--policy", "-p", help="Policy name (default: RUN's rl.policy, "
+                                               "else 'default').")] = None,
+    run_id: Annotated[str | None, typer.Option("--run", help="A run whose rl.policy names the policy.")] = None,
+    meta: Annotated[str | None, typer.Option(help="JSON kept with the version, e.g. '{\"step\": 12}'.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the version as JSON.")] = False,
 ) -> None:
     """Publish a checkpoint as its policy's next version; model workers switch to it between requests."""
     from megaflow.model.policy import PolicyError
@@ -73,8 +75,8 @@ def publish(
 
 @app.command(name="list")
 def list_versions(
-    policy: str = typer.Option(None, "--policy", "-p", help="Only this policy."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per version."),
+    policy: Annotated[str | None, typer.Option("--policy", "-p", help="Only this policy.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per version.")] = False,
 ) -> None:
     """Published versions, newest first, per policy."""
     from megaflow.model import policy as policies
