@@ -93,6 +93,8 @@ def test_a_group_closed_by_its_callback_wakes_a_waiting_consumer(pg_url):
     with session_scope(url) as s:
         s.execute(update(Run).where(Run.id == run_id).values(status="running"))
         s.execute(update(RolloutGroup).where(RolloutGroup.run_id == run_id).values(status="pending"))
+    with BatchStream(url, run_id, 1, timeout_s=0.3) as idle, pytest.raises(TimeoutError, match="within 0.3s"):
+        next(idle)
     got, errors = [], []
 
     def consume():
