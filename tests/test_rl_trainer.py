@@ -124,3 +124,39 @@ def _seq_logp(model, ids, mask) -> float:
     with torch.no_grad():
         logp = token_logprobs(model(input_ids=torch.tensor([ids])).logits, torch.tensor([ids]))[0]
     return float((logp * torch.tensor(mask, dtype=torch.float32)).sum())
+
+
+def test_the_readme_bare_trainer_is_a_plain_consumer(tmp_path):
+    """docs/examples/bare_trainer.py, fed by a stand-in for client.batches: it steps, publishes, acks."""
+    import importlib.util
+    from pathlib import Path
+
+    from megaflow.rl.batches import Batch
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "examples" / "bare_trainer.py"
+    module_spec = importlib.util.spec_from_file_location("docs_example_bare_trainer", path)
+    example = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(example)
+
+    model = tiny_llama()
+    acks, published = [], []
+    good, bad, mask = [5, 6, 7, 8], [5, 6, 9, 9], [0, 0, 1, 1]
+
+    class Stand:  # what client.batches and client.publish_policy look like to a trainer
+        def batches(self, run_id, groups_per_batch):
+            import contextlib
+
+            batches = [Batch(run_id=run_id, batch_id=f"b{i}", group_ids=["g"], _ack=lambda i=i: acks.append(i),
+                             episodes=[on_policy(model, good, mask, 1.0, "g"), on_policy(model, bad, mask, -1.0, "b")])
+                       for i in range(3)]
+            return contextlib.nullcontext(iter(batches))
+
+        def publish_policy(self, path, kind, run_id):
+            published.append((Path(path).name, kind, run_id))
+            return len(published)
+
+    before = _seq_logp(model, good, mask) - _seq_logp(model, bad, mask)
+    example.train(Stand(), "run-1", model, torch.optim.SGD(model.parameters(), lr=0.5), str(tmp_path))
+    assert acks == [0, 1, 2]
+    assert published == [(f"step-{i}.pt", "full", "run-1") for i in (1, 2, 3)]
+    assert _seq_logp(model, good, mask) - _seq_logp(model, bad, mask) > before
