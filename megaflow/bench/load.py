@@ -144,7 +144,8 @@ def _run(settings: Settings, episodes: int, steps: int, burners: int, timeout_s:
             b.wait()
         stop_all(workers)
     starts = hop_starts(client, run_id)
-    closures = rabbitmq_closures(broker_log, urlsplit(settings.broker_url).path.lstrip("/"))
+    # kombu writes the default vhost "/" as a trailing "//".
+    closures = rabbitmq_closures(broker_log, urlsplit(settings.broker_url).path[1:] or "/")
     figures = {
         "episodes": episodes,
         "episodes_succeeded": st["by_state"].get("succeeded", 0),
