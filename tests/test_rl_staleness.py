@@ -101,3 +101,14 @@ def test_async_runs_k_batches_ahead(runner, tmp_path):
 def test_a_run_without_a_bound_never_waits(runner):
     run_id, _ = runner.client._record(RunSpec.parse(spec({"mode": "async"}, groups=3)))
     assert all(not runner.decide(eid, HopResult(hop="start")).park for eid, _, _ in episodes(runner, run_id))
+
+
+def test_the_repair_sweep_admits_what_a_dead_publisher_left_waiting(runner, tmp_path):
+    run_id, _ = runner.client._record(RunSpec.parse(spec({"mode": "sync"}, groups=2)))
+    e0, e1 = (eid for eid, _, _ in episodes(runner, run_id))
+    assert runner.run_episode(e0).state == states.SUCCEEDED
+    assert runner.decide(e1, HopResult(hop="start")).park
+    # The version is recorded, but its publisher died before admitting anything.
+    policies.publish(runner.rt.session, str(full_checkpoint(tmp_path)))
+    with runner.rt.session() as s:
+        assert [a["episode_id"] for a in admission.repair(s, runner.settings)] == [e1]

@@ -289,4 +289,13 @@ def repair(s: Session, settings: Settings, stale_s: float = 300.0) -> list[dict]
     if lost or resend:
         log.warning("scheduler repair: %d lost slot holders released, %d admitted episodes re-sent",
                     len(lost), len(resend))
-    return resend + admit_waiting(s, settings, rounds=4)
+    return resend + admit_waiting(s, settings, rounds=4) + readmit_published(s, settings)
+
+
+def readmit_published(s: Session, settings: Settings) -> list[dict]:
+    """`admit_published` for every policy episodes wait for: the publisher may have died between
+    recording its version and admitting what it unblocked (the repair sweep's part of it)."""
+    names = {(parked or {}).get("claim", {}).get("rl", {}).get("policy") for (parked,) in s.execute(
+        select(Episode.parked).where(Episode.state == states.WAITING,
+                                     Episode.wait_reason.startswith(staleness.POLICY + " ")).limit(1000)).all()}
+    return [a for name in sorted(n for n in names if n) for a in admit_published(s, settings, name)]
