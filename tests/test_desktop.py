@@ -29,7 +29,6 @@ pytestmark = pytest.mark.integration
 def desktop_image(monkeypatch) -> None:
     """Build (or find cached) megaflow/desktop on the test engine."""
     import docker
-
     from megaflow.sandbox.contexts import context_dir
     from megaflow.sandbox.images import build_image
 

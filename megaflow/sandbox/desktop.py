@@ -44,8 +44,8 @@ _WRAPPED = "( " + HELPER + " "
 _WINDOW = re.compile(r"^(0x[0-9a-f]+)\s+(-?\d+)\s+(-?\d+)\s+(-?\d+)\s+(\d+)\s+(\d+)\s+(\S+)\s?(.*)$")
 _ACTIVE = re.compile(r"^active (0x[0-9a-f]+)$")
 _A11Y_MARK = "--- accessibility tree ---"
-#: Seconds the session may take to start (Xvfb and openbox: ~0.3 s).
-START_TIMEOUT_S = 30.0
+#: Seconds the session may take to start (Xvfb and openbox: about a second, far more on a loaded host).
+START_TIMEOUT_S = 150.0
 
 
 @dataclass
