@@ -68,10 +68,23 @@ def model(
 def env(
     n: int = typer.Option(40, "--n", min=1, help="Samples per timed phase."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    desktop: bool = typer.Option(False, "--desktop", help="Instead: desktop sandboxes (create with the session up, "
+                                 "screenshot round trip vs scrot in the same container, actions/s, memory)."),
+    creates: int = typer.Option(5, "--creates", min=1, help="--desktop: desktops created one at a time, timed."),
 ) -> None:
     """Sandbox costs on the Docker engine: create, warm-pool acquire, concurrent creates, exec vs raw SDK."""
     from megaflow.bench.env import format_figures, run_env_bench
 
+    if desktop:
+        from megaflow.bench.desktop import format_desktop_figures, run_desktop_bench
+
+        figures = run_desktop_bench(n=max(n, 2), creates=creates)
+        if as_json:
+            print(json.dumps(figures))
+            return
+        for line in format_desktop_figures(figures):
+            typer.echo(line)
+        return
     figures = run_env_bench(n=n)
     if as_json:
         print(json.dumps(figures))
