@@ -233,9 +233,9 @@ def command_at_provision(spec: RunSpec, task, agent: Agent) -> str | None:
 
     Only for the oracle, whose commands are fixed before anything runs: the
     provision hop then runs the first one right after setup and records step 0
-    as the decision after provision would have, followed by its exec hop. That is
-    one decision and one hop fewer per episode (a tenth of a short SWE instance's
-    time). Not with simulated latencies, which stand for a real exec hop.
+    as the decision after provision and that command's exec hop would have. That is
+    one decision and one hop fewer per episode (`megaflow bench swe`). Not with
+    simulated latencies, which stand for a real exec hop.
     """
     if spec.agent.type != "oracle" or spec.simulate is not None:
         return None
