@@ -190,3 +190,4 @@ def test_the_policy_cli_publishes_lists_and_refuses_with_one_line(tmp_path, monk
     listed = cli.invoke(app, ["policy", "list", "--json"])
     rows = [json.loads(line) for line in listed.output.splitlines()]
     assert [(r["policy"], r["version"], r["meta"]) for r in rows] == [("default", 1, {"step": 3})]
+

@@ -1,5 +1,7 @@
-"""The real model switching weights (issue 18, point 2): SmolLM2-135M in the transformers
-backend loads a published LoRA adapter between two batches, while requests keep coming.
+"""Real weights switching (issue 18, point 2): SmolLM2-135M in the transformers backend
+loads a published LoRA adapter between two batches, while requests keep coming; and each
+kind of checkpoint (save_pretrained directory, state-dict file, PEFT adapter) loads
+beside the base weights.
 
 In process (the switch logic on real workers is tests/test_rl_policy_pg.py, with the
 scripted model): the cost here is loading SmolLM2 once.
@@ -93,3 +95,40 @@ def test_smollm2_loads_a_published_lora_adapter_between_batches(tmp_path):
     finally:
         model.close()
     print(f"SmolLM2: loaded in {loaded - started:.1f}s; 6 calls and the LoRA switch in {switched - loaded:.1f}s")
+
+
+def test_transformers_weights_load_full_state_dict_and_lora_beside_the_base(tmp_path):
+    """`load_transformers` on a tiny random Llama: each kind gives a new model, the base stays as it was.
+
+    (Here with the real-model test, not in the fast suite: importing torch, transformers and peft
+    alone takes tens of seconds on the shared test machine.)
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megaflow.model.policy import check_checkpoint
+    from megaflow.model.weights import load_transformers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    base = LlamaForCausalLM(config).eval()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    trained = LlamaForCausalLM(config)
+    trained.save_pretrained(tmp_path / "full")
+    save_file(trained.state_dict(), str(tmp_path / "weights.safetensors"))
+    get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "lora")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    for kind, path in (("full", tmp_path / "full"), ("full", tmp_path / "weights.safetensors"),
+                       ("lora", tmp_path / "lora")):
+        model = load_transformers(base, PolicyRef("p", 1, check_checkpoint(str(path), kind), kind), "cpu")
+        assert model is not base and not model.training
+        if kind == "full":
+            assert torch.equal(model.state_dict()[key], trained.state_dict()[key])
+        else:  # merged: the base's weights plus the adapter's product
+            assert not torch.equal(model.state_dict()[key], original[key])
+            assert "lora" not in " ".join(model.state_dict())
+    assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())
