@@ -78,6 +78,7 @@ def test_batches_of_g_then_a_smaller_last_one_then_the_end(pg_url):
     with BatchStream(url, run_id, 2, timeout_s=10) as stream:
         for batch in stream:
             assert all(len(e.input_ids) == len(e.loss_mask) == len(e.behaviour_logprobs) for e in batch.episodes)
+            assert json.loads(json.dumps(batch.to_dict()))["group_ids"] == batch.group_ids
             seen.append(batch.group_ids)
             batch.ack()
             batch.ack()  # twice is once

@@ -99,7 +99,10 @@ class Batch:
 
     def to_dict(self) -> dict:
         """The batch as JSON-ready data (no ``ack``)."""
-        return {f.name: dataclasses.asdict(self)[f.name] for f in dataclasses.fields(self) if f.name != "_ack"}
+        # Not dataclasses.asdict(self): it would deep-copy the ack (and the stream behind it).
+        return {"run_id": self.run_id, "batch_id": self.batch_id, "group_ids": list(self.group_ids),
+                "episodes": [dataclasses.asdict(e) for e in self.episodes],
+                "dropped": [dict(d) for d in self.dropped], "handouts": self.handouts}
 
     def __len__(self) -> int:
         return len(self.episodes)
