@@ -99,3 +99,17 @@ def test_a_shipped_computer_task_validates(backend, tmp_path):
     report = validate_task(backend, SandboxConfig(type="desktop"), task, tmp_path, timeout=60)
     assert report.ok, report.problems
     assert (report.gold, report.empty) == (1.0, 0.0)
+
+
+def test_the_desktop_bench_reports_its_figures_beside_their_floors(monkeypatch):
+    import docker
+    from megaflow.bench.desktop import format_desktop_figures, run_desktop_bench
+
+    desktop_image(monkeypatch)
+    figures = run_desktop_bench(n=2, creates=1, client=docker.from_env())
+    for key in ("desktop_create_p50_s", "docker_create_p50_s", "screenshot_p50_s", "raw_screenshot_p50_s",
+                "ratio_screenshot_to_raw", "actions_per_s", "memory_per_desktop_mb", "memory_idle_desktop_mb"):
+        assert figures[key] > 0, key
+    assert figures["memory_per_desktop_mb"] > figures["memory_idle_desktop_mb"]
+    assert figures["targets"] == {"ratio_screenshot_to_raw_max": 1.2}
+    assert len(format_desktop_figures(figures)) == 10
