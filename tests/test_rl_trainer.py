@@ -160,3 +160,24 @@ def test_the_readme_bare_trainer_is_a_plain_consumer(tmp_path):
     assert acks == [0, 1, 2]
     assert published == [(f"step-{i}.pt", "full", "run-1") for i in (1, 2, 3)]
     assert _seq_logp(model, good, mask) - _seq_logp(model, bad, mask) > before
+
+
+def test_the_run_report_plots_the_training(sqlite_url, tmp_path):
+    """Each published version's meta (what `train` publishes) becomes the report's Training plot and table."""
+    from megaflow.db.engine import session_scope
+    from megaflow.db.models import PolicyVersion, Run
+    from megaflow.ops.report import write_report
+
+    with session_scope(sqlite_url) as s:
+        s.add(Run(id="r1", name="touch", spec={"rl": {"policy": "p-1"}}))
+        s.add(PolicyVersion(policy="other", version=1, path="/x", kind="lora", meta={"step": 9}))
+        for v, (reward, errors) in enumerate([(-0.5, 0.75), (-0.25, 0.5), (0.5, 0.125)], 1):
+            s.add(PolicyVersion(policy="p-1", version=v, path=f"/ckpt/{v}", kind="lora",
+                                meta={"step": v, "mean_reward": reward, "format_error_rate": errors, "loss": 0.1,
+                                      "episodes": 8, "sampled_versions": [v - 1]}))
+    with session_scope(sqlite_url) as s:
+        write_report(s, "r1", tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Training</h2>" in page and "alt='Training'" in page
+    assert "<td>+0.500</td><td>12%</td>" in page       # step 3's row: reward, format-error rate
+    assert page.count("<td>8</td>") == 3               # three steps of p-1, none of "other"

@@ -187,8 +187,8 @@ th{background:#f6f6f6} img{max-width:100%;display:block;margin:.5em 0} .muted{co
 GRADED_ROWS = 500
 
 
-def render_html(data: RunData, generated_at: dt.datetime | None = None) -> str:
-    """The report of `data` as one HTML document with every image inline."""
+def render_html(data: RunData, generated_at: dt.datetime | None = None, training: list[dict] | None = None) -> str:
+    """The report of `data` as one HTML document with every image inline (`training`: see `training_steps`)."""
     generated_at = generated_at or dt.datetime.now(dt.UTC)
     parts = [(f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
               f"<title>MegaFlow run {html.escape(data.name)}</title><style>{_CSS}</style></head><body>"),
@@ -214,6 +214,8 @@ def render_html(data: RunData, generated_at: dt.datetime | None = None) -> str:
             parts.append(_table(HOP_HEADER, _hop_rows(data)))
         if title == "Failures by kind" and data.failures():
             parts.append(_table(("exit status", "episodes"), list(data.failures().items())))
+    if training:
+        parts += _training_section(training)
     graded = [e for e in data.episodes if e.grading and e.grading.get("tests_status")]
     if graded:
         from megaflow.swebench_report import grading_summary
@@ -246,8 +248,64 @@ def write_report(session, run_id: str, out: str | Path) -> int:
         import matplotlib  # noqa: F401  (fail before reading the database)
     except ImportError as exc:
         raise ImportError("the run report needs matplotlib: pip install 'megaflow[ops]'") from exc
-    document = render_html(load_run(session, run_id))
+    document = render_html(load_run(session, run_id), training=training_steps(session, run_id))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(document, encoding="utf-8")
     return len(document.encode("utf-8"))
+
+
+# -- the RL trainer's steps on this run (issue 18) ------------------------------
+
+
+def training_steps(session, run_id: str) -> list[dict]:
+    """What `megaflow train` published with each policy version of the run's ``rl.policy``.
+
+    One dict per training step (its ``meta``: step, mean_reward, format_error_rate, loss,
+    sampled_versions, timings) plus ``policy_version``; [] for a run nobody trained on.
+    """
+    from sqlalchemy import select
+
+    from megaflow.db.models import PolicyVersion, Run
+
+    run = session.get(Run, run_id)
+    policy = ((run.spec or {}).get("rl") or {}).get("policy") if run is not None else None
+    if not policy:
+        return []
+    rows = session.execute(select(PolicyVersion).where(PolicyVersion.policy == policy)
+                           .order_by(PolicyVersion.version)).scalars()
+    return [{**r.meta, "policy_version": r.version} for r in rows if isinstance(r.meta, dict) and "step" in r.meta]
+
+
+def plot_training(steps: list[dict]) -> str | None:
+    """Mean reward and format-error rate of each step's batch, and the policy version it published."""
+    if not steps:
+        return None
+    x = [s["step"] for s in steps]
+    fig = _figure(8, 3.4)
+    ax = fig.subplots()
+    ax.plot(x, [s.get("mean_reward", 0.0) for s in steps], marker="o", color="#31a354", label="mean reward")
+    ax.plot(x, [s.get("format_error_rate", 0.0) for s in steps], marker="s", color="#e6550d",
+            label="format-error rate")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("reward / rate")
+    ax.grid(alpha=0.3)
+    versions = ax.twinx()
+    versions.step(x, [s["policy_version"] for s in steps], where="post", color="#636363", alpha=0.6,
+                  label="policy version published")
+    versions.set_ylabel("policy version")
+    lines = ax.get_legend_handles_labels()
+    more = versions.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
+    ax.set_title("Training (megaflow train): each step's batch")
+    return _png(fig)
+
+
+def _training_section(steps: list[dict]) -> list[str]:
+    png = plot_training(steps)
+    rows = [(s["step"], s["policy_version"], ",".join(map(str, s.get("sampled_versions", []))),
+             s.get("episodes", ""), f"{s.get('mean_reward', 0.0):+.3f}", f"{s.get('format_error_rate', 0.0):.0%}",
+             f"{s.get('loss', 0.0):+.4f}") for s in steps]
+    return ["<h2>Training</h2>", f"<img alt='Training' src='data:image/png;base64,{png}'>",
+            _table(("step", "version published", "sampled by versions", "episodes", "mean reward",
+                    "format-error rate", "loss"), rows)]
