@@ -213,8 +213,10 @@ class DesktopSandbox:
 
     def _run_action(self, cmd: str, argv: list[str], timeout: float) -> tuple[Observation, ExecResult | None]:
         started = time.monotonic()
-        # `timeout` inside the container: the engine's exec has no deadline of its own.
-        code, out, err = self._raw(["timeout", "-s", "KILL", f"{max(1, int(timeout))}", "bash", "-c", cmd])
+        # `timeout` inside the container: the engine's exec has no deadline of its own. A plain
+        # action runs the helper directly (no shell: one process less on every observation).
+        run = [HELPER, *argv] if parse_command(cmd) == argv else ["bash", "-c", cmd]
+        code, out, err = self._raw(["timeout", "-s", "KILL", f"{max(1, int(timeout))}", *run])
         elapsed = time.monotonic() - started
         timed_out = code == 137
         if out[:8] != b"\x89PNG\r\n\x1a\n" and out.strip():
