@@ -40,7 +40,7 @@ def spec(groups: int, rl: dict, rollouts: int = 2, latency_s: float = 0.0) -> di
             "rl": rl}
 
 
-def wait_for(what, check, timeout: float = 30.0):
+def wait_for(what, check, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -90,7 +90,7 @@ def sync_pauses_at_each_batch_and_later_turns_carry_the_published_version(client
         assert {v for gi, v, _ in turns(client, run_id) if gi >= version} == set()  # nothing sampled past it
         assert client.publish_policy(checkpoint(tmp_path, f"v{version}"), run_id=run_id) == version
 
-    assert client.wait(run_id, timeout=30)["status"] == "finished"
+    assert client.wait(run_id, timeout=60)["status"] == "finished"
     rows = turns(client, run_id)
     assert len(rows) == 3 * 2 * 2
     for group, version, text in rows:
@@ -115,13 +115,13 @@ def async_k1_never_samples_a_turn_more_than_one_version_behind(client, tmp_path)
                 with client.session() as s:
                     return s.execute(select(func.count()).select_from(RolloutGroup).where(
                         RolloutGroup.run_id == run_id, RolloutGroup.status == "finished")).scalar() >= n
-            wait_for(f"{n} groups finished", finished, timeout=40)
+            wait_for(f"{n} groups finished", finished, timeout=60)
             published.append(client.publish_policy(checkpoint(tmp_path, f"a{n}"), run_id=run_id))
 
     thread = threading.Thread(target=trainer)
     thread.start()
-    thread.join(60)
-    assert client.wait(run_id, timeout=30)["status"] == "finished"
+    thread.join(180)
+    assert client.wait(run_id, timeout=60)["status"] == "finished"
     assert published == list(range(1, groups))
 
     with client.session() as s:
