@@ -16,6 +16,7 @@ reads the newest version before each request instead and switches then.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -111,6 +112,7 @@ def publish(session_factory, path: str, *, kind: str = "full", policy: str = "de
     for _ in range(PUBLISH_TRIES):
         try:
             with session_factory() as s:
+                lock(s, policy)
                 version = _insert_next(s, policy, path, kind, meta)
                 ref = PolicyRef(policy=policy, version=version, path=path, kind=kind)
                 if s.get_bind().dialect.name == "postgresql":
@@ -120,6 +122,22 @@ def publish(session_factory, path: str, *, kind: str = "full", policy: str = "de
         except (IntegrityError, OperationalError) as exc:  # a concurrent publisher took this number
             error = exc
     raise RuntimeError(f"could not record a version of policy {policy!r} after {PUBLISH_TRIES} tries: {error}")
+
+
+def lock(s: Session, policy: str, shared: bool = False) -> None:
+    """Order a publication against admission's check of a policy (PostgreSQL; SQLite has one writer anyway).
+
+    Admission reads the newest version and parks an episode in one transaction holding
+    this lock shared; a publisher records its version holding it exclusive. So a
+    publisher either commits before the check (which then sees its version) or after the
+    park (and then finds the parked episode to admit): no wake-up is lost between them.
+    """
+    if s.get_bind().dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.blake2b(f"megaflow-policy:{policy}".encode(), digest_size=8).digest(), "big",
+                         signed=True)
+    fn = func.pg_advisory_xact_lock_shared if shared else func.pg_advisory_xact_lock
+    s.execute(sql_select(fn(key)))
 
 
 def _insert_next(s: Session, policy: str, path: str, kind: str, meta: dict | None) -> int:

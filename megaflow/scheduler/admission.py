@@ -109,6 +109,7 @@ def start(s: Session, settings: Settings, ep: Tracked, claim: dict, task: dict) 
     if rl is not None:
         # Its batch may start only once the trainer is within the run's staleness bound.
         rl.setdefault("need", staleness.needed_for(s, ep.run_id, ep.group_id, rl))
+        policies.lock(s, rl["policy"], shared=True)  # a publication lands before this check or after the park
         if not staleness.admissible(policies.newest_version(s, rl["policy"]), rl["need"]):
             _park(s, ep, staleness.reason(rl["policy"], rl["need"]), claim, task)
             return False, None
