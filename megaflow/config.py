@@ -7,6 +7,7 @@ sandbox, so a fresh machine needs no server at all.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -25,6 +26,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEGAFLOW_", extra="ignore")
 
     data_dir: Path = Field(default=Path.home() / ".megaflow", description="Embedded state and sandboxes.")
+    model_cache: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megaflow" / "models",
+        description="GGUF weights converted once to Hugging Face directories, shared by every process "
+        "(megaflow.model.gguf_cache); outside data_dir, so per-run data dirs share it.")
     broker_url: str | None = Field(default=None, description="Celery broker, e.g. amqp://guest:guest@host:5672//.")
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the state database, e.g. postgresql+psycopg2://u@h/db."
