@@ -44,7 +44,8 @@ def main() -> None:
     subprocess.run(["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True,
                    capture_output=True)
     settings = Settings(database_url=PG.rsplit("/", 1)[0] + f"/{name}", broker_url=AMQP.rstrip("/") + f"/{name}",
-                        data_dir=Path(spec.output_dir) / "stack", host="rl-host")
+                        data_dir=Path(spec.output_dir) / "stack", host="rl-host",
+                        worker_concurrency=8)  # a batch at once, and few database connections
     print(f"database and vhost {name}; output in {spec.output_dir}", flush=True)
     with LocalStack(settings):
         train(spec, Client(settings), on_step=lambda log: print(log, flush=True), tokenizer=smollm2_tokenizer())

@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 #: Older ones are gone once every worker has moved past them (the staleness bound is small).
 KEEP_FULL_CHECKPOINTS = 3
 
+#: Tries of one publication while the database refuses connections.
+PUBLISH_ATTEMPTS = 6
+
 
 @dataclass
 class StepLog:
@@ -273,11 +276,31 @@ def _step(spec: TrainSpec, client: Any, learner: Learner, batch: Any, run_id: st
         clip_fraction=stats.clip_fraction, mean_ratio=stats.mean_ratio,
         rollout_s=rollout_s, train_s=trained - started, sync_s=0.0)
     path, kind = learner.save(step)
-    log.policy_version = client.publish_policy(path, kind=kind, run_id=run_id, meta=_meta(log))
+    log.policy_version = _publish(client, path, kind, run_id, _meta(log))
     batch.ack()  # after publishing: a trainer killed before this point gives the batch to the next one
     log.sync_s = time.monotonic() - trained
     logger.info("step %d: %s", step, asdict(log))
     return log
+
+
+def _publish(client: Any, path: str, kind: str, run_id: str, meta: dict) -> int:
+    """``publish_policy``, retried while the database refuses connections (a busy shared server).
+
+    A failure after the version was recorded (in the admission that follows it) makes the
+    retry record one more version of the same checkpoint: harmless to the workers, and
+    better than a trainer that dies and leaves the run waiting for it.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(PUBLISH_ATTEMPTS):
+        try:
+            return client.publish_policy(path, kind=kind, run_id=run_id, meta=meta)
+        except OperationalError as exc:
+            if attempt == PUBLISH_ATTEMPTS - 1:
+                raise
+            logger.warning("publishing %s failed (%s); retrying", path, type(exc).__name__)
+            time.sleep(min(30.0, 2.0 ** attempt))
+    raise AssertionError("unreachable")
 
 
 def _meta(log: StepLog) -> dict:
