@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 #: Older ones are gone once every worker has moved past them (the staleness bound is small).
 KEEP_FULL_CHECKPOINTS = 3
 
-#: Tries of one publication while the database refuses connections.
-PUBLISH_ATTEMPTS = 6
+#: Tries of one database operation while the server refuses connections.
+DB_ATTEMPTS = 8
 
 
 @dataclass
@@ -165,13 +165,10 @@ def load_model(name: str) -> Any:
     """The base causal LM, from local files only, in float32 on CPU (GGUF weights are dequantized)."""
     from transformers import AutoModelForCausalLM
 
-    from megaflow.model.smollm import ALIAS, smollm2_path
+    from megaflow.model.gguf_cache import hf_source
 
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    path = name
-    if name == ALIAS:
-        path, kwargs["gguf_file"] = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    # `smollm2`: the GGUF's cached converted directory (converted once per machine).
+    model = AutoModelForCausalLM.from_pretrained(hf_source(name), local_files_only=True)
     if getattr(model.config, "pad_token_id", None) is None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
@@ -241,7 +238,8 @@ def train(spec: TrainSpec, client: Any, learner: Learner | None = None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_id").write_text(run_id + "\n")
     logs: list[StepLog] = []
-    stream = client.batches(run_id, groups_per_batch=groups, tokenizer=tokenizer, timeout_s=spec.batch_timeout_s)
+    stream = _retrying("opening the batch stream", lambda: client.batches(
+        run_id, groups_per_batch=groups, tokenizer=tokenizer, timeout_s=spec.batch_timeout_s))
     try:
         waited = time.monotonic()
         for batch in stream:
@@ -272,33 +270,35 @@ def _step(spec: TrainSpec, client: Any, learner: Learner, batch: Any, run_id: st
     log = StepLog(
         step=step, policy_version=0, sampled_versions=sampled, episodes=len(episodes), loss=stats.loss,
         mean_reward=sum(rewards) / len(rewards) if rewards else 0.0,
-        format_error_rate=format_error_rate(client.session, [e.episode_id for e in episodes], turns),
+        format_error_rate=_retrying("reading format errors", lambda: format_error_rate(
+            client.session, [e.episode_id for e in episodes], turns)),
         clip_fraction=stats.clip_fraction, mean_ratio=stats.mean_ratio,
         rollout_s=rollout_s, train_s=trained - started, sync_s=0.0)
     path, kind = learner.save(step)
-    log.policy_version = _publish(client, path, kind, run_id, _meta(log))
+    log.policy_version = _retrying("publishing", lambda: client.publish_policy(path, kind=kind, run_id=run_id,
+                                                                              meta=_meta(log)))
     batch.ack()  # after publishing: a trainer killed before this point gives the batch to the next one
     log.sync_s = time.monotonic() - trained
     logger.info("step %d: %s", step, asdict(log))
     return log
 
 
-def _publish(client: Any, path: str, kind: str, run_id: str, meta: dict) -> int:
-    """``publish_policy``, retried while the database refuses connections (a busy shared server).
+def _retrying(what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, retried with backoff while the database refuses connections (a busy shared server).
 
-    A failure after the version was recorded (in the admission that follows it) makes the
-    retry record one more version of the same checkpoint: harmless to the workers, and
-    better than a trainer that dies and leaves the run waiting for it.
+    Used for publishing: a failure after the version was recorded (in the admission that
+    follows it) makes the retry record one more version of the same checkpoint, harmless
+    to the workers and better than a trainer that dies and leaves the run waiting for it.
     """
     from sqlalchemy.exc import OperationalError
 
-    for attempt in range(PUBLISH_ATTEMPTS):
+    for attempt in range(DB_ATTEMPTS):
         try:
-            return client.publish_policy(path, kind=kind, run_id=run_id, meta=meta)
+            return fn()
         except OperationalError as exc:
-            if attempt == PUBLISH_ATTEMPTS - 1:
+            if attempt == DB_ATTEMPTS - 1:
                 raise
-            logger.warning("publishing %s failed (%s); retrying", path, type(exc).__name__)
+            logger.warning("%s failed (%s); retrying", what, type(exc).__name__)
             time.sleep(min(30.0, 2.0 ** attempt))
     raise AssertionError("unreachable")
 
