@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -206,9 +207,7 @@ class DesktopSandbox:
     def act(self, name: str, *args: str, timeout: float = 60.0) -> Observation:
         """Perform one action (helper argv) and observe; for benches and direct use."""
         argv = [name, *args]
-        from shlex import join
-
-        obs, _ = self._run_action(join([HELPER, *argv]), argv, timeout)
+        obs, _ = self._run_action(shlex.join([HELPER, *argv]), argv, timeout)
         return obs
 
     def _run_action(self, cmd: str, argv: list[str], timeout: float) -> tuple[Observation, ExecResult | None]:
