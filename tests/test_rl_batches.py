@@ -26,10 +26,11 @@ class CharTokenizer:
         return [ord(c) for c in text]
 
 
-def _turns(recorded: bool):
-    """Two turns. Recorded prompts are whole prompts, each extending the sequence before it."""
+def _turns(recorded: bool | str):
+    """Two turns. Recorded prompts are whole prompts, each extending the sequence before it
+    ("drift": the second holds the first reply re-tokenized, not as sampled)."""
     p0 = [1, 2, 100, 3]
-    p1 = p0 + [7, 8] + [1, 2, 101, 3]
+    p1 = p0 + ([78] if recorded == "drift" else [7, 8]) + [1, 2, 101, 3]
     return [
         {"messages_in": [{"role": "user", "content": "u"}], "completion": "ab", "token_ids": [7, 8],
          "logprobs": [-0.5, -0.25], "policy_version": 3, "prompt_token_ids": p0 if recorded else None},
@@ -38,7 +39,7 @@ def _turns(recorded: bool):
     ]
 
 
-def _run(url, groups: list[list[tuple[str, float | None, bool]]]) -> tuple[str, list[str]]:
+def _run(url, groups: list[list[tuple[str, float | None, bool | str]]]) -> tuple[str, list[str]]:
     """A finished run: per group, episodes (state, reward, prompts recorded?) with advantages as close_group writes."""
     with session_scope(url) as s:
         run = Run(id=new_id(), name="rl", spec={}, status="finished")
@@ -145,3 +146,16 @@ def test_g_defaults_to_the_runs_rl_setting_and_may_not_outgrow_a_bounded_run():
         batch_size("r", None, None)
     with pytest.raises(ValueError, match="at least 1"):
         batch_size("r", None, 0)
+
+
+def test_an_episode_whose_recorded_prompts_drift_is_dropped_without_a_tokenizer_and_kept_with_one(sqlite_url):
+    run_id, gids = _run(sqlite_url, [[(states.SUCCEEDED, 1.0, True), (states.FAILED, 0.0, "drift")]])
+    with session_scope(sqlite_url) as s:
+        batch = assemble(s, run_id, "b1", gids)
+        [kept] = batch.episodes
+        [dropped] = batch.dropped
+        assert kept.sample_index == 0 and "does not extend the turns before it" in dropped["reason"]
+        # With a tokenizer the drifting turn's prompt comes from the chat template instead.
+        both = assemble(s, run_id, "b1", gids, tokenizer=CharTokenizer())
+    assert len(both.episodes) == 2 and not both.dropped
+    assert both.episodes[1].prompt_token_ids == [[1, 2, 100, 3], [1, 2, ord("o"), 3]]

@@ -31,6 +31,14 @@ class MissingTokensError(ValueError):
     """An episode's token ids cannot be known: the backend recorded none and no tokenizer was given."""
 
 
+class PromptDriftError(MissingTokensError):
+    """A turn's recorded prompt does not extend the turns before it, and no tokenizer was given.
+
+    The model saw an earlier reply re-tokenized from its text (ids other than those it
+    sampled, or another end-of-turn id), so no one flat sequence is what the model saw.
+    """
+
+
 @dataclass
 class TrainEpisode:
     """One episode as a trainer consumes it.
@@ -119,16 +127,18 @@ def train_episode(ep, ti, steps: list, tokenizer: ChatTokenizer | None = None) -
     """One finished episode's rows as a `TrainEpisode`.
 
     Raises:
+        PromptDriftError: a recorded prompt does not extend the turns before it (no tokenizer).
         MissingTokensError: a turn's prompt or completion ids are unknown (nothing
             recorded, no tokenizer), or its logprobs do not match its token ids.
     """
     row = trainer_row(ep, ti, steps, tokenizer=tokenizer)
-    if row["input_ids"] is None:
-        raise MissingTokensError(
-            f"episode {ep.id}: some turn has no usable token ids (the backend recorded none, or a recorded "
-            "prompt does not extend the turns before it); pass tokenizer= (a model name or an HFChatTokenizer) "
-            "to client.batches(), or --tokenizer")
     turns = [s for s in steps if s.completion is not None]
+    if row["input_ids"] is None:
+        recorded = all(getattr(s, "prompt_token_ids", None) is not None and s.token_ids is not None for s in turns)
+        raise (PromptDriftError if recorded else MissingTokensError)(
+            f"episode {ep.id}: " + ("a recorded prompt does not extend the turns before it" if recorded else
+                                    "the model backend recorded no token ids for some turn")
+            + "; pass tokenizer= (a model name or an HFChatTokenizer) to client.batches(), or --tokenizer")
     logprobs = row["completion_logprobs"]
     for i, (ids, lp) in enumerate(zip(row["completion_token_ids"], logprobs)):
         if lp is not None and len(lp) != len(ids):
@@ -151,8 +161,12 @@ def assemble(s: Session, run_id: str, batch_id: str, group_ids: list[str],
              tokenizer: ChatTokenizer | None = None, handouts: int = 1) -> Batch:
     """Read the groups' current episodes and their steps, and make the batch (without ``ack``).
 
+    Episodes without a reward are dropped (see the module docstring), and so are those
+    whose recorded prompts drift from the sampled ids (`PromptDriftError`) when no
+    tokenizer was given; each is listed in ``Batch.dropped`` with the reason.
+
     Raises:
-        MissingTokensError: see `train_episode`.
+        MissingTokensError: the backend recorded no token ids and no tokenizer was given.
     """
     rows = s.execute(select(Episode, TaskInstance).join(TaskInstance, TaskInstance.id == Episode.task_instance_id)
                      .where(Episode.group_id.in_(group_ids), Episode.superseded_by.is_(None))).all()
@@ -168,6 +182,11 @@ def assemble(s: Session, run_id: str, batch_id: str, group_ids: list[str],
             dropped.append({"episode_id": ep.id, "group_id": ep.group_id, "state": ep.state,
                             "exit_status": ep.exit_status, "reason": "no reward: the episode ended without a verdict"})
             continue
-        episodes.append(train_episode(ep, ti, steps[ep.id], tokenizer))
+        try:
+            episodes.append(train_episode(ep, ti, steps[ep.id], tokenizer))
+        except PromptDriftError as exc:
+            # One episode's re-tokenized history must not stop the trainer: left out, said why.
+            dropped.append({"episode_id": ep.id, "group_id": ep.group_id, "state": ep.state,
+                            "exit_status": ep.exit_status, "reason": str(exc)})
     return Batch(run_id=run_id, batch_id=batch_id, group_ids=list(group_ids), episodes=episodes,
                  dropped=dropped, handouts=handouts)
