@@ -71,7 +71,8 @@ class HFChatTokenizer:
     their stop token have it in the completion ids.
 
     Args:
-        name_or_tokenizer: A model name or path for ``AutoTokenizer``, or a tokenizer.
+        name_or_tokenizer: A model name or path for ``AutoTokenizer``, ``smollm2`` (the shipped
+            weights), or a tokenizer.
 
     Raises:
         ImportError: transformers is not installed (the ``model`` extra).
@@ -83,7 +84,10 @@ class HFChatTokenizer:
                 from transformers import AutoTokenizer
             except ImportError as exc:
                 raise ImportError("--tokenizer needs transformers: pip install 'megaflow[model]'") from exc
-            name_or_tokenizer = AutoTokenizer.from_pretrained(name_or_tokenizer)
+            from megaflow.model.gguf_cache import hf_source
+
+            # `smollm2` (GGUF): its cached converted directory, seconds instead of a conversion.
+            name_or_tokenizer = AutoTokenizer.from_pretrained(hf_source(name_or_tokenizer))
         self.tok = name_or_tokenizer
 
     def _ids(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:

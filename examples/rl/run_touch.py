@@ -25,7 +25,6 @@ from sqlalchemy import create_engine, text
 from megaflow import Client, Settings
 from megaflow.export import HFChatTokenizer
 from megaflow.local_stack import LocalStack
-from megaflow.model.smollm import smollm2_path
 from megaflow.rl.train_spec import TrainSpec
 from megaflow.rl.trainer import train
 
@@ -53,10 +52,7 @@ def main() -> None:
 
 def smollm2_tokenizer() -> HFChatTokenizer:
     """For turns whose backend recorded no prompt ids (the transformers backend records them)."""
-    from transformers import AutoTokenizer
-
-    directory, gguf = smollm2_path()
-    return HFChatTokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf, local_files_only=True))
+    return HFChatTokenizer("smollm2")  # the cached converted directory, not the GGUF
 
 
 if __name__ == "__main__":

@@ -67,13 +67,9 @@ def tiny_model(vocab: int) -> Any:
 
 
 def _tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
     from megaflow.export import HFChatTokenizer
-    from megaflow.model.smollm import smollm2_path
 
-    directory, gguf = smollm2_path()
-    return HFChatTokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf, local_files_only=True))
+    return HFChatTokenizer("smollm2")
 
 
 def run_rl_bench(steps: int = 5, groups: int = 1, rollouts: int = 4, model: str = "smollm2",

@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,8 @@ def hf_source(model: str, gguf_file: str | None = None, cache_dir: Path | str | 
 
 def cache_key(gguf: Path) -> str:
     """The entry key of a GGUF file: its name, size and mtime, the transformers version, `FORMAT`."""
-    import transformers
-
     st = gguf.stat()
-    raw = json.dumps([gguf.name, st.st_size, st.st_mtime_ns, transformers.__version__, FORMAT])
+    raw = json.dumps([gguf.name, st.st_size, st.st_mtime_ns, version("transformers"), FORMAT])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -29,6 +29,7 @@ from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, Message, ModelRequest, SamplingParams, Usage
 from megaflow.model.batching import BatchStats, Job, MicroBatcher, wait_result
 from megaflow.model.config import TransformersModelConfig
+from megaflow.model.gguf_cache import hf_source
 from megaflow.model.policy import PolicyRef
 from megaflow.model.smollm import ALIAS, smollm2_path
 from megaflow.model.toolcalls import parse_tool_calls, render_prompt
@@ -213,11 +214,10 @@ class TransformersModel:
             path, gguf_file = self.config.model, self.config.gguf_file
         # A worker must never download weights at run time: only local files count.
         kwargs: dict[str, Any] = {"local_files_only": True}
-        if gguf_file:
-            kwargs["gguf_file"] = gguf_file
         started = time.monotonic()
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        source = hf_source(path, gguf_file)  # GGUF: its cached converted directory (converted once per machine)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         model.to(self.config.device)
         model.eval()
         eos = model.generation_config.eos_token_id
