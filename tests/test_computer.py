@@ -12,6 +12,7 @@ from megaflow.agent import Command, FormatError, Submit, make_agent
 from megaflow.agent.computer import DONE, TOOLS, ComputerAgent, visible
 from megaflow.agent.oracle import solution_commands
 from megaflow.errors import InfraError, SpecError
+from megaflow.hops import exec_journal
 from megaflow.hops.exec_journal import wrap
 from megaflow.model.base import Message
 from megaflow.sandbox.base import ExecResult
@@ -232,3 +233,58 @@ def test_tools_table_matches_the_helper():
     for name in ACTIONS:
         assert f"        {name})" in helper, name
     assert TOOLS[-1]["function"]["name"] == DONE
+
+
+# -- the desktop sandbox's routing, without Docker ---------------------------------
+
+
+class _Inner:
+    """What DesktopSandbox uses of a DockerSandbox: plain commands go here."""
+
+    id = "c0ffee"
+
+    def __init__(self):
+        from megaflow.sandbox.base import SandboxConfig
+
+        self._config = SandboxConfig(type="docker", max_output_bytes=4096)
+        self.plain: list[str] = []
+
+    def exec(self, cmd, timeout=60.0):
+        self.plain.append(cmd)
+        return ExecResult(exit_code=0, stdout="plain")
+
+
+def desktop_with(tmp_path, answer):
+    from megaflow.sandbox.desktop import DesktopSandbox
+
+    sb = DesktopSandbox(_Inner(), ArtifactStore(tmp_path))
+    calls = []
+
+    def raw(argv):
+        calls.append(argv)
+        return answer
+
+    sb._raw = raw
+    return sb, calls
+
+
+def test_actions_are_run_whole_and_their_screenshot_stored_plain_commands_pass_through(tmp_path):
+    sb, calls = desktop_with(tmp_path, (0, PNG, STDERR.encode()))
+    assert sb.exec("ls").stdout == "plain" and sb.inner.plain == ["ls"] and calls == []
+    r = sb.exec(command("click", {"x": 1, "y": 2}), timeout=30)
+    assert calls[-1] == ["timeout", "-s", "KILL", "30", "megaflow-desktop", "click", "1", "2"]
+    [ref] = refs_in(r.stdout)
+    assert ArtifactStore(tmp_path).get(ref) == PNG and "[active]" in r.stdout and r.exit_code == 0
+    journaled = wrap(command("key", {"keys": "ctrl+s"}), "4")
+    sb.exec(journaled, timeout=30)
+    assert calls[-1][4:6] == ["bash", "-c"] and calls[-1][6] == journaled  # the journal's shell kept
+
+
+def test_a_journal_replay_comes_back_as_text_and_a_killed_action_as_a_timeout(tmp_path):
+    token = f"{exec_journal._TOKEN} done 0\n".encode()
+    sb, _ = desktop_with(tmp_path, (0, token, b""))
+    r = sb.exec(wrap(command("screenshot", {}), "2"))
+    assert exec_journal.replay_of(r) == ("done", 0) and not list(tmp_path.rglob("*.png"))
+    sb, _ = desktop_with(tmp_path, (137, b"", b""))
+    r = sb.exec(command("wait", {"seconds": 1}), timeout=1)
+    assert (r.exit_code, r.timed_out) == (124, True) and "screenshot: none" in r.stdout
