@@ -169,6 +169,7 @@ def _register_host(app, settings: Settings) -> None:
         beats.append(join(app, get_runtime(app)))
         beats.append(RecoveryThread(app, get_runtime(app), settings.heartbeat_s))
         beats[-1].start()
+        _restart_cli_proxy(app, get_runtime(app))
 
     @signals.worker_shutdown.connect(weak=False)
     def _leave(sender, **kwargs):
@@ -177,6 +178,20 @@ def _register_host(app, settings: Settings) -> None:
         for beat in beats:
             beat.stop()
         leave(get_runtime(app))
+
+
+def _restart_cli_proxy(app, rt) -> None:
+    """A restarted env worker serves its parked CLI episodes again: their programs' calls, exits, deadlines.
+
+    Otherwise its model proxy starts at the first CLI agent it launches (`megaflow.hops.cli_launch`).
+    """
+    from megaflow.hops import cli_proxy
+
+    try:
+        if cli_proxy.running_here(rt):
+            cli_proxy.ensure(app, rt)
+    except Exception:  # the worker still serves every other episode
+        logging.getLogger(__name__).exception("the CLI agents' model proxy did not start")
 
 
 def _reap_periodically(app, settings: Settings) -> None:
