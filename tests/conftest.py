@@ -250,10 +250,33 @@ def cluster(request, make_cluster) -> Cluster:
     return make_cluster(**kwargs)
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's Hugging Face tokenizer, loaded once per test process.
+
+    From the converted directory of megaflow.model.gguf_cache: the first load on a machine
+    converts the GGUF (~15 s idle), every later one (this process's, workers') reads it in ~1 s.
+    Shared: wrap it (`HFChatTokenizer(smollm2_tokenizer)`), do not change it.
+    """
+    import importlib.util
+
+    for package in ("transformers", "gguf"):
+        need(package, importlib.util.find_spec(package) is not None, "pip install 'megaflow[model]'")
+    from megaflow.model.smollm import INSTALL_HINT, smollm2_available
+
+    need("SmolLM2 weights", smollm2_available(), INSTALL_HINT)
+    from transformers import AutoTokenizer
+
+    from megaflow.model.gguf_cache import hf_source
+
+    return AutoTokenizer.from_pretrained(hf_source("smollm2"), local_files_only=True)
+
+
 # -- the rule: a test that needs a real service is marked `integration` ---------------------------
 
-#: Fixtures that reach a real service (PostgreSQL, RabbitMQ, Celery workers).
-SERVICE_FIXTURES = frozenset({"pg_server", "pg_url", "amqp_server", "amqp_vhost", "make_cluster", "cluster"})
+#: Fixtures that reach a real service (PostgreSQL, RabbitMQ, Celery workers) or load the real model.
+SERVICE_FIXTURES = frozenset({"pg_server", "pg_url", "amqp_server", "amqp_vhost", "make_cluster", "cluster",
+                              "smollm2_tokenizer"})
 _unmarked_use = pytest.StashKey[list]()
 _current: list = [None]  # the test being set up or run: `need` and `docker_engine` charge it
 

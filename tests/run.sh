@@ -88,6 +88,13 @@ if [ -x docker/start-dockerd.sh ] || [ -f docker/start-dockerd.sh ]; then
   fi
 fi
 
+if [ "${MEGAFLOW_SKIP_MODEL:-0}" != 1 ]; then
+  # Once per machine, before any test's timeout runs: every later SmolLM2 load (tests, workers)
+  # reads the converted directory in ~1 s instead of dequantizing the GGUF (megaflow.model.gguf_cache).
+  log "SmolLM2 converted-model cache"
+  HF_HUB_OFFLINE=1 $PY -c 'from megaflow.model.gguf_cache import hf_source; print(hf_source("smollm2"))' || true
+fi
+
 log "pytest"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 set +e

