@@ -85,10 +85,11 @@ def test_a_small_run_beside_cpu_burners(pg_server, amqp_server):
     held = {k: v for k, v in f["targets"].items() if k != "no_stall"}
     assert held == {"no_missed_heartbeats": True, "no_ack_errors": True, "all_succeeded": True,
                     "machine_saturated": True}, f
-    # Not held against a target here: on a CI host shared with other suites, the database
-    # itself runs out of connections now and then, and the hops' retries leave gaps that
-    # are not the workers'. The 1,000-episode bench reports it (docs/benchmarks.md).
-    assert "no_stall" in f["targets"] and f["max_hop_gap_s"] > 0 and f["heartbeat_s"] == 10 and not f["notes"]
+    # The hop gap gets a looser bound than the bench's (one heartbeat): on this shared CI host
+    # a gap over 10 s was seen once with the fix in, while other suites held the database at
+    # its connection limit (cause not kept; 24-episode runs on a quieter host: under 1.4 s).
+    # Two heartbeats of silence is where RabbitMQ starts closing connections.
+    assert 0 < f["max_hop_gap_s"] < 2 * f["heartbeat_s"] and f["heartbeat_s"] == 10 and not f["notes"]
 
 
 def test_worker_event_connection_publishes_without_confirms(tmp_path):
