@@ -137,10 +137,11 @@ def test_the_cached_smollm2_loads_the_same_tokenizer_and_model_as_its_gguf(smoll
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}]
     text = direct_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    by_name = HFChatTokenizer("smollm2")  # a name, as `megaflow export --tokenizer smollm2` gives it
     for s in (text, "ls -la | grep 'é✓'\n\tdone", "<tool_call>{\"name\": \"x\"}</tool_call>"):
         ids = direct_tok(s, add_special_tokens=False)["input_ids"]
         assert smollm2_tokenizer(s, add_special_tokens=False)["input_ids"] == ids
-        assert HFChatTokenizer("smollm2").text_ids(s) == ids
+        assert by_name.text_ids(s) == ids
     assert (smollm2_tokenizer.eos_token_id, smollm2_tokenizer.pad_token) == (direct_tok.eos_token_id,
                                                                              direct_tok.pad_token)
 
