@@ -19,14 +19,14 @@ from megaflow.model import gguf_cache
 from megaflow.model.gguf_cache import MANIFEST, converted, hf_source, is_complete
 
 #: How long the stand-in conversion takes (the race test makes it long enough to overlap).
-CONVERT_S = [0.0]
+CONVERT_S = {"s": 0.0}
 
 
 def _fake_convert(gguf, out):
     """Stands in for the transformers conversion: a few files, the manifest last, and a count."""
     with open(gguf.parent / "conversions", "a") as f:
         f.write(f"{os.getpid()}\n")
-    time.sleep(CONVERT_S[0])
+    time.sleep(CONVERT_S["s"])
     (out / "config.json").write_text('{"model_type": "llama"}')
     (out / "model.safetensors").write_bytes(b"w" * 1000)
     files = {p.name: p.stat().st_size for p in out.iterdir()}
@@ -99,7 +99,7 @@ def _convert_in_child(gguf, cache, results):
 
 def test_racing_processes_convert_once_and_all_get_the_entry(gguf, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    monkeypatch.setitem(CONVERT_S, 0, 0.3)
+    monkeypatch.setitem(CONVERT_S, "s", 0.3)
     ctx = multiprocessing.get_context("fork")  # the children keep the stand-in conversion
     results = ctx.Queue()
     children = [ctx.Process(target=_convert_in_child, args=(gguf, cache, results)) for _ in range(4)]
@@ -111,6 +111,28 @@ def test_racing_processes_convert_once_and_all_get_the_entry(gguf, tmp_path, mon
     entries = {results.get(timeout=5) for _ in children}
     assert len(entries) == 1 and is_complete(cache / os.path.basename(entries.pop()))
     assert _conversions(tmp_path) == 1
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_one(gguf, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(gguf_cache.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: make the directory unusable another way
+        monkeypatch.setattr(gguf_cache.Path, "mkdir", _refuse_under(locked))
+    source = hf_source(str(gguf.parent), gguf.name, locked / "cache")
+    assert source.startswith(str(tmp_path / "tmp" / "megaflow-models-")) and is_complete(gguf_cache.Path(source))
+    assert "not writable" in caplog.text
+
+
+def _refuse_under(root):
+    original = gguf_cache.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(root)):
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self, *args, **kwargs)
+    return mkdir
 
 
 def test_hf_source_passes_other_models_through_and_names_a_missing_gguf(tmp_path):

@@ -59,7 +59,12 @@ def hf_source(model: str, gguf_file: str | None = None, cache_dir: Path | str | 
     path = Path(model) / gguf_file
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    return str(converted(path, cache_dir))
+    try:
+        return str(converted(path, cache_dir))
+    except PermissionError as exc:  # a read-only home (a container): still convert only once per boot
+        fallback = Path(tempfile.gettempdir()) / f"megaflow-models-{os.getuid()}"
+        log.warning("model cache not writable (%s); using %s (set MEGAFLOW_MODEL_CACHE)", exc, fallback)
+        return str(converted(path, fallback))
 
 
 def cache_key(gguf: Path) -> str:
