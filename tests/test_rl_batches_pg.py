@@ -62,12 +62,14 @@ def _groups(n: int) -> list:
 def _consumer(url: str, run_id: str | None, g: int, submit=None) -> tuple[subprocess.Popen, str, list[str]]:
     """A consumer process; given `submit` instead of a run id, it starts first and is given the run once submitted."""
     proc = subprocess.Popen([sys.executable, "-c", CONSUMER, url, run_id or "-", str(g)], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if submit is not None:
         proc.stdin.write(submit() + "\n")
         proc.stdin.flush()
     line = proc.stdout.readline().split()
-    assert line, f"the consumer process took no batch (exit {proc.wait(10)})"
+    if not line:
+        proc.wait(10)
+        pytest.fail(f"the consumer process took no batch (exit {proc.returncode}): {proc.stderr.read()[-2000:]}")
     return proc, line[0], line[1].split(",")
 
 
