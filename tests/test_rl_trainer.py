@@ -181,3 +181,13 @@ def test_the_run_report_plots_the_training(sqlite_url, tmp_path):
     assert "<h2>Training</h2>" in page and "alt='Training'" in page
     assert "<td>+0.500</td><td>12%</td>" in page       # step 3's row: reward, format-error rate
     assert page.count("<td>8</td>") == 3               # three steps of p-1, none of "other"
+
+
+def test_a_batch_without_signal_moves_nothing(tmp_path):
+    """Groups that all scored alike have advantage 0: no gradient, so no forward pass and no update."""
+    model = tiny_llama()
+    learner = Learner(spec(tmp_path), model=model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = learner.step([episode([5, 6, 7], [0, 1, 1], 0.0), episode([5, 8, 9], [0, 1, 1], 0.0)])
+    assert stats.tokens == 0 and stats.loss == 0.0
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())

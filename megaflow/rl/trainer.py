@@ -86,7 +86,8 @@ class Learner:
         """One optimizer step on `episodes` (`TrainEpisode`s); returns the `LossStats` of the batch.
 
         The batch loss is the mean over episodes of each one's mean over its model tokens
-        (TRL's ``loss_type="grpo"``), accumulated over micro-batches.
+        (TRL's ``loss_type="grpo"``), accumulated over micro-batches. The statistics'
+        ratio, clip fraction and tokens are over the episodes with a non-zero advantage.
 
         Raises:
             ValueError: an episode has no behaviour logprobs, or they do not line up.
@@ -102,8 +103,12 @@ class Learner:
                                  "(the model backend must record logprobs)")
         self.optimizer.zero_grad(set_to_none=True)
         total = LossStats(loss=0.0, mean_ratio=0.0, clip_fraction=0.0, tokens=0)
-        for start in range(0, len(rows), self.spec.micro_batch):
-            chunk = rows[start:start + self.spec.micro_batch]
+        # A row with advantage 0 adds exactly 0 to the loss and to every gradient (there is
+        # no KL term): skip its forward and backward, but keep it in the mean's denominator.
+        # A batch of groups that all scored alike therefore costs nothing and moves nothing.
+        active = [e for e in rows if e.advantage != 0]
+        for start in range(0, len(active), self.spec.micro_batch):
+            chunk = active[start:start + self.spec.micro_batch]
             ids, mask, old, attention = self._pad(chunk)
             adv = torch.tensor([e.advantage for e in chunk], dtype=torch.float32)
             logits = self.model(input_ids=ids, attention_mask=attention).logits
@@ -115,7 +120,7 @@ class Learner:
             total.mean_ratio += stats.mean_ratio * stats.tokens
             total.clip_fraction += stats.clip_fraction * stats.tokens
             total.tokens += stats.tokens
-        if rows:
+        if active:
             params = [p for p in self.model.parameters() if p.requires_grad]
             torch.nn.utils.clip_grad_norm_(params, self.spec.max_grad_norm)
             self.optimizer.step()
