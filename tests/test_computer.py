@@ -96,6 +96,7 @@ application 'mousepad'
 
 
 def test_the_text_view_lists_windows_with_geometry_the_active_one_and_the_tree():
+    assert parse_text_view(STDERR.replace("active 0x00a00004", str(0xa00004))).windows[1].active
     view = parse_text_view(STDERR)
     assert [(w.title, w.x, w.y, w.width, w.height, w.active) for w in view.windows] == [
         ("shell", 10, 52, 484, 316, False), ("notes.txt - Mousepad", 0, 0, 800, 600, True)]
@@ -275,6 +276,8 @@ def test_actions_are_run_whole_and_their_screenshot_stored_plain_commands_pass_t
     assert calls[-1] == ["timeout", "-s", "KILL", "30", "megaflow-desktop", "click", "1", "2"]
     [ref] = refs_in(r.stdout)
     assert ArtifactStore(tmp_path).get(ref) == PNG and "[active]" in r.stdout and r.exit_code == 0
+    sb.exec(command("screenshot", {}), timeout=30)
+    assert calls[-1][4:] == ["megaflow-observe"]  # nothing to do but look
     journaled = wrap(command("key", {"keys": "ctrl+s"}), "4")
     sb.exec(journaled, timeout=30)
     assert calls[-1][4:6] == ["bash", "-c"] and calls[-1][6] == journaled  # the journal's shell kept

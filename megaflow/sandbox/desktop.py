@@ -39,11 +39,13 @@ log = logging.getLogger(__name__)
 DESKTOP_IMAGE = "megaflow/desktop"
 #: Label on every desktop sandbox, beside the docker backend's own.
 DESKTOP_LABEL = "megaflow.desktop"
+#: The image's observation script (screenshot to stdout, text view to stderr), which the helper also runs.
+OBSERVE = "megaflow-observe"
 _BASE_IMAGE = "megaflow/base"  # SandboxConfig's default image: means "the desktop image" here
 _USER = f"{AGENT_UID}:{AGENT_UID}"
 _WRAPPED = "( " + HELPER + " "
 _WINDOW = re.compile(r"^(0x[0-9a-f]+)\s+(-?\d+)\s+(-?\d+)\s+(-?\d+)\s+(\d+)\s+(\d+)\s+(\S+)\s?(.*)$")
-_ACTIVE = re.compile(r"^active (0x[0-9a-f]+)$")
+_ACTIVE = re.compile(r"^(?:active (0x[0-9a-f]+)|([0-9]+))$")  # the helper prints `xdotool getactivewindow`
 _A11Y_MARK = "--- accessibility tree ---"
 #: Seconds the session may take to start (Xvfb and openbox: about a second, far more on a loaded host).
 START_TIMEOUT_S = 150.0
@@ -79,7 +81,7 @@ class TextView:
 
 
 def parse_text_view(stderr: str) -> TextView:
-    """Split the helper's stderr: `wmctrl -lG` lines, ``active 0x…``, the tree, anything else."""
+    """Split the helper's stderr: `wmctrl -lG` lines, the active window's id, the tree, anything else."""
     view = TextView()
     text, _, tree = stderr.partition(_A11Y_MARK + "\n")
     if _A11Y_MARK in stderr:
@@ -90,7 +92,7 @@ def parse_text_view(stderr: str) -> TextView:
             wid, _desk, x, y, w, h, _host, title = m.groups()
             view.windows.append(Window(wid, title, int(x), int(y), int(w), int(h)))
         elif m := _ACTIVE.match(line.strip()):
-            active = int(m.group(1), 16)
+            active = int(m.group(1), 16) if m.group(1) else int(m.group(2))
         elif line.strip():
             view.messages.append(line.strip())
     for w in view.windows:
@@ -215,6 +217,8 @@ class DesktopSandbox:
         # `timeout` inside the container: the engine's exec has no deadline of its own. A plain
         # action runs the helper directly (no shell: one process less on every observation).
         run = [HELPER, *argv] if parse_command(cmd) == argv else ["bash", "-c", cmd]
+        if run == [HELPER, "screenshot"]:
+            run = [OBSERVE]  # nothing to do but look: the helper's POSIX-sh observation alone
         code, out, err = self._raw(["timeout", "-s", "KILL", f"{max(1, int(timeout))}", *run])
         elapsed = time.monotonic() - started
         timed_out = code == 137
