@@ -23,6 +23,21 @@ RUNNER = Path(__file__).with_name("cli_runner.py")
 RUNNER_PATH = "/tmp/.megaflow/runner.py"
 
 
+#: mini-swe-agent (the `mini-swe-agent` package) as a CLI agent: its text-based config, yolo mode,
+#: ending at its submit, talking to the proxy through litellm's OpenAI provider. Its own
+#: trajectory is left at /tmp/.megaflow/mini.traj.json in the sandbox. Append ``-c
+#: agent.step_limit=N`` and the like to change its config.
+MINI_SWE_AGENT = (
+    "MSWEA_CONFIGURED=true MSWEA_SILENT_STARTUP=1 MSWEA_COST_TRACKING=ignore_errors "
+    "MSWEA_GLOBAL_CONFIG_DIR=/tmp/.megaflow/mini LITELLM_LOCAL_MODEL_COST_MAP=True "
+    # Retries belong to the model hop (it retries infra failures); the proxy's errors are final.
+    "MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT=1 "
+    "mini -c mini_textbased.yaml -c model.model_kwargs.api_base=$OPENAI_BASE_URL "
+    "-c model.model_kwargs.api_key=$OPENAI_API_KEY --model-class litellm_textbased -m openai/megaflow "
+    '-y --exit-immediately -l 0 -t "$MEGAFLOW_TASK" -o /tmp/.megaflow/mini.traj.json'
+)
+
+
 def socket_dir(data_dir) -> Path:
     """The host directory of the model proxy's socket, bound at /run/megaflow in CLI agents' sandboxes."""
     return Path(data_dir) / "cli-proxy"

@@ -71,6 +71,10 @@ def env(
     desktop: bool = typer.Option(False, "--desktop", help="Instead: desktop sandboxes (create with the session up, "
                                  "screenshot round trip vs scrot in the same container, actions/s, memory)."),
     creates: int = typer.Option(5, "--creates", min=1, help="--desktop: desktops created one at a time, timed."),
+    cli: bool = typer.Option(False, "--cli", help="Instead: the CLI agents' model proxy (overhead per call against "
+                             "the same server direct; CLI episodes in flight and the memory they use)."),
+    calls: int = typer.Option(20, "--calls", min=3, help="--cli: paired calls timed (the first two warm up)."),
+    in_flight: int = typer.Option(1000, "--in-flight", min=1, help="--cli: CLI episodes with a call open at once."),
 ) -> None:
     """Sandbox costs on the Docker engine: create, warm-pool acquire, concurrent creates, exec vs raw SDK."""
     from megaflow.bench.env import format_figures, run_env_bench
@@ -83,6 +87,16 @@ def env(
             print(json.dumps(figures))
             return
         for line in format_desktop_figures(figures):
+            typer.echo(line)
+        return
+    if cli:
+        from megaflow.bench.cli_proxy import format_cli_figures, run_cli_bench
+
+        figures = run_cli_bench(calls=calls, in_flight=in_flight)
+        if as_json:
+            print(json.dumps(figures))
+            return
+        for line in format_cli_figures(figures):
             typer.echo(line)
         return
     figures = run_env_bench(n=n)

@@ -36,7 +36,7 @@ from aiohttp import web
 from sqlalchemy import func, insert, select, tuple_, update
 
 from megaflow.agent.cli import socket_dir
-from megaflow.contract import HopResult
+from megaflow.contract import HopResult, error_text
 from megaflow.db import states
 from megaflow.db.models import Episode, Hop, Step, utcnow
 from megaflow.hops.model_hop import conversation
@@ -44,6 +44,7 @@ from megaflow.hops.routing import HOP_TASKS, label
 from megaflow.model import chat_api
 from megaflow.model.chat_api import BadRequest
 from megaflow.sanitize import storable
+from queues import topology
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,9 @@ class CliProxy:
             return web.json_response(chat_api.error_body(str(exc), anthropic), status=400)
         except Refused as exc:
             return web.json_response(chat_api.error_body(str(exc), anthropic), status=exc.status)
+        except Exception as exc:  # the database or broker failed: the program may try again
+            log.warning("model proxy: a call of episode %s failed", episode_id, exc_info=True)
+            return web.json_response(chat_api.error_body(error_text(exc), anthropic, "api_error"), status=503)
         if outcome.get("error"):
             agent = outcome.get("kind") == "agent"
             return web.json_response(chat_api.error_body(outcome["error"], anthropic,
@@ -366,7 +370,8 @@ class CliProxy:
             self._poller = None
 
     def _send(self, run_id: str, episode_id: str, index: int) -> None:
-        options = {"queue": self.model_queue} if self.model_queue else {}
+        q = self.model_queue
+        options = {"queue": q, "exchange": topology.EXCHANGE.name, "routing_key": q} if q else {}
         self.app.signature(HOP_TASKS["generate"], args=(episode_id, index), **options,
                            argsrepr=label(run_id, episode_id, index, "generate")).apply_async()
 
