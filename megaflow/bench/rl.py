@@ -19,6 +19,7 @@ reported apart, as it vanishes over a training of many steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -66,6 +67,19 @@ def tiny_model(vocab: int) -> Any:
                                         pad_token_id=0))
 
 
+class SignalLearner(Learner):
+    """The real trainer step, on batches given a signal.
+
+    Every scripted episode scores alike, so every advantage is 0, and the trainer
+    rightly skips such episodes. To time the step of a batch that does carry signal,
+    the episodes get advantages +1 and -1 in turn (a copy; the recorded rows are untouched).
+    """
+
+    def step(self, episodes: list) -> Any:
+        signed = [dataclasses.replace(e, advantage=1.0 if i % 2 == 0 else -1.0) for i, e in enumerate(episodes)]
+        return super().step(signed)
+
+
 def _tokenizer() -> Any:
     from megaflow.export import HFChatTokenizer
 
@@ -93,7 +107,7 @@ def run_rl_bench(steps: int = 5, groups: int = 1, rollouts: int = 4, model: str 
     base = load_model("smollm2") if model == "smollm2" else tiny_model(len(tokenizer.tok))
     spec = TrainSpec.parse({"run_id": "-", "output_dir": str(out), "algorithm": "gspo", "lora": {"r": 8, "alpha": 16},
                             "lr": 1e-5, "micro_batch": 4, "batch_timeout_s": 600})
-    learner = Learner(spec, model=base)
+    learner = SignalLearner(spec, model=base)
     figures: dict = {"model": model, "steps": steps, "episodes_per_step": groups * rollouts}
     prefix = f"bench-rl-{uuid.uuid4().hex[:4]}-"
     workers = [WorkerProcess(p, settings, name=f"{prefix}{p}").start() for p in ("model", "agent", "env")]
@@ -114,7 +128,7 @@ def run_rl_bench(steps: int = 5, groups: int = 1, rollouts: int = 4, model: str 
     return figures
 
 
-def _calibrate(learner: Learner, client: Client, spec: TrainSpec, groups: int, rollouts: int, tokenizer) -> float:
+def _calibrate(learner: SignalLearner, client: Client, spec: TrainSpec, groups: int, rollouts: int, tokenizer) -> float:
     """One zero-latency batch, trained on twice (the first step warms up): half the train time per turn."""
     policy = f"cal-{uuid.uuid4().hex[:6]}"
     run = run_spec({"mode": "async"}, policy, 1, groups, rollouts, 0.0)
