@@ -294,6 +294,10 @@ def plot_training(steps: list[dict]) -> str | None:
     versions.step(x, [s["policy_version"] for s in steps], where="post", color="#636363", alpha=0.6,
                   label="policy version published")
     versions.set_ylabel("policy version")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    versions.yaxis.set_major_locator(MaxNLocator(integer=True))
     lines = ax.get_legend_handles_labels()
     more = versions.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
