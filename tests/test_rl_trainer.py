@@ -191,3 +191,15 @@ def test_a_batch_without_signal_moves_nothing(tmp_path):
     stats = learner.step([episode([5, 6, 7], [0, 1, 1], 0.0), episode([5, 8, 9], [0, 1, 1], 0.0)])
     assert stats.tokens == 0 and stats.loss == 0.0
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_megaflow_train_refuses_a_bad_spec_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from megaflow.cli.main import app
+
+    bad = tmp_path / "train.yaml"
+    bad.write_text("run: run.yaml\noutput_dir: out\nalgorithm: ppo\n")
+    result = CliRunner().invoke(app, ["train", str(bad)])
+    assert result.exit_code == 2
+    assert "algorithm" in result.output and len(result.output.strip().splitlines()) == 1
