@@ -136,14 +136,18 @@ def _in_flight(proxy: CliProxy, episodes: list[str], start_worker) -> dict:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as http:
             async def call(i: int, eid: str) -> int:
                 body = {"model": "x", "messages": [{"role": "user", "content": PROMPT.format(i=i)}]}
-                async with http.post("http://megaflow/v1/chat/completions", json=body,
-                                     headers={"Authorization": f"Bearer {proxy.token(eid)}"}) as r:
-                    return r.status
+                try:
+                    async with http.post("http://megaflow/v1/chat/completions", json=body,
+                                         headers={"Authorization": f"Bearer {proxy.token(eid)}"}) as r:
+                        return r.status
+                except aiohttp.ClientError:  # counted: in_flight_ok says how many were answered
+                    return -1
 
             tasks = [asyncio.create_task(call(i, eid)) for i, eid in enumerate(episodes)]
             deadline = time.monotonic() + 600
-            while (len(proxy._pending) < len(episodes) and time.monotonic() < deadline
-                   and not all(t.done() for t in tasks)):
+            # Until every call waits in the proxy, or was answered already (refused, failed).
+            while (len(proxy._pending) + sum(t.done() for t in tasks) < len(episodes)
+                   and time.monotonic() < deadline):
                 await asyncio.sleep(0.2)
             await asyncio.sleep(0.5)
             peak.update(waiting=len(proxy._pending), threads=threading.active_count(), rss=_rss_mb())

@@ -258,7 +258,8 @@ class CliProxy:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
         self.path.unlink(missing_ok=True)  # left by an earlier worker of this host
-        await web.UnixSite(runner, str(self.path)).start()
+        # A deep backlog: a thousand programs may connect at once (a full one refuses at once).
+        await web.UnixSite(runner, str(self.path), backlog=4096).start()
         os.chmod(self.path, 0o666)  # the sandboxes' users are not ours
 
     def watch(self, episode_id: str, deadline: dt.datetime | None) -> None:
