@@ -32,7 +32,7 @@ from pathlib import Path
 import docker.errors
 
 import docker
-from megaflow.bench.env import RUN_LABEL, _client, _time, cleanup, new_run_id, percentile
+from megaflow.bench.env import RUN_LABEL, _client, _time, cleanup, figure_line, new_run_id, percentile
 from megaflow.errors import SandboxError
 from megaflow.sandbox.base import SandboxConfig
 from megaflow.sandbox.desktop import DESKTOP_IMAGE, DesktopBackend, DesktopSandbox
@@ -138,16 +138,9 @@ def memory_mb(client: docker.DockerClient, container_id: str) -> float:
 
 def format_desktop_figures(figures: dict) -> list[str]:
     """One human-readable line per figure, with the target where there is one."""
-    bounds = {name: (op, bound) for name, op, bound in TARGETS}
 
     def line(label: str, key: str, unit: str, extra: str = "") -> str:
-        value = figures[key]
-        text = f"{label:34s} {f'{value:.4g} {unit}':>12s}"
-        if key in bounds:
-            op, bound = bounds[key]
-            met = value <= bound if op == "<=" else value >= bound
-            text += f"   target {op} {bound:g}   {'ok' if met else 'MISSED'}"
-        return text + extra
+        return figure_line(figures, TARGETS, label, key, unit, extra, width=34)
 
     return [
         line("desktop create (session up) p50", "desktop_create_p50_s", "s", f"  (n={figures['creates']})"),

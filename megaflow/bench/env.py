@@ -256,18 +256,22 @@ def cleanup(backend: DockerBackend, labels: dict[str, str]) -> None:
         raise RuntimeError(f"bench sandboxes left behind: {[i[:12] for i in left]} (label {labels})")
 
 
-def format_figures(figures: dict) -> list[str]:
-    """One human-readable line per figure, with its target and whether it is met."""
-    bounds = {name: (op, bound) for name, op, bound in TARGETS}
-
-    def line(label: str, key: str, unit: str, extra: str = "") -> str:
-        value = figures[key]
-        text = f"{label:31s} {f'{value:.4g} {unit}':>12s}"
-        if key in bounds:
-            op, bound = bounds[key]
+def figure_line(figures: dict, targets, label: str, key: str, unit: str, extra: str = "", width: int = 31) -> str:
+    """One human-readable line of a figure, with its target (from `targets`) and whether it is met."""
+    value = figures[key]
+    text = f"{label:{width}s} {f'{value:.4g} {unit}':>12s}"
+    for name, op, bound in targets:
+        if name == key:
             met = value <= bound if op == "<=" else value >= bound
             text += f"   target {op} {f'{bound:g} {unit}':9s} {'ok' if met else 'MISSED'}"
-        return text + extra
+    return text + extra
+
+
+def format_figures(figures: dict) -> list[str]:
+    """One human-readable line per figure, with its target and whether it is met."""
+
+    def line(label: str, key: str, unit: str, extra: str = "") -> str:
+        return figure_line(figures, TARGETS, label, key, unit, extra)
 
     n = figures["n"]
     errors = figures["create_errors"]
