@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 
 from megaflow.agent.base import Action, Command, FormatError, Submit
+from megaflow.agent.tools import NOT_RUN, answered, tool_answers
 from megaflow.errors import InfraError
 from megaflow.model.base import Message
 from megaflow.model.toolcalls import arguments, parse_tool_calls
@@ -44,7 +45,6 @@ widgets of applications that expose them. Call `done` when the task is complete.
 
 _HINT = ('Call a tool as <tool_call>{"name": "click", "arguments": {"x": 10, "y": 20}}</tool_call>, '
          "or through the API's tool calls.")
-NOT_RUN = "Not run: this agent runs one tool call per reply. Call it again if it is still needed."
 DROPPED = "[screenshot {ref} left out of the prompt: only the latest {keep} are shown]"
 
 
@@ -74,11 +74,7 @@ class ComputerAgent:
                 return FormatError("Your tool call could not be read: " + "; ".join(errors) + ". " + _HINT)
             return FormatError(f"Reply by calling one of the tools ({', '.join(t['function']['name'] for t in TOOLS)})"
                                f". {_HINT}")
-        action = self._action(tool_calls[0])
-        if isinstance(action, FormatError):
-            answers = [action.feedback] + [NOT_RUN] * (len(tool_calls) - 1)
-            return FormatError(action.feedback, messages=tuple(_answers(tool_calls, answers)))
-        return action
+        return answered(tool_calls, self._action(tool_calls[0]))
 
     def _action(self, call: dict) -> Action:
         name = call["function"]["name"]
@@ -97,7 +93,7 @@ class ComputerAgent:
         text = result.output
         if len(text) > self.max_observation_chars:
             text = text[: self.max_observation_chars] + "\n[... text view truncated ...]"
-        messages = _answers(tool_calls, [text] + [NOT_RUN] * (len(tool_calls) - 1)) if tool_calls else [
+        messages = tool_answers(tool_calls, [text] + [NOT_RUN] * (len(tool_calls) - 1)) if tool_calls else [
             Message(role="user", content=text)]
         refs = refs_in(result.stdout)
         if refs:  # the image goes in a user message: chat APIs take images from users, not tools
@@ -146,7 +142,3 @@ def visible(messages: list[Message], keep: int, resolve) -> list[Message]:
         out.append(m.model_copy(update={"content": list(reversed(parts))}))
     return list(reversed(out))
 
-
-def _answers(tool_calls: list[dict], texts: list[str]) -> list[Message]:
-    return [Message(role="tool", content=text, tool_call_id=call.get("id") or f"call_{i}")
-            for i, (call, text) in enumerate(zip(tool_calls, texts))]

@@ -109,13 +109,7 @@ class ToolAgent:
             if errors:
                 return FormatError("Your tool call could not be read: " + "; ".join(errors) + ". " + _HERMES_HINT)
             return FormatError(f"Reply by calling one of the tools: {BASH}, {EDITOR} or {SUBMIT}. {_HERMES_HINT}")
-        call = tool_calls[0]
-        action = self._action(call)
-        if isinstance(action, FormatError):
-            # Every call of the reply must be answered by a tool message, the error included.
-            answers = [action.feedback] + [NOT_RUN] * (len(tool_calls) - 1)
-            return FormatError(action.feedback, messages=tuple(_answers(tool_calls, answers)))
-        return action
+        return answered(tool_calls, self._action(tool_calls[0]))
 
     def _action(self, call: dict) -> Action:
         name = call["function"]["name"]
@@ -152,7 +146,7 @@ class ToolAgent:
             text = f"[{status}]\n{body}"
         if not tool_calls:  # a turn recorded without its calls (cannot happen from parse): keep the text
             return [Message(role="user", content=text)]
-        return _answers(tool_calls, [text] + [NOT_RUN] * (len(tool_calls) - 1))
+        return tool_answers(tool_calls, [text] + [NOT_RUN] * (len(tool_calls) - 1))
 
     def finished(self, result: ExecResult) -> Submit | None:
         return None
@@ -161,6 +155,20 @@ class ToolAgent:
         return None
 
 
-def _answers(tool_calls: list[dict], texts: list[str]) -> list[Message]:
+def answered(tool_calls: list[dict], action: Action) -> Action:
+    """`action` (from the reply's first call) as the episode takes it.
+
+    A format error carries a tool message for every call of the reply, the error for
+    the first and "not run" for the rest: chat APIs refuse a conversation where a
+    call goes unanswered.
+    """
+    if isinstance(action, FormatError):
+        answers = [action.feedback] + [NOT_RUN] * (len(tool_calls) - 1)
+        return FormatError(action.feedback, messages=tuple(tool_answers(tool_calls, answers)))
+    return action
+
+
+def tool_answers(tool_calls: list[dict], texts: list[str]) -> list[Message]:
+    """One tool message per call, in order, each answering its call's id."""
     return [Message(role="tool", content=text, tool_call_id=call.get("id") or f"call_{i}")
             for i, (call, text) in enumerate(zip(tool_calls, texts))]
