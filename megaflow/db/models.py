@@ -143,6 +143,9 @@ class Step(Base):
     prompt_token_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)
     # OpenAI-shaped tool calls of this turn's completion (native tool calling).
     tool_calls: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # The tools (OpenAI shape) and tool choice a CLI agent's program offered with this call; None: the scaffold's.
+    tools: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    tool_choice: Mapped[str | dict | None] = mapped_column(JSON, nullable=True)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     action: Mapped[str | None] = mapped_column(Text, nullable=True)
