@@ -7,6 +7,12 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.text import Text
+
+
+def say_error(console: Console, message) -> None:
+    """One red line, printed as it is: an error's text is never read as markup (`megaflow[ops]` stays)."""
+    console.print(Text(str(message), style="red"), highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -15,8 +21,8 @@ def exit_on_errors(console: Console) -> Iterator[None]:
     try:
         yield
     except ImportError as exc:
-        console.print(f"[red]{exc}[/red]")
+        say_error(console, exc)
         raise typer.Exit(2) from exc
     except LookupError as exc:
-        console.print(f"[red]{exc}[/red]")
+        say_error(console, exc)
         raise typer.Exit(1) from exc

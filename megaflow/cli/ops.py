@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from megaflow.cli.errors import exit_on_errors
+from megaflow.cli.errors import exit_on_errors, say_error
 
 console = Console(stderr=True)
 
@@ -40,7 +40,7 @@ def flower(
     try:
         code = run_flower(address, port, auth)
     except FlowerAuthError as exc:
-        console.print(f"[red]{exc}[/red]")
+        say_error(console, exc)
         raise typer.Exit(2)
     raise typer.Exit(code or 0)
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from megaflow.cli.errors import exit_on_errors
+from megaflow.cli.errors import exit_on_errors, say_error
 
 console = Console()
 app = typer.Typer(no_args_is_help=True, help="Policy versions: publish a checkpoint, list what was published.")
@@ -65,7 +65,7 @@ def publish(
         try:
             version = _client().publish_policy(path, kind=kind.value, policy=policy, run_id=run_id, meta=extra)
         except PolicyError as exc:
-            console.print(f"[red]{exc}; nothing published[/red]", soft_wrap=True)
+            say_error(console, f"{exc}; nothing published")
             raise typer.Exit(2) from exc
     if as_json:
         print(json.dumps({"version": version, "path": str(path.resolve()), "kind": kind.value}))

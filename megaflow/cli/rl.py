@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from megaflow.cli.errors import exit_on_errors
+from megaflow.cli.errors import exit_on_errors, say_error
 
 console = Console(stderr=True)
 
@@ -54,7 +54,7 @@ def batches(
                                   f"{len(batch.episodes)} episodes, {len(batch.dropped)} without a reward left out"
                                   f"{', handed out again' if batch.handouts > 1 else ''}{where}")
         except (ValueError, TimeoutError, HandoffLostError) as exc:
-            console.print(f"[red]{exc}[/red]", soft_wrap=True)
+            say_error(console, exc)
             raise typer.Exit(1) from exc
     console.print(f"{n} batches{' acknowledged' if ack else ' (not acknowledged)'}")
 

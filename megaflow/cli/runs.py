@@ -9,8 +9,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from megaflow.cli.errors import say_error
 from megaflow.errors import SpecError
 
 console = Console()
@@ -100,7 +102,7 @@ def _in_stack(stack, go, run_id: str | None = None) -> None:
     except typer.Exit:  # a RuntimeError too
         raise
     except RuntimeError as exc:  # a worker died at start (its log's last line says why)
-        console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
+        say_error(console, exc)
         raise typer.Exit(1)
 
 
@@ -258,7 +260,7 @@ def resume(
         try:
             report = client.resume(run_id)
         except (LookupError, ResumeError) as exc:
-            console.print(f"[red]{exc}[/red]")
+            say_error(console, exc)
             raise typer.Exit(1)
         if as_json:
             print(json.dumps(report))
@@ -318,7 +320,7 @@ def cancel(run_id: str, as_json: bool = typer.Option(False, "--json", help="One 
 
 def _unknown(exc: LookupError) -> None:
     """An unknown run id: one line, exit status 2 (a usage error, as typer's own)."""
-    console.print(f"[red]{exc.args[0] if exc.args else exc}[/red]", highlight=False)
+    say_error(console, exc.args[0] if exc.args else exc)
     raise typer.Exit(2)
 
 
@@ -352,10 +354,10 @@ def follow(client, run_id: str, timeout: float | None = None, stack=None, poll: 
         then = (f"workers stopped; the run stays unfinished: `megaflow resume {run_id}` continues it, "
                 f"`megaflow cancel {run_id}` ends it") if stack else \
             f"the run goes on: `megaflow status {run_id} --watch` follows it"
-        console.print(f"[red]{exc}[/red]: {then}", highlight=False, soft_wrap=True)
+        say_error(console, f"{exc}: {then}")
         raise typer.Exit(EXIT_TIMEOUT)
     except RuntimeError as exc:  # a worker of the embedded stack died
-        console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
+        say_error(console, exc)
         raise typer.Exit(1)
 
 
@@ -382,7 +384,7 @@ def print_results(client, run_id: str, rows: list[dict] | None = None) -> None:
     # Why episodes failed, once per distinct reason (the table has no room for it).
     reasons = Counter((r["exit_status"] or r["state"], " ".join(r["error"].split())[:300]) for r in rows if r["error"])
     for (kind, error), n in reasons.most_common(5):
-        console.print(f"[red]{n} × {kind}:[/red] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]{n} × {escape(kind)}:[/red] {escape(error)}", highlight=False, soft_wrap=True)
     summary = client.status(run_id)["summary"]
     if summary:
         states_text = ", ".join(f"{n} {state}" for state, n in sorted(summary.get("by_state", {}).items()))

@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from megaflow.cli.errors import say_error
+
 console = Console()
 
 quota_app = typer.Typer(no_args_is_help=True, help="Administrative quotas per user or project.")
@@ -112,7 +114,7 @@ def quota_set(
         with session_scope(settings.resolved_database_url()) as s:
             quotas.set_quota(s, scope, name, max_concurrent, max_total)
     except ValueError as exc:
-        console.print(f"[red]{exc}[/red]")
+        say_error(console, exc)
         raise typer.Exit(2) from exc
     console.print(f"quota {scope} {name} set; {_admit_and_send(settings)} waiting episodes admitted")
 

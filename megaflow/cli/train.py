@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from megaflow.cli.errors import exit_on_errors
+from megaflow.cli.errors import exit_on_errors, say_error
 
 console = Console(stderr=True)
 
@@ -34,15 +34,15 @@ def train(
         try:
             spec = TrainSpec.load(spec_path)
         except SpecError as exc:
-            console.print(f"[red]{exc}[/red]", soft_wrap=True)
+            say_error(console, exc)
             raise typer.Exit(2) from exc
         try:
             logs = run_training(spec, Client(), on_step=_print, tokenizer=tokenizer)
         except SpecError as exc:  # the run spec it names
-            console.print(f"[red]{exc}[/red]", soft_wrap=True)
+            say_error(console, exc)
             raise typer.Exit(2) from exc
         except (ValueError, TimeoutError, HandoffLostError) as exc:
-            console.print(f"[red]{exc}[/red]", soft_wrap=True)
+            say_error(console, exc)
             raise typer.Exit(1) from exc
     console.print(f"{len(logs)} steps; checkpoints and metrics.jsonl in {spec.output_dir}")
 
