@@ -14,6 +14,7 @@ task families in `megaflow.envs`, beside `megaflow.preflight`.
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +110,11 @@ def validate_task(backend: SandboxBackend, base: SandboxConfig, task, cache_root
     finally:
         sb.close()
         report.seconds = time.monotonic() - started
-    if report.gold != 1.0:
+    if not solution_commands(task):
+        # Nothing to apply: "gold earns 0" would blame a solution that does not exist.
+        field = "patch" if task.kind == "swe" else "solution"
+        report.problems.append(f"no gold solution to prove it with: the task gives no `{field}`")
+    elif report.gold != 1.0:
         report.problems.append(_verdict(f"gold solution earns {report.gold}, expected 1", task, gold))
     if report.empty != 0.0:
         report.problems.append(_verdict(f"no change earns {report.empty}, expected 0", task, empty))
@@ -127,7 +132,7 @@ def _verdict(what: str, task, result) -> str:
     if result is None:
         return what
     if task.kind != "swe":  # terminal and computer tasks: their check script
-        return failure(what, f"bash {task.check[:200]!r}", result.exit_code, result.test_log or "")
+        return failure(what, f"bash -c {shlex.quote(task.check[:200])}", result.exit_code, result.test_log or "")
     status = result.tests_status or {}
     failing = [f"{k} failing: {', '.join(v['failure'])}" for k, v in status.items()
                if k in ("FAIL_TO_PASS", "PASS_TO_PASS") and v.get("failure")]

@@ -128,3 +128,22 @@ def test_installed_wheel_builds_the_images(installed, tmp_path):
                            capture_output=True, text=True, timeout=1800)
     assert build.returncode == 0, build.stdout + build.stderr
     assert "repo images, 0 environments ready" in build.stdout
+
+
+def test_validate_names_a_missing_gold_solution_and_quotes_the_check_as_shell(tmp_path):
+    """A task with no `solution` is not "gold earns 0": it says there is nothing to prove it with."""
+    import shlex
+
+    from megaflow.sandbox.base import SandboxConfig
+    from megaflow.sandbox.memory import MemoryBackend
+    from megaflow.spec import TerminalTask
+    from megaflow.validate import validate_task
+
+    check = "test \"$(cat n.txt)\" = \"$(printf '1\\n2')\""
+    bare = TerminalTask(instance_id="bare", instruction="count", check=check)
+    report = validate_task(MemoryBackend(), SandboxConfig(type="memory"), bare, tmp_path, timeout=10)
+    assert report.problems == ["no gold solution to prove it with: the task gives no `solution`"], report.problems
+    wrong = TerminalTask(instance_id="wrong", instruction="count", check=check, solution=["echo 3 > n.txt"])
+    report = validate_task(MemoryBackend(), SandboxConfig(type="memory"), wrong, tmp_path, timeout=10)
+    shown = next(p for p in report.problems if "gold solution earns 0.0" in p)
+    assert f"bash -c {shlex.quote(check)}" in shown, shown  # a command a user can paste
