@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import socket
+import tempfile
 
 import pytest
+from sqlalchemy import select, update
 
 from megaflow.agent.cli import CliAgent, launch_command
-from megaflow.hops.cli_proxy import episode_of, host_key, token
+from megaflow.client import as_spec
+from megaflow.config import Settings
+from megaflow.db.models import Episode, Step
+from megaflow.hops.cli_proxy import CliProxy, episode_of, host_key, token
+from megaflow.hops.routing import HOP_TASKS
+from megaflow.inprocess import InProcessRunner
 from megaflow.model import chat_api
 from megaflow.model.chat_api import BadRequest
 
@@ -68,3 +77,120 @@ def test_the_launch_command_carries_the_program_and_task_but_no_token():
     assert "MEGAFLOW_TOKEN" not in cmd
     agent = CliAgent("x")
     assert agent.scripted_action(type("T", (), {"kind": "terminal", "instruction": "i"})(), 1) is None
+
+
+# -- a program's own tools, through the proxy and the real model hop (SQLite, no broker) --------
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=30)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.unix_path)
+
+
+class _InProcessProxy(CliProxy):
+    """The proxy with its model hop run here (`Task.apply`) instead of sent to the model queue."""
+
+    def _send(self, run_id: str, episode_id: str, index: int) -> None:
+        self.app.tasks[HOP_TASKS["generate"]].apply(args=(episode_id, index), throw=True)
+
+
+@pytest.fixture
+def proxy(sqlite_url):
+    # A short data dir: the socket's path must fit in 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="mf-") as data_dir:
+        runner = InProcessRunner(Settings(data_dir=data_dir, database_url=sqlite_url))
+        server = _InProcessProxy(runner.app, runner.rt)
+        server.start()
+        yield runner, server
+        server.loop.call_soon_threadsafe(server.loop.stop)
+
+
+def _parked_episode(runner, name: str) -> str:
+    """An episode of a CLI agent run whose program is running (as after its launch step)."""
+    run_id, _ = runner.client._record(as_spec({
+        "name": name, "agent": {"type": "cli", "command": "x"}, "sandbox": {"type": "memory"},
+        "model": {"type": "scripted", "replies": [
+            'Listing.<tool_call>{"name": "bash", "arguments": {"command": "ls"}}</tool_call>', "All done."]},
+        "tasks": [{"instance_id": name, "instruction": "look", "check": "true"}]}))
+    with runner.rt.session() as s:
+        [episode_id] = s.execute(select(Episode.id).where(Episode.run_id == run_id)).scalars().all()
+        s.execute(update(Episode).where(Episode.id == episode_id).values(
+            state="running", parked={"cli": True, "task": {}}))
+        s.add(Step(episode_id=episode_id, index=0, messages_in=[], action="(launch)"))
+    return episode_id
+
+
+def _post(server, episode_id: str, path: str, body: dict) -> dict:
+    conn = _UnixHTTP(str(server.path))
+    conn.request("POST", path, json.dumps(body), {"Authorization": f"Bearer {server.token(episode_id)}",
+                                                  "Content-Type": "application/json"})
+    response = conn.getresponse()
+    out = json.loads(response.read())
+    assert response.status == 200, out
+    return out
+
+
+def _steps(runner, episode_id: str) -> list[Step]:
+    with runner.rt.session(readonly=True) as s:
+        return s.execute(select(Step).where(Step.episode_id == episode_id).order_by(Step.index)).scalars().all()
+
+
+BASH = {"name": "bash", "description": "run a command",
+        "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}
+
+
+def test_an_openai_program_offers_its_tools_gets_tool_calls_and_sends_results(proxy):
+    runner, server = proxy
+    episode_id = _parked_episode(runner, "oa")
+    messages = [{"role": "user", "content": "look"}]
+    tools = [{"type": "function", "function": BASH}]
+    first = _post(server, episode_id, "/v1/chat/completions", {"messages": messages, "tools": tools,
+                                                                "tool_choice": "auto"})
+    choice = first["choices"][0]
+    # The scripted model answers with a call only when the request offers tools: these reached the model.
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Listing."
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "bash" and json.loads(call["function"]["arguments"]) == {"command": "ls"}
+    # Clients send the call back re-serialised, with fields of their own: still the same conversation.
+    echoed = {**call, "index": 0, "function": {"name": "bash", "arguments": '{"command":"ls"}'}}
+    messages += [{"role": "assistant", "content": "Listing.", "tool_calls": [echoed]},
+                 {"role": "tool", "tool_call_id": call["id"], "content": "a.txt"}]
+    second = _post(server, episode_id, "/v1/chat/completions", {"messages": messages, "tools": tools})
+    assert second["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "All done."},
+                                    "logprobs": None, "finish_reason": "stop"}
+    _, one, two = _steps(runner, episode_id)
+    assert (one.tools, one.tool_choice, one.tool_calls) == (tools, "auto", [call])
+    assert two.messages_in == [{"role": "tool", "content": "a.txt", "tool_calls": None, "tool_call_id": call["id"]}]
+
+
+def test_an_anthropic_program_gets_tool_use_blocks_and_sends_tool_results(proxy):
+    runner, server = proxy
+    episode_id = _parked_episode(runner, "an")
+    tools = [{"name": "bash", "description": "run a command", "input_schema": BASH["parameters"]}]
+    messages = [{"role": "user", "content": "look"}]
+    first = _post(server, episode_id, "/v1/messages", {"system": "sys", "messages": messages, "tools": tools,
+                                                       "tool_choice": {"type": "any"}, "max_tokens": 100})
+    assert first["stop_reason"] == "tool_use"
+    text, use = first["content"]
+    assert text == {"type": "text", "text": "Listing."}
+    assert (use["type"], use["name"], use["input"]) == ("tool_use", "bash", {"command": "ls"})
+    messages += [{"role": "assistant", "content": first["content"]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"], "content": "a.txt"}]}]
+    second = _post(server, episode_id, "/v1/messages", {"system": "sys", "messages": messages, "tools": tools})
+    assert second["content"] == [{"type": "text", "text": "All done."}] and second["stop_reason"] == "end_turn"
+    _, one, two = _steps(runner, episode_id)
+    assert one.tools == [{"type": "function", "function": BASH}] and one.tool_choice == "required"
+    assert two.messages_in == [{"role": "tool", "content": "a.txt", "tool_calls": None, "tool_call_id": use["id"]}]
+
+
+@pytest.mark.parametrize("read, body", [(chat_api.openai_tools, {"tools": "bash"}),
+                                        (chat_api.openai_tools, {"tools": ["bash"]}),
+                                        (chat_api.openai_tool_choice, {"tool_choice": {"type": "some"}})])
+def test_bad_tools_are_refused_with_a_reason(read, body):
+    with pytest.raises(BadRequest):
+        read(body, anthropic=True)

@@ -101,21 +101,38 @@ def episode_of(key: bytes, header: str | None) -> str | None:
 # -- the rows (synchronous; run in the loop's executor) --------------------------------
 
 
+def _arguments(text):
+    try:
+        return json.loads(text or "{}")
+    except (TypeError, ValueError):
+        return text
+
+
 def _comparable(m) -> tuple:
-    return m.role, m.content, json.dumps(m.tool_calls, sort_keys=True) if m.tool_calls else None, m.tool_call_id
+    # A call the program sends back is compared by what it says: clients rewrite its JSON (Anthropic's
+    # ``input`` is an object, re-serialised) and add fields of their own.
+    calls = [(c.get("id"), (c.get("function") or {}).get("name"), _arguments((c.get("function") or {}).get("arguments")))
+             for c in m.tool_calls or []]
+    return m.role, m.content, json.dumps(calls, sort_keys=True), m.tool_call_id
 
 
-def prepare(rt, episode_id: str, messages: list) -> tuple[str, int]:
+def prepare(rt, episode_id: str, messages: list, tools: list[dict] | None = None,
+            tool_choice: str | dict | None = None) -> tuple[str, int]:
     """Record the call as a new step; returns (run id, step index).
 
     The step holds only what the program added since the recorded conversation (so
     `conversation` rebuilds exactly what was sent, and exports read it as any
-    scaffold's turns). A program that rewrites its history is refused: its turns
+    scaffold's turns: its tool results as ``tool`` messages), and the tools the call
+    offers (OpenAI shape), which its model hop offers the model. A program that rewrites its history is refused: its turns
     could not be recorded as one conversation.
 
     Raises:
         Refused: the episode is not running here, or a limit is reached.
     """
+    try:
+        rt.warm(episode_id)  # SQLite (the embedded stack): the spec is read before the write transaction
+    except LookupError:
+        raise Refused(f"episode {episode_id} is not running an agent program") from None
     with rt.session() as s:
         ep = s.execute(select(_E.c.run_id, _E.c.state, _E.c.parked, _E.c.tokens, _E.c.deadline_at)
                        .where(_E.c.id == episode_id).with_for_update()).first()
@@ -132,7 +149,8 @@ def prepare(rt, episode_id: str, messages: list) -> tuple[str, int]:
             raise Refused("the conversation does not extend the recorded one (history rewritten); MegaFlow "
                           "records each episode as one conversation", 400)
         s.execute(insert(_S).values(episode_id=episode_id, index=index,
-                                    messages_in=[m.model_dump() for m in messages[len(before):]]))
+                                    messages_in=[m.model_dump() for m in messages[len(before):]],
+                                    tools=tools, tool_choice=tool_choice))
         s.execute(update(_E).where(_E.c.id == episode_id).values(n_steps=index + 1))
     return ep.run_id, index
 
@@ -312,7 +330,8 @@ class CliProxy:
         try:
             body = await request.json()
             messages = (chat_api.anthropic_messages if anthropic else chat_api.openai_messages)(body)
-            outcome = await self._generate(episode_id, messages)
+            tools = chat_api.openai_tools(body, anthropic), chat_api.openai_tool_choice(body, anthropic)
+            outcome = await self._generate(episode_id, messages, *tools)
         except (BadRequest, ValueError) as exc:
             return web.json_response(chat_api.error_body(str(exc), anthropic), status=400)
         except Refused as exc:
@@ -333,11 +352,13 @@ class CliProxy:
             return web.Response(body=chat_api.openai_stream(response), content_type="text/event-stream")
         return web.json_response(response)
 
-    async def _generate(self, episode_id: str, messages: list) -> dict:
+    async def _generate(self, episode_id: str, messages: list, tools: list[dict] | None = None,
+                        tool_choice: str | dict | None = None) -> dict:
         """Record the call, send its model hop, and wait (asleep) for its outcome."""
         lock = self._locks.setdefault(episode_id, asyncio.Lock())
         async with lock:  # one call of an episode at a time: its turns are one conversation
-            run_id, index = await self.loop.run_in_executor(None, prepare, self.rt, episode_id, messages)
+            run_id, index = await self.loop.run_in_executor(None, prepare, self.rt, episode_id, messages, tools,
+                                                            tool_choice)
             key = (episode_id, index)
             self._pending[key] = waiting = self.loop.create_future()
             try:

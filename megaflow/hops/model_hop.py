@@ -41,18 +41,26 @@ def _update_step(conn):
 
 def conversation(session, episode_id: str, upto: int) -> list[Message]:
     """Every message of an episode before step `upto`'s model call."""
+    return turn_input(session, episode_id, upto)[0]
+
+
+def turn_input(session, episode_id: str, upto: int) -> tuple[list[Message], list[dict] | None, str | dict | None]:
+    """`conversation`, and the tools and tool choice recorded with step `upto`'s call (a CLI program's own)."""
     conn = session.connection()
     rows = conn.execute(prepared(conn, "model.conversation", lambda c: select(
-        _S.c.index, _S.c.messages_in, _S.c.completion, _S.c.tool_calls).where(
+        _S.c.index, _S.c.messages_in, _S.c.completion, _S.c.tool_calls, _S.c.tools, _S.c.tool_choice).where(
         _S.c.episode_id == bindparam("k_episode_id"), _S.c.index <= bindparam("k_upto")).order_by(_S.c.index)),
         {"k_episode_id": episode_id, "k_upto": upto}).all()
     messages: list[Message] = []
-    for index, messages_in, completion, tool_calls in rows:
+    tools = tool_choice = None
+    for index, messages_in, completion, tool_calls, offered, choice in rows:
         messages.extend(Message(**m) for m in messages_in)
         if index < upto and completion is not None:
             # The model's earlier tool calls go back with its text: the tool results that follow answer them.
             messages.append(Message(role="assistant", content=completion, tool_calls=tool_calls or None))
-    return messages
+        if index == upto:
+            tools, tool_choice = offered, choice
+    return messages, tools, tool_choice
 
 
 def with_ids(calls: list[dict] | None, step: int) -> list[dict] | None:
@@ -67,10 +75,10 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
     rt = get_runtime(self.app)
 
     def load(s):
-        return rt.refs_in(s, episode_id)[0], conversation(s, episode_id, step)
+        return (rt.refs_in(s, episode_id)[0], *turn_input(s, episode_id, step))
 
     def work(ctx):
-        run_id, messages = ctx
+        run_id, messages, offered, tool_choice = ctx
         spec = rt.spec(run_id)
         agent = rt.agent(run_id)
         if hasattr(agent, "prompt"):  # the computer scaffold: screenshot references become images, old ones notes
@@ -79,7 +87,10 @@ def generate_task(self, episode_id: str, step: int, waits: int = 0):
             except InfraError as exc:  # a screenshot this host cannot read: no retry will find it
                 return failure("generate", step, str(exc), ExitStatus.MODEL_UNAVAILABLE).wire(), None
         request = ModelRequest(messages=messages, sampling=spec.model.sampling, request_id=f"{episode_id}:{step}",
-                               timeout_s=spec.limits.model_timeout_s, tools=getattr(rt.agent(run_id), "tools", None))
+                               timeout_s=spec.limits.model_timeout_s,
+                               # A CLI program's call offers its own tools; any other, its scaffold's.
+                               tools=offered if offered is not None else getattr(agent, "tools", None),
+                               tool_choice=tool_choice)
         try:
             # An rl run's client switches to the newest published weights first (a safe point).
             newest = rt.follow(run_id)

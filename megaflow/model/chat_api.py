@@ -108,10 +108,31 @@ def openai_tools(body: dict, anthropic: bool = False) -> list[dict] | None:
     tools = body.get("tools")
     if not tools:
         return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRequest("'tools' must be a list of objects")
     if not anthropic:
         return tools
     return [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
                                               "parameters": t.get("input_schema") or {}}} for t in tools]
+
+
+def openai_tool_choice(body: dict, anthropic: bool = False) -> str | dict | None:
+    """The request's tool choice in the OpenAI shape (Anthropic's ``auto`` / ``any`` / ``tool`` / ``none``).
+
+    Raises:
+        BadRequest: an Anthropic tool choice of an unknown type.
+    """
+    choice = body.get("tool_choice")
+    if choice is None or not anthropic:
+        return choice
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in ("auto", "none"):
+        return kind
+    if kind == "any":
+        return "required"
+    if kind == "tool":
+        return {"type": "function", "function": {"name": str(choice.get("name", ""))}}
+    raise BadRequest(f"tool_choice: type {kind!r} is not supported (auto, any, tool, none)")
 
 
 def openai_response(turn: dict, model: str) -> dict:
