@@ -129,6 +129,9 @@ class Client:
     def cancel(self, run_id: str) -> dict[str, int]:
         """Cancel a run: pending and waiting episodes end now, running ones at their next decision.
 
+        A CLI agent's episode whose program runs (parked) is woken at once: it ends
+        ``cancelled`` and its sandbox, program and all, is destroyed.
+
         Returns:
             Episodes by the state they were in: ``pending`` and ``waiting`` (cancelled now),
             and those in flight (``provisioning``, ``running``, ``evaluating``), which end at
@@ -150,6 +153,10 @@ class Client:
             parked = admission.unpark_cancelled(s, run_id)
             emit(s, "run.cancel", run_id, run_id, {"pending_cancelled": n, "waiting_cancelled": len(parked)})
         admission.send(self.app, parked)
+        # A CLI agent's episode parks while its program runs: woken now, it ends cancelled (program killed).
+        from megaflow.hops.cli_resume import wake_cancelled
+
+        wake_cancelled(self, self.app, run_id)
         return {states.PENDING: n, states.WAITING: len(parked), **in_flight}
 
     def results(self, run_id: str) -> list[dict]:

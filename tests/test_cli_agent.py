@@ -3,10 +3,15 @@
 Real workers on RabbitMQ and PostgreSQL, the local (bubblewrap) sandbox, and a tiny
 agent program in Python that speaks OpenAI Chat Completions over the sandbox's
 loopback: every call it makes is a recorded turn, its exit ends the episode in
-grading, and a program that never exits is stopped at the episode's deadline.
+grading, and a program that never exits is stopped at the episode's deadline, or at
+once when its run is cancelled.
 """
 
 from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -88,3 +93,40 @@ def test_a_cli_agent_program_calls_the_model_through_the_proxy_and_is_graded(clu
     ep, steps = episode_and_steps(client, stuck)
     assert ep.exit_status == "time_limit" and ep.reward == -0.5
     assert steps[-1].action == "(the episode's deadline passed)"
+
+
+def _running(marker: str) -> bool:
+    """Whether a process of this host has `marker` in its command line (the sandbox's are visible here)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
+                return True
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return False
+
+
+def test_cancelling_a_run_ends_its_running_program_at_once(cluster):
+    client = cluster.client
+    marker = f"mf-cancel-{uuid.uuid4().hex}"
+    run_id = client.submit(spec("cli-cancel", f'python3 -c "import time; time.sleep(600)" {marker}', ["never asked"],
+                                timeout_s=600.0))
+    t0 = time.monotonic()
+    while not _running(marker):  # the program started in its sandbox, and its episode parked
+        assert time.monotonic() - t0 < 30, "the agent program never started"
+        time.sleep(0.2)
+    while not episode_and_steps(client, run_id)[0].parked:
+        assert time.monotonic() - t0 < 30, "the episode never parked"
+        time.sleep(0.2)
+
+    assert client.cancel(run_id) == {"pending": 0, "waiting": 0, "running": 1}
+    t1 = time.monotonic()
+    st = client.wait(run_id, timeout=20)
+    assert st["by_state"] == {"cancelled": 1}, st
+    ep, steps = episode_and_steps(client, run_id)
+    assert (ep.exit_status, ep.parked) == ("cancelled", None)
+    assert steps[-1].action == "(the run was cancelled)"
+    while _running(marker):  # destroyed with its sandbox
+        assert time.monotonic() - t1 < 10, "the agent program outlived its cancelled episode"
+        time.sleep(0.2)
+    assert time.monotonic() - t1 < 10  # not at its deadline, 600 s away

@@ -36,14 +36,14 @@ from aiohttp import web
 from sqlalchemy import func, insert, select, tuple_, update
 
 from megaflow.agent.cli import socket_dir
-from megaflow.contract import HopResult, error_text
+from megaflow.contract import error_text
 from megaflow.db import states
 from megaflow.db.models import Episode, Hop, Step, utcnow
+from megaflow.hops.cli_resume import resume
 from megaflow.hops.model_hop import conversation
 from megaflow.hops.routing import HOP_TASKS, label
 from megaflow.model import chat_api
 from megaflow.model.chat_api import BadRequest
-from megaflow.sanitize import storable
 from queues import topology
 
 log = logging.getLogger(__name__)
@@ -180,34 +180,6 @@ def outcomes(rt, keys: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
                 for row in rows:
                     found[(row.episode_id, row.index)] = dict(row._mapping)
     return found
-
-
-def resume(rt, app, episode_id: str, exit_code: int | None, output: str = "") -> bool:
-    """Record the program's end as a last step and send the parked episode's decision.
-
-    `exit_code` None: its deadline passed (the decision ends it ``time_limit``).
-    Only the first caller resumes (the exit report is retried; a deadline may race
-    it): False for the others.
-    """
-    with rt.session() as s:
-        ep = s.execute(select(_E.c.state, _E.c.parked).where(_E.c.id == episode_id).with_for_update()).first()
-        if ep is None or not (ep.parked or {}).get("cli"):
-            return False
-        index = s.execute(select(func.max(_S.c.index)).where(_S.c.episode_id == episode_id)).scalar() + 1
-        what = "the agent program exited" if exit_code is not None else "the episode's deadline passed"
-        s.execute(insert(_S).values(episode_id=episode_id, index=index, messages_in=[], action=f"({what})",
-                                    observation=storable(output), exit_code=exit_code))
-        s.execute(update(_E).where(_E.c.id == episode_id).values(parked=None, n_steps=index + 1))
-        parked = ep.parked["task"] or {}
-    prev = HopResult(hop="exec", step=index, exit_code=exit_code).wire()
-    sig = app.signature("megaflow.episode", args=(prev, episode_id),
-                        argsrepr=f"{label(None, episode_id, index)} after=program")
-    if parked.get("id"):
-        sig.freeze(parked["id"])
-        sig.set(chord=parked.get("chord"), group_id=parked.get("group"), group_index=parked.get("group_index"),
-                root_id=parked.get("root_id"))
-    sig.apply_async()
-    return True
 
 
 def running_here(rt) -> list[tuple[str, dt.datetime | None]]:
