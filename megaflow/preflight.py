@@ -27,6 +27,19 @@ class PreflightError(RuntimeError):
     """A backend cannot work on this host; the message is one line naming the fix."""
 
 
+def check_model_proxy(settings: Settings) -> None:
+    """The CLI agents' model socket (`megaflow.agent.cli.socket_path`) fits in a Unix socket's address.
+
+    Checked at every env worker's start: otherwise the first CLI agent's launch would fail.
+    """
+    from megaflow.agent.cli import socket_path
+
+    try:
+        socket_path(settings.data_dir)
+    except OSError as exc:
+        raise PreflightError(str(exc)) from exc
+
+
 # -- sandboxes -----------------------------------------------------------------------
 
 

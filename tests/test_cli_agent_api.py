@@ -11,7 +11,7 @@ import tempfile
 import pytest
 from sqlalchemy import select, update
 
-from megaflow.agent.cli import CliAgent, launch_command
+from megaflow.agent.cli import CliAgent, launch_command, socket_path
 from megaflow.client import as_spec
 from megaflow.config import Settings
 from megaflow.db.models import Episode, Step
@@ -20,6 +20,7 @@ from megaflow.hops.routing import HOP_TASKS
 from megaflow.inprocess import InProcessRunner
 from megaflow.model import chat_api
 from megaflow.model.chat_api import BadRequest
+from megaflow.preflight import PreflightError, check_model_proxy
 
 
 def test_openai_requests_become_messages_and_turns_become_responses():
@@ -194,3 +195,12 @@ def test_an_anthropic_program_gets_tool_use_blocks_and_sends_tool_results(proxy)
 def test_bad_tools_are_refused_with_a_reason(read, body):
     with pytest.raises(BadRequest):
         read(body, anthropic=True)
+
+
+def test_a_data_dir_too_long_for_the_model_socket_is_refused_in_one_line(tmp_path):
+    check_model_proxy(Settings(data_dir=tmp_path))  # fits
+    long = Settings(data_dir="/tmp/" + "d" * 100)
+    with pytest.raises(PreflightError, match=r"is 126 bytes, over the 107 .*MEGAFLOW_DATA_DIR") as caught:
+        check_model_proxy(long)
+    assert "\n" not in str(caught.value)
+    assert len(str(socket_path("/tmp/" + "d" * 81))) == 107  # the longest that fits

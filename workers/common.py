@@ -91,11 +91,12 @@ def _check_at_start(app, settings: Settings, pool: str) -> None:
     def _preflight(sender=None, **kwargs):
         if getattr(sender, "app", app) is not app:
             return
-        from megaflow.preflight import PreflightError, check_model_types, check_sandbox_types
+        from megaflow.preflight import PreflightError, check_model_proxy, check_model_types, check_sandbox_types
 
         try:
             if pool == "env":
                 check_sandbox_types(settings, settings.required_sandboxes())
+                check_model_proxy(settings)
             else:
                 check_model_types(settings.required_models())
         except PreflightError as exc:

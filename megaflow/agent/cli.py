@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 from megaflow.agent.base import Action, Command, FormatError, Submit
@@ -38,9 +39,28 @@ MINI_SWE_AGENT = (
 )
 
 
+#: The model proxy's socket, in `socket_dir`.
+SOCKET_NAME = "model.sock"
+#: The longest path a Unix socket can have (Linux's ``sun_path``: 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+
+
 def socket_dir(data_dir) -> Path:
     """The host directory of the model proxy's socket, bound at /run/megaflow in CLI agents' sandboxes."""
     return Path(data_dir) / "cli-proxy"
+
+
+def socket_path(data_dir) -> Path:
+    """The model proxy's socket; checked to fit in a Unix socket's address.
+
+    Raises:
+        OSError: the path is too long for a Unix socket (one line naming the fix).
+    """
+    path = socket_dir(Path(data_dir).absolute()) / SOCKET_NAME
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise OSError(f"the CLI agents' model socket {path} is {len(os.fsencode(path))} bytes, over the "
+                      f"{MAX_SOCKET_PATH} a Unix socket allows: set MEGAFLOW_DATA_DIR to a shorter directory")
+    return path
 
 
 def task_text(task) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 from aiohttp import web
 from sqlalchemy import func, insert, select, tuple_, update
 
-from megaflow.agent.cli import socket_dir
+from megaflow.agent.cli import socket_dir, socket_path
 from megaflow.contract import error_text
 from megaflow.db import states
 from megaflow.db.models import Episode, Hop, Step, utcnow
@@ -48,7 +48,6 @@ from queues import topology
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "model.sock"
 #: How long a model call may wait for its hop before the program is told it failed.
 CALL_TIMEOUT_S = 3600.0
 #: Seconds after an episode's deadline at which the proxy wakes it (its decision ends it).
@@ -199,7 +198,7 @@ class CliProxy:
     def __init__(self, app, rt):
         self.app, self.rt = app, rt
         self.dir = socket_dir(rt.settings.data_dir)
-        self.path = self.dir / SOCKET_NAME
+        self.path = socket_path(rt.settings.data_dir)  # OSError, one line, if too long (env workers check at start)
         self.key = host_key(rt.settings.data_dir)
         self.loop = asyncio.new_event_loop()
         self._timers: dict[str, asyncio.TimerHandle] = {}
