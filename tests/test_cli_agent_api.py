@@ -166,7 +166,7 @@ def test_an_openai_program_offers_its_tools_gets_tool_calls_and_sends_results(pr
                                     "logprobs": None, "finish_reason": "stop"}
     _, one, two = _steps(runner, episode_id)
     assert (one.tools, one.tool_choice, one.tool_calls) == (tools, "auto", [call])
-    assert two.messages_in == [{"role": "tool", "content": "a.txt", "tool_calls": None, "tool_call_id": call["id"]}]
+    assert two.messages_in == [{"role": "tool", "content": "a.txt", "tool_call_id": call["id"]}]
 
 
 def test_an_anthropic_program_gets_tool_use_blocks_and_sends_tool_results(proxy):
@@ -186,7 +186,7 @@ def test_an_anthropic_program_gets_tool_use_blocks_and_sends_tool_results(proxy)
     assert second["content"] == [{"type": "text", "text": "All done."}] and second["stop_reason"] == "end_turn"
     _, one, two = _steps(runner, episode_id)
     assert one.tools == [{"type": "function", "function": BASH}] and one.tool_choice == "required"
-    assert two.messages_in == [{"role": "tool", "content": "a.txt", "tool_calls": None, "tool_call_id": use["id"]}]
+    assert two.messages_in == [{"role": "tool", "content": "a.txt", "tool_call_id": use["id"]}]
 
 
 @pytest.mark.parametrize("read, body", [(chat_api.openai_tools, {"tools": "bash"}),

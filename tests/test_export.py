@@ -185,7 +185,7 @@ def test_every_format_from_a_finished_run(finished_run, tmp_path):
     # mini-swe-agent trajectories, laid out as its SWE-bench runner does.
     assert client.export(run_id, "minisweagent", tmp_path / "trajs") == 4
     traj = json.loads((tmp_path / "trajs" / "repo__1" / "repo__1.traj.json").read_text())
-    assert traj["trajectory_format"] == "mini-swe-agent-1" and traj["info"]["exit_status"] == "Submitted"
+    assert traj["trajectory_format"] == "mini-swe-agent-1.1" and traj["info"]["exit_status"] == "Submitted"
     assert "+x = 2" in traj["info"]["submission"]
     assert (tmp_path / "trajs" / "term-1" / "term-1.sample1.traj.json").exists()
 

@@ -148,7 +148,7 @@ def prepare(rt, episode_id: str, messages: list, tools: list[dict] | None = None
             raise Refused("the conversation does not extend the recorded one (history rewritten); MegaFlow "
                           "records each episode as one conversation", 400)
         s.execute(insert(_S).values(episode_id=episode_id, index=index,
-                                    messages_in=[m.model_dump() for m in messages[len(before):]],
+                                    messages_in=[m.wire() for m in messages[len(before):]],
                                     tools=tools, tool_choice=tool_choice))
         s.execute(update(_E).where(_E.c.id == episode_id).values(n_steps=index + 1))
     return ep.run_id, index

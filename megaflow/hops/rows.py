@@ -118,7 +118,7 @@ _EPISODES, _RUNS, _STEPS = Episode.__table__, Run.__table__, Step.__table__
 
 def insert_step(conn, episode_id: str, index: int, messages: list[Message], **values: Any) -> None:
     """Add step `index` of an episode with the messages the model will be sent (and any other columns)."""
-    row = {"episode_id": episode_id, "index": index, "messages_in": [m.model_dump() for m in messages]}
+    row = {"episode_id": episode_id, "index": index, "messages_in": [m.wire() for m in messages]}
     conn.execute(prepared(conn, "driver.new_step", lambda c: insert(_STEPS)), {**row, **values})
 
 
