@@ -32,7 +32,7 @@ from pathlib import Path
 import docker.errors
 
 import docker
-from megaflow.bench.env import RUN_LABEL, _client, _time, cleanup, figure_line, new_run_id, percentile
+from megaflow.bench.env import RUN_LABEL, _client, _time, cleanup, figure_line, new_run_id, paired_times, percentile
 from megaflow.errors import SandboxError
 from megaflow.sandbox.base import SandboxConfig
 from megaflow.sandbox.desktop import DESKTOP_IMAGE, DesktopBackend, DesktopSandbox
@@ -103,16 +103,7 @@ def screenshots(sb: DesktopSandbox, n: int) -> tuple[list[float], list[float]]:
         if not sb.raw_screenshot().startswith(b"\x89PNG"):
             raise SandboxError("scrot returned no PNG")
 
-    for _ in range(2):
-        ours()
-        raw()
-    a: list[float] = []
-    b: list[float] = []
-    for i in range(n):
-        pair = ((ours, a), (raw, b)) if i % 2 == 0 else ((raw, b), (ours, a))
-        for call, samples in pair:
-            samples.append(_time(call))
-    return a, b
+    return paired_times(ours, raw, n)
 
 
 def actions(sb: DesktopSandbox, n: int) -> list[float]:

@@ -202,16 +202,7 @@ def exec_roundtrips(backend: DockerBackend, client: docker.DockerClient, config:
             if container.exec_run("true").exit_code != 0:
                 raise SandboxError("exec_run('true') failed")
 
-        for _ in range(2):  # warm-up: connections, page cache
-            ours()
-            raw()
-        a: list[float] = []
-        b: list[float] = []
-        for i in range(n):
-            pair = ((ours, a), (raw, b)) if i % 2 == 0 else ((raw, b), (ours, a))
-            for call, samples in pair:
-                samples.append(_time(call))
-        return a, b
+        return paired_times(ours, raw, n)
     finally:
         sandbox.close()
 
@@ -295,6 +286,25 @@ def _client() -> docker.DockerClient:
     except (docker.errors.DockerException, requests.RequestException) as exc:
         raise SystemExit(f"no Docker engine answers ({exc}); start one: export DOCKER_HOST=$(docker/start-dockerd.sh)")
     return client
+
+
+def paired_times(ours: Callable[[], object], raw: Callable[[], object], n: int,
+                 warmup: int = 2) -> tuple[list[float], list[float]]:
+    """`n` timings of each, taken in pairs whose order alternates, after `warmup` untimed pairs.
+
+    Alternating keeps drift on a shared machine (caches, other jobs) from favouring
+    whichever side always runs first.
+    """
+    for _ in range(warmup):  # connections, page cache
+        ours()
+        raw()
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(n):
+        pair = ((ours, a), (raw, b)) if i % 2 == 0 else ((raw, b), (ours, a))
+        for call, samples in pair:
+            samples.append(_time(call))
+    return a, b
 
 
 def _time(call: Callable[[], object]) -> float:
