@@ -143,5 +143,6 @@ def test_a_scrape_of_50k_hops_on_postgresql_reads_only_new_rows(pg_url):
         assert counted == 50_000
     print(f"\nscrape of 50k hops: first {timings['first'] * 1e3:.0f} ms, "
           f"incremental {timings['incremental'] * 1e3:.0f} ms")
-    # Generous bound for a loaded 2-core machine; the point is that it does not scan the table again.
-    assert timings["incremental"] < 0.5
+    # The point is that it does not scan the table again: a second scan would take about as
+    # long as the first. Relative, because a fixed bound (0.5 s) failed once on a 2-core CI host.
+    assert timings["incremental"] < timings["first"] / 2, timings
