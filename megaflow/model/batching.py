@@ -216,3 +216,44 @@ def _run_barrier(job: Job) -> None:
         job.future.set_exception(exc)
     else:
         job.future.set_result(result)
+
+
+class PolicySwitch:
+    """A batching backend's switch to published policy versions, at a barrier of its batcher.
+
+    Asking for a version not newer than the last one asked for does nothing, so every
+    model call may ask; the swap runs on the batcher thread between batches, so no
+    request sees half of it. A swap that fails may be asked for again.
+    """
+
+    def __init__(self, batcher: MicroBatcher, swap: Callable[[Any], None]):
+        #: The version serving now (0: the config's weights); changed on the batcher thread only.
+        self.version = 0
+        self._target = 0
+        self._lock = threading.Lock()
+        self._batcher = batcher
+        self._swap = swap
+
+    def request(self, ref: Any) -> Future | None:
+        """Switch to `ref` (a `PolicyRef`) before any request submitted after this call.
+
+        Returns:
+            The swap's future (done once the new weights serve), or None when `ref` is
+            not newer than the last version asked for.
+        """
+        with self._lock:
+            if ref.version <= self._target:
+                return None
+            self._target = ref.version
+        return self._batcher.barrier(lambda: self._run(ref))
+
+    def _run(self, ref: Any) -> None:
+        if ref.version <= self.version:
+            return
+        try:
+            self._swap(ref)
+        except Exception:
+            with self._lock:  # a later request may try this version again
+                self._target = min(self._target, self.version)
+            raise
+        self.version = ref.version

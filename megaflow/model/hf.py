@@ -27,7 +27,7 @@ from typing import Any
 
 from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, Message, ModelRequest, SamplingParams, Usage
-from megaflow.model.batching import BatchStats, Job, MicroBatcher, wait_result
+from megaflow.model.batching import BatchStats, Job, MicroBatcher, PolicySwitch, wait_result
 from megaflow.model.config import TransformersModelConfig
 from megaflow.model.gguf_cache import hf_source
 from megaflow.model.policy import PolicyRef
@@ -91,10 +91,6 @@ class TransformersModel:
         self._eos_ids: set[int] = set()
         self._stop_cache: dict[tuple[str, ...], Any] = {}
         self._closed = False
-        #: The published policy version generating now (0: the config's weights); set on the batcher thread.
-        self.policy_version = 0
-        self._policy_target = 0
-        self._policy_lock = threading.Lock()
         self._base: Any = None  # the config's weights: what LoRA adapters and state dicts apply to
         self._batcher = MicroBatcher(
             self._run_batch,
@@ -102,6 +98,7 @@ class TransformersModel:
             max_wait_s=self.config.max_wait_ms / 1000.0,
             name=f"megaflow-batcher-{self.name}",
         )
+        self._policy = PolicySwitch(self._batcher, self._swap)
 
     @property
     def stats(self) -> BatchStats:
@@ -146,34 +143,28 @@ class TransformersModel:
             prompt_token_ids=ids,
         )
 
+    @property
+    def policy_version(self) -> int:
+        """The published policy version generating now (0: the config's weights)."""
+        return self._policy.version
+
     def load_policy(self, ref: PolicyRef) -> Future | None:
         """Switch to a published version before any request submitted after this call.
 
-        The swap is a barrier on the batcher thread: batches queued before it finish on
-        the old weights, then the new ones are loaded, then batching resumes. Asking for
-        a version not newer than the one asked for last does nothing (returns None).
+        The swap is a barrier on the batcher thread (`PolicySwitch`): batches queued
+        before it finish on the old weights, then the new ones are loaded, then
+        batching resumes. Asking for a version not newer than the one asked for last
+        does nothing (returns None).
 
         Returns:
             The swap's future (done once the new weights serve), or None.
         """
-        with self._policy_lock:
-            if ref.version <= self._policy_target:
-                return None
-            self._policy_target = ref.version
-        return self._batcher.barrier(lambda: self._swap(ref))
+        return self._policy.request(ref)
 
     def _swap(self, ref: PolicyRef) -> None:
-        if ref.version <= self.policy_version:
-            return
         self.load()
         started = time.monotonic()
-        try:
-            model = load_transformers(self._base, ref, self.config.device)
-        except Exception:
-            with self._policy_lock:  # a later request may try this version again
-                self._policy_target = min(self._policy_target, self.policy_version)
-            raise
-        self._model, self.policy_version = model, ref.version
+        self._model = load_transformers(self._base, ref, self.config.device)
         logger.info("policy %s version %d (%s) loaded in %.1fs", ref.policy, ref.version, ref.kind,
                     time.monotonic() - started)
 

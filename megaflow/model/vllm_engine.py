@@ -19,7 +19,7 @@ from typing import Any
 
 from megaflow.errors import ContextLengthError, ModelUnavailableError
 from megaflow.model.base import Completion, ModelRequest, Usage
-from megaflow.model.batching import Job, MicroBatcher, wait_result
+from megaflow.model.batching import Job, MicroBatcher, PolicySwitch, wait_result
 from megaflow.model.config import VLLMModelConfig
 from megaflow.model.policy import PolicyRef
 from megaflow.model.toolcalls import parse_tool_calls, render_prompt
@@ -43,10 +43,6 @@ class VLLMModel:
         self.config = config
         self.name = config.model
         self.version = config.version or config.model
-        #: The published policy version generating now (0: the config's weights); set on the batcher thread.
-        self.policy_version = 0
-        self._policy_target = 0
-        self._policy_lock = threading.Lock()
         self._lora: Any = None  # the LoRARequest every prompt carries, when the policy is an adapter
         self._load_lock = threading.Lock()
         self._tok_lock = threading.Lock()
@@ -57,6 +53,7 @@ class VLLMModel:
         self._batcher = MicroBatcher(
             self._run_batch, max_batch_size=_MAX_BATCH, max_wait_s=_MAX_WAIT_S, name="megaflow-vllm"
         )
+        self._policy = PolicySwitch(self._batcher, self._swap)
 
     def load(self) -> None:
         """Start the engine now rather than on the first call.
@@ -162,11 +159,12 @@ class VLLMModel:
         Returns:
             The swap's future, or None when `ref` is not newer than the last one asked for.
         """
-        with self._policy_lock:
-            if ref.version <= self._policy_target:
-                return None
-            self._policy_target = ref.version
-        return self._batcher.barrier(lambda: self._swap(ref))
+        return self._policy.request(ref)
+
+    @property
+    def policy_version(self) -> int:
+        """The published policy version generating now (0: the config's weights)."""
+        return self._policy.version
 
     def _swap(self, ref: PolicyRef) -> None:
         self.load()
@@ -177,7 +175,6 @@ class VLLMModel:
         else:
             self._llm.collective_rpc(reload_vllm_worker, args=(ref.path,))
             self._lora = None
-        self.policy_version = ref.version
         logger.info("policy %s version %d (%s) in use", ref.policy, ref.version, ref.kind)
 
     def close(self) -> None:
