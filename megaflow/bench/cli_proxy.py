@@ -37,6 +37,7 @@ from sqlalchemy import select, update
 
 from megaflow.app import make_app
 from megaflow.bench.floors import wait_for_worker
+from megaflow.bench.model import bench_prompt
 from megaflow.client import Client, as_spec
 from megaflow.config import Settings
 from megaflow.db import states
@@ -48,7 +49,6 @@ from megaflow.runtime import Runtime
 
 #: (figure, comparison, bound): what each figure should reach.
 TARGETS: tuple[tuple[str, str, float], ...] = (("ratio_proxy_to_direct", ">=", 0.95), ("cli_in_flight", ">=", 1000))
-PROMPT = "In two sentences, say something true about the number {i}."
 
 
 def run_cli_bench(calls: int = 20, in_flight: int = 1000, max_tokens: int = 32,
@@ -135,7 +135,7 @@ def _in_flight(proxy: CliProxy, episodes: list[str], start_worker) -> dict:
         connector = aiohttp.UnixConnector(path=str(proxy.path), limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as http:
             async def call(i: int, eid: str) -> int:
-                body = {"model": "x", "messages": [{"role": "user", "content": PROMPT.format(i=i)}]}
+                body = {"model": "x", "messages": [{"role": "user", "content": bench_prompt(i)}]}
                 try:
                     async with http.post("http://megaflow/v1/chat/completions", json=body,
                                          headers={"Authorization": f"Bearer {proxy.token(eid)}"}) as r:
@@ -182,7 +182,7 @@ def _overhead(proxy: CliProxy, episodes: list[str], url: str, model: dict) -> di
     diffs = []
     try:
         for i, eid in enumerate(episodes):
-            messages = [{"role": "user", "content": PROMPT.format(i=i)}]
+            messages = [{"role": "user", "content": bench_prompt(i)}]
             body = backend._body(ModelRequest(messages=[Message(**m) for m in messages], sampling=sampling))
 
             def through_proxy(eid=eid, messages=messages) -> int:

@@ -39,9 +39,14 @@ from megaflow.model.base import Message, ModelRequest, SamplingParams
 from megaflow.model.config import TransformersModelConfig
 
 
+def bench_prompt(i: int) -> str:
+    """The `i`-th of the benches' distinct short prompts."""
+    return f"In two sentences, say something true about the number {i}."
+
+
 def bench_prompts(n: int) -> list[str]:
     """`n` distinct short prompts, the same for every phase."""
-    return [f"In two sentences, say something true about the number {i}." for i in range(n)]
+    return [bench_prompt(i) for i in range(n)]
 
 
 def run_model_bench(concurrency: int = 8, max_tokens: int = 32, rounds: int = 2, http_requests: int = 50,
