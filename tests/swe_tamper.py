@@ -167,5 +167,4 @@ def restoration_off(mp) -> None:
     from megaflow.envs import pristine
 
     mp.setattr(pristine, "restore_command", lambda paths, then="exit 0": then)
-    mp.setattr(pristine, "shadowing", lambda names: [])
     mp.setattr(pristine, "merge_pyproject", lambda base, current: current)

@@ -144,3 +144,77 @@ def test_protected_paths_cover_tests_and_config():
     assert pyprojects == ["pyproject.toml", "tests/pyproject.toml"]
     assert pristine.shadowing(["pytest.py", "unittest", "mymod.py", "sitecustomize.py", "json"]) == [
         "pytest.py", "unittest", "sitecustomize.py", "json"]
+
+
+def test_shadowing_names_are_removed_in_the_sandbox_as_shadowing_says(tmp_path):
+    """The restore removes, in the sandbox's shell, exactly the added root names `shadowing` names."""
+    import subprocess
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "json.py").write_text("# the repository's own json.py: not added, stays\n")
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "update-ref", pristine.BASE_REF, "HEAD"], cwd=tmp_path, check=True)
+    added = ["pytest.py", "unittest", "mymod.py", "sitecustomize.py", "json", "reproduce.py", "typing.pyi",
+             "a b.py", "ast asyncio", "conftest.txt", "_pytest", "os.py"]
+    for name in added:
+        (tmp_path / name).write_text("x\n") if "." in name or " " in name else (tmp_path / name).mkdir()
+    subprocess.run(["bash", "-c", pristine.shadow_removal_command()], cwd=tmp_path, check=True)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != ".git")
+    assert left == sorted({*added, "json.py"} - set(pristine.shadowing(added)))
+    assert "reproduce.py" in left and "pytest.py" not in left and "ast asyncio" in left
+
+
+class _Counting:
+    """A sandbox that counts its round trips."""
+
+    def __init__(self, sb):
+        self.sb, self.execs, self.reads = sb, 0, 0
+
+    def exec(self, cmd, timeout=60.0):
+        self.execs += 1
+        return self.sb.exec(cmd, timeout=timeout)
+
+    def read_file(self, path):
+        self.reads += 1
+        return self.sb.read_file(path)
+
+    def write_file(self, path, data):
+        return self.sb.write_file(path, data)
+
+
+def _graded(local, tmp_path, agent: str, task=TASK, timeout: float = 120):
+    backend, config = local
+    sb = backend.create(config, {"megaflow.test": "tamper"})
+    try:
+        setup(sb, task, 120, config=config, cache_root=tmp_path)
+        for cmd in swe_tamper.AGENTS[agent]:
+            assert sb.exec(cmd, timeout=60).exit_code == 0
+        counting = _Counting(sb)
+        return grading.evaluate(counting, task, timeout), counting
+    finally:
+        sb.close()
+
+
+@pytest.mark.integration
+def test_evaluation_takes_one_round_trip_unless_a_pyproject_changed(local, tmp_path, monkeypatch):
+    result, sb = _graded(local, tmp_path, "oracle")
+    assert result.reward == 1.0 and (sb.execs, sb.reads) == (1, 0)
+    assert "calc.py" in result.patch and "PASSED tests/test_calc.py::test_clamp_high" in result.test_log
+    result, sb = _graded(local, tmp_path, "pyproject")  # its test tables put back first: a second exec
+    assert result.reward == 0.0 and sb.execs == 2 and "tool.pytest" in result.patch
+    # A log too large to come back inline is read back whole, and grades the same.
+    monkeypatch.setattr(grading, "INLINE_LOG_BYTES", 10)
+    result, sb = _graded(local, tmp_path, "oracle")
+    assert result.reward == 1.0 and (sb.execs, sb.reads) == (1, 1)
+
+
+@pytest.mark.integration
+def test_a_test_command_that_exits_or_hangs_keeps_the_patch(local, tmp_path):
+    exits = TASK.model_copy(update={"test_command": f"{TASK.test_command} >/dev/null; exit 7; :"})
+    result, _ = _graded(local, tmp_path, "oracle", exits)
+    assert result.exit_code == 7 and "calc.py" in result.patch and result.reward == 0.0
+    hangs = TASK.model_copy(update={"test_command": "sleep 60; :"})
+    result, _ = _graded(local, tmp_path, "oracle", hangs, timeout=5)
+    assert result.reward == 0.0 and result.error == "the tests timed out" and "calc.py" in result.patch

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 _RESTORE_FAILED, _TEST_PATCH_FAILED = 90, 91
 #: Where the test command's output goes in the sandbox (read back whole, then capped).
 LOG_FILE = ".megaflow_test.log"
+#: A log this small (with the agent's diff) comes back in the evaluation's own output, not read back.
+INLINE_LOG_BYTES = 48_000
 #: Where a terminal task's check script is written in the sandbox before it runs.
 CHECK_FILE = ".megaflow_check.sh"
 #: The part of a test log kept per episode: head and tail of this many characters.
@@ -161,43 +163,70 @@ def _kept_statuses(statuses: dict[str, str], task) -> dict[str, str]:
     return kept
 
 
+def _tests_shell(sb, task, plan: pristine.Restore) -> str:
+    """Shell, run once the restore is complete: the test patch, the runner, the tests; never exits.
+
+    Prints `plan.mark`-framed sections: ``tp-failed`` when the test patch does not apply
+    (its output on stderr), else ``code`` (the tests' exit status) and, when the log
+    and the agent's diff together fit in `INLINE_LOG_BYTES`, ``log`` (the log
+    itself: no read-back round trip, #15 point 7). The tests run in a subshell, so
+    a test command that exits cannot cut the sections that follow.
+    """
+    from megaflow.envs import swe
+
+    command = swe.tests_command(task, [*task.FAIL_TO_PASS, *task.PASS_TO_PASS])
+    m = plan.mark
+    return (f"if {{ {swe.test_patch_command(sb, task)}; }} >&2; then {swe.runner_command(sb, task)}; "
+            f"( export PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1; {command} ) > {LOG_FILE} 2>&1; "
+            f"echo {m}:code:$?; "
+            f"if [ $(( $(wc -c < {LOG_FILE}) + $(wc -c < {plan.saved} 2>/dev/null || echo 0) )) -le {INLINE_LOG_BYTES} ]; "
+            "then "
+            f"echo {m}:log; cat {LOG_FILE}; printf '\\n'; fi; "
+            f"else echo {m}:tp-failed; fi")
+
+
 def evaluate(sb, task, timeout: float) -> Evaluation:
     """Grade the agent's work in `sb`; see the module docstring.
 
     Raises:
         SandboxError: the sandbox failed (an infra failure, not a reward of 0).
     """
-    from megaflow.envs import swe
-
     budget = Budget(timeout, "evaluation")  # `timeout` bounds the whole evaluation
-    # Two execs in all (each a docker exec round trip, #15 point 7): the agent's diff
-    # and the restore; then the restore's fix-ups, the test patch and the tests.
+    # One exec on the common path (each is a docker exec round trip, #15 point 7): the
+    # agent's diff, the restore and the tests; a second only when a pyproject.toml's
+    # test tables must be put back first (`pristine.Restore`).
     g = pristine.GIT
     diff_cmd = f"{g} diff --cached --binary --no-ext-diff --no-textconv"
-    plan = pristine.Restore(task, before=f"{g} add -A >/dev/null 2>&1; {diff_cmd} {pristine.BASE_REF} 2>/dev/null "
-                                         f"|| {diff_cmd}")
+    before = f"{g} add -A >/dev/null 2>&1; {diff_cmd} {pristine.BASE_REF} 2>/dev/null || {diff_cmd}"
+    plan = pristine.Restore(task, before=before, then=lambda p: _tests_shell(sb, task, p))
     first = sb.exec(plan.command, timeout=budget.left())
+    if first.timed_out:  # cut before the diff was printed: fetch it on its own
+        saved = sb.exec(f"cat {plan.saved}; rm -f {plan.saved}", timeout=max(5.0, budget.left()))
+        first = first.model_copy(update={"stdout": f"{first.stdout}\n{plan.mark}:before\n{saved.stdout}"})
     try:
         finish = plan.read(first.stdout)
     except pristine.BaselineMissing as exc:
         return Evaluation(0.0, plan.before_output, patch_applied=False, error=str(exc))
-    patch = plan.before_output
-    command = swe.tests_command(task, [*task.FAIL_TO_PASS, *task.PASS_TO_PASS])
-    run = sb.exec(f"{{ {finish}; }} || exit {_RESTORE_FAILED}; {{ {swe.test_patch_command(sb, task)}; }} >&2 "
-                  f"|| exit {_TEST_PATCH_FAILED}; {swe.runner_command(sb, task)}; "
-                  f"PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1 {command} > {LOG_FILE} 2>&1; echo $?",
-                  timeout=budget.left())
-    if run.exit_code == _RESTORE_FAILED:
+    patch, run, sections = plan.before_output, first, plan.sections
+    if not plan.ran_then:
+        run = sb.exec(f"{{ {finish}; }} || {{ echo {plan.mark}:restore-failed; exit {_RESTORE_FAILED}; }}; "
+                      f"echo {plan.mark}:then; {plan.then}", timeout=budget.left())
+        sections = plan.parse_sections(run.stdout)
+    if "restore-failed" in sections:
         return Evaluation(0.0, patch, patch_applied=False, error=f"restoring the pristine files failed: "
                           f"{run.stderr[-300:]}")
-    if run.exit_code == _TEST_PATCH_FAILED:
+    if "tp-failed" in sections:
         log.info("test patch of %s does not apply: %s", task.instance_id, run.stderr[-300:])
         return Evaluation(0.0, patch, patch_applied=False, error="the test patch does not apply")
-    code = run.stdout.strip().rsplit("\n", 1)[-1]
-    try:
-        text = sb.read_file(LOG_FILE).decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001 - no log (the command never ran): graded on nothing
-        text = run.output
+    code = next((k.split(":", 1)[1] for k in sections if k.startswith("code:")), "")
+    text = sections.get("log")
+    if text is not None and not run.truncated:
+        text = text[:-1]  # the newline printed after it
+    else:
+        try:
+            text = sb.read_file(LOG_FILE).decode("utf-8", "replace")
+        except Exception:  # noqa: BLE001 - no log (the command never ran): graded on nothing
+            text = run.output
     exit_code = int(code) if code.lstrip("-").isdigit() else None
     report, statuses = harness_report(text, exit_code, task, patch)
     resolved = bool(report.get("resolved"))

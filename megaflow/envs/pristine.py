@@ -31,6 +31,7 @@ import re
 import secrets
 import shlex
 import sys
+from collections.abc import Callable
 
 #: The commit the task's setup produced; what "pristine" means.
 BASE_REF = "refs/megaflow/base"
@@ -108,8 +109,9 @@ def restore_command(paths: list[str], then: str = "exit 0") -> str:
 
     Remove, then check out of the baseline what it has: a path the baseline lacks
     stays removed. A handful of git processes whatever the number of paths (one
-    per path cost a fifth of a second on a small task, #15 point 7). `then` runs
-    last (the exit status is its own).
+    per path cost a fifth of a second on a small task, #15 point 7). Then remove
+    the root names the agent added that would shadow a module the tests import
+    (`shadow_removal_command`). `then` runs last (the exit status is its own).
     """
     quoted = " ".join(shlex.quote(p) for p in paths)
     checkout = f"xargs -0 -r env {GIT} checkout -q {BASE_REF} --"
@@ -121,12 +123,9 @@ def restore_command(paths: list[str], then: str = "exit 0") -> str:
         f"rm -rf -- {quoted}" if quoted else "true",
         "find . -path ./.git -prune -o -name conftest.py -print0 | xargs -0 -r rm -rf --",
         f"{{ {listed}{GIT} ls-tree -r -z --name-only {BASE_REF} | grep -z -E '(^|/)conftest\\.py$'; }} | {checkout}",
+        shadow_removal_command(),
         then,
     ])
-
-
-#: Printed between the restore's output and the root listing's.
-_ADDED_MARK = "megaflow-added-root-names:"
 
 
 def added_root_names_command() -> str:
@@ -144,6 +143,19 @@ def shadowing(names: list[str]) -> list[str]:
         if module in SHADOWED or module in sys.stdlib_module_names:
             bad.append(name)
     return bad
+
+
+def shadow_removal_command() -> str:
+    """Shell: remove the root names the agent added that `shadowing` names, in the sandbox itself.
+
+    Done in the restore's own exec rather than decided here after it: one sandbox
+    round trip fewer per evaluation (#15 point 7). The module names form one
+    ``case`` pattern of exact alternatives (identifiers: no glob characters).
+    """
+    modules = "|".join(sorted(SHADOWED | set(sys.stdlib_module_names)))
+    return (f"{{ {added_root_names_command()}; }} | while IFS= read -r n; do "
+            'case "$n" in *.py) m=${n%.py};; *) m=${n%%.*};; esac; '
+            f'case "$m" in {modules}) rm -rf -- "./$n";; esac; done')
 
 
 def merge_pyproject(pristine: str, current: str) -> str:
@@ -166,63 +178,74 @@ def merge_pyproject(pristine: str, current: str) -> str:
 
 
 class Restore:
-    """A restore in two sandbox round trips, the second shared with whatever runs next (the tests).
+    """A restore, and what runs after it (the tests), in one sandbox round trip when nothing is left to fix.
 
-    `command` (first exec) runs `before` (evaluation's diff of the agent's work; its
-    output becomes `before_output`), then the restore, then lists what the rest needs to know: root names the agent added
-    and each ``pyproject.toml`` as the baseline and the agent have it. `read` parses
-    its output and yields `finish`: the shell that completes the restore (shadowing
-    names removed, pyproject test tables put back), to be run before the tests and
-    in the same exec. Every section is framed by a per-evaluation nonce, so nothing
-    the agent wrote (file names, its diff) can pass for a section.
+    `command` (one exec) runs `before` (evaluation's diff of the agent's work; its
+    output becomes `before_output`), then the restore, then checks each
+    ``pyproject.toml`` on the tests' paths against the baseline. When none differs,
+    the restore is complete and `then` runs in the same exec (`ran_then`); when one
+    does, the exec prints it as the baseline and the agent have it, and `read`
+    yields `finish`: the shell that puts its pytest/tox tables back, to be run
+    before `then` in a second exec. Every section is framed by a per-evaluation
+    nonce (`mark`, also for `then`'s own sections: `then` is made from the plan), so nothing the agent wrote (file
+    names, its diff, its tests' output) can pass for a section.
 
     Raises (from `read`):
         BaselineMissing: the sandbox has no baseline ref.
     """
 
-    def __init__(self, task, before: str = "true"):
+    def __init__(self, task, before: str = "true", then: Callable[[Restore], str] = lambda plan: "true"):
         self.whole, self.pyprojects = protected_paths(task)
         self.mark = f"megaflow-{secrets.token_hex(8)}"
         self.before_output = ""
         self.finish = "true"
+        self.ran_then = False
+        self.sections: dict[str, str] = {}
         m = self.mark
-        listing = [f"echo {m}:added; {added_root_names_command()}"]
+        # In the repository's .git, not /tmp: it must outlive the exec (a local sandbox's
+        # /tmp is per command) for a timed-out evaluation to fetch it, and stay out of the tests' way.
+        self.saved = f".git/{m}.before"
+        self.then = then(self)
         contents = []
         for i, path in enumerate(self.pyprojects):
             q = shlex.quote(path)
             contents.append(f"echo {m}:base:{i}; {GIT} show {BASE_REF}:{q} 2>/dev/null | base64 -w0; echo; "
                             f"echo {m}:current:{i}; test -f {q} && base64 -w0 < {q}; echo")
+        changed = "false"
         if contents:
             # Sent only when one differs from the baseline (edited, committed, deleted or added):
             # two git calls instead of three per file, on the common path of an untouched one.
             q = " ".join(shlex.quote(p) for p in self.pyprojects)
-            listing.append(f"if {GIT} diff --quiet {BASE_REF} -- {q} 2>/dev/null && "
-                           f"[ -z \"$({GIT} ls-files --others -- {q})\" ]; then true; else {'; '.join(contents)}; fi")
-        saved = f"/tmp/{m}.before"
+            changed = (f"! {{ {GIT} diff --quiet {BASE_REF} -- {q} 2>/dev/null && "
+                       f"[ -z \"$({GIT} ls-files --others -- {q})\" ]; }}")
+        saved = self.saved
         self.command = "; ".join([
             f"{{ {before}; }} > {saved} 2>/dev/null", f"echo {m}:restore",
             # Its own process: the restore stops every process but its ancestors, and a
             # subshell shares the script's $$, so it would take itself for a stray.
-            f"bash -c {shlex.quote(restore_command(self.whole))}",
+            f"bash -c {shlex.quote(restore_command(self.whole))}", "rc=$?", f"echo {m}:rc:$rc",
+            (f"if [ $rc != 0 ]; then true; elif {changed}; then {'; '.join(contents) or 'true'}; "
+             f"else echo {m}:then; {self.then}; fi"),
             # `before`'s output (a diff: the largest part) last, so that an output cut in its
             # middle (`max_output_bytes` keeps head and tail) costs none of the sections.
-            f"echo {m}:rc:$?", *listing, f"echo {m}:before", f"cat {saved}; rm -f {saved}"])
+            f"echo {m}:before", f"cat {saved}; rm -f {saved}"])
 
     def read(self, stdout: str) -> str:
-        """Parse the first exec's output; returns the `finish` shell (also kept as ``self.finish``)."""
+        """Parse the exec's output; returns the `finish` shell (also kept as ``self.finish``).
+
+        `ran_then` tells whether `then` ran; its sections are in `sections`.
+        """
         m = self.mark
         _, _, rest = stdout.partition(f"{m}:restore\n")
         rest, _, self.before_output = rest.partition(f"{m}:before\n")
-        sections = dict(re.findall(rf"^{re.escape(m)}:(\S+)\n(.*?)(?=^{re.escape(m)}:|\Z)", rest, re.S | re.M))
+        self.sections = sections = self.parse_sections(rest)
         if "rc:3" in sections:
             raise BaselineMissing(f"{BASE_REF} is missing: the repository's history was tampered with")
         if "rc:0" not in sections:
             rc = next((k for k in sections if k.startswith("rc:")), "no exit status")
             raise RestoreFailed(f"restoring the pristine files did not finish ({rc}): {rest[-300:]!r}")
+        self.ran_then = "then" in sections
         fixes = []
-        bad = shadowing(sections.get("added", "").split())
-        if bad:
-            fixes.append("rm -rf -- " + " ".join(shlex.quote(n) for n in bad))
         for i, path in enumerate(self.pyprojects):
             base, current = sections.get(f"base:{i}", "").strip(), sections.get(f"current:{i}")
             pristine_text = _unb64(base) if base else None
@@ -236,13 +259,18 @@ class Restore:
         self.finish = " && ".join(fixes) or "true"
         return self.finish
 
+    def parse_sections(self, text: str) -> dict[str, str]:
+        """The `mark`-framed sections of `text`: name -> content (each ends with its newline)."""
+        m = re.escape(self.mark)
+        return dict(re.findall(rf"^{m}:(\S+)\n(.*?)(?=^{m}:|\Z)", text, re.S | re.M))
+
 
 def _unb64(text: str) -> str:
     return base64.b64decode(text.strip() or b"").decode("utf-8", "replace")
 
 
 def restore(sb, task, timeout: float) -> None:
-    """Put every verdict-changing file back to the baseline (two execs); see the module docstring.
+    """Put every verdict-changing file back to the baseline (one exec, two when a pyproject.toml changed).
 
     Raises:
         BaselineMissing: the sandbox has no baseline ref.
