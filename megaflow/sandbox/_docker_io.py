@@ -14,9 +14,9 @@ import socket
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import docker.errors
 
@@ -106,6 +106,40 @@ class Capture:
         return head + TRUNCATION_MARKER.format(omitted=omitted) + tail.decode(errors="replace"), True
 
 
+class Marked:
+    """Passes a stream on to `sink`, minus a leading `marker`; `seen` says whether it came.
+
+    The deferred seed (`megaflow.sandbox.docker.DockerSandbox.exec`) prints the
+    marker on stderr once the work directory is filled and before the command
+    starts, so nothing the command writes can come first. `on_seen` runs (in the
+    reading thread) as soon as the marker is complete.
+    """
+
+    def __init__(self, sink: Capture, marker: bytes, on_seen: Callable[[], None]):
+        self._sink = sink
+        self._marker = marker
+        self._on_seen = on_seen
+        self._head: bytearray | None = bytearray()  # None once decided
+        self.seen = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Append a chunk of the stream."""
+        if self._head is not None:
+            take = len(self._marker) - len(self._head)
+            self._head += data[:take]
+            data = data[take:]
+            if len(self._head) < len(self._marker) and self._marker.startswith(self._head):
+                return
+            head, self._head = bytes(self._head), None
+            if head == self._marker:
+                self.seen = True
+                self._on_seen()
+            else:
+                self._sink.feed(head)
+        if len(data):
+            self._sink.feed(data)
+
+
 class FrameReader:
     """Reads Docker's multiplexed exec stream from a hijacked socket, with deadlines.
 
@@ -114,16 +148,16 @@ class FrameReader:
 
     Args:
         sock: What ``APIClient.exec_start(..., socket=True)`` returned.
-        sinks: Capture per stream id.
+        sinks: Capture (or `Marked`) per stream id.
     """
 
-    def __init__(self, sock: Any, sinks: dict[int, Capture]):
+    def __init__(self, sock: Any, sinks: dict[int, Capture | Marked]):
         self._sock = sock
         self._raw: socket.socket = getattr(sock, "_sock", sock)
         self._sinks = sinks
         self._header = bytearray()
         self._left = 0
-        self._sink: Capture | None = None
+        self._sink: Capture | Marked | None = None
         self._eof = False
 
     def read_until(self, deadline: float) -> bool:
@@ -144,6 +178,22 @@ class FrameReader:
             else:
                 self._feed(memoryview(chunk))
         return True
+
+    def send(self, fh: BinaryIO, deadline: float) -> None:
+        """Send `fh` to the command's stdin, then end that input (half-close).
+
+        Needs an exec created with stdin attached. Gives up at `deadline` (monotonic)
+        or when the engine stops taking input; neither raises: the command's end, or
+        the deadline, shows up in `read_until`.
+        """
+        try:
+            self._raw.settimeout(max(deadline - time.monotonic(), 0.001))
+            self._raw.sendfile(fh)  # os.sendfile on a plain socket: no copy through Python
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self._raw.shutdown(socket.SHUT_WR)
 
     def _feed(self, view: memoryview) -> None:
         i, n = 0, len(view)
@@ -202,8 +252,9 @@ class SeedCache:
     """Snapshots of an image's work directory, as tars ready for ``put_archive``.
 
     A sandbox's work directory is a fresh tmpfs that hides whatever the image holds
-    at that path, so the image's content is copied in at create time and again at
-    every reset. Files are re-owned by the agent user (task images are usually built
+    at that path, so the image's content is copied in at create time (or, deferred,
+    streamed into the first command: `megaflow.sandbox.docker.DockerSandbox.exec`)
+    and again at every reset. Files are re-owned by the agent user (task images are usually built
     as root). Keyed by image id, so entries never go stale and processes share them.
 
     Args:

@@ -156,7 +156,15 @@ class SandboxBackend(Protocol):
     name: str
 
     def create(self, config: SandboxConfig, labels: dict[str, str]) -> Sandbox:
-        """Create and start a sandbox labelled with `labels` (run and episode ids)."""
+        """Create and start a sandbox labelled with `labels` (run and episode ids).
+
+        A backend may take keyword options of its own after these, defaulting to the
+        plain behaviour: the Docker backend's ``defer_seed=True`` leaves the work
+        directory's content to arrive with the first command (one engine round trip
+        fewer); such a sandbox must be settled (``settle()``, or any other operation)
+        before another process attaches it (`attach`), which would otherwise find it
+        empty.
+        """
 
     def attach(self, sandbox_id: str, config: SandboxConfig) -> Sandbox:
         """Reopen a sandbox created earlier (possibly by another process on this host).

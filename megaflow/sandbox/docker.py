@@ -8,6 +8,13 @@ mount) reachable by the archive API that `write_file` and `read_file` use; ``/tm
 is a plain tmpfs. The keep-alive process runs under Docker's init, which reaps
 orphans.
 
+The tmpfs hides what the image holds at the work directory, so that content (a
+tar, `SeedCache`) is copied in: at create by default, one ``put_archive``. With
+``create(..., defer_seed=True)`` it is instead streamed on the stdin of the first
+`DockerSandbox.exec`, which extracts it and then runs the command in the same exec:
+one engine round trip fewer for the usual episode, whose first act is a command.
+Any other first operation (`DockerSandbox.settle` included) copies it the old way.
+
 "No network" is a network namespace of the sandbox's own holding only loopback.
 The engine's way to make one (``--network none``) goes through libnetwork, which
 creates and mounts the namespace, and a prestart hook that re-executes dockerd:
@@ -47,7 +54,15 @@ import requests
 from docker.types import DriverConfig, Mount
 
 from megaflow.errors import SandboxClosedError, SandboxError, SandboxNotFoundError
-from megaflow.sandbox._docker_io import KILL_SCRIPT, Capture, FrameReader, SeedCache, file_tar, read_single_file
+from megaflow.sandbox._docker_io import (
+    KILL_SCRIPT,
+    Capture,
+    FrameReader,
+    Marked,
+    SeedCache,
+    file_tar,
+    read_single_file,
+)
 from megaflow.sandbox.base import MODEL_SOCKET_MOUNT, ExecResult, SandboxConfig
 from megaflow.sandbox.images import AGENT_UID
 
@@ -80,6 +95,26 @@ ETC_VOLUME = "megaflow-etc"
 _HOSTS_NAME = "hosts-v1"
 #: After failing to provide that file, how long to do without it before trying again.
 _HOSTS_RETRY_S = 300.0
+#: A deferred seed's states (`DockerSandbox`): still to copy, being extracted by an
+#: exec in flight, in place (or never needed).
+_PENDING, _FILLING, _DONE = "pending", "filling", "done"
+#: Printed on stderr by `_SEED_SCRIPT` once the work directory is filled, before the
+#: command starts: nothing the command writes can come ahead of it.
+_SEED_MARK = b"megaflow:seeded\n"
+#: `_SEED_SCRIPT`'s exit status when extracting failed (the command never ran).
+_SEED_FAILED = 213
+# Run by `sh` (lighter than bash) for the first command of a handle whose seed is
+# pending, with the tar on stdin: $1 the work directory, $2 the command. As the agent
+# user, tar gives every file that user as owner (--no-same-owner), and keeps the
+# tar's modes (-p, no umask) and times: what put_archive leaves. tar's own complaints
+# are kept out of the command's stderr. Then stdin is dropped (the command must not
+# read the seed's leftovers) and the shell becomes ``bash -lc CMD``, the process a
+# plain exec starts, with the same environment, working directory and exec id.
+_SEED_SCRIPT = (
+    'if ! err=$(tar -x -p --no-same-owner -f - -C "$1" 2>&1); then '
+    f'printf "megaflow: extracting the seed failed: %s\\n" "$err" >&2; exit {_SEED_FAILED}; fi; '
+    f'printf "{_SEED_MARK.decode().rstrip()}\\n" >&2; exec 0</dev/null; exec bash -lc "$2"'
+)
 # Writes the file under a temporary name and renames it: a sandbox starting meanwhile
 # in another process bind-mounts either no file yet or a complete one.
 _HOSTS_WRITER = 'f=/v/$1; [ -s "$f" ] || { printf "%s" "$2" > "$f.$$" && chmod 0444 "$f.$$" && mv -f "$f.$$" "$f"; }'
@@ -111,8 +146,16 @@ class DockerBackend:
                 self._client = docker.from_env(max_pool_size=_POOL_CONNECTIONS)
         return self._client.api
 
-    def create(self, config: SandboxConfig, labels: dict[str, str]) -> DockerSandbox:
+    def create(self, config: SandboxConfig, labels: dict[str, str], *, defer_seed: bool = False) -> DockerSandbox:
         """Create and start a container; its work directory holds the image's content.
+
+        With `defer_seed`, that content is not copied in here: the first `exec` on the
+        returned handle streams it in, in the same engine round trip as its command
+        (one ``put_archive`` saved; the image needs ``sh`` and GNU ``tar``), and any
+        other first operation copies it the old way. Only this handle knows the
+        content is pending: call `DockerSandbox.settle` (or any operation) before
+        another process attaches the sandbox (`attach`), or that one sees an empty work
+        directory.
 
         Raises:
             SandboxError: the image is missing (build it with `images.build_base`) or
@@ -141,8 +184,10 @@ class DockerBackend:
                 # write it again; failing again, do without it (`--network none`).
                 hosts = self._hosts.mount_failed(api, image_id, hosts, str(exc), give_up=attempt > 0)
         try:
-            sandbox = DockerSandbox(self, container_id, config, self._seeds.get(api, image_id, config.workdir))
-            sandbox.restore_snapshot()
+            seed = self._seeds.get(api, image_id, config.workdir)
+            sandbox = DockerSandbox(self, container_id, config, seed, seed_pending=defer_seed)
+            if not defer_seed:
+                sandbox.restore_snapshot()
         except BaseException:
             self.destroy(container_id)
             raise
@@ -180,6 +225,9 @@ class DockerBackend:
 
     def attach(self, sandbox_id: str, config: SandboxConfig) -> DockerSandbox:
         """Reopen a running sandbox by id (from any process talking to the same engine).
+
+        The handle assumes the work directory is filled: a sandbox created with
+        ``defer_seed`` must have been settled by its creator first.
 
         Raises:
             SandboxNotFoundError: no such container, not ours, or no longer running.
@@ -288,34 +336,72 @@ class EtcHosts:
 
 
 class DockerSandbox:
-    """One running container; see `megaflow.sandbox.base.Sandbox` for the contract."""
+    """One running container; see `megaflow.sandbox.base.Sandbox` for the contract.
 
-    def __init__(self, backend: DockerBackend, container_id: str, config: SandboxConfig, seed: Path | None):
+    Args:
+        seed: The work directory's initial content (a tar), None when empty.
+        seed_pending: The seed is not in the container yet (`DockerBackend.create`'s
+            ``defer_seed``): the first `exec` streams it in, any other operation
+            puts it first. Several threads may share a handle: a lock-guarded state
+            makes exactly one of them fill the directory, and the others wait for it.
+    """
+
+    def __init__(self, backend: DockerBackend, container_id: str, config: SandboxConfig, seed: Path | None,
+                 *, seed_pending: bool = False):
         self.id = container_id
         self._backend = backend
         self._api = backend.api
         self._config = config
         self._seed = seed
         self._closed = False
+        self._seed_state = _PENDING if seed is not None and seed_pending else _DONE
+        # Reentrant (Condition's default): `settle` puts the seed through `restore_snapshot`.
+        self._seed_cond = threading.Condition()
 
     def exec(self, cmd: str, timeout: float = 60.0) -> ExecResult:
-        """Run `cmd` with ``bash -lc`` in the work directory; see the module docstring."""
+        """Run `cmd` with ``bash -lc`` in the work directory; see the module docstring.
+
+        On a handle whose seed is pending, the same exec first extracts the seed
+        streamed on its stdin (its time counts towards `timeout` and ``duration_s``).
+
+        Raises:
+            SandboxError: that extraction failed (the command did not run; the seed
+                stays pending, so the next operation puts it the old way).
+        """
         self._check_open()
         token = uuid.uuid4().hex
         started = time.monotonic()
-        with _translated(self.id):
-            exec_id = self._api.exec_create(
-                self.id,
-                ["bash", "-lc", cmd],
-                environment={_EXEC_ENV: token},
-                workdir=self._config.workdir,
-                user=_USER,
-            )["Id"]
-            out, err = Capture(self._config.max_output_bytes), Capture(self._config.max_output_bytes)
-            with FrameReader(self._api.exec_start(exec_id, socket=True), {1: out, 2: err}) as reader:
-                exit_code, timed_out, note = self._wait(exec_id, token, reader, started, timeout)
+        seeding = self._claim_seed()
+        out, err = Capture(self._config.max_output_bytes), Capture(self._config.max_output_bytes)
+        marked = Marked(err, _SEED_MARK, self._seeded) if seeding else None
+        try:
+            with _translated(self.id), contextlib.ExitStack() as stack:
+                # Opened first: a seed gone from the cache fails before any exec starts.
+                seed = stack.enter_context(open(self._seed, "rb")) if seeding and self._seed else None
+                exec_id = self._api.exec_create(
+                    self.id,
+                    ["sh", "-c", _SEED_SCRIPT, "megaflow-seed", self._config.workdir, cmd] if seeding
+                    else ["bash", "-lc", cmd],
+                    environment={_EXEC_ENV: token},
+                    workdir=self._config.workdir,
+                    user=_USER,
+                    stdin=seeding,
+                )["Id"]
+                with FrameReader(self._api.exec_start(exec_id, socket=True), {1: out, 2: marked or err}) as reader:
+                    if seed is not None:
+                        # All of it before reading: the script writes nothing until tar
+                        # has read to the end, so the two directions cannot block each other.
+                        reader.send(seed, started + timeout)
+                    exit_code, timed_out, note = self._wait(exec_id, token, reader, started, timeout)
+        finally:
+            if seeding:
+                self._unclaim_seed()
         stdout, cut_out = out.text()
         stderr, cut_err = err.text()
+        if marked is not None and not marked.seen:
+            what = "timed out" if timed_out else f"exit {exit_code}"
+            raise SandboxError(f"filling the work directory failed in sandbox {self.id[:12]} ({what}): "
+                               f"{(stderr + note).strip()[-500:] or stdout.strip()[-500:]}")
         return ExecResult(
             exit_code=exit_code,
             stdout=stdout,
@@ -332,6 +418,7 @@ class DockerSandbox:
         caller's to enforce (the episode's deadline), as the engine has no limit for it.
         """
         self._check_open()
+        self.settle()
         with _translated(self.id):
             exec_id = self._api.exec_create(self.id, ["bash", "-lc", cmd], workdir=self._config.workdir,
                                             user=_USER)["Id"]
@@ -367,6 +454,7 @@ class DockerSandbox:
         """
         self._check_open()
         full = self._resolve(path)
+        self.settle()
         with _translated(self.id):
             stat = self._stat(full)
             if stat and stat.get("linkTarget"):
@@ -395,6 +483,7 @@ class DockerSandbox:
         """
         self._check_open()
         full = self._resolve(path)
+        self.settle()
         with _translated(self.id):
             for _ in range(2):  # the engine reports a link's target fully resolved: one hop
                 try:
@@ -417,7 +506,7 @@ class DockerSandbox:
 
         Takes one exec (plus one archive upload when the image put files in the work
         directory). A container that stopped, or whose processes cannot be killed, is
-        restarted instead.
+        restarted instead. A pending seed needs nothing more: the restore puts it.
         """
         self._check_open()
         dirs = sorted({self._config.workdir, "/tmp", "/dev/shm"})
@@ -448,6 +537,49 @@ class DockerSandbox:
         if self._seed is not None:
             with _translated(self.id), open(self._seed, "rb") as fh:
                 self._api.put_archive(self.id, self._config.workdir, fh)
+        with self._seed_cond:
+            self._seed_state = _DONE
+            self._seed_cond.notify_all()
+
+    def settle(self) -> None:
+        """Copy a pending seed (``create(..., defer_seed=True)``) in now; a no-op otherwise.
+
+        `write_file`, `read_file` and `spawn` do this first (`reset` and `exec` fill
+        the directory their own way). Call it before another handle or process
+        attaches the sandbox (`DockerBackend.attach`): only this handle knows the work
+        directory is still to fill. Waits while another thread's first `exec` is
+        extracting the seed.
+        """
+        self._check_open()
+        with self._seed_cond:
+            while self._seed_state == _FILLING:
+                self._seed_cond.wait()
+            if self._seed_state == _PENDING:
+                self.restore_snapshot()
+
+    def _claim_seed(self) -> bool:
+        """Whether this exec is the one to stream the pending seed in (it now fills)."""
+        with self._seed_cond:
+            while self._seed_state == _FILLING:  # another thread's first exec: wait for its tar
+                self._seed_cond.wait()
+            if self._seed_state == _PENDING:
+                self._seed_state = _FILLING
+                return True
+            return False
+
+    def _seeded(self) -> None:
+        """The seeding exec's tar has finished (its marker came): the directory is filled."""
+        with self._seed_cond:
+            if self._seed_state == _FILLING:
+                self._seed_state = _DONE
+                self._seed_cond.notify_all()
+
+    def _unclaim_seed(self) -> None:
+        """The seeding exec ended; without its marker the seed is pending again."""
+        with self._seed_cond:
+            if self._seed_state == _FILLING:
+                self._seed_state = _PENDING
+                self._seed_cond.notify_all()
 
     def _kill_tree(self, token: str, started: float) -> str:
         """Kill the processes of one exec; returns a note for stderr when that took a restart."""
