@@ -97,6 +97,34 @@ def test_infra_failures_are_injected_only_when_a_fault_explains_them():
     assert got == {"a": "injected", "b": "self-made", "c": "self-made", "d": "injected", "e": "self-made"}
 
 
+def test_a_failed_start_stops_the_workers_already_started(monkeypatch):
+    import random
+
+    from megaflow.bench import chaos
+    from megaflow.bench.faults import FaultLog
+    from megaflow.config import Settings
+
+    started, stopped = [], []
+
+    class Worker:
+        def __init__(self, pool, settings, name):
+            self.pool = pool
+
+        def start(self):
+            if self.pool == "env":
+                raise RuntimeError("env worker did not start")
+            started.append(self.pool)
+            return self
+
+        def stop(self):
+            stopped.append(self.pool)
+
+    monkeypatch.setattr(chaos, "WorkerProcess", Worker)
+    with pytest.raises(RuntimeError, match="env worker"):
+        chaos._run(Settings(), 1, 1.0, "local", None, None, 5.0, False, random.Random(0), 0, FaultLog(), {})
+    assert started == ["model", "agent"] and sorted(stopped) == ["agent", "model"]
+
+
 def test_targets_and_kill_intervals():
     ok = {"episodes_lost": 0, "chords_unclosed": 0, "duplicate_commands": 0, "commands_lost": 0,
           "infra_failed_self_made": 0, "peak_sandboxes": 64, "capacity": 64, "leaked_after_run": 0}

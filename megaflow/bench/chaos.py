@@ -225,17 +225,24 @@ def _run(settings: Settings, episodes: int, interval, sandbox: str, rabbitmq_res
     def make_worker(pool: str, n: int) -> WorkerProcess:
         return WorkerProcess(pool, settings, name=f"chaos-{pool}-{n}")
 
-    workers = {pool: make_worker(pool, 0).start() for pool in ("model", "agent", "env")}
-    killer = Killer(workers, make_worker, interval, faults, rng)
-    watcher = SandboxWatcher(sandbox, settings.host, settings.data_dir)
-    watcher.start()
+    # Everything started is stopped, whatever fails after it: a failed start (a worker,
+    # the watcher) left the workers started before it running.
+    workers: dict[str, WorkerProcess] = {}
+    killer = watcher = None
     try:
+        for pool in ("model", "agent", "env"):
+            workers[pool] = make_worker(pool, 0).start()
+        killer = Killer(workers, make_worker, interval, faults, rng)
+        watcher = SandboxWatcher(sandbox, settings.host, settings.data_dir)
+        watcher.start()
         spec = chaos_spec(episodes, sandbox=sandbox, seed=seed)
         return _drive(client, settings, workers, killer, watcher, spec, rabbitmq_restart, postgres_restart,
                       timeout_s, resume, faults, opts)
     finally:
-        killer.stop()
-        watcher.stop()
+        if killer is not None:
+            killer.stop()
+        if watcher is not None:
+            watcher.stop()
         for w in workers.values():
             w.stop()
 
