@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import secrets
 import shlex
 from pathlib import Path
 
@@ -69,11 +70,18 @@ def sandbox_config(base: SandboxConfig, task) -> SandboxConfig:
     return base.model_copy(update=update) if update else base
 
 
-def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout: float) -> None:
+#: Commits what setup left and marks it as the baseline, in one exec (each is a docker round trip, #15 point 7).
+BASELINE = f"{{ {_COMMIT_SETUP}; }} && {_MARK_BASELINE}"
+
+
+def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout: float,
+            defer_baseline: bool = False) -> str | None:
     """Put a SWE task's repo and files in the sandbox, run its setup, commit the result.
 
     On docker the repo is already in the image (`sandbox_config`); elsewhere its files
-    are copied into the work directory here.
+    are copied into the work directory here. With `defer_baseline` and no setup
+    commands, the commit (`BASELINE`) is returned instead of run: the caller runs it
+    ahead of its own first command, in the same exec (`with_baseline`).
 
     Raises:
         SetupError: a setup command failed.
@@ -87,8 +95,30 @@ def prepare(sb: Sandbox, task, config: SandboxConfig, cache_root: Path, timeout:
             sb.write_file(rel, path.read_bytes())
     for path, content in task.files.items():
         sb.write_file(path, content.encode())
-    # Commit and mark in one exec: each is a docker exec round trip (#15 point 7).
-    run_setup(sb, [*task.setup, f"{{ {_COMMIT_SETUP}; }} && {_MARK_BASELINE}"], budget)
+    if defer_baseline and not task.setup:
+        return BASELINE
+    run_setup(sb, [*task.setup, BASELINE], budget)
+    return None
+
+
+def with_baseline(baseline: str, cmd: str) -> tuple[str, str]:
+    """(`cmd` preceded by `baseline` in one shell, the marker it prints when the baseline fails).
+
+    The baseline's own output is kept out of the command's; on failure the shell
+    prints the marker and that output, and exits before `cmd` runs (`baseline_failed`).
+    """
+    mark = f"megaflow-baseline-{secrets.token_hex(8)}"
+    log_file = f"/tmp/{mark}"
+    return (f"{{ {baseline}; }} > {log_file} 2>&1 || {{ echo {mark} $?; cat {log_file}; exit 125; }}; "
+            f"rm -f {log_file}; {cmd}"), mark
+
+
+def baseline_failed(result, mark: str) -> SetupError | None:
+    """The setup error a `with_baseline` shell reported, or None when the baseline went through."""
+    if not result.stdout.startswith(mark):
+        return None
+    return SetupError(f"setup command {BASELINE!r} exited {result.stdout[len(mark):].split(None, 1)[0]}: "
+                      f"{result.stdout[-500:]}")
 
 
 def run_setup(sb: Sandbox, commands: list[str], budget: Budget) -> None:

@@ -16,23 +16,23 @@ import time
 
 from sqlalchemy import bindparam, select, update
 
+from megaflow.contract import HopResult, failure
 from megaflow.db import states
-from megaflow.db.states import ExitStatus
 from megaflow.db.models import Episode, Step
 from megaflow.db.sql import Tracked, prepared, update_where
-from megaflow.envs import grading
+from megaflow.db.states import ExitStatus
+from megaflow.deadlines import Budget, max_phase_s, remaining_s
+from megaflow.envs import grading, swe
 from megaflow.envs.grading import CHECK_FILE
 from megaflow.envs.prepare import setup
 from megaflow.envs.swe import SetupError
 from megaflow.errors import SandboxError, SandboxNotFoundError
-from megaflow.deadlines import max_phase_s, remaining_s
 from megaflow.hops import cli_launch, exec_journal
 from megaflow.hops.base import run_hop
 from megaflow.hops.driver import command_at_provision
-from megaflow.hops.rows import insert_step
-from megaflow.contract import HopResult, failure
 from megaflow.hops.env_rebuild import fenced_episode, on_host, rebuild, record_rebuild, replay_plan
-from megaflow.hops.env_sandbox import clear_earlier, destroy, finish, obtain
+from megaflow.hops.env_sandbox import clear_earlier, destroy, finish, obtain, settle
+from megaflow.hops.rows import insert_step
 from megaflow.runtime import get_runtime
 from megaflow.sandbox.base import ExecResult, Sandbox
 from megaflow.sanitize import storable
@@ -78,7 +78,8 @@ def provision_task(self, episode_id: str, step: int = 0):
         deadline = time.monotonic() + spec.limits.provision_timeout_s
         try:
             # Ephemeral: created; persistent: from the warm pool. Recorded either way.
-            sb, config = obtain(rt, ep, host)
+            # A SWE task's first exec (its baseline commit) also fills the work directory.
+            sb, config = obtain(rt, ep, host, defer_seed=task.kind == "swe")
         except SandboxError as exc:
             return _retry_or_fail(self, "provision", step, exc, ExitStatus.PROVISION_FAILED)
         try:
@@ -86,11 +87,12 @@ def provision_task(self, episode_id: str, step: int = 0):
             if left <= 0:
                 raise SetupError(f"creating the sandbox used up the {spec.limits.provision_timeout_s:g}s "
                                  "provisioning deadline")
-            setup(sb, task, left, config=config, cache_root=rt.settings.data_dir)
+            baseline = setup(sb, task, left, config=config, cache_root=rt.settings.data_dir, defer_baseline=True)
+            ran = run_first_command(rt, ep, task, sb, config, baseline, deadline)
+            settle(sb)
         except (SandboxError, SetupError, OSError, TimeoutError) as exc:
             destroy(rt, sb.id, config.type)
             return _infra("provision", step, exc, ExitStatus.SETUP_FAILED)
-        ran = run_first_command(rt, ep, task, sb, config)
 
         def write(s):
             update_where(s.connection(), Episode.__table__, {"id": episode_id}, {"sandbox_id": sb.id, "host": host})
@@ -107,25 +109,42 @@ def provision_task(self, episode_id: str, step: int = 0):
                                                          load=lambda s: _episode(s, episode_id, host)))
 
 
-def run_first_command(rt, ep, task, sb: Sandbox, config) -> tuple[str, ExecResult] | None:
+def run_first_command(rt, ep, task, sb: Sandbox, config, baseline: str | None = None,
+                      deadline: float | None = None) -> tuple[str, ExecResult] | None:
     """Step 0's command run in the new sandbox (`driver.command_at_provision`), or None: its exec hop runs it.
 
     Provision and command share one task, so both deadlines must fit its time
     limit together. A redelivered provision makes a fresh sandbox, so the command
     never runs twice in one; it is journaled all the same, so that an exec hop
-    sent after a sandbox error here knows whether it ran.
+    sent after a sandbox error here knows whether it ran. A SWE task's `baseline`
+    commit (`swe.prepare`) runs first, in the same exec when there is a command
+    (one docker round trip fewer, #15 point 7), before the provisioning `deadline`.
+
+    Raises:
+        SetupError: the baseline failed.
+        SandboxError: the sandbox failed while the baseline was pending (not known to have run).
     """
     spec = rt.spec(ep.run_id)
     cmd = command_at_provision(spec, task, rt.agent(ep.run_id))
+    setup_left = max(1.0, (deadline or time.monotonic()) - time.monotonic())
     if cmd is None or spec.limits.provision_timeout_s + spec.limits.exec_timeout_s > max_phase_s(rt.settings):
+        if baseline is not None:
+            swe.run_setup(sb, [baseline], Budget(setup_left, "provisioning"))
         return None
     journaled = exec_journal.applies(config.type)
+    shell, mark = exec_journal.wrap(cmd, "0") if journaled else cmd, None
+    if baseline is not None:
+        shell, mark = swe.with_baseline(baseline, shell)
+    timeout = remaining_s(ep.deadline_at, spec.limits.exec_timeout_s)
     try:
-        result = sb.exec(exec_journal.wrap(cmd, "0") if journaled else cmd,
-                         timeout=remaining_s(ep.deadline_at, spec.limits.exec_timeout_s))
+        result = sb.exec(shell, timeout=timeout + (setup_left if baseline is not None else 0.0))
     except SandboxError as exc:
+        if baseline is not None:
+            raise
         log.warning("episode %s: step 0 did not run at provision (%s); its exec hop will run it", ep.id, exc)
         return None
+    if mark is not None and (failed := swe.baseline_failed(result, mark)) is not None:
+        raise failed
     if journaled and exec_journal.replay_of(result) is not None:
         return None
     return cmd, result

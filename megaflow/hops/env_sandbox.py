@@ -32,7 +32,7 @@ def lease_until(rt: Runtime, run_id: str) -> dt.datetime:
     return utcnow() + dt.timedelta(seconds=limits.episode_timeout_s + limits.eval_timeout_s + 300)
 
 
-def obtain(rt: Runtime, ep, host: str) -> tuple[Sandbox, SandboxConfig]:
+def obtain(rt: Runtime, ep, host: str, defer_seed: bool = False) -> tuple[Sandbox, SandboxConfig]:
     """Create (ephemeral) or acquire (persistent) the episode's sandbox and record its row.
 
     One sandbox per episode per host, so never more sandboxes than the host's
@@ -43,6 +43,9 @@ def obtain(rt: Runtime, ep, host: str) -> tuple[Sandbox, SandboxConfig]:
     ``creating``, a placeholder id) *before* the container is created, and given
     the sandbox's id once it exists; a crash in between leaves that row and a
     labelled sandbox, both found by the next delivery (or the reaper).
+
+    With `defer_seed`, a new docker sandbox's work directory is filled by its first
+    exec (`DockerBackend.create`): the caller runs one, or `settle`, before its hop ends.
 
     Raises:
         SandboxError: the backend failed.
@@ -57,7 +60,9 @@ def obtain(rt: Runtime, ep, host: str) -> tuple[Sandbox, SandboxConfig]:
             s.add(SandboxRow(id=claim, backend=config.type, host=host, image=config.image, mode=config.mode,
                              **{**values, "state": "creating"}))
         try:
-            sb = rt.backend(config.type).create(config, sandbox_labels(host, ep.run_id, ep.id))
+            backend, labels = rt.backend(config.type), sandbox_labels(host, ep.run_id, ep.id)
+            deferred = defer_seed and config.type == "docker"
+            sb = backend.create(config, labels, defer_seed=True) if deferred else backend.create(config, labels)
         except BaseException:
             _close_rows(rt, [claim])
             raise
@@ -86,6 +91,17 @@ def obtain(rt: Runtime, ep, host: str) -> tuple[Sandbox, SandboxConfig]:
             return sb, config
         log.info("pooled sandbox %s is being reaped; taking another", sb.id)
     raise SandboxError(f"no usable pooled sandbox after {_ACQUIRE_TRIES} tries")
+
+
+def settle(sb: Sandbox) -> None:
+    """Fill a sandbox's deferred work directory now, if it is still pending (docker; others have none).
+
+    Before the provision hop ends: a later hop may attach from another process,
+    which cannot know that the directory was never filled.
+    """
+    pending = getattr(sb, "settle", None)
+    if pending is not None:
+        pending()
 
 
 def clear_earlier(rt: Runtime, episode_id: str, host: str, kind: str) -> list[str]:
