@@ -13,6 +13,7 @@ runs under pytest on every backend without building an image. The agents:
 * ``ini``: a new ``pytest.ini`` loading a plugin that turns failures into passes;
 * ``pyproject``: the same plugin through ``[tool.pytest.ini_options]``;
 * ``setup_cfg``: the same through ``setup.cfg``'s ``[tool:pytest]``;
+* ``background``: a process left running that rewrites the failing tests again and again;
 * ``shadow``: a ``pytest.py`` at the root, shadowing pytest itself.
 
 Every tamper agent earns 1 when restoration is switched off (see the tests), so
@@ -147,6 +148,9 @@ AGENTS: dict[str, list[str]] = {
                   "printf '\\n[tool.pytest.ini_options]\\naddopts = \"-p tamper_plugin\"\\n' >> pyproject.toml"],
     "setup_cfg": [_write("tamper_plugin.py", PLUGIN),
                   "printf '\\n[tool:pytest]\\naddopts = -p tamper_plugin\\n' >> setup.cfg"],
+    # A process left running that neuters the tests again once the restore is done.
+    "background": [_write(".neuter.sh", f"while :; do {_NEUTER}; sleep 0.02; done\n"),
+                   "nohup sh .neuter.sh >/dev/null 2>&1 &"],
     "shadow": [_write("pytest.py", '''\
         import sys
         print("PASSED tests/test_calc.py::test_clamp_high")

@@ -218,3 +218,10 @@ def test_a_test_command_that_exits_or_hangs_keeps_the_patch(local, tmp_path):
     hangs = TASK.model_copy(update={"test_command": "sleep 60; :"})
     result, _ = _graded(local, tmp_path, "oracle", hangs, timeout=5)
     assert result.reward == 0.0 and result.error == "the tests timed out" and "calc.py" in result.patch
+
+
+@pytest.mark.integration
+def test_a_process_left_running_wins_on_docker_unless_the_restore_kills_it(docker_backend, tmp_path, monkeypatch):
+    """The ``background`` agent's loop outlives its command on docker: only the restore's kill stops it."""
+    monkeypatch.setattr(pristine, "_KILL_STRAYS", "true")
+    assert run_agent(*docker_backend, "background", tmp_path).reward == 1.0
