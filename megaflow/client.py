@@ -12,15 +12,17 @@ from sqlalchemy import func, select, update
 from megaflow.app import make_app
 from megaflow.config import Settings
 from megaflow.db import states
-from megaflow.db.states import ExitStatus
 from megaflow.db.engine import session_scope
+from megaflow.db.listen import Listener
 from megaflow.db.models import Episode, Event, RolloutGroup, Run, Step, TaskInstance, new_id
 from megaflow.db.run_stats import run_stats
+from megaflow.db.states import ExitStatus
 from megaflow.deadlines import check_spec as check_deadlines
 from megaflow.errors import SpecError
 from megaflow.events import emit
 from megaflow.scheduler import admission
 from megaflow.scheduler.chords import chord_unclosed
+from megaflow.scheduler.closing import ready_channel
 from megaflow.spec import RunSpec
 
 
@@ -109,22 +111,29 @@ class Client:
     def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.25) -> dict:
         """Block until the run is finished or cancelled; returns `status`.
 
+        On PostgreSQL it sleeps on the run's notification channel (a group closed or
+        the run ended, `scheduler.closing.notify_ready`) and looks again when woken,
+        or after a second at most; on SQLite it looks every `poll` seconds.
+
         Raises:
             TimeoutError: still running after `timeout` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            # Polled: only the run's status (the full `status` counts every step of the run).
-            with self.session() as s:
-                current = s.execute(select(Run.status).where(Run.id == run_id)).scalar()
-            if current is None:
-                raise LookupError(f"no run {run_id}")
-            if current in ("finished", "cancelled"):
-                return self.status(run_id)
-            if deadline is not None and time.monotonic() > deadline:
-                st = self.status(run_id)
-                raise TimeoutError(f"run {run_id} still {st['status']} after {timeout}s: {st['by_state']}")
-            time.sleep(poll)
+        with Listener(self.db_url, ready_channel(run_id)) as listener:
+            between = poll if self.db_url.startswith("sqlite") else max(poll, 1.0)
+            while True:
+                # Only the run's status (the full `status` counts every step of the run).
+                with self.session() as s:
+                    current = s.execute(select(Run.status).where(Run.id == run_id)).scalar()
+                if current is None:
+                    raise LookupError(f"no run {run_id}")
+                if current in ("finished", "cancelled"):
+                    return self.status(run_id)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    st = self.status(run_id)
+                    raise TimeoutError(f"run {run_id} still {st['status']} after {timeout}s: {st['by_state']}")
+                listener.wait(between if left is None else min(between, left))
 
     def cancel(self, run_id: str) -> dict[str, int]:
         """Cancel a run: pending and waiting episodes end now, running ones at their next decision.
