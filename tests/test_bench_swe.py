@@ -40,3 +40,10 @@ def test_bench_swe_reports_rates_ratio_and_phases(tmp_path):
         figures["swe_instances_per_h"] / figures["plain_instances_per_h"], rel=0.01)
     for phase in ("provision", "agent", "tests", "teardown"):
         assert figures[f"p50_{phase}_s"] is not None and figures[f"p50_{phase}_s"] >= 0, figures
+    assert 0 < figures["submit_s_per_run"] < figures["megaflow_s"], figures
+
+
+def test_the_plain_harness_takes_the_instances_in_megaflows_admission_order():
+    from megaflow.bench.swe import admission_order
+
+    assert admission_order(["a", "b", "c"], 2) == ["a", "a", "b", "b", "c", "c"]
