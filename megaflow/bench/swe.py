@@ -153,7 +153,7 @@ def megaflow_rounds(tasks, base, concurrency: int, settings: Settings, rounds: i
 
 
 def run_swe_bench(tasks_path: str | Path, concurrency: int = 4, repeat: int = 1, memory_mb: int = 1024,
-                  settings: Settings | None = None, find_links=None, rollouts: int = 1) -> dict:
+                  settings: Settings | None = None, find_links=None, rollouts: int = 1, cpus: float = 1.0) -> dict:
     """The figures of the module docstring, as one dict.
 
     `repeat` interleaved rounds of each side, each grading every instance `rollouts` times.
@@ -172,12 +172,12 @@ def run_swe_bench(tasks_path: str | Path, concurrency: int = 4, repeat: int = 1,
     for t in tasks:  # cached: only the first bench on a host builds them
         if t.repo and not t.image:
             build_repo_image(client, t.repo, settings.data_dir, env=t.environment, find_links=find_links)
-    base = SandboxConfig(type="docker", memory_mb=memory_mb)
+    base = SandboxConfig(type="docker", memory_mb=memory_mb, cpus=cpus)
     got = megaflow_rounds(tasks, base, concurrency, settings, repeat, rollouts=rollouts,
                           plain=lambda: plain_harness(client, admission_order(tasks, rollouts), base, concurrency))
     n = len(tasks) * rollouts * repeat
     swe_rate, plain_rate = n / got["megaflow_s"] * 3600, n / got["plain_s"] * 3600
-    return {"instances": n, "concurrency": concurrency, "rounds": repeat, "rollouts": rollouts,
+    return {"instances": n, "concurrency": concurrency, "rounds": repeat, "rollouts": rollouts, "cpus": cpus,
             "swe_instances_per_h": round(swe_rate, 1), "plain_instances_per_h": round(plain_rate, 1),
             "ratio_to_plain_harness": round(swe_rate / plain_rate, 3),
             "megaflow_s": round(got["megaflow_s"], 2), "plain_s": round(got["plain_s"], 2),

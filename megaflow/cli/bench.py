@@ -115,12 +115,14 @@ def swe(
     rollouts: int = typer.Option(2, help="Times each instance is graded per round (a round's tail, when fewer "
                                  "than --concurrency instances are left, weighs less with more)."),
     find_links: str = typer.Option(None, "--find-links", help="Wheelhouse for task environments (offline hosts)."),
+    cpus: float = typer.Option(1.0, help="CPU limit of each sandbox and each plain container (the sandbox default)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """SWE instances graded per hour on Docker vs a plain docker-run/git-apply/test script, and phase p50s."""
     from megaflow.bench.swe import run_swe_bench
 
-    figures = run_swe_bench(tasks, concurrency=concurrency, repeat=repeat, rollouts=rollouts, find_links=find_links)
+    figures = run_swe_bench(tasks, concurrency=concurrency, repeat=repeat, rollouts=rollouts, find_links=find_links,
+                            cpus=cpus)
     _print_figures(figures, as_json)
 
 
