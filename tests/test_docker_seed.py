@@ -9,26 +9,24 @@ Engine discovery as in ``test_sandbox_docker.py``: skips without one, fails unde
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import need
+
+# The engine, its client and the backend (which removes what the tests leave) are that file's.
+from test_sandbox_docker import SESSION, backend, docker_client, docker_url  # noqa: F401 - fixtures
 
 import docker
 from megaflow.errors import SandboxError
 from megaflow.sandbox.base import SandboxConfig
 from megaflow.sandbox.docker import DockerBackend, DockerSandbox
-from megaflow.sandbox.dockerd import ensure_dockerd
-from megaflow.sandbox.images import build_base, build_image
+from megaflow.sandbox.images import build_image
 
 pytestmark = pytest.mark.integration
 
-SESSION = uuid.uuid4().hex[:12]
 TAG = "megaflow/test-seed-modes"
 # Root-owned content of every kind the seed must carry over unchanged: modes the
 # umask would strip (0666, setgid), a read-only directory holding a file, links,
@@ -56,31 +54,11 @@ PROBE = (
 
 
 @pytest.fixture(scope="module")
-def docker_client() -> Iterator[docker.DockerClient]:
-    data_dir = os.environ.get("MEGAFLOW_DOCKERD_DIR", os.path.join(tempfile.gettempdir(), "megaflow-dockerd"))
-    try:
-        client = docker.DockerClient(base_url=ensure_dockerd(data_dir))
-        build_base(client)
-    except SandboxError as exc:
-        need("a Docker engine with megaflow/base", False, str(exc))
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def image(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> str:
     context = tmp_path_factory.mktemp("seed-image")
     (context / "Dockerfile").write_text(DOCKERFILE)
     build_image(docker_client, context, TAG, network_mode="none")
     return TAG
-
-
-@pytest.fixture(scope="module")
-def backend(docker_client: docker.DockerClient) -> Iterator[DockerBackend]:
-    backend = DockerBackend(docker_client)
-    yield backend
-    for sandbox_id in backend.list_ids({"test": SESSION}):
-        backend.destroy(sandbox_id)
 
 
 @pytest.fixture
