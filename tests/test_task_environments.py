@@ -93,6 +93,20 @@ def test_environment_hash_is_content():
     assert "--no-index --find-links /tmp/megaflow-wheels a==1" in text and text.rstrip().endswith("WORKDIR /work")
 
 
+@pytest.mark.parametrize("name", ["megaflow-tamper-repo-_7xmfe1n", "a._b", "x__y", "a---b", "_lead", "more-itertools-10.2.0",
+                                  "Weird Name!!", "-._-"])
+def test_repo_image_tags_are_valid_docker_references(name):
+    from docker.utils import parse_repository_tag
+
+    from megaflow.envs.repos import image_tag
+
+    tag = image_tag(f"/tmp/{name}")
+    repo, _ = parse_repository_tag(tag)
+    # Docker's grammar for a repository path component: alphanumerics joined by ".", "_", "__" or dashes.
+    assert re.fullmatch(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*", repo.split("/", 1)[1]), tag
+    assert image_tag("pypi:more-itertools==10.2.0").startswith("megaflow/repo-more-itertools-10.2.0:")
+
+
 def test_task_file_defaults_apply(tmp_path):
     from megaflow.spec import load_tasks
 

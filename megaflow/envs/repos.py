@@ -87,7 +87,11 @@ class RepoSource:
         base = self.location.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
         if self.kind == "pypi":
             base = self.location.replace("==", "-")
-        return re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-._")[:40] or "repo"
+        slug = re.sub(r"[^a-z0-9._-]+", "-", base.lower())
+        # A Docker repository name separates its parts by one "." or "_", "__", or dashes:
+        # any other run ("-_" from a temporary directory's name) is an invalid reference.
+        slug = re.sub(r"[._-]{2,}", lambda m: m.group(0) if re.fullmatch(r"-+|__", m.group(0)) else "-", slug)
+        return slug[:40].strip("-._") or "repo"
 
     @property
     def digest(self) -> str:
