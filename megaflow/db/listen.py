@@ -31,16 +31,30 @@ class Listener:
             with conn.cursor() as cur:
                 cur.execute(f'LISTEN "{channel}"')
 
-    def wait(self, seconds: float) -> bool:
-        """Return on the next notification (True) or after `seconds` (False); notifications are consumed."""
+    @property
+    def connection(self):
+        """The listening psycopg2 connection (autocommit), e.g. for a session's advisory lock; None on SQLite."""
+        return None if self._raw is None else self._raw.driver_connection
+
+    def drain(self) -> None:
+        """Forget the notifications received so far."""
+        if self._raw is not None:
+            self.connection.poll()
+            self.connection.notifies.clear()
+
+    def wait(self, seconds: float | None) -> bool:
+        """Return on the next notification (True) or after `seconds` (False); notifications are consumed.
+
+        `seconds` None waits for a notification however long it takes (PostgreSQL only).
+        """
         if self._raw is None:
             time.sleep(max(0.0, seconds))
             return False
-        conn = self._raw.driver_connection
+        conn = self.connection
         conn.poll()
         if not conn.notifies:
             # The connection's socket becomes readable when a notification arrives.
-            select.select([conn], [], [], max(0.0, seconds))
+            select.select([conn], [], [], None if seconds is None else max(0.0, seconds))
             conn.poll()
         woken = bool(conn.notifies)
         conn.notifies.clear()

@@ -26,8 +26,8 @@ from megaflow.envs import pristine
 
 log = logging.getLogger(__name__)
 
-#: Exit codes of the test exec when what must precede the tests failed.
-_RESTORE_FAILED, _TEST_PATCH_FAILED = 90, 91
+#: Exit code of the second exec when the restore's pyproject fix-ups failed.
+_RESTORE_FAILED = 90
 #: Where the test command's output goes in the sandbox (read back whole, then capped).
 LOG_FILE = ".megaflow_test.log"
 #: A log this small (with the agent's diff) comes back in the evaluation's own output, not read back.

@@ -199,8 +199,8 @@ class Restore:
     does, the exec prints it as the baseline and the agent have it, and `read`
     yields `finish`: the shell that puts its pytest/tox tables back, to be run
     before `then` in a second exec. Every section is framed by a per-evaluation
-    nonce (`mark`, also for `then`'s own sections: `then` is made from the plan), so nothing the agent wrote (file
-    names, its diff, its tests' output) can pass for a section.
+    nonce (`mark`, also for `then`'s own sections: `then` is made from the plan), so
+    nothing the agent wrote (file names, its diff, its tests' output) can pass for a section.
 
     Raises (from `read`):
         BaselineMissing: the sandbox has no baseline ref.

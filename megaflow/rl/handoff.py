@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import logging
 import random
-import select as selectors
 import time
 from collections.abc import Iterator
 from functools import partial
 from typing import Self
 
-from sqlalchemy import create_engine, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.pool import NullPool
 
 from megaflow.db.engine import session_scope
+from megaflow.db.listen import Listener
 from megaflow.db.models import RLHandoff, RolloutGroup, Run, new_id, utcnow
 from megaflow.errors import MegaFlowError
 from megaflow.export import ChatTokenizer
@@ -113,17 +112,13 @@ class BatchStream:
         self.timeout_s = timeout_s
         # One connection of our own, outside any pool: it listens, and its advisory
         # lock says this consumer lives. It dies with the process, and the lock with it.
-        self._engine = create_engine(db_url, poolclass=NullPool)
-        self._raw = self._engine.raw_connection()
-        conn = self._raw.driver_connection
-        conn.autocommit = True
-        with conn.cursor() as cur:
+        self._listener = Listener(db_url, ready_channel(run_id))
+        with self._listener.connection.cursor() as cur:
             while True:  # a random key; another if a live consumer holds it
                 self.key = random.randrange(1, 2**31)
                 cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_SPACE, self.key))
                 if cur.fetchone()[0]:
                     break
-            cur.execute(f'LISTEN "{ready_channel(run_id)}"')
         self._watch = DeathWatch(db_url, ready_channel(run_id))
         self._closed = False
 
@@ -163,22 +158,18 @@ class BatchStream:
         if not self._closed:
             self._closed = True
             self._watch.close()
-            self._raw.close()
-            self._engine.dispose()
+            self._listener.close()
 
     # -- waiting --------------------------------------------------------------------
 
     def _drain(self) -> None:
-        conn = self._raw.driver_connection
-        conn.poll()
-        conn.notifies.clear()
+        self._listener.drain()
 
     def _wait(self, deadline: float | None) -> None:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise TimeoutError(f"no batch of run {self.run_id} was ready within {self.timeout_s}s")
-        # The connection's socket becomes readable when a notification arrives.
-        selectors.select([self._raw.driver_connection], [], [], left)
+        self._listener.wait(left)
 
     # -- claiming -------------------------------------------------------------------
 
