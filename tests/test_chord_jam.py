@@ -7,6 +7,7 @@ tests/test_poison_path.py.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -167,4 +168,31 @@ def test_the_repair_chores_run_at_the_first_heartbeat():
     try:
         assert ran.wait(5.0)
     finally:
+        beat.stop()
+
+
+def test_slow_chores_do_not_delay_the_heartbeat():
+    """A repair stuck on a busy database must not make a healthy host read as dead."""
+    import contextlib
+    import threading
+
+    beats, release = [], threading.Event()
+
+    @contextlib.contextmanager
+    def counting_db():
+        yield SimpleNamespace(execute=lambda *a, **kw: beats.append(1) or SimpleNamespace(rowcount=1))
+
+    from megaflow.scheduler.hosts import HeartbeatThread
+
+    beat = HeartbeatThread(counting_db, "h", 0.05, chores=lambda: release.wait(10), every=2)
+    beat.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(beats) < 10 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(beats) >= 10, f"{len(beats)} beats while the chores hung"
+        assert sum(t.name == "megaflow-chores-h" and t.is_alive() for t in threading.enumerate()) == 1, \
+            "one round of chores at a time"
+    finally:
+        release.set()
         beat.stop()

@@ -36,6 +36,7 @@ from sqlalchemy import select
 from megaflow import Client, Settings
 from megaflow.db.models import Episode, Event, Hop, Host, SandboxRow, Step, utcnow
 from megaflow.db.schema import upgrade
+from megaflow.scheduler import hosts
 from megaflow.local_stack import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -187,7 +188,7 @@ class HostsCluster(Cluster):
 
     def __init__(self, tmp_path, pg_url: str, amqp_url: str, net: Network):
         super().__init__(Settings(data_dir=tmp_path, database_url=pg_url, broker_url=amqp_url, host="root",
-                                  sandbox_capacity=3, heartbeat_s=0.5, host_dead_after_s=2.5,
+                                  sandbox_capacity=3, heartbeat_s=0.5, host_dead_after_s=4.0,
                                   reap_interval_s=2.0))
         self.net = net
 
@@ -211,6 +212,9 @@ class HostsCluster(Cluster):
         with self.client.session() as s:
             wait_for(lambda: set(s.execute(select(Host.name).where(Host.state == "up")).scalars()) >= set(HOSTS),
                      60, "env hosts registering", self, poll=0.2)
+            # And beating: placement takes only hosts with a fresh heartbeat.
+            wait_for(lambda: {h["name"] for h in hosts.live_hosts(s, self.settings.host_dead_after_s)} >= set(HOSTS),
+                     60, "env hosts heartbeating", self, poll=0.2)
         return self
 
     def check(self) -> None:

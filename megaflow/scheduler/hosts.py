@@ -76,10 +76,12 @@ def candidates(hosts: list[dict], image: str | None) -> list[str]:
 class HeartbeatThread(threading.Thread):
     """Renews this host's heartbeat; the images it reports come from `images()`.
 
-    At its first beat, then every `every` beats, it also calls `chores()` (the
+    At its first beat, then every `every` beats, it also starts `chores()` (the
     scheduler's repair). The first beat, not the `every`-th: an env worker restarted
     often (crashes, a chaos run's kills) would otherwise never get that far, and
     what the repair recovers (a lost admission, a jammed chord) would wait forever.
+    The chores run on a thread of their own: a repair slowed by a busy database must
+    not delay the beats, or a healthy host reads as dead and gets no work.
     """
 
     def __init__(self, session_factory, name: str, interval_s: float, images=None, chores=None,
@@ -88,6 +90,7 @@ class HeartbeatThread(threading.Thread):
         self.session_factory, self.host, self.interval_s = session_factory, name, interval_s
         self.images, self.chores, self.every = images, chores, every
         self._halt = threading.Event()
+        self._chores: threading.Thread | None = None
 
     def run(self) -> None:
         beats = 0
@@ -98,11 +101,23 @@ class HeartbeatThread(threading.Thread):
                 imgs = self.images() if self.images and beats % self.every == 1 else None
                 with self.session_factory() as s:
                     heartbeat(s, self.host, imgs)
-                if self.chores and (beats - 1) % self.every == 0:
-                    self.chores()
             except Exception:
                 # A missed beat is harmless unless they all fail; keep trying.
                 log.warning("heartbeat of host %s failed", self.host, exc_info=True)
+            if self.chores and (beats - 1) % self.every == 0:
+                self._start_chores()
+
+    def _start_chores(self) -> None:
+        if self._chores is not None and self._chores.is_alive():
+            return  # the last round is still going; one at a time
+        self._chores = threading.Thread(target=self._run_chores, name=f"megaflow-chores-{self.host}", daemon=True)
+        self._chores.start()
+
+    def _run_chores(self) -> None:
+        try:
+            self.chores()
+        except Exception:
+            log.warning("scheduler chores of host %s failed", self.host, exc_info=True)
 
     def stop(self) -> None:
         self._halt.set()
