@@ -303,6 +303,18 @@ def events(s, run_id: str | None, kind: str) -> list[Event]:
     return list(s.execute(stmt).scalars())
 
 
+def _placement_story(client: Client, run_id: str) -> str:
+    """What the database says about hosts and placement: for a failed placement assertion."""
+    with client.session() as s:
+        rows = [(h.name, h.state, h.capacity, h.started_at.time().isoformat(), h.heartbeat_at.time().isoformat())
+                for h in s.execute(select(Host)).scalars()]
+        evs = [(e.ts.time().isoformat(), e.kind, e.subject_id and e.subject_id[:6], e.data) for e in
+               s.execute(select(Event).where(Event.kind.in_(("host.dead", "host.joined", "episode.admitted",
+                                                              "episode.rehomed", "episode.waiting")))
+                         .order_by(Event.id)).scalars()]
+    return f"hosts {rows}; now {utcnow().time().isoformat()}; events {evs}"
+
+
 def assert_completed_exactly(s, run_id: str, n: int) -> list[Episode]:
     eps = list(s.execute(select(Episode).where(Episode.run_id == run_id)).scalars())
     assert len(eps) == n
@@ -332,7 +344,7 @@ def test_exec_hops_run_on_their_host_and_a_killed_host_recovers(cluster):
                   for eid, hs in exec_hops(s, run_id).items()}
     on_ns1 = {eid for eid, h in placed.items() if h == "ns1"}
     running_on_ns1 = {eid for eid, h, state in at_kill if h == "ns1" and state not in ("succeeded", "failed")}
-    assert set(placed.values()) == set(HOSTS), f"placement must use every host: {placed}"
+    assert set(placed.values()) == set(HOSTS), f"placement must use every host: {placed}; {_placement_story(client, run_id)}"
 
     st = client.wait(run_id, timeout=120)
     took = time.monotonic() - t0

@@ -56,8 +56,8 @@ def test_expired_holders_are_found(any_db):
         assert semaphores.expired_holders(s) == ["old"]
 
 
-def test_placement_least_loaded_with_image_affinity_and_no_dead_hosts(sqlite_url):
-    with session_scope(sqlite_url) as s:
+def test_placement_least_loaded_with_image_affinity_and_no_dead_hosts(any_db):
+    with session_scope(any_db) as s:
         hosts.register(s, "a", 4, ["img:1"])
         hosts.register(s, "b", 4, [])
         hosts.register(s, "c", 4, ["img:1"])
@@ -69,11 +69,34 @@ def test_placement_least_loaded_with_image_affinity_and_no_dead_hosts(sqlite_url
         live = hosts.live_hosts(s, dead_after_s=30)
         assert sorted(h["name"] for h in live) == ["a", "b", "c"]
         assert hosts.dead_hosts(s, 30) == ["dead"]
+        choices, preferred = hosts.choices(live, "img:1")
+        assert sorted(choices) == ["host:a", "host:b", "host:c"] and sorted(preferred) == ["host:a", "host:c"]
         # holding the image beats load; among those, the less loaded first
-        assert hosts.candidates(live, "img:1") == ["c", "a", "b"]
-        assert hosts.candidates(live, None) == ["b", "c", "a"]
-        assert semaphores.acquire(s, ["host:a"], "a3") is None
-        assert "a" not in hosts.candidates(hosts.live_hosts(s, 30), "img:1")  # full
+        assert semaphores.acquire_least_used(s, [], choices, "e1", preferred=preferred) == ("host:c", None)
+        assert semaphores.acquire_least_used(s, [], choices, "e1", preferred=preferred) == ("host:c", None)
+        assert semaphores.usage(s, "host:c")["host:c"] == (1, 4), "a retried admission takes no second slot"
+        assert semaphores.acquire_least_used(s, [], *hosts.choices(live, None)[:1], "e2") == ("host:b", None)
+        assert semaphores.acquire(s, ["host:a"], "a3") is None  # a full
+        for i in range(3):
+            assert semaphores.acquire_least_used(s, [], choices, f"x{i}", preferred=preferred)[0] == "host:c"
+        assert semaphores.acquire_least_used(s, [], choices, "x3", preferred=preferred) == ("host:b", None)
+        semaphores.set_limit(s, "image:x", 0)
+        assert semaphores.acquire_least_used(s, ["image:x"], choices, "x4") == (None, "image:x")
+        assert semaphores.held(s, "x4") == []
+        for i in range(2):  # b 4/4, c 4/4, a 4/4
+            semaphores.acquire(s, ["host:b"], f"y{i}")
+        assert semaphores.acquire_least_used(s, [], choices, "x5") == (None, None)
+
+
+def test_admissions_at_once_spread_over_the_hosts(any_db):
+    """Loads read by every admitter before any of them took a slot (as when they run at once):
+    the slots still go to the least used host at the moment each is taken, not all to the first."""
+    with session_scope(any_db) as s:
+        for name in ("ns1", "ns2", "ns3"):
+            hosts.register(s, name, 3)
+        stale = hosts.choices(hosts.live_hosts(s, 30), None)
+        placed = [semaphores.acquire_least_used(s, [], *stale[:1], f"e{i}")[0] for i in range(6)]
+        assert sorted(placed) == ["host:ns1", "host:ns1", "host:ns2", "host:ns2", "host:ns3", "host:ns3"]
 
 
 @pytest.fixture

@@ -70,14 +70,13 @@ def try_admit(s: Session, settings: Settings, episode_id: str, claim: dict) -> t
         keys.append(semaphores.image_key(claim["image"]))
     host = None
     if settings.placement:
-        for host in hosts.candidates(hosts.live_hosts(s, settings.host_dead_after_s), claim.get("image")):
-            full = semaphores.acquire(s, keys + [semaphores.host_key(host)], episode_id, expires)
-            if full is None:
-                break
-            if not full.startswith("host:"):
-                return False, None, _reason(s, full)
-        else:
+        choices, preferred = hosts.choices(hosts.live_hosts(s, settings.host_dead_after_s), claim.get("image"))
+        taken, full = semaphores.acquire_least_used(s, keys, choices, episode_id, expires, preferred)
+        if full is not None:
+            return False, None, _reason(s, full)
+        if taken is None:
             return False, None, f"{CAPACITY}: no live env host with a free slot"
+        host = taken.removeprefix("host:")
     else:
         full = semaphores.acquire(s, keys, episode_id, expires)
         if full is not None:

@@ -2,7 +2,8 @@
 
 Each env worker registers its host (capacity, images it holds) when it starts and
 renews a heartbeat every ``Settings.heartbeat_s``. Placement picks, among live hosts
-with a free slot, one that already holds the episode's image, least loaded first.
+with a free slot, one that already holds the episode's image, least loaded first
+(chosen as the slot is taken: `semaphores.acquire_least_used`).
 A host whose heartbeat is older than ``Settings.host_dead_after_s`` gets no new work.
 """
 
@@ -65,12 +66,12 @@ def dead_hosts(s: Session, dead_after_s: float, now: dt.datetime | None = None) 
     return list(s.execute(select(Host.name).where(Host.state == "up", Host.heartbeat_at < since)).scalars())
 
 
-def candidates(hosts: list[dict], image: str | None) -> list[str]:
-    """Hosts with a free slot: those holding `image` first, then least loaded (by fraction used)."""
-    free = [h for h in hosts if h["used"] < h["capacity"]]
-    free.sort(key=lambda h: (image is not None and image not in h["images"], h["used"] / max(1, h["capacity"]),
-                             h["name"]))
-    return [h["name"] for h in free]
+def choices(hosts: list[dict], image: str | None) -> tuple[list[str], list[str]]:
+    """Placement's semaphore keys: every live host, and those holding `image` (preferred);
+    the least used of them is chosen as the slot is taken (`semaphores.acquire_least_used`)."""
+    keys = [semaphores.host_key(h["name"]) for h in hosts]
+    preferred = [semaphores.host_key(h["name"]) for h in hosts if image is not None and image in h["images"]]
+    return keys, preferred
 
 
 class HeartbeatThread(threading.Thread):

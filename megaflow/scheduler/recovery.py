@@ -155,7 +155,7 @@ def rehome(rt, episode_id: str, dead: str, now: dt.datetime | None = None) -> st
         holder = s.execute(select(SemaphoreHolder).where(SemaphoreHolder.key == old_key,
                                                          SemaphoreHolder.holder == episode_id)).scalar()
         if holder is not None:
-            to = _move_slot(s, episode_id, old_key, hosts.candidates(live, claim_of(rt, ep).get("image")),
+            to = _move_slot(s, episode_id, old_key, *hosts.choices(live, claim_of(rt, ep).get("image")),
                             holder.expires_at)
         else:  # ended and final already, or placement off: no slot to move
             live.sort(key=lambda h: (h["used"] / max(1, h["capacity"]), h["name"]))
@@ -176,16 +176,14 @@ def rehome(rt, episode_id: str, dead: str, now: dt.datetime | None = None) -> st
     return to
 
 
-def _move_slot(s: Session, holder: str, old_key: str, candidates: list[str],
+def _move_slot(s: Session, holder: str, old_key: str, choices: list[str], preferred: list[str],
                expires_at: dt.datetime | None) -> str | None:
-    """Take a slot on the first candidate host with room and give `old_key`'s back; the host, or None."""
-    for host in candidates:
-        if semaphores.acquire(s, [semaphores.host_key(host)], holder, expires_at) is None:
-            break
-    else:
+    """Take a slot on the least used live host with room and give `old_key`'s back; the host, or None."""
+    taken, _ = semaphores.acquire_least_used(s, [], choices, holder, expires_at, preferred)
+    if taken is None:
         return None
     semaphores.release_all(s, holder, only=[old_key])
-    return host
+    return taken.removeprefix("host:")
 
 
 def episode_of(message) -> str | None:

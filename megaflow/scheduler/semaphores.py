@@ -137,6 +137,48 @@ def acquire(s: Session, keys: list[str], holder: str, expires_at: dt.datetime | 
     return full
 
 
+def acquire_least_used(s: Session, keys: list[str], choices: list[str], holder: str,
+                       expires_at: dt.datetime | None = None,
+                       preferred: list[str] | None = None) -> tuple[str | None, str | None]:
+    """Take a slot of every key and of one of `choices`, all or none: the choice `holder`
+    already has, else the least used for its limit, those in `preferred` first, ties by key.
+
+    The loads are read under the ``global`` row's lock: read before it, admissions that
+    run at once all see the same loads and all go for the same choice.
+
+    Returns:
+        (the choice taken, None); (None, the first full key of `keys`); (None, None) when
+        every choice is full.
+    """
+    keys = sorted(set(keys) | {GLOBAL})
+    now = utcnow()
+    if _server_side(s):
+        with _own_transaction(s) as conn:
+            row = conn.exec_driver_sql(
+                "SET LOCAL synchronous_commit TO OFF; SELECT taken, full_key FROM megaflow_acquire_least_used("
+                "%(keys)s, %(choices)s, %(preferred)s, %(holder)s, %(now)s, %(expires)s)",
+                {"keys": keys, "choices": list(choices), "preferred": list(preferred or []), "holder": holder,
+                 "now": now, "expires": expires_at}).first()
+        return row[0], row[1]
+    for key in [*keys, *choices]:
+        ensure(s, key)
+    conn = s.connection()
+    conn.execute(update(Semaphore).where(Semaphore.key == GLOBAL).values(used=Semaphore.used))  # the lock
+    loads = {k: (u, lim) for k, u, lim in conn.execute(
+        select(Semaphore.key, Semaphore.used, Semaphore.limit).where(Semaphore.key.in_(choices)))}
+    mine = set(held(s, holder)) & set(choices)
+    order = sorted((k for k in loads if k in mine or loads[k][1] is None or loads[k][0] < loads[k][1]),
+                   key=lambda k: (k not in mine, k not in (preferred or ()),
+                                  0 if loads[k][1] is None else loads[k][0] / max(1, loads[k][1]), k))
+    for choice in order:
+        full = acquire(s, [*keys, choice], holder, expires_at)
+        if full is None:
+            return choice, None
+        if full != choice:
+            return None, full
+    return None, None
+
+
 def _give(conn, keys: list[str]) -> None:
     """Count one slot fewer on each key: the global row first, like every acquire."""
     if GLOBAL in keys:
