@@ -9,7 +9,7 @@ semaphore changes serialize on that one row lock instead of locking rows in
 different orders. Keys are then taken in sorted order.
 
 On PostgreSQL an acquire or release is one call of a server-side function
-(migration 0005) in a transaction of its own: the hot rows (``global``, a host's)
+(migrations 0005, 0013) in a transaction of its own: the hot rows (``global``, a host's)
 are locked only while the server runs it, not for the rest of the caller's
 transaction with its client round trips — under load, every admission queued
 behind the one holding them. The slots are therefore taken (given back) whether
