@@ -39,29 +39,33 @@ for d in /proc/[0-9]*; do
   read -r st < "$d/stat" || continue; f=(${st##*) })
   if [[ ${f[1]} == 1 ]] && { [[ -z $oldest ]] || (( f[19] < oldest )); }; then oldest=${f[19]} keep=${d#/proc/}; fi
 done
+# Found first, stopped, then killed: killed one by one, a shell whose child died first
+# runs its next command (`sleep 60; echo never` printed "never") before its own turn.
+end() { (( $# )) || return 1; kill -STOP "$@"; kill -9 "$@"; return 0; }
 for ((round = 1; round <= 200; round++)); do
-  hit=0 sids=" "
+  hit=0 sids=" " found=()
   for d in /proc/[0-9]*; do
     p=${d#/proc/}
     [[ $p == "$self" || $p == 1 || $p == "$keep" ]] && continue
     read -r st < "$d/stat" || continue; f=(${st##*) })
     [[ ${f[0]} == Z ]] && continue
-    if [[ $mode == all ]]; then kill -9 "$p" && hit=1; continue; fi
+    if [[ $mode == all ]]; then found+=("$p"); continue; fi
     mine=0 other=0
     while IFS= read -r -d '' kv; do
       case $kv in "$want") mine=1; break ;; MEGAFLOW_EXEC_ID=*) other=1; break ;; esac
     done < "$d/environ"
     if (( mine || (!other && f[19] >= since) )); then
-      kill -9 "$p" && hit=1; (( f[3] > 1 )) && sids+="${f[3]} "
+      found+=("$p"); (( f[3] > 1 )) && sids+="${f[3]} "
     fi
   done
   if [[ $sids != " " ]]; then
     for d in /proc/[0-9]*; do
       p=${d#/proc/}; [[ $p == "$self" || $p == 1 || $p == "$keep" ]] && continue
       read -r st < "$d/stat" || continue; f=(${st##*) })
-      [[ ${f[0]} != Z && $sids == *" ${f[3]} "* ]] && kill -9 "$p" && hit=1
+      [[ ${f[0]} != Z && $sids == *" ${f[3]} "* ]] && found+=("$p")
     done
   fi
+  end "${found[@]}" && hit=1
   (( hit )) || break
 done
 shopt -s dotglob nullglob
