@@ -36,8 +36,8 @@ from sqlalchemy import select
 from megaflow import Client, Settings
 from megaflow.db.models import Episode, Event, Hop, Host, SandboxRow, Step, utcnow
 from megaflow.db.schema import upgrade
-from megaflow.scheduler import hosts
 from megaflow.local_stack import WorkerProcess
+from megaflow.scheduler import hosts
 
 pytestmark = pytest.mark.integration
 
@@ -309,7 +309,7 @@ def _placement_story(client: Client, run_id: str) -> str:
         rows = [(h.name, h.state, h.capacity, h.started_at.time().isoformat(), h.heartbeat_at.time().isoformat())
                 for h in s.execute(select(Host)).scalars()]
         evs = [(e.ts.time().isoformat(), e.kind, e.subject_id and e.subject_id[:6], e.data) for e in
-               s.execute(select(Event).where(Event.kind.in_(("host.dead", "host.joined", "episode.admitted",
+               s.execute(select(Event).where(Event.kind.in_(("host.dead", "episode.admitted",
                                                               "episode.rehomed", "episode.waiting")))
                          .order_by(Event.id)).scalars()]
     return f"hosts {rows}; now {utcnow().time().isoformat()}; events {evs}"

@@ -75,7 +75,7 @@ def test_placement_least_loaded_with_image_affinity_and_no_dead_hosts(any_db):
         assert semaphores.acquire_least_used(s, [], choices, "e1", preferred=preferred) == ("host:c", None)
         assert semaphores.acquire_least_used(s, [], choices, "e1", preferred=preferred) == ("host:c", None)
         assert semaphores.usage(s, "host:c")["host:c"] == (1, 4), "a retried admission takes no second slot"
-        assert semaphores.acquire_least_used(s, [], *hosts.choices(live, None)[:1], "e2") == ("host:b", None)
+        assert semaphores.acquire_least_used(s, [], hosts.choices(live, None)[0], "e2") == ("host:b", None)
         assert semaphores.acquire(s, ["host:a"], "a3") is None  # a full
         for i in range(3):
             assert semaphores.acquire_least_used(s, [], choices, f"x{i}", preferred=preferred)[0] == "host:c"
@@ -94,8 +94,8 @@ def test_admissions_at_once_spread_over_the_hosts(any_db):
     with session_scope(any_db) as s:
         for name in ("ns1", "ns2", "ns3"):
             hosts.register(s, name, 3)
-        stale = hosts.choices(hosts.live_hosts(s, 30), None)
-        placed = [semaphores.acquire_least_used(s, [], *stale[:1], f"e{i}")[0] for i in range(6)]
+        stale, _ = hosts.choices(hosts.live_hosts(s, 30), None)
+        placed = [semaphores.acquire_least_used(s, [], stale, f"e{i}")[0] for i in range(6)]
         assert sorted(placed) == ["host:ns1", "host:ns1", "host:ns2", "host:ns2", "host:ns3", "host:ns3"]
 
 

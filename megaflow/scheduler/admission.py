@@ -76,7 +76,7 @@ def try_admit(s: Session, settings: Settings, episode_id: str, claim: dict) -> t
             return False, None, _reason(s, full)
         if taken is None:
             return False, None, f"{CAPACITY}: no live env host with a free slot"
-        host = taken.removeprefix("host:")
+        host = semaphores.host_of(taken)
     else:
         full = semaphores.acquire(s, keys, episode_id, expires)
         if full is not None:

@@ -183,7 +183,7 @@ def _move_slot(s: Session, holder: str, old_key: str, choices: list[str], prefer
     if taken is None:
         return None
     semaphores.release_all(s, holder, only=[old_key])
-    return taken.removeprefix("host:")
+    return semaphores.host_of(taken)
 
 
 def episode_of(message) -> str | None:

@@ -35,6 +35,11 @@ def host_key(host: str) -> str:
     return f"host:{host}"
 
 
+def host_of(key: str) -> str:
+    """The host a `host_key` names."""
+    return key.removeprefix("host:")
+
+
 def image_key(image: str) -> str:
     return f"image:{image}"
 
@@ -110,7 +115,7 @@ def acquire(s: Session, keys: list[str], holder: str, expires_at: dt.datetime | 
     now = utcnow()
     if _server_side(s):
         return _call(s, "SELECT megaflow_acquire(%(keys)s, %(holder)s, %(now)s, %(expires)s)",
-                     {"keys": keys, "holder": holder, "now": now, "expires": expires_at})
+                     {"keys": keys, "holder": holder, "now": now, "expires": expires_at})[0]
     for key in keys:
         ensure(s, key)
     conn = s.connection()
@@ -153,13 +158,11 @@ def acquire_least_used(s: Session, keys: list[str], choices: list[str], holder: 
     keys = sorted(set(keys) | {GLOBAL})
     now = utcnow()
     if _server_side(s):
-        with _own_transaction(s) as conn:
-            row = conn.exec_driver_sql(
-                "SET LOCAL synchronous_commit TO OFF; SELECT taken, full_key FROM megaflow_acquire_least_used("
-                "%(keys)s, %(choices)s, %(preferred)s, %(holder)s, %(now)s, %(expires)s)",
-                {"keys": keys, "choices": list(choices), "preferred": list(preferred or []), "holder": holder,
-                 "now": now, "expires": expires_at}).first()
-        return row[0], row[1]
+        taken, full = _call(s, "SELECT taken, full_key FROM megaflow_acquire_least_used(%(keys)s, %(choices)s, "
+                            "%(preferred)s, %(holder)s, %(now)s, %(expires)s)",
+                            {"keys": keys, "choices": list(choices), "preferred": list(preferred or []),
+                             "holder": holder, "now": now, "expires": expires_at})
+        return taken, full
     for key in [*keys, *choices]:
         ensure(s, key)
     conn = s.connection()
@@ -194,7 +197,7 @@ def release_all(s: Session, holder: str, only: list[str] | None = None) -> list[
     """Give back every slot `holder` has (or those of the keys `only`); returns their keys
     (empty: it held none)."""
     if _server_side(s):
-        return sorted(_call(s, "SELECT megaflow_release(%(holder)s, %(keys)s)", {"holder": holder, "keys": only}))
+        return sorted(_call(s, "SELECT megaflow_release(%(holder)s, %(keys)s)", {"holder": holder, "keys": only})[0])
     conn = s.connection()
     which = SemaphoreHolder.holder == holder
     if only is not None:
@@ -215,7 +218,8 @@ def _own_transaction(s: Session):
 
 
 def _call(s: Session, sql: str, params: dict):
-    """Run one semaphore function in a transaction of its own: one round trip, commit included.
+    """Run one semaphore function in a transaction of its own: one round trip, commit included;
+    returns its row.
 
     Sent with ``SET LOCAL synchronous_commit TO OFF`` in the same message (one implicit
     transaction), so the rows are not held locked through a WAL flush. Safe because the
@@ -224,7 +228,7 @@ def _call(s: Session, sql: str, params: dict):
     lost in a server crash leaves an ended holder that the repair sweep frees.
     """
     with _own_transaction(s) as conn:
-        return conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF; " + sql, params).scalar()
+        return conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF; " + sql, params).one()
 
 
 def held(s: Session, holder: str) -> list[str]:
